@@ -1,0 +1,3 @@
+from timm_remem.cli import main
+
+raise SystemExit(main())

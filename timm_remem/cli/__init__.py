@@ -1,0 +1,51 @@
+"""The ``timm-remem`` command line.
+
+Each sub-command lives in a module of this package that defines ``register(subparsers)``; ``register`` adds
+its parser and sets ``func`` (called with the parsed arguments, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import RememError
+
+# Sub-command modules, in the order ``timm-remem --help`` lists them.
+_COMMAND_MODULES = ("inspect",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``timm-remem`` command with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="timm-remem",
+        description="ReMem for timm: reweight and SAM-fine-tune a ViT teacher, then distill a small student.",
+    )
+    parser.add_argument("--version", action="version", version=f"timm-remem {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RememError as error:  # our errors already say what went wrong and how to fix it
+        print(f"timm-remem {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"timm-remem {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
