@@ -23,10 +23,13 @@ from .errors import (  # noqa: E402
     UnsupportedModelError,
 )
 from .reweighting import (  # noqa: E402
+    Branch,
     ReweightConfig,
+    ScaledBranch,
     find_branches,
     get_reweight_config,
     get_scales,
+    is_reweighted,
     merge,
     reweight,
     unreweight,
@@ -46,5 +49,8 @@ __all__ = [
     "get_scales",
     "get_reweight_config",
     "find_branches",
+    "is_reweighted",
     "ReweightConfig",
+    "ScaledBranch",
+    "Branch",
 ]
