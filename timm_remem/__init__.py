@@ -3,6 +3,10 @@
 Public names are re-exported here; each lives in the module named after its concern:
 
 - ``timm_remem.reweighting``: layer-wise MLP residual reweighting (``reweight``, ``merge``, ``unreweight``)
+- ``timm_remem.sam``: the SAM optimizer, registered in timm's optimizer factory
+- ``timm_remem.distill``: distillation losses, the teacher wrapper, the distillation task
+- ``timm_remem.hub``: ``save_pretrained``, ``push_to_hub``, ``load_teacher``
+- ``timm_remem.analysis``: mutual information, information plane, expertness, pruning, layer dynamics
 
 Example:
     >>> import timm, timm_remem
@@ -14,6 +18,18 @@ Example:
 
 __version__ = "0.1.0"
 
+from .distill import (  # noqa: E402
+    DistillationLoss,
+    DistillationStudent,
+    FeatureDistillation,
+    RememDistillationTask,
+    Teacher,
+    TeacherLogitCache,
+    dist_loss,
+    kd_loss,
+    precompute_teacher_logits,
+    spectral_loss,
+)
 from .errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -22,6 +38,7 @@ from .errors import (  # noqa: E402
     RememError,
     UnsupportedModelError,
 )
+from .hub import TeacherMetadata, load_teacher, push_to_hub, save_pretrained  # noqa: E402
 from .reweighting import (  # noqa: E402
     Branch,
     ReweightConfig,
@@ -53,4 +70,18 @@ __all__ = [
     "ReweightConfig",
     "ScaledBranch",
     "Branch",
+    "kd_loss",
+    "dist_loss",
+    "spectral_loss",
+    "DistillationLoss",
+    "FeatureDistillation",
+    "DistillationStudent",
+    "Teacher",
+    "TeacherLogitCache",
+    "precompute_teacher_logits",
+    "RememDistillationTask",
+    "save_pretrained",
+    "push_to_hub",
+    "load_teacher",
+    "TeacherMetadata",
 ]

@@ -435,8 +435,10 @@ def _probe_any_size(model: nn.Module, candidates: list[Branch], example_inputs: 
         return (first, *_probe(model, candidates, first))
     except Exception as error:  # noqa: BLE001 - wrong guess of the input size; try others below
         failure = error
-    for side in (224, 256, 384, 192, 160, 128, 112, 96, 64, 56, 32, 28):
-        size = (first.shape[1], side, side)
+    chans = dict.fromkeys((first.shape[1], _cfg_chans(_cfg(model)), 3))
+    sides = (first.shape[2], 224, 256, 384, 192, 160, 128, 112, 96, 64, 56, 32, 28)
+    for c, side in itertools.product(chans, sides):
+        size = (c, side, side)
         if size in tried:
             continue
         tried.append(size)
@@ -624,18 +626,28 @@ def _probe_inputs(model: nn.Module, example_inputs: torch.Tensor | None) -> torc
     return torch.randn((1, *size), generator=gen).to(device=device, dtype=dtype)
 
 
+def _cfg(model: nn.Module) -> Any:
+    return getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+
+
 def _input_size(model: nn.Module) -> tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    chans = None
+    """Best guess of (C, H, W): the patch embedding's image size and input channels, else the pretrained cfg."""
+    cfg = _cfg(model)
+    chans = getattr(model, "in_chans", None)
+    chans = chans if isinstance(chans, int) and not isinstance(chans, bool) else None
     for mod in model.modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)) and chans is None and isinstance(mod, nn.Conv2d):
-            chans = mod.in_channels
         img = getattr(mod, "img_size", None)
-        if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
-            return (chans or _cfg_chans(cfg), int(img[0]), int(img[1]))
         if isinstance(img, int) and not isinstance(img, bool):
-            return (chans or _cfg_chans(cfg), img, img)
+            img = (img, img)
+        if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
+            if chans is None:
+                conv = next((m for m in mod.modules() if isinstance(m, nn.Conv2d)), None)
+                chans = conv.in_channels if conv is not None else None
+            return (chans or _cfg_chans(cfg), int(img[0]), int(img[1]))
     size = cfg.get("input_size") if isinstance(cfg, dict) else getattr(cfg, "input_size", None)
+    if chans is None:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        chans = conv.in_channels if conv is not None else None
     if size:
         return (chans or int(size[0]), int(size[1]), int(size[2]))
     return (chans or 3, 224, 224)
@@ -823,6 +835,7 @@ def merge(model: nn.Module) -> nn.Module:
     for w in unique:  # check everything before changing anything
         if w.columns is None:
             w._fold_target()
+    current = {w.index: float(w.remem_scale.detach()) for w in unique}  # learnable factors may have trained
     for w in unique:
         w.fold()
     for path, w in found:
@@ -830,6 +843,7 @@ def merge(model: nn.Module) -> nn.Module:
     config = get_reweight_config(model)
     if config is not None:
         config.merged = True
+        config.factors = [current[i] for i in sorted(current)]
     return model
 
 
