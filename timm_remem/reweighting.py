@@ -49,10 +49,27 @@ __all__ = [
 _MLP_NAME = re.compile(r"^(mlp\d*|mlp_channels|mlp_out_proj)$")
 # Attribute names of modules that compute a block's token-mixing (attention) branch.
 _ATTN_NAME = re.compile(r"^(attn|token_mixer|mlp_tokens|linear_tokens|rnn_tokens|attn_out_proj)$")
+# Blocks whose MLP has another name, keyed by (timm module, block class).
+_EXTRA_MLP_NAMES = {("timm.models.swiftformer", "Block"): "linear"}
+# ConvNeXt-style blocks (the "mlp" is the whole residual branch) that the identity probe cannot see because their
+# shortcut changes the shape (first block of a stage).
+_WHOLE_BRANCH_BLOCKS = (
+    ("timm.models.convnext", "ConvNeXtBlock"),
+    ("timm.models.maxxvit", "ConvNeXtBlock"),
+    ("timm.models.edgenext", "ConvBlock"),
+    ("timm.models.edgenext", "SplitTransposeBlock"),
+    ("timm.models.inception_next", "MetaNeXtBlock"),
+)
+_READABLE_NAMES = {
+    "mlp": "mlp / mlp<N> / mlp_channels / mlp_out_proj",
+    "attn": "attn / token_mixer / mlp_tokens / linear_tokens / rnn_tokens / attn_out_proj",
+}
 # Owners of a module called "mlp" that is not a block's residual MLP branch.
 _NOT_A_BLOCK = ("AttentionPoolLatent", "AttentionPool2d", "RelPosMlp", "MlpClassifierHead")
 # Parallel blocks whose attention and MLP share one fused output projection.
 _FUSED_PARALLEL = ("ParallelScalingBlock", "DiffParallelScalingBlock")
+# Layers that are per-channel linear, so a scale commutes with them (the path from an MLP to its residual add).
+_TRANSPARENT = re.compile(r"^(Identity|Dropout\w*|DropPath\w*|\w*LayerScale\w*|Scale\w*)$")
 _NORM_NAME = re.compile(r"Norm(\d?d|1)?$")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _SCHEDULES = ("exponential", "constant")
@@ -299,7 +316,10 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
         raise ConfigError(f"expected a torch.nn.Module (a timm model), got {type(model).__name__}.")
     candidates = _candidates(model, kind)
     name = type(model).__name__
-    looked_for = _MLP_NAME.pattern if kind == "mlp" else _ATTN_NAME.pattern
+    looked_for = _READABLE_NAMES[kind]
+    whole = [m for m in model.modules() if (type(m).__module__, type(m).__name__) in _WHOLE_BRANCH_BLOCKS]
+    if not candidates and whole and kind == "mlp":
+        raise UnsupportedModelError(_whole_branch_message(name, looked_for))
     if not candidates:
         raise UnsupportedModelError(
             f"{name} has no transformer {kind.upper()} residual branch: no submodule named {looked_for} "
@@ -311,17 +331,26 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
     try:
         inputs, events, block_spans = _probe_any_size(model, candidates, example_inputs)
         branches = _resolve(model, candidates, events, block_spans)
+        inner = _descend_self_residual(model, branches, inputs)
+        if inner is not None:
+            candidates = inner
+            events, block_spans = _probe(model, candidates, inputs)
+            branches = _resolve(model, candidates, events, block_spans)
         if kind == "mlp":
             branches = _drop_whole_branch_blocks(model, branches, inputs, events, block_spans)
     finally:
         model.train(was_training)
     if not branches:
-        raise UnsupportedModelError(
-            f"{name} has no transformer MLP residual branch: every block's '{looked_for}' module is the whole "
-            "residual branch, in series with a convolutional token mixer (ConvNeXt-style block), so scaling it is "
-            "not ReMem's MLP reweighting. Use a vision transformer teacher."
-        )
+        raise UnsupportedModelError(_whole_branch_message(name, looked_for))
     return branches
+
+
+def _whole_branch_message(name: str, looked_for: str) -> str:
+    return (
+        f"{name} has no transformer MLP residual branch: every block's {looked_for} module is the whole "
+        "residual branch, in series with a convolutional token mixer (ConvNeXt-style block), so scaling it is "
+        "not ReMem's MLP reweighting. Use a vision transformer teacher."
+    )
 
 
 def _candidates(model: nn.Module, kind: str) -> list[Branch]:
@@ -341,10 +370,16 @@ def _candidates(model: nn.Module, kind: str) -> list[Branch]:
             found[key] = Branch(-1, f"{path}.out_proj", proj, path, tuple(aliases[id(proj)]), columns)
     for path, mod in modules.items():
         leaf = path.rsplit(".", 1)[-1]
-        if not path or not pattern.match(leaf) or not isinstance(mod, nn.Module) or id(mod) in found:
+        if not path or not isinstance(mod, nn.Module) or id(mod) in found:
             continue
         block_path = _block_of(path, modules)
         if block_path is None or type(modules[block_path]).__name__ in _NOT_A_BLOCK:
+            continue
+        block_key = (type(modules[block_path]).__module__, type(modules[block_path]).__name__)
+        extra = kind == "mlp" and _EXTRA_MLP_NAMES.get(block_key) == leaf and "." not in path[len(block_path) + 1:]
+        if not (pattern.match(leaf) or extra):
+            continue
+        if kind == "mlp" and block_key in _WHOLE_BRANCH_BLOCKS:
             continue
         if _is_fused_parallel(modules[block_path]):
             continue
@@ -496,6 +531,8 @@ def _follow_to_post_norm(events: list[_Event], call: int, end: int, inside: set[
     for ev in events[call + 1:end]:
         if id(ev.module) in inside or not any(id(t) in tracked for t in ev.tensors):
             continue
+        if not (_is_norm(ev.module) or _TRANSPARENT.match(type(ev.module).__name__)):
+            continue  # a layer that is not per-channel linear: the branch ended before it (residual add)
         if isinstance(ev.output, torch.Tensor):
             tracked.add(id(ev.output))
             keep.append(ev.output)
@@ -518,6 +555,54 @@ def _fold_path(module: nn.Module, events: list[_Event], call: int) -> str:
             last = names[id(ev.module)]
             break
     return last
+
+
+def _descend_self_residual(model: nn.Module, branches: list[Branch], inputs: torch.Tensor) -> list[Branch] | None:
+    """Replace an "mlp" that adds its own input (``x + main(x)``, e.g. LowFormer) by the child computing ``main``.
+
+    Zeroing the branch's last affine layer turns such a module into the identity, which a real MLP never is.
+    Returns the new candidate list, or ``None`` when no branch holds its own residual.
+    """
+    io: dict[int, tuple] = {}
+    handles = []
+    probed = [b for b in branches if b.columns is None and b.fold_path]
+    try:
+        for b in probed:
+            handles.append(b.module.get_submodule(b.fold_path).register_forward_hook(lambda m, a, out: out * 0))
+            handles.append(b.module.register_forward_hook(_recorder(io)))
+        if not handles:
+            return None
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    changed = False
+    result = []
+    for b in branches:
+        args, out = io.get(id(b.module), ((), None))
+        if b in probed and _same_tensor(args, out):
+            child = b.fold_path.split(".")[0]
+            b = Branch(-1, f"{b.path}.{child}", b.module.get_submodule(child), b.block_path,
+                       tuple(f"{a}.{child}" for a in b.aliases))
+            changed = True
+        result.append(b)
+    return result if changed else None
+
+
+def _recorder(io: dict[int, tuple]) -> Callable[..., None]:
+    def hook(module: nn.Module, args: tuple, out: Any) -> None:
+        io.setdefault(id(module), (args, out))  # first call only; returns None so the output is untouched
+
+    return hook
+
+
+def _same_tensor(args: tuple, out: Any) -> bool:
+    first = args[0] if args else None
+    return (
+        isinstance(out, torch.Tensor) and isinstance(first, torch.Tensor)
+        and out.shape == first.shape and torch.equal(out, first)
+    )
 
 
 def _drop_whole_branch_blocks(model, branches, inputs, events, spans) -> list[Branch]:
@@ -570,10 +655,7 @@ def _drop_whole_branch_blocks(model, branches, inputs, events, spans) -> list[Br
     keep = []
     for b in branches:
         args, out = io.get(b.block_path, ((), None))
-        identity = isinstance(out, torch.Tensor) and bool(args) and isinstance(args[0], torch.Tensor) and (
-            out.shape == args[0].shape and torch.equal(out, args[0])
-        )
-        if identity and _mixer_in_series(b, events, spans):
+        if _same_tensor(args, out) and _mixer_in_series(b, events, spans):
             continue
         keep.append(b)
     # Re-number the blocks that remain.
