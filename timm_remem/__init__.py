@@ -18,6 +18,17 @@ Example:
 
 __version__ = "0.1.0"
 
+from . import analysis  # noqa: E402
+from .analysis import (  # noqa: E402
+    MutualInformation,
+    estimate_mi,
+    information_plane,
+    layer_dynamics,
+    mlp_expertness,
+    pruning_diagnostic,
+    rank_checkpoints,
+    teacher_information,
+)
 from .distill import (  # noqa: E402
     DistillationLoss,
     DistillationStudent,
@@ -51,6 +62,7 @@ from .reweighting import (  # noqa: E402
     reweight,
     unreweight,
 )
+from .sam import SAM, SAMStats  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -84,4 +96,15 @@ __all__ = [
     "push_to_hub",
     "load_teacher",
     "TeacherMetadata",
+    "SAM",
+    "SAMStats",
+    "analysis",
+    "estimate_mi",
+    "MutualInformation",
+    "teacher_information",
+    "information_plane",
+    "rank_checkpoints",
+    "mlp_expertness",
+    "pruning_diagnostic",
+    "layer_dynamics",
 ]

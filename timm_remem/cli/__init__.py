@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import RememError
 
 # Sub-command modules, in the order ``timm-remem --help`` lists them.
-_COMMAND_MODULES = ("inspect", "push")
+_COMMAND_MODULES = ("inspect", "push", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,65 @@
+"""Analysis of teachers: mutual information, information plane, MLP expertness, pruning, layer dynamics.
+
+- :mod:`~timm_remem.analysis.mi`: ``estimate_mi`` and the streaming ``MutualInformation``.
+- :mod:`~timm_remem.analysis.information`: ``teacher_information``, ``information_plane``, ``rank_checkpoints``.
+- :mod:`~timm_remem.analysis.expertness`: ``mlp_expertness``.
+- :mod:`~timm_remem.analysis.pruning`: ``pruning_diagnostic``.
+- :mod:`~timm_remem.analysis.dynamics`: ``layer_dynamics``, ``channel_spectrum``, ``token_entropy``.
+- :mod:`~timm_remem.analysis.plots`: matplotlib figures (matplotlib is imported only when plotting).
+
+Example:
+    >>> import timm, torch
+    >>> from timm_remem.analysis import layer_dynamics
+    >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
+    >>> layer_dynamics(model, torch.randn(2, 3, 32, 32)).entropy.shape
+    torch.Size([6])
+"""
+
+from .dynamics import (
+    LayerDynamics,
+    activation_magnitude,
+    channel_spectrum,
+    frequency_intensity,
+    layer_dynamics,
+    token_entropy,
+)
+from .expertness import BlockExpertness, mlp_expertness, neuron_statistics
+from .information import (
+    CheckpointScore,
+    TeacherInformation,
+    information_from_features,
+    information_plane,
+    rank_checkpoints,
+    teacher_information,
+)
+from .mi import MI_METHODS, MutualInformation, estimate_mi
+from .plots import plot_expertness, plot_information_plane, plot_layer_dynamics, plot_pruning
+from .pruning import PruningResult, pruning_diagnostic, zero_branches
+
+__all__ = [
+    "MI_METHODS",
+    "estimate_mi",
+    "MutualInformation",
+    "TeacherInformation",
+    "CheckpointScore",
+    "teacher_information",
+    "information_from_features",
+    "information_plane",
+    "rank_checkpoints",
+    "BlockExpertness",
+    "mlp_expertness",
+    "neuron_statistics",
+    "PruningResult",
+    "pruning_diagnostic",
+    "zero_branches",
+    "LayerDynamics",
+    "layer_dynamics",
+    "channel_spectrum",
+    "frequency_intensity",
+    "token_entropy",
+    "activation_magnitude",
+    "plot_information_plane",
+    "plot_layer_dynamics",
+    "plot_pruning",
+    "plot_expertness",
+]

@@ -1,0 +1,600 @@
+"""How much a teacher's outputs say about its inputs: I(X; F_T), I(F_T; Y), I(X; F_T | Y), the information plane,
+and a checkpoint ranking built on them.
+
+Definitions (X an input image, Y its label, F = f(X) the teacher's logits or penultimate features):
+
+- ``I(X; F)``: how much the distillation target tells about the input. For a deterministic network and continuous
+  ``F`` this is infinite (``H(F | X) = -inf``), so every estimate is made through a **noise channel** (ours, the
+  standard fix of Saxe et al. 2018 and Goldfeld et al. 2019): ``T = F + sigma * s * Z`` with ``Z ~ N(0, I)``,
+  ``sigma = noise`` (default 0.1) and ``s`` the root-mean-square standard deviation of ``F``'s dimensions, so the
+  noise is relative to the feature scale and the result is invariant to rescaling all features. Because ``F`` is a
+  function of ``X`` and ``T`` depends on ``X`` only through ``F``, ``I(X; T) = I(F; T)``, which is what we
+  estimate (with :func:`~timm_remem.analysis.mi.estimate_mi` on paired ``(F, T)`` samples).
+- ``I(F; Y)``, reported as ``I(T; Y)`` through the same channel: how much the target says about the label.
+  The estimate is clipped at the exact plug-in label entropy ``H(Y)``, its ceiling (the Gaussian and binning
+  estimators are biased upwards on small samples).
+- ``I(X; F | Y)``, reported as ``I(X; T | Y)``: what the target says about the input beyond its label (the "dark
+  knowledge" a student can learn). By the chain rule ``I(X; T | Y) = I(X, Y; T) - I(Y; T)``, and ``I(X, Y; T) =
+  I(X; T) + I(Y; T | X) = I(X; T)`` because the teacher's output depends on the image only (``Y -> X -> T`` is a
+  Markov chain, whether or not labels are noisy), so ``conditional="chain"`` (default) reports
+  ``I(X; T) - I(T; Y)``; ``conditional="classwise"`` estimates ``sum_c p(c) I(F; T | Y = c)`` within each class
+  instead (needs enough samples per class). Estimator bias can make the chain difference slightly negative.
+
+Optionally ``F`` is first compressed to its top ``max_dim`` principal components (``max_dim``), which keeps the
+estimators' sample needs and cost bounded for 768-d features or 1000-class logits; the noise channel then acts on
+the compressed features. Estimates are in nats. The default estimator is ``method="gaussian"`` (log-det of the
+covariances: for the Gaussian channel this is the capacity given ``F``'s covariance, an upper bound when ``F`` is not
+Gaussian); ``"ksg"``, ``"binning"`` and ``"renyi"`` are available (see :mod:`timm_remem.analysis.mi`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from .mi import MI_METHODS, estimate_mi
+
+__all__ = [
+    "CheckpointScore",
+    "TeacherInformation",
+    "information_from_features",
+    "information_plane",
+    "rank_checkpoints",
+    "teacher_information",
+]
+
+_FEATURES = ("logits", "pre_logits")
+_CONDITIONAL = ("chain", "classwise")
+_SCORES = ("combined", "mi", "conditional_mi", "accuracy")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class TeacherInformation:
+    """Information measurements of one teacher (nats) and its accuracy on the same samples.
+
+    Attributes:
+        i_xf: ``I(X; T)``, T the noisy target (see the module docstring).
+        i_fy: ``I(T; Y)``; ``None`` without labels.
+        i_xf_given_y: ``I(X; T | Y)``; ``None`` without labels.
+        accuracy: Top-1 accuracy of the logits against the labels (``None`` without labels).
+        h_y: Plug-in entropy of the labels, ``H(Y)`` (the ceiling of ``I(T; Y)``); ``None`` without labels.
+        n: Number of samples used.
+        dim: Dimension of the features after compression.
+        features: ``"logits"`` or ``"pre_logits"``.
+        method: MI estimator used.
+        noise: Relative noise level ``sigma``.
+        conditional: ``"chain"`` or ``"classwise"``.
+        name: Checkpoint name, when measured from a list of checkpoints.
+    """
+
+    i_xf: float
+    i_fy: float | None
+    i_xf_given_y: float | None
+    accuracy: float | None
+    h_y: float | None
+    n: int
+    dim: int
+    features: str
+    method: str
+    noise: float
+    conditional: str
+    name: str | None = None
+
+    @property
+    def error(self) -> float | None:
+        """Teacher error ``1 - accuracy`` (``None`` without labels)."""
+        return None if self.accuracy is None else 1.0 - self.accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dictionary (adds ``error``)."""
+        out = asdict(self)
+        out["error"] = self.error
+        return out
+
+
+@dataclass
+class CheckpointScore:
+    """One checkpoint's place in :func:`rank_checkpoints` (rank 1 = best)."""
+
+    name: str
+    score: float
+    rank: int
+    info: TeacherInformation
+    components: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dictionary."""
+        return {
+            "name": self.name,
+            "score": self.score,
+            "rank": self.rank,
+            "components": dict(self.components),
+            "info": self.info.to_dict(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared plumbing (also used by expertness.py and pruning.py)
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(images, labels or None)`` from a loader batch: a tensor, ``(images, labels, ...)`` or a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        img = next((batch[k] for k in ("image", "images", "input", "inputs", "pixel_values") if k in batch), None)
+        lab = next((batch[k] for k in ("label", "labels", "target", "targets") if k in batch), None)
+        if isinstance(img, torch.Tensor):
+            return img, lab if isinstance(lab, torch.Tensor) else None
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        lab = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], lab
+    raise ConfigError(
+        f"cannot read images from a loader batch of type {type(batch).__name__}; yield a tensor of images, a tuple "
+        "(images, labels, ...) or a dict with 'image' and 'label' keys."
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _progress(iterable: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def _check_max_samples(max_samples: int | None) -> None:
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ConfigError(f"max_samples must be None (all) or a positive int, got {max_samples!r}.")
+
+
+@torch.no_grad()
+def _collect(
+    model: nn.Module,
+    loader: Iterable[Any],
+    features: str,
+    *,
+    max_samples: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "teacher",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Run the model in eval mode over the loader: ``(features [n, d], labels [n] or None, correct [n] or None)``."""
+    if features not in _FEATURES:
+        raise ConfigError(f"features must be one of {_FEATURES}, got {features!r}.")
+    _check_max_samples(max_samples)
+    use_head = callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
+    if features == "pre_logits" and not use_head:
+        raise ConfigError(
+            f"features='pre_logits' needs a timm model with forward_features/forward_head, got "
+            f"{type(model).__name__}; use features='logits'."
+        )
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    feats, labels, correct = [], [], []
+    n = 0
+    try:
+        for batch in _progress(loader, progress, desc):
+            images, y = _split_batch(batch)
+            images = images.to(device)
+            if use_head:
+                pooled = model.forward_features(images)
+                logits = model.forward_head(pooled)
+                f = model.forward_head(pooled, pre_logits=True) if features == "pre_logits" else logits
+            else:
+                logits = f = model(images)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                raise ConfigError(
+                    f"the model must return logits of shape [B, classes], got "
+                    f"{getattr(logits, 'shape', type(logits).__name__)}."
+                )
+            f = f.flatten(1).float().cpu()
+            take = f.shape[0] if max_samples is None else min(f.shape[0], max_samples - n)
+            feats.append(f[:take])
+            if y is not None:
+                y = y.cpu()
+                if y.dim() == 2 and y.is_floating_point():  # soft / one-hot targets
+                    y = y.argmax(-1)
+                y = y.long().view(-1)[:take]
+                labels.append(y)
+                correct.append(logits.argmax(-1).cpu()[:take] == y)
+            n += take
+            if max_samples is not None and n >= max_samples:
+                break
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ConfigError("the loader yielded no samples; pass a non-empty loader.")
+    if labels and len(labels) != len(feats):
+        raise ConfigError("some loader batches carry labels and others do not; make every batch (images, labels).")
+    y_all = torch.cat(labels) if labels else None
+    return torch.cat(feats), y_all, (torch.cat(correct) if correct else None)
+
+
+def _load_checkpoint(spec: Any) -> nn.Module:
+    """A model from a module, a ``save_pretrained`` folder, or a timm/``hf-hub:``/``local-dir:`` name."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ConfigError(
+            f"a checkpoint must be an nn.Module, a folder written by timm_remem.save_pretrained or a timm model "
+            f"name, got {type(spec).__name__}."
+        )
+    path = Path(spec)
+    try:  # the hub module understands every flavour (merged or not); fall back to plain timm
+        from ..hub import load_teacher  # type: ignore[attr-defined]
+    except ImportError:
+        load_teacher = None
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"{path} is not a checkpoint folder (no config.json); pass a folder written by "
+                "timm_remem.save_pretrained (config.json + model.safetensors)."
+            )
+        if load_teacher is not None:
+            return load_teacher(str(path))
+        import timm
+
+        return timm.create_model(f"local-dir:{path}", pretrained=True)
+    if load_teacher is not None and str(spec).startswith(("hf-hub:", "local-dir:")):
+        return load_teacher(str(spec))
+    import timm
+
+    try:
+        return timm.create_model(str(spec), pretrained=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"could not load checkpoint {spec!r}: {err}. Pass a checkpoint folder, an nn.Module, or a timm name "
+            "whose weights are available offline."
+        ) from err
+
+
+def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
+    """``[(name, spec)]`` from a mapping, a sequence of modules/paths, or one folder of checkpoint folders."""
+    if isinstance(checkpoints, nn.Module):
+        items = [("checkpoint_0", checkpoints)]
+    elif isinstance(checkpoints, Mapping):
+        items = [(str(k), v) for k, v in checkpoints.items()]
+    elif isinstance(checkpoints, (str, os.PathLike)):
+        items = [(p.name, p) for p in _checkpoint_dirs(Path(checkpoints))]
+    elif isinstance(checkpoints, Iterable):
+        items = []
+        for i, c in enumerate(checkpoints):
+            if isinstance(c, (str, os.PathLike)):
+                items.append((Path(c).name or str(c), c))
+            else:
+                items.append((f"checkpoint_{i}", c))
+    else:
+        raise ConfigError(f"checkpoints must be a list, a dict name -> checkpoint or a folder, got {checkpoints!r}.")
+    if not items:
+        raise ConfigError("no checkpoints given; pass at least one model or checkpoint folder.")
+    return items
+
+
+def _natural_key(name: str) -> list[Any]:
+    import re
+
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    """Checkpoint folders in ``root`` (``root`` itself if it is one), in natural name order."""
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint folder {root} does not exist; pass a folder of save_pretrained folders.")
+    if (root / "config.json").is_file():
+        return [root]
+    dirs = sorted((p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()),
+                  key=lambda p: _natural_key(p.name))
+    if not dirs:
+        raise CheckpointError(
+            f"{root} holds no checkpoint folders (sub-folders with config.json); write them with "
+            "timm_remem.save_pretrained(model, folder)."
+        )
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Estimation
+
+
+def _compress(f: torch.Tensor, max_dim: int | None) -> torch.Tensor:
+    """Project ``[n, d]`` features on their top ``max_dim`` principal components (no-op when ``d <= max_dim``)."""
+    if max_dim is None or f.shape[1] <= max_dim:
+        return f
+    fc = f.double() - f.double().mean(0)
+    _, _, vh = torch.linalg.svd(fc, full_matrices=False)
+    return (fc @ vh[:max_dim].T).float()
+
+
+def _noise_channel(f: torch.Tensor, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, T = F + noise * s * Z)``, ``s`` the RMS of the per-dimension standard deviations of ``F``."""
+    f = f.double()
+    s = math.sqrt(float(f.var(0, unbiased=False).mean()))
+    if s == 0.0:
+        s = 1.0  # constant features: any scale gives I = 0
+    gen = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(f.shape, generator=gen, dtype=torch.float64)
+    return f, f + noise * s * z
+
+
+def information_from_features(
+    features: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    method: str = "gaussian",
+    noise: float = 0.1,
+    conditional: str = "chain",
+    max_dim: int | None = None,
+    seed: int = 0,
+    **mi_options: Any,
+) -> dict[str, float | None]:
+    """``I(X; T)``, ``I(T; Y)`` and ``I(X; T | Y)`` from features already computed (see the module docstring).
+
+    Args:
+        features: ``[n, d]`` deterministic features ``F`` of ``n`` inputs.
+        labels: ``[n]`` integer labels, or ``None`` (then only ``i_xf`` is computed).
+        method: Estimator name from :data:`timm_remem.analysis.mi.MI_METHODS`.
+        noise: Relative noise level ``sigma > 0`` of the channel ``T = F + sigma * s * Z``.
+        conditional: ``"chain"`` or ``"classwise"``.
+        max_dim: Compress ``F`` to this many principal components first (``None``: keep all).
+        seed: Seed of the channel noise (the same seed gives the same noise draw for every model of one size).
+        **mi_options: Passed to :func:`~timm_remem.analysis.mi.estimate_mi`.
+
+    Returns:
+        ``{"i_xf", "i_fy", "i_xf_given_y", "h_y", "dim"}`` in nats (``None`` entries without labels).
+
+    Example:
+        >>> import torch
+        >>> f = torch.randn(500, 2)
+        >>> out = information_from_features(f, noise=1.0)      # Gaussian F, noise of equal variance
+        >>> abs(out["i_xf"] - 2 * 0.5 * torch.log(torch.tensor(2.0)).item()) < 0.1   # 0.5 log(1 + 1) per dim
+        True
+    """
+    if method not in MI_METHODS:
+        raise ConfigError(f"unknown MI method {method!r}; choose one of {list(MI_METHODS)}.")
+    if conditional not in _CONDITIONAL:
+        raise ConfigError(f"conditional must be one of {_CONDITIONAL}, got {conditional!r}.")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0:
+        raise ConfigError(
+            f"noise must be a finite float > 0, got {noise!r}: without noise I(X; F) of a deterministic network is "
+            "infinite for continuous F. Use e.g. noise=0.1 (10% of the feature standard deviation)."
+        )
+    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
+        raise ConfigError(f"max_dim must be None or a positive int, got {max_dim!r}.")
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise ConfigError(
+            f"features must be a float tensor [n, d], got "
+            f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}."
+        )
+    if labels is not None and (labels.dim() != 1 or labels.shape[0] != features.shape[0]):
+        raise ConfigError(
+            f"labels must have shape [{features.shape[0]}] (one per feature row), got {tuple(labels.shape)}."
+        )
+    if not bool(torch.isfinite(features).all()):
+        raise ConfigError("features contain NaN or inf; check the model (fp16 overflow?) before measuring MI.")
+    f = _compress(features, max_dim)
+    f, t = _noise_channel(f, float(noise), seed)
+    i_xf = estimate_mi(f, t, method=method, **mi_options)
+    out: dict[str, float | None] = {"i_xf": i_xf, "i_fy": None, "i_xf_given_y": None, "h_y": None,
+                                    "dim": int(f.shape[1])}
+    if labels is None:
+        return out
+    y = labels.long()
+    out["h_y"] = estimate_mi(y, y, method="gaussian")  # both discrete: the exact plug-in entropy
+    # I(T; Y) <= H(Y) exactly; estimators with an upward bias (gaussian, binning) can exceed it on small samples.
+    out["i_fy"] = min(estimate_mi(t, y, method=method, **mi_options), out["h_y"])
+    if conditional == "chain":
+        out["i_xf_given_y"] = i_xf - out["i_fy"]
+    else:
+        total, acc = 0, 0.0
+        for c in torch.unique(y):
+            idx = (y == c).nonzero().flatten()
+            try:
+                acc += idx.numel() * estimate_mi(f[idx], t[idx], method=method, **mi_options)
+            except ConfigError as err:
+                raise ConfigError(
+                    f"conditional='classwise' could not estimate class {int(c)} ({idx.numel()} samples): {err} "
+                    "Use conditional='chain', more samples per class, or a smaller max_dim."
+                ) from err
+            total += idx.numel()
+        out["i_xf_given_y"] = acc / total
+    return out
+
+
+def teacher_information(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    features: str = "logits",
+    method: str = "gaussian",
+    noise: float = 0.1,
+    conditional: str = "chain",
+    max_dim: int | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    **mi_options: Any,
+) -> TeacherInformation:
+    """Measure ``I(X; F_T)``, ``I(F_T; Y)``, ``I(X; F_T | Y)`` and the accuracy of a teacher on a data loader.
+
+    The model runs in eval mode under ``no_grad`` (its mode is restored). Features are the logits or, with
+    ``features="pre_logits"``, the penultimate features ``forward_head(forward_features(x), pre_logits=True)``.
+    They are kept on the CPU (``n x d`` floats; cap with ``max_samples``) and measured through the noise channel
+    described in the module docstring.
+
+    Args:
+        model: A classifier (a timm model for ``pre_logits``).
+        loader: Iterable of batches: ``(images, labels, ...)``, a dict, or images alone (no label-based measures).
+        features: ``"logits"`` or ``"pre_logits"``.
+        method: MI estimator (``"gaussian"``, ``"ksg"``, ``"binning"``, ``"renyi"``).
+        noise: Relative noise ``sigma > 0`` of the channel (fraction of the features' RMS standard deviation).
+        conditional: How ``I(X; F | Y)`` is estimated: ``"chain"`` (``I(X;T) - I(T;Y)``) or ``"classwise"``.
+        max_dim: Compress features to this many principal components first (``None``: all).
+        max_samples: Use at most this many samples from the loader.
+        seed: Seed of the channel noise.
+        device: Device for the inputs (default: that of the model's parameters); the model is not moved.
+        progress: Show a tqdm progress bar.
+        **mi_options: Options of the estimator (see :func:`~timm_remem.analysis.mi.estimate_mi`).
+
+    Returns:
+        A :class:`TeacherInformation`.
+
+    Example:
+        >>> import timm, torch
+        >>> model = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=3)
+        >>> data = [(torch.randn(16, 3, 32, 32), torch.randint(0, 3, (16,))) for _ in range(2)]
+        >>> info = teacher_information(model, data, progress=False)
+        >>> info.n, info.i_xf > 0
+        (32, True)
+    """
+    f, y, correct = _collect(model, loader, features, max_samples=max_samples, device=device, progress=progress)
+    res = information_from_features(
+        f, y, method=method, noise=noise, conditional=conditional, max_dim=max_dim, seed=seed, **mi_options
+    )
+    return TeacherInformation(
+        i_xf=float(res["i_xf"]),
+        i_fy=res["i_fy"],
+        i_xf_given_y=res["i_xf_given_y"],
+        accuracy=None if correct is None else int(correct.sum()) / int(correct.numel()),
+        h_y=res["h_y"],
+        n=int(f.shape[0]),
+        dim=int(res["dim"]),
+        features=features,
+        method=method,
+        noise=float(noise),
+        conditional=conditional,
+    )
+
+
+def information_plane(
+    checkpoints: Any,
+    loader: Iterable[Any],
+    *,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[TeacherInformation]:
+    """One :func:`teacher_information` point per checkpoint: the (teacher error, MI) information plane.
+
+    Args:
+        checkpoints: A list of models and/or checkpoint folders (written by ``timm_remem.save_pretrained``), a dict
+            ``name -> model or folder``, or one folder holding checkpoint folders (taken in natural name order).
+        loader: Iterable of ``(images, labels)`` batches (labels are needed for the error axis).
+        progress: Show progress bars.
+        **kwargs: Passed to :func:`teacher_information` (``features``, ``method``, ``noise``, ...).
+
+    Returns:
+        One :class:`TeacherInformation` per checkpoint, in the given order, with ``name`` set. Plot it with
+        :func:`timm_remem.analysis.plots.plot_information_plane`.
+
+    Example:
+        >>> import timm, torch
+        >>> models = [timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=3) for _ in range(2)]
+        >>> data = [(torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,)))]
+        >>> [p.name for p in information_plane(models, data, progress=False)]
+        ['checkpoint_0', 'checkpoint_1']
+    """
+    points = []
+    for name, spec in _checkpoint_items(checkpoints):
+        model = _load_checkpoint(spec)  # loaded one at a time: only one checkpoint is in memory at once
+        if not isinstance(spec, nn.Module) and kwargs.get("device") is not None:
+            model = model.to(kwargs["device"])
+        info = teacher_information(model, loader, progress=progress, **kwargs)
+        info.name = name
+        points.append(info)
+        del model
+    return points
+
+
+def _zscores(values: list[float]) -> list[float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return [0.0 if std == 0 else (v - mean) / std for v in values]
+
+
+def rank_checkpoints(
+    checkpoints: Any,
+    loader: Iterable[Any],
+    *,
+    score: str = "combined",
+    mi_weight: float = 1.0,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[CheckpointScore]:
+    """Order teacher checkpoints by an MI-based score, to pick which to distill without distilling from each.
+
+    Scores (ours; the paper states that student quality depends on both the teacher error and ``I(X; F_T)`` but
+    gives no formula):
+
+    - ``"combined"`` (default): ``z(accuracy) + mi_weight * z(I(X; T))``, with ``z`` the z-score across the given
+      checkpoints (standard deviation 0 gives 0). It favours the checkpoints on the upper-right of the
+      (accuracy, MI) plane, ReMem's Pareto front, rather than the most accurate or the most informative alone.
+    - ``"mi"``: ``I(X; T)`` alone. ``"conditional_mi"``: ``I(X; T | Y)``. ``"accuracy"``: accuracy alone (the
+      usual baseline).
+
+    Args:
+        checkpoints: As in :func:`information_plane`.
+        loader: Iterable of ``(images, labels)`` batches (held-out data).
+        score: One of ``"combined"``, ``"mi"``, ``"conditional_mi"``, ``"accuracy"``.
+        mi_weight: Weight of the MI term in ``"combined"``.
+        progress: Show progress bars.
+        **kwargs: Passed to :func:`teacher_information`.
+
+    Returns:
+        :class:`CheckpointScore` entries, best first (higher score is better; ties keep the given order).
+
+    Example:
+        >>> import timm, torch
+        >>> models = {f"ep{i}": timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=3)
+        ...           for i in range(2)}
+        >>> data = [(torch.randn(32, 3, 32, 32), torch.randint(0, 3, (32,)))]
+        >>> ranking = rank_checkpoints(models, data, progress=False)
+        >>> sorted(r.name for r in ranking), ranking[0].rank
+        (['ep0', 'ep1'], 1)
+    """
+    if score not in _SCORES:
+        raise ConfigError(f"score must be one of {_SCORES}, got {score!r}.")
+    if isinstance(mi_weight, bool) or not isinstance(mi_weight, (int, float)) or not math.isfinite(mi_weight):
+        raise ConfigError(f"mi_weight must be a finite number, got {mi_weight!r}.")
+    points = information_plane(checkpoints, loader, progress=progress, **kwargs)
+    needs_labels = score in ("combined", "conditional_mi", "accuracy")
+    if needs_labels and any(p.accuracy is None for p in points):
+        raise ConfigError(f"score={score!r} needs labels; make the loader yield (images, labels) or use score='mi'.")
+    mi = [p.i_xf for p in points]
+    if score == "combined":
+        za, zm = _zscores([p.accuracy for p in points]), _zscores(mi)
+        values = [a + mi_weight * m for a, m in zip(za, zm, strict=True)]
+        comps = [{"z_accuracy": a, "z_mi": m} for a, m in zip(za, zm, strict=True)]
+    elif score == "mi":
+        values, comps = mi, [{} for _ in points]
+    elif score == "conditional_mi":
+        values, comps = [p.i_xf_given_y for p in points], [{} for _ in points]
+    else:
+        values, comps = [p.accuracy for p in points], [{} for _ in points]
+    order = sorted(range(len(points)), key=lambda i: -values[i])
+    return [
+        CheckpointScore(name=points[i].name or f"checkpoint_{i}", score=float(values[i]), rank=r + 1,
+                        info=points[i], components=comps[i])
+        for r, i in enumerate(order)
+    ]

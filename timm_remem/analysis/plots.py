@@ -1,0 +1,205 @@
+"""Matplotlib figures for the analysis results.
+
+Every function builds a ``matplotlib.figure.Figure`` directly (no pyplot, no global backend change, so it works
+headless and inside notebooks alike), saves it as PNG when ``path`` is given, and returns it. matplotlib is
+imported only when a plot is made (``pip install timm-remem[demo]``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["plot_expertness", "plot_information_plane", "plot_layer_dynamics", "plot_pruning"]
+
+
+def _figure(ncols: int = 1, width: float = 5.0, height: float = 4.0) -> tuple[Any, list[Any]]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:  # pragma: no cover - matplotlib is a declared extra
+        raise ImportError("plots need matplotlib: pip install 'timm-remem[demo]'") from err
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig: Any, path: str | os.PathLike | None) -> Any:
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=110)
+    return fig
+
+
+def plot_information_plane(
+    points: Sequence[Any], path: str | os.PathLike | None = None, *, mi: str = "i_xf", title: str | None = None
+) -> Any:
+    """Teacher error (x) against mutual information (y), one labelled point per checkpoint, joined in order.
+
+    Args:
+        points: :class:`~timm_remem.analysis.information.TeacherInformation` items (or dicts with the same keys),
+            e.g. from :func:`~timm_remem.analysis.information.information_plane`.
+        path: Save the figure here as PNG.
+        mi: Which quantity on the y axis: ``"i_xf"``, ``"i_fy"`` or ``"i_xf_given_y"``.
+        title: Figure title.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> from timm_remem.analysis.information import TeacherInformation
+        >>> p = TeacherInformation(2.0, 1.0, 1.0, 0.9, 2.3, 100, 10, "logits", "gaussian", 0.1, "chain", "ep1")
+        >>> fig = plot_information_plane([p])
+    """
+    if mi not in ("i_xf", "i_fy", "i_xf_given_y"):
+        raise ConfigError(f"mi must be 'i_xf', 'i_fy' or 'i_xf_given_y', got {mi!r}.")
+    rows = [p if isinstance(p, dict) else p.to_dict() for p in points]
+    if not rows:
+        raise ConfigError("no points to plot; pass at least one teacher_information result.")
+    xs = [r.get("error") for r in rows]
+    if any(x is None for x in xs):
+        raise ConfigError("every point needs an error (measure with a labelled loader) to be placed on the plane.")
+    ys = [r[mi] for r in rows]
+    fig, (ax,) = _figure()
+    ax.plot(xs, ys, "-", color="0.7", zorder=1)
+    sc = ax.scatter(xs, ys, c=range(len(xs)), cmap="viridis", zorder=2)
+    for i, r in enumerate(rows):
+        ax.annotate(str(r.get("name") or i), (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("teacher error")
+    label = {"i_xf": "I(X; F_T)", "i_fy": "I(F_T; Y)", "i_xf_given_y": "I(X; F_T | Y)"}[mi]
+    ax.set_ylabel(f"{label} [nats]")
+    ax.set_title(title or "Information plane")
+    if len(xs) > 1:
+        fig.colorbar(sc, ax=ax, label="checkpoint order")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_layer_dynamics(dynamics: Any, path: str | os.PathLike | None = None, *, title: str | None = None) -> Any:
+    """The U over depth: token entropy, frequency intensity and activation magnitude per block, plus the spectrum.
+
+    Args:
+        dynamics: A :class:`~timm_remem.analysis.dynamics.LayerDynamics` (or its ``to_dict()``).
+        path: Save the figure here as PNG.
+        title: Figure title.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> import timm, torch
+        >>> from timm_remem.analysis.dynamics import layer_dynamics
+        >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
+        >>> fig = plot_layer_dynamics(layer_dynamics(model, torch.randn(2, 3, 32, 32)))
+    """
+    d = dynamics if isinstance(dynamics, dict) else dynamics.to_dict()
+    layers = d["indices"]
+    curves = [("entropy", "token entropy [bits]"), ("intensity", "frequency intensity"),
+              ("magnitude", "mean |activation|")]
+    if d.get("gradient") is not None:
+        curves.append(("gradient", "mean |gradient|"))
+    fig, axes = _figure(len(curves) + 1, width=3.6, height=3.2)
+    for ax, (key, label) in zip(axes, curves, strict=False):
+        ax.plot(layers, d[key], "o-")
+        ax.set_xlabel("block")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    spectra = d["spectrum"]
+    if len({len(s) for s in spectra}) == 1:
+        import numpy as np
+
+        img = np.asarray(spectra, dtype=float)
+        half = img.shape[1] // 2 + 1  # the spectrum is symmetric: show 0..C/2
+        im = ax.imshow(np.log10(img[:, :half] + 1e-12), aspect="auto", origin="lower", cmap="magma",
+                       extent=(0, half - 1, layers[0] - 0.5, layers[-1] + 0.5))
+        fig.colorbar(im, ax=ax, label="log10 amplitude")
+        ax.set_xlabel("channel frequency")
+        ax.set_ylabel("block")
+    else:
+        for layer, s in zip(layers, spectra, strict=True):
+            ax.plot(s[: len(s) // 2 + 1], label=str(layer), lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("channel frequency")
+        ax.legend(fontsize=6, title="block")
+    ax.set_title("channel spectrum", fontsize=10)
+    fig.suptitle(title or f"Layer dynamics (entropy range: {d.get('entropy_range', 'global')})")
+    return _save(fig, path)
+
+
+def plot_pruning(result: Any, path: str | os.PathLike | None = None, *, title: str | None = None) -> Any:
+    """Accuracy and ``I(X; F_T)`` against the number of pruned top blocks, MLP versus attention.
+
+    Args:
+        result: A :class:`~timm_remem.analysis.pruning.PruningResult` (or its ``to_dict()``).
+        path: Save the figure here as PNG.
+        title: Figure title.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> rows = [{"kind": "mlp", "k": 0, "accuracy": 0.9, "i_xf": 2.0}, {"kind": "mlp", "k": 1, "accuracy": 0.8,
+        ...          "i_xf": 3.0}]
+        >>> fig = plot_pruning({"num_blocks": 1, "rows": rows})
+    """
+    d = result if isinstance(result, dict) else result.to_dict()
+    fig, axes = _figure(3, width=3.8, height=3.3)
+    kinds = sorted({r["kind"] for r in d["rows"]})
+    style = {"mlp": ("o-", "tab:red"), "attn": ("s--", "tab:blue")}
+    for kind in kinds:
+        rows = sorted((r for r in d["rows"] if r["kind"] == kind), key=lambda r: r["k"])
+        fmt, color = style.get(kind, ("^-", None))
+        ks = [r["k"] for r in rows]
+        acc = [r.get("accuracy") for r in rows]
+        mi = [r.get("i_xf") for r in rows]
+        if all(a is not None for a in acc):
+            axes[0].plot(ks, acc, fmt, color=color, label=kind)
+            axes[2].plot([1 - a for a in acc], mi, fmt, color=color, label=kind)
+        axes[1].plot(ks, mi, fmt, color=color, label=kind)
+    axes[0].set(xlabel="top blocks pruned (k)", ylabel="accuracy", title="accuracy")
+    axes[1].set(xlabel="top blocks pruned (k)", ylabel="I(X; F_T) [nats]", title="mutual information")
+    axes[2].set(xlabel="teacher error", ylabel="I(X; F_T) [nats]", title="information plane")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.suptitle(title or "Top-down pruning: MLP vs attention")
+    return _save(fig, path)
+
+
+def plot_expertness(blocks: Sequence[Any], path: str | os.PathLike | None = None, *, title: str | None = None) -> Any:
+    """Per-block expertness: edge density, neuron/input Gini, mean class selectivity and dead neurons.
+
+    Args:
+        blocks: :class:`~timm_remem.analysis.expertness.BlockExpertness` items (or their ``summary()`` dicts).
+        path: Save the figure here as PNG.
+        title: Figure title.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> import torch
+        >>> from timm_remem.analysis.expertness import neuron_statistics
+        >>> fig = plot_expertness([neuron_statistics(torch.randn(10, 4))])
+    """
+    rows = [b if isinstance(b, dict) else b.summary() for b in blocks]
+    if not rows:
+        raise ConfigError("no blocks to plot; pass the result of mlp_expertness.")
+    idx = [r["index"] for r in rows]
+    fig, axes = _figure(2, width=4.2, height=3.4)
+    axes[0].plot(idx, [r["density"] for r in rows], "o-", label="density (mean fire rate)")
+    axes[0].plot(idx, [r["dead_fraction"] for r in rows], "x:", label="dead neurons")
+    if all(r.get("mean_selectivity") is not None for r in rows):
+        axes[0].plot(idx, [r["mean_selectivity"] for r in rows], "s-", label="class selectivity")
+    axes[0].set(xlabel="block", ylim=(-0.02, 1.02), title="firing")
+    axes[1].plot(idx, [r["neuron_gini"] for r in rows], "o-", label="neuron-degree Gini")
+    axes[1].plot(idx, [r["input_gini"] for r in rows], "s--", label="input-degree Gini")
+    axes[1].set(xlabel="block", ylim=(-0.02, 1.02), title="neuron-input graph")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "MLP expertness per block")
+    return _save(fig, path)

@@ -1,0 +1,318 @@
+"""``timm-remem analyze``: a JSON report and PNG plots of a teacher's information, expertness, pruning and dynamics.
+
+MODEL is a timm model name (random weights unless ``--pretrained``), a checkpoint folder written by
+``timm_remem.save_pretrained`` (``config.json`` + ``model.safetensors``), or a folder of such checkpoint folders.
+With several checkpoints the report holds the information plane and the checkpoint ranking of all of them, and the
+per-model analyses (dynamics, expertness, pruning) of the best-ranked one.
+
+Data: ``--data digits`` (default, offline: scikit-learn's 8x8 digits, upsampled to the model's input size, repeated
+to 3 channels and normalised with the model's mean/std; a fixed seeded 30% validation split) or ``--data PATH``, an
+image folder ``PATH/<class>/<image>`` read with timm's eval transforms.
+
+Example:
+    timm-remem analyze test_vit --model-kwargs '{"img_size": 32}' --max-samples 128 --out analysis-test-vit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, RememError, UnsupportedModelError
+
+ANALYSES = ("information", "dynamics", "expertness", "pruning")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``analyze`` sub-command."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="write a JSON report and PNG plots: MI, information plane, expertness, pruning, layer dynamics",
+        description="Measure a teacher (or a folder of teacher checkpoints) on a dataset: I(X;F_T), I(F_T;Y), "
+        "I(X;F_T|Y), the information plane and checkpoint ranking, MLP expertness, the top-down pruning "
+        "diagnostic and per-layer dynamics. Writes report.json and PNG plots to --out.",
+    )
+    p.add_argument("model", help="timm model name, checkpoint folder (config.json), or folder of checkpoint folders")
+    p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs them cached)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="head size for a timm name (default: the dataset's number of classes)")
+    p.add_argument("--model-kwargs", default="{}", help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 32}\'')
+    p.add_argument("--data", default="digits", help="'digits' (offline, default) or an image folder PATH/<class>/")
+    p.add_argument("--max-samples", type=int, default=256, help="images used for every measurement (default 256)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--analyses", default=",".join(ANALYSES),
+                   help=f"comma-separated subset of {','.join(ANALYSES)} (default: all)")
+    p.add_argument("--features", default="logits", choices=["logits", "pre_logits"], help="teacher output measured")
+    p.add_argument("--mi-method", default="gaussian", choices=["gaussian", "ksg", "binning", "renyi"])
+    p.add_argument("--noise", type=float, default=0.1, help="relative noise of the MI channel (default 0.1)")
+    p.add_argument("--max-dim", type=int, default=32,
+                   help="compress features to this many principal components before MI (default 32; 0 = keep all)")
+    p.add_argument("--score", default="combined", choices=["combined", "mi", "conditional_mi", "accuracy"],
+                   help="checkpoint ranking score (default combined)")
+    p.add_argument("--dynamics-images", type=int, default=16, help="images for the layer dynamics (default 16)")
+    p.add_argument("--entropy-range", default="global", choices=["global", "layer"])
+    p.add_argument("--gradient", action="store_true", help="also measure gradient magnitude in the dynamics")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: analysis-<model name>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Minimal data plumbing (local to this command)
+
+
+def _input_size(model: torch.nn.Module) -> tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    if size is not None and not getattr(pe, "dynamic_img_size", False):
+        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    import timm
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return int(cfg["input_size"][1]), int(cfg["input_size"][2])
+
+
+def _mean_std(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    import timm
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def _digits(model: torch.nn.Module, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split of scikit-learn's digits as model-ready ``(images, labels)``."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn is in the demo/test extras
+        raise ConfigError("--data digits needs scikit-learn: pip install 'timm-remem[demo]'.") from err
+    digits = load_digits()
+    x = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0  # [n, 8, 8] in [0, 1]
+    y = torch.as_tensor(digits.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    val = perm[: int(round(0.3 * len(y)))][:max_samples]
+    x, y = x[val], y[val]
+    h, w = _input_size(model)
+    x = torch.nn.functional.interpolate(x[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    mean, std = _mean_std(model)
+    chans = len(mean)
+    x = x.expand(-1, chans, -1, -1)
+    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    return x.contiguous(), y
+
+
+def _folder(model: torch.nn.Module, root: str, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_samples`` images of an image folder (seeded choice), with timm's eval transforms."""
+    import timm
+    from timm.data import create_dataset, create_transform
+
+    if not os.path.isdir(root):
+        raise ConfigError(f"--data {root!r} is neither 'digits' nor an existing image folder (PATH/<class>/<image>).")
+    cfg = timm.data.resolve_model_data_config(model)
+    cfg["input_size"] = (cfg["input_size"][0], *_input_size(model))
+    ds = create_dataset("", root=root, transform=create_transform(**cfg, is_training=False))
+    if len(ds) == 0:
+        raise ConfigError(f"the image folder {root!r} holds no images; expected PATH/<class>/<image>.")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_samples].tolist()
+    items = [ds[i] for i in idx]
+    return torch.stack([im for im, _ in items]), torch.tensor([int(t) for _, t in items])
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _build_model(args: argparse.Namespace, num_classes: int | None) -> torch.nn.Module:
+    import timm
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-kwargs is not valid JSON ({e}): pass e.g. '{{\"img_size\": 32}}'.") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}.")
+    if num_classes is not None:
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(
+                f"{args.model!r} is neither a folder nor a timm model name: see timm.list_models('*vit*')."
+            ) from None
+        raise
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
+    bad = [a for a in analyses if a not in ANALYSES]
+    if bad or not analyses:
+        raise ConfigError(f"--analyses {args.analyses!r}: choose a comma-separated subset of {','.join(ANALYSES)}.")
+    for name in ("max_samples", "batch_size", "dynamics_images"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if not (math.isfinite(args.noise) and args.noise > 0):
+        raise ConfigError(f"--noise must be > 0, got {args.noise}.")
+    if args.max_dim < 0:
+        raise ConfigError(f"--max-dim must be >= 0 (0 keeps every dimension), got {args.max_dim}.")
+    return analyses
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the analyses and write ``report.json`` and PNGs; returns the exit code."""
+    try:
+        return _run(args)
+    except RememError as err:
+        print(f"timm-remem analyze: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import __version__
+    from ..analysis import (
+        layer_dynamics,
+        mlp_expertness,
+        plot_expertness,
+        plot_information_plane,
+        plot_layer_dynamics,
+        plot_pruning,
+        pruning_diagnostic,
+        rank_checkpoints,
+        teacher_information,
+    )
+    from ..analysis.information import _checkpoint_dirs, _load_checkpoint
+
+    analyses = _check_args(args)
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    device = torch.device(args.device)
+    path = Path(args.model)
+    if path.is_dir():
+        dirs = _checkpoint_dirs(path)
+        checkpoints = {d.name: d for d in dirs}
+        first = _load_checkpoint(dirs[0])
+    else:
+        checkpoints = None
+        first = _build_model(args, args.num_classes if args.num_classes else (10 if args.data == "digits" else None))
+    first = first.to(device).eval()
+
+    if args.data == "digits":
+        images, labels = _digits(first, args.max_samples, args.seed)
+    else:
+        images, labels = _folder(first, args.data, args.max_samples, args.seed)
+    loader = _batches(images, labels, args.batch_size)
+    info_kw: dict[str, Any] = {"features": args.features, "method": args.mi_method, "noise": args.noise,
+                               "max_dim": args.max_dim or None, "seed": args.seed, "device": device}
+
+    out = Path(args.out or f"analysis-{path.name if path.is_dir() else args.model.replace('/', '_')}")
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "timm_remem_version": __version__,
+        "model": args.model,
+        "data": {"name": args.data, "num_samples": int(len(labels)), "image_size": list(images.shape[-2:])},
+        "settings": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in info_kw.items()},
+        "plots": {},
+        "timings_s": {},
+    }
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except UnsupportedModelError as err:  # this model lacks what the analysis needs: report it, go on
+            report[name] = {"skipped": str(err)}
+            return None
+        finally:
+            report["timings_s"][name] = round(time.perf_counter() - t0, 3)
+
+    model = first
+    if "information" in analyses:
+        if checkpoints is not None and len(checkpoints) > 1:
+            ranking = timed("information", lambda: rank_checkpoints(
+                checkpoints, loader, score=args.score, progress=progress, **info_kw))
+            if ranking is not None:
+                points = sorted((r.info for r in ranking), key=lambda p: list(checkpoints).index(p.name))
+                report["information_plane"] = [p.to_dict() for p in points]
+                report["ranking"] = [r.to_dict() | {"info": None} for r in ranking]
+                report["best_checkpoint"] = ranking[0].name
+                model = _load_checkpoint(checkpoints[ranking[0].name]).to(device).eval()
+                _plot(report, out, "information_plane", plot_information_plane, points)
+        else:
+            info = timed("information", lambda: teacher_information(model, loader, progress=progress, **info_kw))
+            if info is not None:
+                info.name = path.name if checkpoints else args.model
+                report["information"] = info.to_dict()
+                _plot(report, out, "information_plane", plot_information_plane, [info])
+    if checkpoints is not None:
+        report["analyzed_checkpoint"] = report.get("best_checkpoint", next(iter(checkpoints)))
+    if "dynamics" in analyses:
+        batch = images[: args.dynamics_images].to(device)
+        target = labels[: args.dynamics_images].to(device) if args.gradient else None
+        dyn = timed("dynamics", lambda: layer_dynamics(model, batch, entropy_range=args.entropy_range,
+                                                       gradient=args.gradient, target=target))
+        if dyn is not None:
+            report["dynamics"] = dyn.to_dict()
+            _plot(report, out, "layer_dynamics", plot_layer_dynamics, dyn)
+    if "expertness" in analyses:
+        blocks = timed("expertness", lambda: mlp_expertness(model, loader, device=device, progress=progress))
+        if blocks is not None:
+            report["expertness"] = [b.summary() for b in blocks]
+            _plot(report, out, "expertness", plot_expertness, blocks)
+    if "pruning" in analyses:
+        result = timed("pruning", lambda: pruning_diagnostic(model, loader, progress=progress, **info_kw))
+        if result is not None:
+            report["pruning"] = result.to_dict()
+            _plot(report, out, "pruning", plot_pruning, result)
+
+    report_path = out / "report.json"
+    tmp = report_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+    os.replace(tmp, report_path)
+    _print_summary(report, report_path)
+    return 0
+
+
+def _plot(report: dict[str, Any], out: Path, name: str, fn, obj: Any) -> None:
+    file = out / f"{name}.png"
+    fn(obj, file)
+    report["plots"][name] = file.name
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _print_summary(report: dict[str, Any], path: Path) -> None:
+    lines = [f"report: {path}"]
+    info = report.get("information")
+    if isinstance(info, dict) and "i_xf" in info:
+        acc = info.get("accuracy")
+        lines.append(
+            f"I(X;F)={info['i_xf']:.3f}  I(F;Y)={info['i_fy'] or 0:.3f}  I(X;F|Y)={info['i_xf_given_y'] or 0:.3f} nats"
+            + (f"  accuracy={acc:.3f}" if acc is not None else "")
+        )
+    for r in report.get("ranking", []):
+        lines.append(f"  #{r['rank']} {r['name']}: score={r['score']:.3f}")
+    for name, file in report["plots"].items():
+        lines.append(f"{name}: {path.parent / file}")
+    for name in ANALYSES:
+        if isinstance(report.get(name), dict) and "skipped" in report[name]:
+            lines.append(f"{name}: skipped ({report[name]['skipped']})")
+    print("\n".join(lines))
