@@ -841,3 +841,19 @@ def test_adaptive_perturbation_norm_matches_reference():
     opt.step(make_closure(model, x, y))
     assert opt.stats.grad_norm == pytest.approx(tg, rel=1e-10)
     assert opt.stats.perturbation_norm == pytest.approx(e, rel=1e-8)
+
+
+def test_bad_max_grad_norm_in_second_step_restores_the_weights_and_leaves_sam_usable():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    x = torch.randn(4, 3)
+    model(x).square().mean().backward()
+    assert opt.first_step(zero_grad=True)
+    model(x).square().mean().backward()
+    with pytest.raises(ConfigError, match=r"max_grad_norm must be a finite number > 0 or None, got -1"):
+        opt.second_step(zero_grad=True, max_grad_norm=-1)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # back at w, not w + e
+    model(x).square().mean().backward()
+    assert opt.first_step(zero_grad=True)  # not stuck between the two steps

@@ -312,8 +312,7 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
     """
     if kind not in ("mlp", "attn"):
         raise ConfigError(f"find_branches: kind must be 'mlp' or 'attn', got {kind!r}.")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"expected a torch.nn.Module (a timm model), got {type(model).__name__}.")
+    _check_module(model)
     candidates = _candidates(model, kind)
     name = type(model).__name__
     looked_for = _READABLE_NAMES[kind]
@@ -786,6 +785,7 @@ def reweight(
         >>> timm_remem.get_scales(model)
         {'blocks.0.mlp': 0.5, 'blocks.1.mlp': 0.25}
     """
+    _check_module(model)
     custom = not isinstance(schedule, str)
     if not custom and schedule not in _SCHEDULES:
         raise ConfigError(
@@ -801,8 +801,7 @@ def reweight(
     if custom and not callable(schedule) and not isinstance(schedule, Sequence):
         raise ConfigError(f"schedule must be a string, a sequence of floats or a callable, got {schedule!r}.")
 
-    if is_reweighted(model):
-        unreweight(model)
+    # Validate against the block count before touching anything (a reweighted model keeps its factors on error).
     branches = find_branches(model, "mlp", example_inputs=example_inputs)
     num_blocks = branches[-1].index + 1
     k = num_blocks if top_k is None else top_k
@@ -812,6 +811,9 @@ def reweight(
             f"use 1 <= top_k <= {num_blocks}, or top_k=None for all."
         )
     factors = _factors(alpha, schedule, k)
+    if is_reweighted(model):
+        unreweight(model)
+        branches = find_branches(model, "mlp", example_inputs=example_inputs)
     first = num_blocks - k
     for b in branches:
         if b.index < first:
@@ -878,7 +880,14 @@ def is_reweighted(model: nn.Module) -> bool:
     return any(isinstance(m, ScaledBranch) for m in model.modules())
 
 
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        hint = " Create it first: timm.create_model(name, pretrained=...)." if isinstance(model, str) else ""
+        raise ConfigError(f"expected a torch.nn.Module (a timm model), got {type(model).__name__} {model!r:.60}.{hint}")
+
+
 def _require_wrappers(model: nn.Module, action: str) -> list[tuple[str, ScaledBranch]]:
+    _check_module(model)
     found = _wrappers(model)
     if found:
         return found

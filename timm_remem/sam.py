@@ -283,7 +283,16 @@ class SAM(Optimizer):
         }
         self.base_optimizer: Optimizer | None = None
         super().__init__(params, dict(self._sam_defaults))
-        base = base_optimizer(self.param_groups, **base_kwargs)
+        try:
+            base = base_optimizer(self.param_groups, **base_kwargs)
+        except TypeError as error:
+            if "unexpected keyword" not in str(error):
+                raise
+            raise ConfigError(
+                f"SAM: {getattr(base_optimizer, '__name__', base_optimizer)} rejected a keyword ({error}). SAM's own "
+                "keywords are rho, adaptive, eta, every, sync_perturbation, replay_rng, freeze_bn; every other "
+                "keyword goes to the base optimizer: check its spelling against the base optimizer's arguments."
+            ) from None
         if not isinstance(base, Optimizer):
             raise ConfigError(
                 f"base_optimizer must build a torch.optim.Optimizer, {base_optimizer!r} returned {type(base).__name__}."
@@ -664,13 +673,27 @@ class SAM(Optimizer):
         """
         self.step(_SecondStepCall(zero_grad, scaler, max_grad_norm))
 
+    @torch.no_grad()
+    def _abandon_step(self) -> None:
+        """Undo a pending perturbation in place and return to the idle phase without a base step."""
+        for params, saved in self._pending:
+            torch._foreach_copy_(params, saved)
+        self._pending = []
+        self._pert_sq_tensors = []
+        self._scaler = None
+        self._phase = _IDLE
+
     def _second_step(self, call: _SecondStepCall) -> None:
         if self._phase == _IDLE:
             raise RememError(
                 "second_step() was called without first_step(): call loss.backward(), then first_step(), then the "
                 "second backward pass, then second_step() (or use step(closure))."
             )
-        max_grad_norm = _check_max_grad_norm(call.max_grad_norm)
+        try:
+            max_grad_norm = _check_max_grad_norm(call.max_grad_norm)
+        except ConfigError:
+            self._abandon_step()  # back to w exactly, so nothing is left perturbed
+            raise
         scaler = self._resolve_scaler(call.scaler)
         if scaler is None:
             scaler = self._scaler
@@ -767,6 +790,7 @@ class SAM(Optimizer):
             return self._second_step(closure)
         if closure is None:
             raise ConfigError(f"SAM.step() needs a closure.\n{_USAGE}")
+        _check_max_grad_norm(max_grad_norm)  # before anything moves
         if not callable(closure):
             raise ConfigError(f"SAM.step() got a closure that is not callable: {closure!r}.\n{_USAGE}")
         if self._phase != _IDLE:

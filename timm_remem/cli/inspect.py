@@ -43,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
                 f"unknown timm model {args.model!r}: see timm.list_models('*vit*') for names."
             ) from None
         raise
+    except TypeError as e:
+        raise ConfigError(
+            f"timm.create_model({args.model!r}) rejected --model-kwargs {args.model_kwargs}: {e}. "
+            "Use the model's constructor argument names (e.g. img_size, depth, embed_dim)."
+        ) from None
     branches = find_branches(model)
     reweight(model, args.alpha, schedule=args.schedule, top_k=args.top_k)
     scales = get_scales(model)
