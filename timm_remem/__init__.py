@@ -6,6 +6,8 @@ Public names are re-exported here; each lives in the module named after its conc
 - ``timm_remem.sam``: the SAM optimizer, registered in timm's optimizer factory
 - ``timm_remem.distill``: distillation losses, the teacher wrapper, the distillation task
 - ``timm_remem.hub``: ``save_pretrained``, ``push_to_hub``, ``load_teacher``
+- ``timm_remem.pipeline``: ``finetune_teacher``, ``distill_student``, ``select_teacher``, ``run_demo``
+- ``timm_remem.data`` / ``timm_remem.checkpoint``: offline digits data, timm data wrappers, crash-safe checkpoints
 - ``timm_remem.analysis``: mutual information, information plane, expertness, pruning, layer dynamics
 
 Example:
@@ -29,6 +31,8 @@ from .analysis import (  # noqa: E402
     rank_checkpoints,
     teacher_information,
 )
+from .checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint  # noqa: E402
+from .data import create_dataset, create_loader  # noqa: E402
 from .distill import (  # noqa: E402
     DistillationLoss,
     DistillationStudent,
@@ -47,9 +51,21 @@ from .errors import (  # noqa: E402
     HubError,
     NotReweightedError,
     RememError,
+    TrainingError,
     UnsupportedModelError,
 )
 from .hub import TeacherMetadata, load_teacher, push_to_hub, save_pretrained  # noqa: E402
+from .pipeline import (  # noqa: E402
+    DemoResult,
+    DistillConfig,
+    FinetuneConfig,
+    SelectResult,
+    TrainResult,
+    distill_student,
+    finetune_teacher,
+    run_demo,
+    select_teacher,
+)
 from .reweighting import (  # noqa: E402
     Branch,
     ReweightConfig,
@@ -72,6 +88,7 @@ __all__ = [
     "NotReweightedError",
     "HubError",
     "CheckpointError",
+    "TrainingError",
     "reweight",
     "merge",
     "unreweight",
@@ -107,4 +124,18 @@ __all__ = [
     "mlp_expertness",
     "pruning_diagnostic",
     "layer_dynamics",
+    "finetune_teacher",
+    "distill_student",
+    "select_teacher",
+    "run_demo",
+    "FinetuneConfig",
+    "DistillConfig",
+    "TrainResult",
+    "SelectResult",
+    "DemoResult",
+    "save_checkpoint",
+    "load_checkpoint",
+    "CheckpointInfo",
+    "create_dataset",
+    "create_loader",
 ]

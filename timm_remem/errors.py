@@ -14,6 +14,7 @@ __all__ = [
     "NotReweightedError",
     "HubError",
     "CheckpointError",
+    "TrainingError",
 ]
 
 
@@ -39,3 +40,7 @@ class HubError(RememError, RuntimeError):
 
 class CheckpointError(RememError, RuntimeError):
     """A checkpoint is missing, corrupt, truncated or does not match the model it is loaded into."""
+
+
+class TrainingError(RememError, RuntimeError):
+    """Training cannot go on (for example a non-finite loss); checkpoints already written are kept."""

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import RememError
 
 # Sub-command modules, in the order ``timm-remem --help`` lists them.
-_COMMAND_MODULES = ("inspect", "push", "analyze")
+_COMMAND_MODULES = ("train", "inspect", "analyze", "push")
 
 
 def build_parser() -> argparse.ArgumentParser:

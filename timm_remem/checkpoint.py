@@ -1,0 +1,655 @@
+"""Crash-safe, pickle-free training checkpoints.
+
+A checkpoint is a directory ``<root>/step-<step>/`` holding
+
+- ``model.safetensors``: the model's ``state_dict`` (and ``ema.safetensors`` for an EMA copy);
+- ``state.safetensors``: every other tensor (optimizer state such as momentum buffers, the torch/CUDA RNG states,
+  tensors inside scheduler or scaler state), each under a flat key;
+- ``state.json``: everything that is not a tensor (epoch, step, scheduler, scaler, optimizer hyper-parameters,
+  Python/NumPy RNG states, the run configuration, metrics), where each tensor is replaced by a reference to its key;
+- ``manifest.json``: the size and sha256 of every file, written last: it marks the checkpoint complete.
+
+Writes go to a hidden temporary directory that is renamed into place with ``os.replace`` only once every file is
+written and flushed; older checkpoints are pruned only after the new one is complete. A crash at any point leaves
+the previous checkpoints intact, and a truncated or corrupted checkpoint is detected on load (:class:`CheckpointError`).
+Nothing is pickled: optimizer state is flattened into tensors plus JSON, so loading never executes code.
+
+Example:
+    >>> import tempfile, torch
+    >>> from timm_remem.checkpoint import save_checkpoint, load_checkpoint
+    >>> model = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> model(torch.ones(1, 3)).sum().backward(); opt.step()
+    >>> root = tempfile.mkdtemp()
+    >>> path = save_checkpoint(root, model=model, optimizer=opt, epoch=1, step=10)
+    >>> info = load_checkpoint(root, model=model, optimizer=opt)
+    >>> info.epoch, info.step, path.name
+    (1, 10, 'step-000000010')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = [
+    "CheckpointInfo",
+    "save_checkpoint",
+    "load_checkpoint",
+    "verify_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "flatten_state",
+    "unflatten_state",
+    "get_rng_state",
+    "set_rng_state",
+]
+
+_log = logging.getLogger(__name__)
+
+FORMAT = "timm-remem-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_PREFIX = "step-"
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`load_checkpoint` read besides the tensors it loaded into the objects passed to it.
+
+    Attributes:
+        path: The checkpoint directory that was loaded.
+        epoch: Epoch recorded at save time.
+        step: Optimizer step recorded at save time.
+        config: The run configuration saved with it (plain JSON data).
+        metrics: Metrics saved with it.
+        extra: Any other JSON-able data the caller saved (tensors inside it are restored as tensors).
+    """
+
+    path: Path
+    epoch: int
+    step: int
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flattening nested state (optimizer/scheduler/scaler state dicts) into tensors + JSON
+# ----------------------------------------------------------------------------------------------------------------
+
+_MARKERS = ("__tensor__", "__tuple__", "__dict__", "__float__")
+
+
+def flatten_state(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested structure into a JSON-able tree and a flat ``{key: tensor}`` dict.
+
+    Tensors become ``{"__tensor__": key}`` references; tuples, dicts with non-string keys and non-finite floats get
+    small tagged forms so that :func:`unflatten_state` restores them exactly.
+
+    Args:
+        obj: Nested dicts/lists/tuples of tensors, numbers, strings, booleans and None.
+        prefix: Prefix of the tensor keys (e.g. ``"optimizer"``).
+
+    Returns:
+        ``(tree, tensors)``.
+
+    Raises:
+        CheckpointError: A value of another type (it could only be stored by pickling it).
+
+    Example:
+        >>> tree, tensors = flatten_state({"state": {0: {"m": torch.zeros(2)}}, "betas": (0.9, 0.99)}, "opt")
+        >>> list(tensors), tree["betas"]
+        (['opt.state.0.m'], {'__tuple__': [0.9, 0.99]})
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = path
+            n = 1
+            while key in tensors:
+                key = f"{path}#{n}"
+                n += 1
+            tensors[key] = value
+            return {"__tensor__": key}
+        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"__float__": repr(value)}
+        if isinstance(value, tuple):
+            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(value)]
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) and k not in _MARKERS for k in value):
+                return {k: enc(v, f"{path}.{k}") for k, v in value.items()}
+            return {"__dict__": [[enc(k, f"{path}.key"), enc(v, f"{path}.{k}")] for k, v in value.items()]}
+        # numpy scalars and arrays (NumPy RNG state) without importing numpy at module level
+        if type(value).__module__ == "numpy":
+            if hasattr(value, "tolist"):
+                return enc(value.tolist(), path)
+        raise CheckpointError(
+            f"cannot store a value of type {type(value).__name__} at {path!r} in a checkpoint: checkpoints hold only "
+            "tensors, numbers, strings, lists and dicts (no pickle); convert it (e.g. to a list) before saving"
+        )
+
+    return enc(obj, prefix), tensors
+
+
+def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`.
+
+    Raises:
+        CheckpointError: A tensor reference has no tensor (the checkpoint files do not belong together).
+
+    Example:
+        >>> tree, tensors = flatten_state({"a": (1, torch.ones(1)), 3: float("inf")}, "x")
+        >>> out = unflatten_state(json.loads(json.dumps(tree)), tensors)
+        >>> out["a"][0], out[3]
+        (1, inf)
+    """
+
+    def dec(value: Any) -> Any:
+        if isinstance(value, list):
+            return [dec(v) for v in value]
+        if isinstance(value, dict):
+            if len(value) == 1:
+                (tag, inner), = value.items()
+                if tag == "__tensor__":
+                    if inner not in tensors:
+                        raise CheckpointError(f"checkpoint tensor {inner!r} is missing from state.safetensors")
+                    return tensors[inner]
+                if tag == "__tuple__":
+                    return tuple(dec(v) for v in inner)
+                if tag == "__dict__":
+                    return {dec(k): dec(v) for k, v in inner}
+                if tag == "__float__":
+                    return float(inner)
+            return {k: dec(v) for k, v in value.items()}
+        return value
+
+    return dec(tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG state
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Current states of the Python, NumPy (when installed), torch CPU and CUDA random generators.
+
+    Example:
+        >>> s = get_rng_state(); a = torch.rand(1); set_rng_state(s); bool(torch.rand(1) == a)
+        True
+    """
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch in practice
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore generator states saved by :func:`get_rng_state` (also after a JSON/safetensors round trip)."""
+
+    def to_tuple(v: Any) -> Any:
+        return tuple(to_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    if "python" in state:
+        random.setstate(to_tuple(state["python"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.to("cpu", torch.uint8), i)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # pragma: no cover - directory fsync is POSIX only
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _to_savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors with no shared storage (safetensors refuses shared memory)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, t in tensors.items():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if ident in seen or not t.is_contiguous() or t.storage_offset() or t.numel() * t.element_size() != ident[1]:
+            t = t.clone(memory_format=torch.contiguous_format)
+        elif t.untyped_storage().data_ptr() != 0:
+            seen.add(ident)
+        out[key] = t
+    return out
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_to_savable(tensors), str(path), metadata={"format": "pt"})
+    _fsync_file(path)
+
+
+def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is unreadable ({e}); it is corrupt or truncated: resume from an "
+            "earlier checkpoint (list them with timm_remem.checkpoint.list_checkpoints)"
+        ) from e
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name[len(_PREFIX) :])
+    except ValueError:
+        return -1
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (those with a manifest) under ``root``, oldest step first.
+
+    Incomplete directories left by a crash during a write are skipped. Integrity is not checked here; use
+    :func:`verify_checkpoint` or :func:`latest_checkpoint`.
+
+    Example:
+        >>> list_checkpoints(tempfile.mkdtemp())
+        []
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check that a checkpoint directory is complete and that every file matches its recorded size and sha256.
+
+    Args:
+        path: A checkpoint directory (``.../step-000000123``).
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: Missing directory or manifest, a missing, truncated or modified file.
+
+    Example:
+        >>> verify_checkpoint(tempfile.mkdtemp())  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        timm_remem.errors.CheckpointError: ... has no manifest.json ...
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint directory or its parent")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no {MANIFEST}: the write did not finish (crash or kill during save); "
+            "resume from an earlier complete checkpoint"
+        )
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{str(mpath)!r} is corrupt ({e}); resume from an earlier checkpoint") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a timm-remem checkpoint (format {manifest.get('format')!r})")
+    for name, meta in files.items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is missing {name!r}; resume from an earlier checkpoint")
+        size = fpath.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file {str(fpath)!r} is truncated or altered: {size} bytes, expected {meta['bytes']}; "
+                "resume from an earlier checkpoint"
+            )
+        if _sha256(fpath) != meta["sha256"]:
+            raise CheckpointError(
+                f"checkpoint file {str(fpath)!r} is corrupt: its sha256 does not match the manifest; resume from an "
+                "earlier checkpoint"
+            )
+    return manifest
+
+
+def latest_checkpoint(root: str | os.PathLike, *, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint under ``root`` that passes :func:`verify_checkpoint` (or None).
+
+    Corrupt ones are skipped with a warning, so a damaged newest checkpoint falls back to the previous good one.
+
+    Example:
+        >>> latest_checkpoint(tempfile.mkdtemp()) is None
+        True
+    """
+    for path in reversed(list_checkpoints(root)):
+        if not verify:
+            return path
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            _log.warning("skipping damaged checkpoint: %s", e)
+    return None
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if (path / MANIFEST).is_file() or path.name.startswith(_PREFIX):
+        return path
+    if path.is_dir():
+        if not list_checkpoints(path):
+            raise CheckpointError(
+                f"no complete checkpoint in {str(path)!r}; pass a directory written by save_checkpoint (or one of "
+                "its step-* sub-directories)"
+            )
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"every checkpoint in {str(path)!r} is damaged; nothing to resume from")
+        return found
+    raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the --resume path")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state = {"optimizer": optimizer.state_dict()}
+    base = getattr(optimizer, "base_optimizer", None)
+    if isinstance(base, torch.optim.Optimizer) and base is not optimizer and base.state is not optimizer.state:
+        # A SAM-style wrapper whose own state dict leaves out the base optimizer's state (momentum, Adam moments).
+        # (timm_remem.sam.SAM shares its state with the base optimizer and saves it itself.)
+        state["base_optimizer"] = base.state_dict()
+    return state
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    ema: torch.nn.Module | None = None,
+    epoch: int = 0,
+    step: int = 0,
+    config: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    rng: bool = True,
+    keep_last: int | None = 2,
+) -> Path:
+    """Write a checkpoint atomically to ``root/step-<step>`` and prune all but the newest ``keep_last``.
+
+    Args:
+        root: Directory holding the run's checkpoints.
+        model: Model whose ``state_dict`` is saved (unwrap DDP first).
+        optimizer: Optimizer (SAM included: its base optimizer's state is saved too).
+        scheduler: Anything with ``state_dict()`` (timm or torch LR schedulers).
+        scaler: A ``torch.amp.GradScaler`` (or anything with ``state_dict()``).
+        ema: An EMA model (e.g. ``timm.utils.ModelEmaV3``); its ``state_dict`` goes to ``ema.safetensors``.
+        epoch: Epoch counter to record.
+        step: Optimizer step counter; names the directory.
+        config: Run configuration (JSON-able).
+        metrics: Metrics (JSON-able).
+        extra: Any other JSON-able data (tensors allowed).
+        rng: Save Python/NumPy/torch/CUDA RNG states.
+        keep_last: Keep only this many newest checkpoints (None keeps all). Pruning happens after the new
+            checkpoint is complete, so a failed write never costs an older checkpoint.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: A value that cannot be stored without pickle, or ``keep_last < 1``.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> p = save_checkpoint(tempfile.mkdtemp(), model=m, step=3, metrics={"acc": 0.5})
+        >>> sorted(f.name for f in p.iterdir())
+        ['manifest.json', 'model.safetensors', 'state.json', 'state.safetensors']
+    """
+    if keep_last is not None and keep_last < 1:
+        raise CheckpointError(f"keep_last must be >= 1 or None, got {keep_last}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(_TMP_PREFIX + "*"):  # left by a crash during an earlier write
+        shutil.rmtree(stale, ignore_errors=True)
+
+    tree_src: dict[str, Any] = {}
+    if optimizer is not None:
+        tree_src.update(_optimizer_state(optimizer))
+    if scheduler is not None:
+        tree_src["scheduler"] = scheduler.state_dict()
+    if scaler is not None:
+        tree_src["scaler"] = scaler.state_dict()
+    if rng:
+        tree_src["rng"] = get_rng_state()
+    tree_src["extra"] = dict(extra or {})
+    tree, state_tensors = flatten_state(tree_src, "state")
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "epoch": int(epoch),
+        "step": int(step),
+        "config": dict(config or {}),
+        "metrics": dict(metrics or {}),
+        "state": tree,
+    }
+    try:
+        json.dumps(document, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config and metrics must be JSON data (no NaN/inf, no objects): {e}") from e
+
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
+    final = root / f"{_PREFIX}{int(step):09d}"
+    try:
+        _write_safetensors(tmp / "model.safetensors", model.state_dict())
+        if ema is not None:
+            _write_safetensors(tmp / "ema.safetensors", ema.state_dict())
+        _write_safetensors(tmp / "state.safetensors", state_tensors)
+        _write_json(tmp / "state.json", document)
+        from . import __version__
+
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        _write_json(
+            tmp / MANIFEST,
+            {"format": FORMAT, "format_version": FORMAT_VERSION, "timm_remem": __version__, "epoch": int(epoch),
+             "step": int(step), "created": time.time(), "files": files},
+        )
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving the same step: move the old one aside, never delete before replacing
+            old = root / f"{_TMP_PREFIX}old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep_last is not None:
+        for old in list_checkpoints(root)[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
+        raise CheckpointError(
+            f"the {what} in checkpoint {str(path)!r} does not match the {what} it is loaded into: "
+            + "; ".join(parts)
+            + ". Build it with the configuration saved in state.json (architecture, num_classes, img_size, "
+            "reweighting) before loading"
+        )
+    module.load_state_dict(tensors, strict=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    ema: torch.nn.Module | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+) -> CheckpointInfo:
+    """Load a checkpoint into the given objects after checking its integrity.
+
+    Args:
+        path: A checkpoint directory, or a run directory (its newest valid checkpoint is used).
+        model: Model to load weights into (must have exactly the saved keys and shapes).
+        optimizer: Optimizer to restore (same parameter layout as when saved).
+        scheduler: Scheduler to restore.
+        scaler: Gradient scaler to restore.
+        ema: EMA model to restore (the checkpoint must hold one).
+        restore_rng: Restore Python/NumPy/torch/CUDA RNG states.
+        map_location: Device the tensors are read onto.
+        verify: Check sizes and sha256 of every file first.
+
+    Returns:
+        The epoch, step, configuration, metrics and extra data.
+
+    Raises:
+        CheckpointError: Missing, incomplete, truncated or corrupt checkpoint, or weights that do not fit ``model``.
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> root = tempfile.mkdtemp(); _ = save_checkpoint(root, model=m, epoch=2, step=7, config={"lr": 0.1})
+        >>> load_checkpoint(root, model=torch.nn.Linear(2, 2)).config
+        {'lr': 0.1}
+    """
+    path = _resolve(path)
+    if verify:
+        verify_checkpoint(path)
+    elif not (path / MANIFEST).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {MANIFEST}); resume from an earlier one")
+    try:
+        document = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{str(path / 'state.json')!r} is unreadable ({e}); resume from an earlier one") from e
+    tensors = _read_safetensors(path / "state.safetensors", map_location)
+    state = unflatten_state(document.get("state", {}), tensors)
+    if model is not None:
+        _load_state_dict(model, _read_safetensors(path / "model.safetensors", map_location), "model", path)
+    if ema is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA weights; run without EMA or start afresh")
+        _load_state_dict(ema, _read_safetensors(path / "ema.safetensors", map_location), "EMA model", path)
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds no optimizer state; it cannot resume training")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            base = getattr(optimizer, "base_optimizer", None)
+            if "base_optimizer" in state and isinstance(base, torch.optim.Optimizer):
+                base.load_state_dict(state["base_optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(
+                f"the optimizer state in {str(path)!r} does not fit the optimizer ({e}); use the same optimizer, "
+                "parameter groups and model as the saved run"
+            ) from e
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    if restore_rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return CheckpointInfo(
+        path=path,
+        epoch=int(document.get("epoch", 0)),
+        step=int(document.get("step", 0)),
+        config=document.get("config", {}),
+        metrics=document.get("metrics", {}),
+        extra=state.get("extra", {}),
+    )

@@ -1,0 +1,422 @@
+"""Datasets and loaders for the ReMem pipeline.
+
+Two sources:
+
+- ``"digits"``: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped inside scikit-learn, so
+  everything runs offline. Images are upsampled to the requested size, repeated to 3 channels and normalised; the
+  train/val split is fixed (stratified, seeded), so every run sees the same images.
+- Everything ``timm.data.create_dataset`` reads: image folders (``root/<class>/<image>``), ``torch/cifar100`` and
+  the other torchvision sets, ``hfds/<name>`` (Hugging Face datasets). Transforms come from
+  ``timm.data.create_transform``.
+
+Loaders are plain ``torch.utils.data.DataLoader`` objects with an :class:`EpochSampler`: its order depends only on
+``(seed, epoch)``, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen
+(timm's ``create_loader`` draws its order from the global RNG and takes no sampler, which is why it is not used here).
+Every batch is ``(images, targets, indices)``; the indices key the teacher-logit cache.
+
+Example:
+    >>> from timm_remem.data import create_dataset, create_loader
+    >>> train = create_dataset("digits", split="train", img_size=16)
+    >>> images, targets, indices = next(iter(create_loader(train, batch_size=8, shuffle=True, seed=0)))
+    >>> tuple(images.shape), train.num_classes
+    ((8, 3, 16, 16), 10)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import ConfigError
+
+__all__ = [
+    "DigitsDataset",
+    "EpochSampler",
+    "IndexedDataset",
+    "create_dataset",
+    "create_loader",
+    "dataset_num_classes",
+]
+
+# timm.data.IMAGENET_DEFAULT_MEAN / _STD (not imported: importing timm here would make this module heavy)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_TRAIN_SPLITS = ("train", "training")
+_VAL_SPLITS = ("val", "valid", "validation", "eval", "evaluation", "test")
+_TORCH_NAMES = (
+    "cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "inaturalist", "inat", "places365",
+    "imagenet", "image_folder", "folder",
+)
+_FOLDER_NAMES = ("", "folder", "imagefolder", "image_folder")
+_TIMM_PREFIXES = ("hfds", "hfids", "tfds", "wds")
+
+
+def _split_kind(split: str) -> str:
+    s = split.lower()
+    if s in _TRAIN_SPLITS:
+        return "train"
+    if s in _VAL_SPLITS:
+        return "val"
+    raise ConfigError(f"unknown split {split!r}; use one of {_TRAIN_SPLITS + _VAL_SPLITS}")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> tuple[Any, Any]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            "the offline 'digits' dataset needs scikit-learn; install it with `pip install timm-remem[demo]`"
+        ) from e
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_split(val_fraction: float, split_seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    from sklearn.model_selection import train_test_split
+
+    _, labels = _load_digits()
+    train_idx, val_idx = train_test_split(
+        list(range(len(labels))), test_size=val_fraction, random_state=split_seed, stratify=labels
+    )
+    return tuple(sorted(train_idx)), tuple(sorted(val_idx))
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits as a 3-channel image dataset with a fixed train/val split.
+
+    The 8x8 images (pixel values 0..16) are scaled to [0, 1], upsampled bilinearly to ``img_size``, repeated to 3
+    channels and normalised with ``mean``/``std``. All images are prepared once at construction and kept as one
+    tensor, so indexing is cheap and deterministic (no augmentation).
+
+    Args:
+        split: ``"train"`` or ``"val"`` (synonyms such as ``"validation"`` are accepted).
+        img_size: Output height and width in pixels (>= 8).
+        val_fraction: Fraction of the 1,797 images held out for validation (stratified by class).
+        mean: Per-channel mean used for normalisation (use the model's ``pretrained_cfg`` mean).
+        std: Per-channel standard deviation used for normalisation.
+        split_seed: Seed of the fixed train/val split; the same seed always gives the same split.
+
+    Example:
+        >>> ds = DigitsDataset("val", img_size=16)
+        >>> image, label = ds[0]
+        >>> tuple(image.shape), 0 <= label < 10
+        ((3, 16, 16), True)
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        split: str = "train",
+        img_size: int = 32,
+        *,
+        val_fraction: float = 0.2,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        split_seed: int = 0,
+    ) -> None:
+        kind = _split_kind(split)
+        if not isinstance(img_size, int) or img_size < 8:
+            raise ConfigError(f"img_size must be an integer >= 8 (the digits are 8x8 pixels), got {img_size!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ConfigError(f"mean and std need 3 values each with std > 0, got mean={mean!r} std={std!r}")
+        images, labels = _load_digits()
+        train_idx, val_idx = _digits_split(val_fraction, split_seed)
+        idx = list(train_idx if kind == "train" else val_idx)
+        pixels = torch.as_tensor(images[idx], dtype=torch.float32).unsqueeze(1) / 16.0
+        if img_size != 8:
+            pixels = F.interpolate(pixels, size=(img_size, img_size), mode="bilinear", align_corners=False)
+        pixels = pixels.clamp_(0.0, 1.0).expand(-1, 3, -1, -1)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.images = ((pixels - m) / s).contiguous()
+        self.targets = torch.as_tensor(labels[idx], dtype=torch.long)
+        self.source_indices = idx
+        self.split = kind
+        self.img_size = img_size
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.classes = [str(c) for c in range(10)]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so that items are ``(image, target, index)``; the index keys cached teacher logits."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        image, target = self.dataset[index]
+        return image, target, index
+
+
+class EpochSampler(Sampler[int]):
+    """A sampler whose order depends only on ``(seed, epoch)``, resumable in the middle of an epoch.
+
+    Call :meth:`set_epoch` before iterating; ``start_index`` skips the first samples of that epoch (a run resumed
+    after ``k`` batches passes ``k * batch_size``). With ``num_replicas > 1`` each rank takes every
+    ``num_replicas``-th sample of the shared permutation, padded by wrapping so that all ranks see the same count.
+
+    Args:
+        length: Number of samples in the dataset.
+        shuffle: Draw a new permutation every epoch; otherwise keep the dataset order.
+        seed: Base seed; the permutation of epoch ``e`` is seeded with ``seed * 100003 + e``.
+        num_replicas: Number of data-parallel processes.
+        rank: This process's rank.
+
+    Example:
+        >>> s = EpochSampler(10, shuffle=True, seed=3)
+        >>> s.set_epoch(1)
+        >>> order = list(s)
+        >>> s.set_epoch(1, start_index=4)
+        >>> list(s) == order[4:]
+        True
+    """
+
+    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ConfigError(f"rank must be in [0, num_replicas), got rank={rank} num_replicas={num_replicas}")
+        self.length = length
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.start_index = 0
+        self.per_replica = math.ceil(length / num_replicas)
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        """Select the epoch whose order to produce and how many of its first samples to skip."""
+        self.epoch = epoch
+        self.start_index = start_index
+
+    def _order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.length, generator=g).tolist()
+        else:
+            order = list(range(self.length))
+        total = self.per_replica * self.num_replicas
+        if total > len(order) and order:
+            order += order[: total - len(order)]
+        return order[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order()[self.start_index :])
+
+    def __len__(self) -> int:
+        return max(0, self.per_replica - self.start_index)
+
+
+def _check_folder(root: str | os.PathLike | None, name: str) -> str:
+    if root is None:
+        raise ConfigError(f"dataset {name!r} reads images from a folder: pass root (--data-dir) pointing at it")
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise ConfigError(
+            f"dataset folder {root!r} does not exist or is not a directory; pass the folder that holds the "
+            "images as root/<class>/<image> (or root/train/<class>/... and root/val/<class>/...)"
+        )
+    return root
+
+
+def create_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    *,
+    img_size: int = 32,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    augment: bool = False,
+    download: bool = False,
+    val_fraction: float = 0.2,
+    **kwargs: Any,
+) -> Dataset:
+    """Create a dataset by name: the offline ``"digits"`` set or anything ``timm.data.create_dataset`` reads.
+
+    For timm datasets the transform is set with ``timm.data.create_transform`` (training augmentation only when
+    ``augment`` is true and the split is a training split; otherwise resize, centre crop and normalise).
+
+    Args:
+        name: ``"digits"``, ``"folder"`` (or ``""``) for an image folder, ``"torch/<name>"`` (e.g.
+            ``"torch/cifar100"``) or a timm reader prefix such as ``"hfds/<hub dataset id>"``.
+        root: Folder holding the data (image folders and torchvision sets); unused by ``"digits"``.
+        split: ``"train"`` or ``"val"`` (synonyms accepted; other split strings pass through for ``hfds/``).
+        img_size: Image height and width fed to the model.
+        mean: Normalisation mean (use ``timm.data.resolve_model_data_config(model)["mean"]``).
+        std: Normalisation standard deviation.
+        augment: Use timm's training augmentation (random resized crop, flip, colour jitter) on training splits.
+        download: Let torchvision download ``torch/...`` sets (off by default: nothing is fetched silently).
+        val_fraction: Held-out fraction for ``"digits"``.
+        **kwargs: Passed through to ``timm.data.create_dataset``.
+
+    Returns:
+        A map-style dataset of ``(image tensor, int label)`` with ``num_classes`` resolvable through
+        :func:`dataset_num_classes`.
+
+    Raises:
+        ConfigError: Unknown dataset name, missing folder, empty dataset, or a torchvision set that is not on disk.
+
+    Example:
+        >>> ds = create_dataset("digits", split="val", img_size=16)
+        >>> len(ds), dataset_num_classes(ds)
+        (360, 10)
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"dataset name must be a string, got {type(name).__name__}")
+    lowered = name.lower()
+    if lowered == "digits":
+        return DigitsDataset(split, img_size, val_fraction=val_fraction, mean=mean, std=std)
+
+    prefix, sep, rest = name.partition("/")
+    prefix = prefix.lower() if sep else ""
+    if prefix == "torch":
+        if rest.lower() not in _TORCH_NAMES:
+            raise ConfigError(
+                f"unknown torchvision dataset {name!r}; known: {', '.join('torch/' + n for n in _TORCH_NAMES)}"
+            )
+        if root is None:
+            raise ConfigError(f"dataset {name!r} needs root (--data-dir): the folder torchvision stores it in")
+        if rest.lower() in ("image_folder", "folder"):
+            _check_folder(root, name)
+    elif prefix in _TIMM_PREFIXES:
+        pass
+    elif sep == "" and lowered in _FOLDER_NAMES:
+        root = _check_folder(root, name or "folder")
+        name = ""
+    else:
+        raise ConfigError(
+            f"unknown dataset name {name!r}; use 'digits' (offline), 'folder' with root=<image folder>, "
+            f"'torch/<name>' (e.g. torch/cifar100) or a timm reader such as 'hfds/<dataset id>'"
+        )
+
+    from timm.data import create_dataset as timm_create_dataset
+    from timm.data import create_transform
+
+    kind = _split_kind(split) if split.lower() in _TRAIN_SPLITS + _VAL_SPLITS else None
+    timm_split = {"train": "train", "val": "validation"}.get(kind, split)
+    try:
+        ds = timm_create_dataset(name, root=root, split=timm_split, download=download, **kwargs)
+    except RuntimeError as e:
+        msg = str(e)
+        if "Found 0" in msg:
+            raise ConfigError(
+                f"dataset {name or 'folder'!r} at {root!r} is empty: {msg}. Put images in class sub-folders "
+                "(root/<class>/<image>.jpg)"
+            ) from e
+        if "not found" in msg.lower() or "download=True" in msg:
+            raise ConfigError(
+                f"dataset {name!r} is not in {root!r} ({msg}); download it there first or pass download=True "
+                "(--download)"
+            ) from e
+        raise
+    if len(ds) == 0:
+        raise ConfigError(f"dataset {name or 'folder'!r} at {root!r} (split {split!r}) has no samples; check the path")
+    ds.transform = create_transform(
+        input_size=img_size,
+        is_training=bool(augment and kind == "train"),
+        mean=tuple(mean),
+        std=tuple(std),
+        crop_pct=1.0,
+    )
+    return ds
+
+
+def dataset_num_classes(dataset: Dataset) -> int:
+    """Number of classes of a dataset made by :func:`create_dataset`.
+
+    Raises:
+        ConfigError: The count cannot be found; pass ``num_classes`` explicitly.
+
+    Example:
+        >>> dataset_num_classes(create_dataset("digits", split="val", img_size=8))
+        10
+    """
+    ds = dataset.dataset if isinstance(dataset, IndexedDataset) else dataset
+    n = getattr(ds, "num_classes", None)
+    if isinstance(n, int):
+        return n
+    reader = getattr(ds, "reader", None)
+    class_to_idx = getattr(reader, "class_to_idx", None) or getattr(ds, "class_to_idx", None)
+    if class_to_idx:
+        return len(class_to_idx)
+    classes = getattr(ds, "classes", None)
+    if classes:
+        return len(classes)
+    raise ConfigError(f"cannot tell the number of classes of {type(ds).__name__}; pass num_classes explicitly")
+
+
+def create_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A ``DataLoader`` yielding ``(images, targets, indices)`` in an order fixed by ``(seed, epoch)``.
+
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch (the pipeline does).
+
+    Args:
+        dataset: A map-style dataset of ``(image, target)`` pairs.
+        batch_size: Samples per batch (per process).
+        shuffle: Reshuffle every epoch (deterministically).
+        seed: Seed of the shuffling.
+        drop_last: Drop the last incomplete batch.
+        num_workers: Worker processes for loading.
+        num_replicas: Data-parallel world size (each rank gets a disjoint shard).
+        rank: This process's rank.
+        pin_memory: Pin host memory (CUDA).
+
+    Raises:
+        ConfigError: Bad batch size or an empty dataset.
+
+    Example:
+        >>> loader = create_loader(create_dataset("digits", split="val", img_size=8), batch_size=100)
+        >>> len(loader)
+        4
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if len(dataset) == 0:
+        raise ConfigError("the dataset is empty; check the dataset name, root folder and split")
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+    return DataLoader(
+        IndexedDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        # a private generator: creating an iterator then draws no number from the global RNG, so a run resumed in
+        # the middle of an epoch continues with the same RNG stream as an uninterrupted one
+        generator=torch.Generator().manual_seed(seed),
+    )
