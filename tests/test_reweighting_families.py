@@ -102,3 +102,19 @@ def test_models_without_mlp_branch_raise_value_error_naming_the_class(case):
     model = create(case)
     with pytest.raises(ValueError, match=rf"{type(model).__name__} has no transformer MLP residual branch"):
         timm_remem.reweight(model)
+
+
+@pytest.mark.parametrize("case_id", ["parallel_scaling_fused", "swinv2", "coat"])
+def test_reweighting_a_reweighted_model_replaces_factors(case_id):
+    case = next(c for c in CASES if c.id == case_id)
+    model = perturb(create(case), seed=0)
+    reference = copy.deepcopy(model)
+    x = example_input(case)
+    factors = random_factors(case, seed=2)
+    timm_remem.reweight(model, alpha=0.5, learnable=True)
+    timm_remem.reweight(model, schedule=list(factors))
+    handles = apply_reference_scaling(reference, case, list(factors))
+    with torch.no_grad():
+        assert _relative(model(x), reference(x)) <= 1e-6
+    for h in handles:
+        h.remove()

@@ -362,9 +362,9 @@ def _candidates(model: nn.Module, kind: str) -> list[Branch]:
     found: dict[int, Branch] = {}
     for path, mod in modules.items():
         if path and _is_fused_parallel(mod):
-            proj = mod.out_proj
-            dim = proj.out_features
-            columns = (dim, proj.in_features) if kind == "mlp" else (0, dim)
+            proj = mod.out_proj  # the Linear, or its ScaledBranch on a reweighted model
+            dim = _fused_out_proj(mod).out_features
+            columns = (dim, _fused_out_proj(mod).in_features) if kind == "mlp" else (0, dim)
             key = id(proj) * 2 + (kind == "mlp")
             found[key] = Branch(-1, f"{path}.out_proj", proj, path, tuple(aliases[id(proj)]), columns)
     for path, mod in modules.items():
