@@ -637,10 +637,9 @@ DATA_CASES = [
                  r"img_size must be an integer >= 8 \(the digits are 8x8 pixels\), got 4", id="digits-image-too-small"),
     pytest.param(lambda r: create_loader(create_dataset("digits", split="val", img_size=8), batch_size=0),
                  ConfigError, r"batch_size must be a positive integer, got 0", id="batch-size-zero"),
-    pytest.param(_all_images_unreadable, RememError, r"broken[01]\.jpg",
-                 marks=xfail("timm's ImageDataset retries the next samples and then raises RuntimeError('Failed to "
-                             "load 10 consecutive samples'), naming neither a file nor the fix", RuntimeError),
-                 id="all-images-unreadable"),
+    pytest.param(_all_images_unreadable, ConfigError,
+                 r"cannot read 2 images in a row \(.*broken[01]\.jpg.*\): they are corrupt or not images\. "
+                 r"Delete or replace them", id="all-images-unreadable"),
 ]
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data import ImageDataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import ConfigError
@@ -229,6 +230,23 @@ class EpochSampler(Sampler[int]):
         return max(0, self.per_replica - self.start_index)
 
 
+class _CheckedImageDataset(ImageDataset):
+    """timm's ``ImageDataset`` that names the unreadable files when it gives up (timm skips a few with a warning)."""
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return super().__getitem__(index)
+        except RuntimeError as error:
+            if "consecutive samples" not in str(error):
+                raise
+            count = min(self._max_retries, len(self.reader))
+            names = [str(self.reader.filename((index + i) % len(self.reader), absolute=True)) for i in range(count)]
+            raise ConfigError(
+                f"cannot read {count} images in a row ({', '.join(names[:3])}{', ...' if count > 3 else ''}): they "
+                "are corrupt or not images. Delete or replace them (timm skips fewer bad files with a warning)."
+            ) from None
+
+
 def _check_folder(root: str | os.PathLike | None, name: str) -> str:
     if root is None:
         raise ConfigError(f"dataset {name!r} reads images from a folder: pass root (--data-dir) pointing at it")
@@ -334,6 +352,8 @@ def create_dataset(
         raise
     if len(ds) == 0:
         raise ConfigError(f"dataset {name or 'folder'!r} at {root!r} (split {split!r}) has no samples; check the path")
+    if type(ds) is ImageDataset:
+        ds.__class__ = _CheckedImageDataset  # same object, a clearer error when images cannot be read
     ds.transform = create_transform(
         input_size=img_size,
         is_training=bool(augment and kind == "train"),
