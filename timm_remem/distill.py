@@ -186,7 +186,7 @@ def dist_loss(
     Example:
         >>> import torch
         >>> t = torch.randn(4, 6)
-        >>> float(dist_loss(t.clone(), t)) < 1e-6
+        >>> float(dist_loss(t.clone(), t)) < 1e-4  # identical logits: zero up to float32 rounding
         True
     """
     temperature = _check_temperature(temperature)

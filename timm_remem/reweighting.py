@@ -783,7 +783,7 @@ def reweight(
         >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
         >>> _ = timm_remem.reweight(model, alpha=0.5, top_k=2)
         >>> timm_remem.get_scales(model)
-        {'blocks.0.mlp': 0.5, 'blocks.1.mlp': 0.25}
+        {'blocks.4.mlp': 0.5, 'blocks.5.mlp': 0.25}
     """
     _check_module(model)
     custom = not isinstance(schedule, str)
@@ -964,8 +964,8 @@ def get_scales(model: nn.Module) -> dict[str, float]:
     Example:
         >>> import timm, timm_remem
         >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
-        >>> timm_remem.get_scales(timm_remem.reweight(model, alpha=0.5, schedule="constant"))
-        {'blocks.0.mlp': 0.5, 'blocks.1.mlp': 0.5}
+        >>> timm_remem.get_scales(timm_remem.reweight(model, alpha=0.5, schedule="constant", top_k=2))
+        {'blocks.4.mlp': 0.5, 'blocks.5.mlp': 0.5}
     """
     found = sorted(enumerate(_wrappers(model)), key=lambda t: (t[1][1].index, t[0]))
     return {path: float(w.remem_scale.detach()) for _, (path, w) in found}

@@ -205,3 +205,19 @@ def test_rank_checkpoints_needs_labels_for_combined_score():
     x = gaussian_inputs(200)
     with pytest.raises(ConfigError, match="needs labels"):
         rank_checkpoints([CopyTeacher(), CopyTeacher(keep=[0])], batches(x), progress=False)
+
+
+def test_checkpoint_lister_skips_half_written_exports_and_reads_run_folders(tmp_path):
+    from timm_remem.analysis.information import _checkpoint_dirs
+
+    run = tmp_path / "run"
+    for name in ("epoch-010", "epoch-002", ".tmp-epoch-012-abc", ".old-epoch-002", "notes"):
+        folder = run / "checkpoints" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        if name != "notes":
+            (folder / "model.safetensors").write_bytes(b"")
+    (run / "config.json").write_text("{}")  # a finetune run folder has its own config.json, but no weights
+    assert [p.name for p in _checkpoint_dirs(run)] == ["epoch-002", "epoch-010"]
+    assert [p.name for p in _checkpoint_dirs(run / "checkpoints")] == ["epoch-002", "epoch-010"]
+    assert _checkpoint_dirs(run / "checkpoints" / "epoch-002") == [run / "checkpoints" / "epoch-002"]

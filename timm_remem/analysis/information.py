@@ -297,13 +297,20 @@ def _natural_key(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
 def _checkpoint_dirs(root: Path) -> list[Path]:
     """Checkpoint folders in ``root`` (``root`` itself if it is one), in natural name order."""
     if not root.is_dir():
         raise CheckpointError(f"checkpoint folder {root} does not exist; pass a folder of save_pretrained folders.")
-    if (root / "config.json").is_file():
+    if _is_checkpoint(root):
         return [root]
-    dirs = sorted((p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()),
+    if (root / "checkpoints").is_dir():  # a finetune run folder: its exports
+        root = root / "checkpoints"
+    # hidden folders are half-written exports (.tmp-*) or replaced ones (.old-*)
+    dirs = sorted((p for p in root.iterdir() if not p.name.startswith(".") and _is_checkpoint(p)),
                   key=lambda p: _natural_key(p.name))
     if not dirs:
         raise CheckpointError(

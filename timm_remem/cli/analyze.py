@@ -90,24 +90,19 @@ def _mean_std(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, .
 
 
 def _digits(model: torch.nn.Module, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation split of scikit-learn's digits as model-ready ``(images, labels)``."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:  # pragma: no cover - scikit-learn is in the demo/test extras
-        raise ConfigError("--data digits needs scikit-learn: pip install 'timm-remem[demo]'.") from err
-    digits = load_digits()
-    x = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0  # [n, 8, 8] in [0, 1]
-    y = torch.as_tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    val = perm[: int(round(0.3 * len(y)))][:max_samples]
-    x, y = x[val], y[val]
+    """The held-out validation split of scikit-learn's digits (the one training never sees), model-ready."""
+    from ..data import DigitsDataset
+
     h, w = _input_size(model)
-    x = torch.nn.functional.interpolate(x[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    if h != w:
+        raise ConfigError(f"--data digits needs a square input size, the model takes {h}x{w}; pass --data PATH.")
     mean, std = _mean_std(model)
-    chans = len(mean)
-    x = x.expand(-1, chans, -1, -1)
-    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    return x.contiguous(), y
+    if len(mean) != 3:
+        raise ConfigError(f"--data digits makes 3-channel images, the model takes {len(mean)}; pass --data PATH.")
+    ds = DigitsDataset("val", img_size=h, mean=mean, std=std)
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_samples]
+    images, labels = zip(*(ds[int(i)] for i in pick), strict=True)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
 
 
 def _folder(model: torch.nn.Module, root: str, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
