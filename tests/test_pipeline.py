@@ -216,6 +216,7 @@ def test_select_picks_the_checkpoint_with_the_best_student(tmp_path, monkeypatch
     for name in ("epoch-001", "epoch-002", "epoch-010"):
         (tmp_path / "ckpts" / name).mkdir(parents=True)
         (tmp_path / "ckpts" / name / "config.json").write_text("{}")
+        (tmp_path / "ckpts" / name / "model.safetensors").write_bytes(b"")
     accs = {"epoch-001": 0.50, "epoch-002": 0.90, "epoch-010": 0.70}
 
     def fake(cfg):
@@ -264,6 +265,12 @@ def test_select_end_to_end_writes_table_and_plot(teacher_run, tmp_path):
     assert len(res.rows) == 2 and res.best in teacher_run.checkpoints
     assert (tmp_path / "select.md").read_text().startswith("| checkpoint")
     assert res.plot is not None and res.plot.stat().st_size > 1000
+
+
+def test_select_accepts_a_finetune_run_folder(teacher_run, tmp_path):
+    # the run folder holds its own config.json (the run's settings) but is not itself a checkpoint
+    res = select_teacher(teacher_run.output, **CNN, epochs=1, limit_train_batches=1, output=str(tmp_path))
+    assert sorted(res.rows[i]["checkpoint"] for i in range(2)) == ["epoch-001", "epoch-002"]
 
 
 def test_select_without_checkpoints_is_a_clear_error(tmp_path):

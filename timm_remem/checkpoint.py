@@ -36,6 +36,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Mapping
@@ -54,6 +55,7 @@ __all__ = [
     "verify_checkpoint",
     "list_checkpoints",
     "latest_checkpoint",
+    "resolve_checkpoint",
     "flatten_state",
     "unflatten_state",
     "get_rng_state",
@@ -67,6 +69,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"
+#: Test hook (not for production use): when this environment variable holds a step number, ``save_checkpoint``
+#: for that step kills its own process with SIGKILL after writing the tensor files and before ``state.json``,
+#: the manifest and the rename, leaving a half-written temporary folder exactly as a crash or a kill would.
+#: ``tests/test_resume_kill.py`` uses it to kill a run deterministically in the middle of a checkpoint write.
+CRASH_DURING_SAVE_ENV = "TIMM_REMEM_TEST_CRASH_DURING_SAVE"
 
 
 @dataclass
@@ -401,7 +408,21 @@ def latest_checkpoint(root: str | os.PathLike, *, verify: bool = True) -> Path |
     return None
 
 
-def _resolve(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory that :func:`load_checkpoint` would read for ``path``.
+
+    A checkpoint directory is returned as it is; a run directory gives its newest complete checkpoint that passes
+    :func:`verify_checkpoint` (damaged newer ones are skipped with a warning).
+
+    Raises:
+        CheckpointError: The path does not exist, holds no complete checkpoint, or every one is damaged.
+
+    Example:
+        >>> root = tempfile.mkdtemp()
+        >>> _ = save_checkpoint(root, model=torch.nn.Linear(2, 2), step=5)
+        >>> resolve_checkpoint(root).name
+        'step-000000005'
+    """
     path = Path(path)
     if (path / MANIFEST).is_file() or path.name.startswith(_PREFIX):
         return path
@@ -518,6 +539,8 @@ def save_checkpoint(
         if ema is not None:
             _write_safetensors(tmp / "ema.safetensors", ema.state_dict())
         _write_safetensors(tmp / "state.safetensors", state_tensors)
+        if os.environ.get(CRASH_DURING_SAVE_ENV) == str(int(step)):  # test hook, see CRASH_DURING_SAVE_ENV
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
         _write_json(tmp / "state.json", document)
         from . import __version__
 
@@ -609,7 +632,7 @@ def load_checkpoint(
         >>> load_checkpoint(root, model=torch.nn.Linear(2, 2)).config
         {'lr': 0.1}
     """
-    path = _resolve(path)
+    path = resolve_checkpoint(path)
     if verify:
         verify_checkpoint(path)
     elif not (path / MANIFEST).is_file():

@@ -20,6 +20,11 @@ Every run writes into its ``output`` folder: ``config.json``; ``metrics.jsonl`` 
 Training builds on timm: ``timm.data`` (datasets, transforms, ``Mixup``), ``timm.optim.create_optimizer_v2``,
 ``timm.scheduler.create_scheduler_v2``, ``timm.utils.ModelEmaV3`` and ``dispatch_clip_grad``.
 
+Under ``torchrun --nproc_per_node N`` the same calls train with ``DistributedDataParallel`` (nccl on CUDA, gloo on
+the CPU; see :mod:`timm_remem.distributed`): ``batch_size`` is per process, each rank takes a disjoint shard of every
+epoch's permutation, metrics are reduced over ranks, rank 0 alone writes files, and SAM perturbs each replica by its
+own gradient. See ``docs/distributed.md``.
+
 Example:
     >>> import tempfile
     >>> from timm_remem.pipeline import finetune_teacher
@@ -51,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .errors import CheckpointError, ConfigError, TrainingError
 
 __all__ = [
@@ -136,7 +142,9 @@ class TrainConfig:
         save_state: Write resumable training checkpoints (after every epoch and every ``checkpoint_every`` steps).
         checkpoint_every: Also write a training checkpoint every this many optimizer steps (0: epoch ends only).
         keep_last: Number of newest training checkpoints kept.
-        resume: ``True`` resumes from ``output/train-state``; a path resumes from that checkpoint; None starts afresh.
+        resume: ``True`` resumes from ``output/train-state``; a path resumes from that checkpoint; ``"auto"`` resumes
+            from ``output/train-state`` when it holds a checkpoint and starts afresh otherwise (for jobs that are
+            restarted after a crash or pre-emption, e.g. ``torchrun --max-restarts``); None starts afresh.
         progress: Show tqdm progress bars.
         limit_train_batches: Stop each epoch after this many batches (quick runs, benchmarks).
     """
@@ -396,15 +404,40 @@ class DemoResult:
 
 
 def _device(name: str) -> torch.device:
+    """The training device; under torchrun (``WORLD_SIZE > 1``) CUDA means this process's ``cuda:LOCAL_RANK``."""
+    launched = distributed.env_world_size() > 1
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"device {name!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:N]'") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for CUDA but no GPU is available; use device='cpu'")
+    if dev.type == "cuda" and launched:
+        if dev.index is not None:
+            raise ConfigError(
+                f"device {name!r} names one GPU, but under torchrun each process uses the GPU of its LOCAL_RANK; pass "
+                "--device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        dev = torch.device("cuda", distributed.env_local_rank())
     return dev
+
+
+def _setup_device(cfg: TrainConfig) -> torch.device:
+    """Resolve the device and, when launched by torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    device = _device(cfg.device)
+    distributed.init_distributed(device)
+    return device
+
+
+def _wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` inside a process group of several processes, else ``model`` itself."""
+    if not distributed.is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def _create_model(name: str, *, num_classes: int, img_size: int | None, kwargs: Mapping[str, Any],
@@ -452,9 +485,19 @@ def _build_data(cfg: TrainConfig, model: nn.Module, img_size: int):
     if drop_last and len(train) < cfg.batch_size:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(train)} training samples; lower it")
     pin = torch.cuda.is_available()
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    # Each rank takes every world-th sample of the epoch's shared permutation: batch_size is per process, so the
+    # global batch is world * batch_size (rank r's k-th batch holds samples k*B*world + r + world*j of the order).
     train_loader = create_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last,
-                                 num_workers=cfg.num_workers, pin_memory=pin)
-    val_loader = create_loader(val, cfg.eval_batch_size, num_workers=cfg.num_workers, pin_memory=pin)
+                                 num_workers=cfg.num_workers, pin_memory=pin, num_replicas=world, rank=rank)
+    if world > 1:  # a disjoint validation shard per rank, no padding: sums over ranks cover each sample once
+        from torch.utils.data import Subset
+
+        val_shard = Subset(val, range(rank, len(val), world))
+        val_loader = create_loader(val_shard, cfg.eval_batch_size, num_workers=cfg.num_workers,
+                                   pin_memory=pin) if len(val_shard) else []
+    else:
+        val_loader = create_loader(val, cfg.eval_batch_size, num_workers=cfg.num_workers, pin_memory=pin)
     return train, val, train_loader, val_loader
 
 
@@ -586,6 +629,7 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> int:
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, loader: Iterable, device: torch.device, autocast) -> tuple[float, float]:
+    """Mean loss and accuracy; under torchrun the sums of every rank's shard are reduced (same result everywhere)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
@@ -597,6 +641,8 @@ def _evaluate(model: nn.Module, loader: Iterable, device: torch.device, autocast
         correct += _accuracy(logits, y)
         count += y.numel()
     model.train(was_training)
+    if distributed.is_distributed():
+        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count])
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
@@ -613,6 +659,14 @@ def _check_finite(loss: torch.Tensor, *, epoch: int, step: int, state_dir: Path 
             "with a lower learning rate or without amp"
         )
     return value
+
+
+def _checked_loss(loss: torch.Tensor, *, epoch: int, step: int, state_dir: Path | None) -> float:
+    """The step's loss, averaged over ranks under torchrun, checked finite: every rank stops on the same step."""
+    if distributed.is_distributed():
+        mean = distributed.all_reduce_sum([float(loss.detach())])[0] / distributed.get_world_size()
+        loss = torch.tensor(mean, dtype=torch.float64)
+    return _check_finite(loss, epoch=epoch, step=step, state_dir=state_dir)
 
 
 def _write_metrics(path: Path, record: Mapping[str, Any]) -> None:
@@ -664,13 +718,23 @@ def _fit(
     desc: str,
     write_export: Callable[[nn.Module, Path, Mapping[str, Any]], Any],
     extra_metrics: Callable[[], dict[str, Any]] | None = None,
+    train_model: nn.Module | None = None,
 ) -> tuple[list[dict[str, Any]], list[Path], float]:
-    """Train ``model`` with ``compute(x, y, idx, teacher_logits) -> (loss, logits, teacher_logits)``."""
+    """Train ``model`` with ``compute(x, y, idx, teacher_logits) -> (loss, logits, teacher_logits)``.
+
+    ``train_model`` is what ``compute`` runs forward through: ``model`` itself, or its ``DistributedDataParallel``
+    wrapper under torchrun (SAM's first pass then runs under its ``no_sync``). The optimizer, EMA, checkpoints and
+    exports use the plain ``model``. Under torchrun every rank runs this function: the metrics are reduced over
+    ranks, and rank 0 alone writes files (checkpoints, exports, metrics) while the others wait at a barrier.
+    """
     from timm.utils import ModelEmaV3
     from tqdm.auto import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
 
+    train_model = model if train_model is None else train_model
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    main = rank == 0
     out = Path(cfg.output)
     state_dir = out / STATE_DIR if cfg.save_state else None
     metrics_path = out / METRICS_FILE
@@ -679,6 +743,10 @@ def _fit(
         steps_per_epoch = min(steps_per_epoch, cfg.limit_train_batches)
     if steps_per_epoch == 0:
         raise ConfigError("the training loader yields no batch; lower batch_size or check the dataset")
+    if world > 1:  # identical initial weights everywhere (DDP also broadcasts them); per-rank dropout/augmentation
+        from timm.utils import random_seed
+
+        random_seed(cfg.seed, rank)
 
     optimizer = _create_optimizer(cfg, model)
     scheduler = _create_scheduler(cfg, optimizer, steps_per_epoch)
@@ -695,17 +763,40 @@ def _fit(
     epoch, batch_done, step = 0, 0, 0
     history: list[dict[str, Any]] = []
     running = {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0}
-    if cfg.resume:
-        src = state_dir if cfg.resume is True or cfg.resume == "auto" else Path(cfg.resume)
+    resume = cfg.resume
+    if resume == "auto":  # decided on rank 0, so that every rank does the same
+        from .checkpoint import list_checkpoints
+
+        if state_dir is None:
+            raise ConfigError("resume='auto' needs save_state=True (the run's own train-state folder)")
+        found = distributed.is_main_process() and bool(list_checkpoints(state_dir))
+        resume = True if distributed.broadcast_object(found) else None
+    if resume:
+        src = state_dir if resume is True else Path(resume)
         if src is None:
             raise ConfigError("resume=True needs save_state=True (the run's own train-state folder)")
-        info = load_checkpoint(src, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
+        path = _resume_path(src)  # chosen by rank 0: every rank loads the very same checkpoint
+        info = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
         _check_resume_config(info.config, cfg, info.path)
+        saved_world = int(info.extra.get("world_size", 1))
+        if saved_world != world:
+            raise CheckpointError(
+                f"checkpoint {str(info.path)!r} was written by a run of {saved_world} process(es) but this run has "
+                f"{world}: the data shards, the steps per epoch (hence the learning-rate schedule) and the random "
+                f"states depend on it. Resume with the same number of processes (torchrun --nproc_per_node "
+                f"{saved_world}), or start a fresh run in another output folder"
+            )
+        if world > 1 and "rank_rng" in info.extra:
+            from .checkpoint import set_rng_state
+
+            set_rng_state(info.extra["rank_rng"][rank])
         epoch, batch_done, step = int(info.extra["epoch"]), int(info.extra["batch"]), info.step
         history = list(info.extra.get("history", []))
         running = dict(info.extra.get("running", running))
-        _truncate_metrics(metrics_path, step)
-        _log.info("resumed from %s at epoch %d, batch %d, step %d", info.path, epoch + 1, batch_done, step)
+        if main:
+            _truncate_metrics(metrics_path, step)
+            _remove_stale_exports(out / EXPORT_DIR)
+            _log.info("resumed from %s at epoch %d, batch %d, step %d", info.path, epoch + 1, batch_done, step)
     elif state_dir is not None and (state_dir.exists() or metrics_path.exists()):
         from .checkpoint import list_checkpoints
 
@@ -714,29 +805,45 @@ def _fit(
                 f"{str(out)!r} already holds training checkpoints; resume it (resume=True / --resume) or choose "
                 "another output folder"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    if not cfg.resume and metrics_path.exists():
-        metrics_path.unlink()
+    distributed.barrier()  # every rank has looked at the output folder before rank 0 writes into it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        if not resume and metrics_path.exists():
+            metrics_path.unlink()
 
     save_at = [cfg.epochs] if cfg.save_at is None else list(cfg.save_at)
-    exports = sorted(p for p in (out / EXPORT_DIR).glob("epoch-*") if p.is_dir()) if cfg.resume else []
+    exports = sorted(p for p in (out / EXPORT_DIR).glob("epoch-*") if p.is_dir()) if resume else []
+
+    def sync_buffers() -> None:  # rank 0's BatchNorm statistics everywhere: the model that rank 0 saves
+        if world > 1:
+            distributed.broadcast_buffers(model)
+            if ema is not None:
+                distributed.broadcast_buffers(ema)
 
     def checkpoint(epoch_: int, batch_: int, metrics: Mapping[str, Any]) -> None:
         if state_dir is None:
             return
-        save_checkpoint(
-            state_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
-            epoch=epoch_, step=step, config=cfg.to_dict(), metrics=dict(metrics), keep_last=cfg.keep_last,
-            extra={"epoch": epoch_, "batch": batch_, "history": history, "running": running},
-        )
+        sync_buffers()
+        extra = {"epoch": epoch_, "batch": batch_, "history": history, "running": running, "world_size": world}
+        if world > 1:  # each rank's random state, so a resumed rank continues its own dropout/augmentation stream
+            from .checkpoint import get_rng_state
+
+            extra["rank_rng"] = distributed.all_gather_object(get_rng_state())
+        if main:
+            save_checkpoint(
+                state_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema,
+                epoch=epoch_, step=step, config=cfg.to_dict(), metrics=dict(metrics), keep_last=cfg.keep_last,
+                extra=extra,
+            )
+        distributed.barrier()  # the others wait until the checkpoint is complete
 
     while epoch < cfg.epochs:
         model.train()
         train_loader.sampler.set_epoch(epoch, start_index=batch_done * cfg.batch_size)
         remaining = steps_per_epoch - batch_done
         bar = tqdm(total=steps_per_epoch, initial=batch_done, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False, dynamic_ncols=True)
+                   disable=not (cfg.progress and main), leave=False, dynamic_ncols=True)
         t0, time_before = time.perf_counter(), running["time"]
         for i, (x, y, idx) in enumerate(train_loader):
             if i >= remaining:
@@ -746,8 +853,8 @@ def _fit(
             if mixup is not None:
                 x, target = mixup(x, y)
             loss_value, logits = _train_step(
-                model, optimizer, compute, x, target, idx, scaler=scaler, autocast=autocast,
-                clip_grad=cfg.clip_grad, check=partial(_check_finite, epoch=epoch, step=step, state_dir=state_dir),
+                train_model, optimizer, compute, x, target, idx, scaler=scaler, autocast=autocast,
+                clip_grad=cfg.clip_grad, check=partial(_checked_loss, epoch=epoch, step=step, state_dir=state_dir),
             )
             step += 1
             batch_done += 1
@@ -755,9 +862,11 @@ def _fit(
                 scheduler.step_update(num_updates=step)
             if ema is not None:
                 ema.update(model, step=step)
-            n = y.numel()
+            n, correct = y.numel(), _accuracy(logits.detach(), y)
+            if world > 1:  # loss_value is already the mean over ranks (every rank holds as many samples)
+                correct, n = (int(v) for v in distributed.all_reduce_sum([correct, n]))
             running["loss"] += loss_value * n
-            running["correct"] += _accuracy(logits.detach(), y)
+            running["correct"] += correct
             running["count"] += n
             running["time"] = time_before + time.perf_counter() - t0
             bar.update(1)
@@ -767,7 +876,9 @@ def _fit(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and batch_done < steps_per_epoch:
                 checkpoint(epoch, batch_done, {})
         bar.close()
+        sync_buffers()
         val_loss, val_acc = _evaluate(model, val_loader, device, autocast)
+        epoch_time = distributed.all_reduce_max([running["time"]])[0]  # the slowest rank's time
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
@@ -776,33 +887,67 @@ def _fit(
             "val_loss": val_loss,
             "val_acc": val_acc,
             "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": running["time"],
-            "samples_per_s": running["count"] / max(running["time"], 1e-9),
+            "epoch_time_s": epoch_time,
+            "samples_per_s": running["count"] / max(epoch_time, 1e-9),
         }
+        if world > 1:
+            record["world_size"] = world
         if ema is not None:
             record["ema_val_loss"], record["ema_val_acc"] = _evaluate(ema.module, val_loader, device, autocast)
         if extra_metrics is not None:
             record.update(extra_metrics())
-        if cfg.progress:
+        if cfg.progress and main:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} "
                        f"train acc {record['train_acc']:.4f} val acc {val_acc:.4f} "
                        f"({record['samples_per_s']:.0f} img/s)")
         history.append(record)
-        _write_metrics(metrics_path, record)
+        if main:
+            _write_metrics(metrics_path, record)
         epoch += 1
         batch_done = 0
         running = {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0}
         if epoch in save_at:  # export first: a crash before the training checkpoint redoes (and re-exports) it
-            exported = _export(
-                partial(write_export, ema.module if ema is not None else model, record=record),
-                out / EXPORT_DIR / f"epoch-{epoch:03d}",
-            )
+            exported = out / EXPORT_DIR / f"epoch-{epoch:03d}"
+            if main:
+                _export(partial(write_export, ema.module if ema is not None else model, record=record), exported)
+            distributed.barrier()
             exports = [p for p in exports if p != exported] + [exported]
         checkpoint(epoch, 0, record)
 
     final = history[-1] if history else {}
     val_acc = final.get("ema_val_acc", final.get("val_acc", 0.0))
     return history, sorted(exports), float(val_acc)
+
+
+def _resume_path(src: Path) -> Path:
+    """The checkpoint to resume from (``src`` or its newest valid one), chosen on rank 0 and sent to every rank."""
+    from .checkpoint import resolve_checkpoint
+
+    found: str | None = None
+    error: str | None = None
+    if distributed.is_main_process():
+        try:
+            found = str(resolve_checkpoint(src))
+        except CheckpointError as e:
+            error = str(e)
+    found, error = distributed.broadcast_object((found, error))
+    if error is not None:
+        raise CheckpointError(error)
+    return Path(found)
+
+
+def _remove_stale_exports(folder: Path) -> None:
+    """Clean up after a crash during an export: delete half-written ``.tmp-*`` folders (their epoch is trained and
+    exported again) and put back an ``.old-<name>`` export whose replacement never arrived."""
+    if not folder.is_dir():
+        return
+    for stale in sorted(folder.iterdir()):
+        if not stale.is_dir():
+            continue
+        if stale.name.startswith(".old-") and not (folder / stale.name[len(".old-"):]).exists():
+            os.replace(stale, folder / stale.name[len(".old-"):])
+        elif stale.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _train_step(
@@ -834,7 +979,13 @@ def _train_step(
                 loss, logits, teacher_logits = compute(x, target, idx, None)
             value = check(loss)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        if optimizer.first_step(zero_grad=True, scaler=scaler):
+        perturbed = optimizer.first_step(zero_grad=True, scaler=scaler)
+        if optimizer.is_sam_step and distributed.is_distributed():
+            # Each replica perturbs by its own gradient, so one may skip (non-finite gradient norm) while the others
+            # perturbed. The second pass's gradient all-reduce needs every rank, so all of them skip it then: the
+            # perturbed ranks restore their weights and find no gradient to apply, and the weights stay identical.
+            perturbed = distributed.all_reduce_sum([0.0 if perturbed else 1.0])[0] == 0
+        if perturbed:
             with optimizer.second_pass(model):
                 with autocast():
                     loss2, _, _ = compute(x, target, idx, teacher_logits)
@@ -899,7 +1050,7 @@ def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> 
     """
     cfg = _make_config(FinetuneConfig, config, kwargs)
     t0 = time.perf_counter()
-    device = _device(cfg.device)
+    device = _setup_device(cfg)
     _seed(cfg.seed)
     num_classes = _num_classes(cfg)
     img_size = _img_size(cfg)
@@ -913,9 +1064,10 @@ def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> 
 
         reweight(model, cfg.alpha, schedule=cfg.schedule, top_k=cfg.top_k, learnable=cfg.learnable)
     model.to(device)
+    train_model = _wrap_ddp(model, device)  # under torchrun: DistributedDataParallel
 
     def compute(x, target, idx, teacher_logits):
-        logits = model(x)
+        logits = train_model(x)
         return _task_loss(logits, target, cfg.label_smoothing), logits, None
 
     def write_export(src: nn.Module, folder: Path, record: Mapping[str, Any]) -> None:
@@ -927,7 +1079,7 @@ def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> 
 
     history, exports, val_acc = _fit(
         cfg, model, train_loader=train_loader, val_loader=val_loader, device=device, compute=compute,
-        desc="finetune", write_export=write_export,
+        desc="finetune", write_export=write_export, train_model=train_model,
     )
     model.eval()
     return TrainResult(Path(cfg.output), model, history, exports, val_acc, wall_time=time.perf_counter() - t0)
@@ -964,7 +1116,7 @@ def distill_student(
     """
     cfg = _make_config(DistillConfig, config, kwargs)
     t0 = time.perf_counter()
-    device = _device(cfg.device)
+    device = _setup_device(cfg)
     _seed(cfg.seed)
     num_classes = _num_classes(cfg)
     img_size = _img_size(cfg)
@@ -982,8 +1134,10 @@ def distill_student(
     counter = {"calls": 0}
     teacher_acc = None
     if teacher_net is None:
+        train_model = _wrap_ddp(student, device)  # under torchrun: DistributedDataParallel
+
         def compute(x, target, idx, teacher_logits):
-            logits = student(x)
+            logits = train_model(x)
             return _task_loss(logits, target, cfg.label_smoothing), logits, None
     else:
         from .distill import DistillationLoss, RememDistillationTask, Teacher, TeacherLogitCache
@@ -997,6 +1151,9 @@ def distill_student(
         loss_fn = DistillationLoss(cfg.method, task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
                                    temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
         task = RememDistillationTask(student, teacher, loss_fn, device=device, verbose=False)
+        if distributed.is_distributed():  # the student in DDP; the frozen teacher (eval, no_grad) stays unwrapped
+            task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = task.trainable_module
 
         def compute(x, target, idx, teacher_logits):
             res = task(x, target, teacher_logits=teacher_logits, indices=idx if cache is not None else None)
@@ -1014,15 +1171,20 @@ def distill_student(
         history, exports, val_acc = _fit(
             cfg, student, train_loader=train_loader, val_loader=val_loader, device=device, compute=compute,
             desc="distill" if teacher_net is not None else "train", write_export=write_export,
-            extra_metrics=(lambda: {"teacher_acc": teacher_acc, "teacher_forwards": counter["calls"]})
-            if teacher_net is not None else None,
+            extra_metrics=(lambda: {"teacher_acc": teacher_acc, "teacher_forwards": _total_forwards(counter)})
+            if teacher_net is not None else None, train_model=train_model,
         )
     finally:
         if teacher_net is not None:
             handle.remove()
     student.eval()
     return TrainResult(Path(cfg.output), student, history, exports, val_acc, teacher_acc=teacher_acc,
-                       wall_time=time.perf_counter() - t0, teacher_forwards=counter["calls"])
+                       wall_time=time.perf_counter() - t0, teacher_forwards=_total_forwards(counter))
+
+
+def _total_forwards(counter: Mapping[str, int]) -> int:
+    """Teacher forward passes summed over every rank."""
+    return int(distributed.all_reduce_sum([counter["calls"]])[0])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1042,19 +1204,29 @@ def _teacher_dirs(teachers: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         if not root.is_dir():
             raise ConfigError(f"teacher folder {str(root)!r} does not exist; pass the checkpoints/ folder of a "
                               "finetune run (or a list of checkpoint folders)")
-        if (root / "config.json").is_file():
+        if _is_export(root):
             return [root]
-        dirs = [p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+        dirs = [p for p in root.iterdir() if _is_export(p)]
         if not dirs and (root / EXPORT_DIR).is_dir():
-            dirs = [p for p in (root / EXPORT_DIR).iterdir() if p.is_dir() and (p / "config.json").is_file()]
+            dirs = [p for p in (root / EXPORT_DIR).iterdir() if _is_export(p)]
         if not dirs:
-            raise ConfigError(f"{str(root)!r} holds no teacher checkpoints (sub-folders with config.json); run "
+            raise ConfigError(f"{str(root)!r} holds no teacher checkpoints (sub-folders with config.json and "
+                              "model.safetensors); run "
                               "timm-remem finetune with --save-at first")
         return sorted(dirs, key=lambda p: _natural_key(p.name))
     dirs = [Path(t) for t in teachers]
     if not dirs:
         raise ConfigError("no teacher checkpoints given")
     return dirs
+
+
+def _is_export(path: Path) -> bool:
+    """A checkpoint folder (config.json and weights; a run folder has a config.json too, but no weights).
+
+    Hidden folders are half-written exports left by a crash.
+    """
+    complete = (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    return path.is_dir() and not path.name.startswith(".") and complete
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -1154,13 +1326,16 @@ def select_teacher(
     table += f"\n\nbest: {rows[best_i]['checkpoint']} (student acc {rows[best_i]['student_acc']:.4f})"
     if spearman is not None:
         table += f"\nSpearman(MI score, student acc) = {spearman:.3f} over {len(rows)} checkpoints"
-    plot = _plot_select(rows, out / "select.png")
-    _atomic_write_text(out / "select.md", table + "\n")
-    _atomic_write_text(out / "select.json", json.dumps(
-        {"rows": rows, "best": rows[best_i]["path"], "spearman": spearman, "config": base.to_dict()},
-        indent=2, sort_keys=True) + "\n")
-    if base.progress:
-        print(table)
+    plot = out / "select.png"
+    if distributed.is_main_process():  # under torchrun, rank 0 writes the summary
+        plot = _plot_select(rows, plot)
+        _atomic_write_text(out / "select.md", table + "\n")
+        _atomic_write_text(out / "select.json", json.dumps(
+            {"rows": rows, "best": rows[best_i]["path"], "spearman": spearman, "config": base.to_dict()},
+            indent=2, sort_keys=True) + "\n")
+        if base.progress:
+            print(table)
+    distributed.barrier()
     return SelectResult(rows, Path(rows[best_i]["path"]), table, plot, spearman)
 
 
@@ -1263,6 +1438,11 @@ def run_demo(output: str | os.PathLike = "remem-demo", *, quick: bool = False, p
         >>> run_demo(tempfile.mkdtemp(), quick=True, progress=False).rows[0]["stage"]
         'teacher: plain'
     """
+    if distributed.env_world_size() > 1:
+        raise ConfigError(
+            "the demo runs in one process; run `timm-remem demo` without torchrun (finetune, distill and select "
+            "run under torchrun)"
+        )
     if threads is not None:
         _positive_int("threads", threads)
         previous = torch.get_num_threads()

@@ -1,7 +1,9 @@
 """``timm-remem finetune | distill | select | demo``: the ReMem pipeline from the command line.
 
 Each sub-command builds the matching configuration of :mod:`timm_remem.pipeline` from its flags (a flag left out
-keeps the library default) and calls the library function.
+keeps the library default) and calls the library function. ``finetune``, ``distill`` and ``select`` run unchanged
+under ``torchrun --nproc_per_node N`` (DistributedDataParallel; ``--batch-size`` is per process); only rank 0
+prints and writes files.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
     g.add_argument("--output", help="output folder of the run")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="batch size per process (under torchrun the global batch is nproc x this)")
     g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int)
     g.add_argument("--opt", dest="optimizer", help="timm optimizer name: adamw (default), sgd, ...")
     g.add_argument("--lr", type=float)
@@ -70,7 +73,8 @@ def _add_common(p: argparse.ArgumentParser, *, model_help: str) -> None:
                    help="also write a resumable checkpoint every N steps (default: at epoch ends only)")
     g.add_argument("--keep-last", dest="keep_last", type=int, help="resumable checkpoints kept (default 2)")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="resume from OUTPUT/train-state (or from CHECKPOINT)")
+                   help="resume from OUTPUT/train-state (or from CHECKPOINT); 'auto': resume if OUTPUT holds a "
+                   "checkpoint, else start afresh (restarted jobs, torchrun --max-restarts)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
 
 
@@ -157,32 +161,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """``timm-remem finetune``."""
+    from .. import distributed
     from ..pipeline import FinetuneConfig, finetune_teacher
 
-    result = finetune_teacher(**_options(args, FinetuneConfig))
-    print(f"teacher val acc {result.val_acc:.4f}; checkpoints: {', '.join(str(p) for p in result.checkpoints)}")
+    try:
+        result = finetune_teacher(**_options(args, FinetuneConfig))
+        if distributed.is_main_process():
+            print(f"teacher val acc {result.val_acc:.4f}; checkpoints: "
+                  f"{', '.join(str(p) for p in result.checkpoints)}")
+    finally:
+        distributed.cleanup()
     return 0
 
 
 def run_distill(args: argparse.Namespace) -> int:
     """``timm-remem distill``."""
+    from .. import distributed
     from ..pipeline import DistillConfig, distill_student
 
-    result = distill_student(**_options(args, DistillConfig))
-    teacher = "" if result.teacher_acc is None else f" (teacher {result.teacher_acc:.4f})"
-    print(f"student val acc {result.val_acc:.4f}{teacher}; output: {result.output}")
+    try:
+        result = distill_student(**_options(args, DistillConfig))
+        if distributed.is_main_process():
+            teacher = "" if result.teacher_acc is None else f" (teacher {result.teacher_acc:.4f})"
+            print(f"student val acc {result.val_acc:.4f}{teacher}; output: {result.output}")
+    finally:
+        distributed.cleanup()
     return 0
 
 
 def run_select(args: argparse.Namespace) -> int:
     """``timm-remem select``."""
+    from .. import distributed
     from ..pipeline import DistillConfig, select_teacher
 
     options = _options(args, DistillConfig)
-    result = select_teacher(args.teachers, mi_score=args.mi_score, **options)
-    if not options.get("progress", True):  # select_teacher printed it otherwise
-        print(result.table)
-    print(f"best teacher checkpoint: {result.best}")
+    try:
+        result = select_teacher(args.teachers, mi_score=args.mi_score, **options)
+        if distributed.is_main_process():
+            if not options.get("progress", True):  # select_teacher printed it otherwise
+                print(result.table)
+            print(f"best teacher checkpoint: {result.best}")
+    finally:
+        distributed.cleanup()
     return 0
 
 
