@@ -311,3 +311,22 @@ def test_merge_twice_says_it_was_merged_already():
     model = timm_remem.merge(timm_remem.reweight(make_vit(), alpha=0.8))
     with pytest.raises(NotReweightedError, match=r"already merged"):
         timm_remem.merge(model)
+
+
+def test_inference_scales_in_place_without_touching_an_aliased_input(x):
+    class Echo(torch.nn.Module):  # returns its input: scaling it in place would corrupt the residual stream
+        def forward(self, t):
+            return t
+
+    wrapper = timm_remem.ScaledBranch(Echo(), 0.5)
+    t = torch.ones(3)
+    with torch.no_grad():
+        out = wrapper(t)
+    assert torch.equal(t, torch.ones(3)) and torch.equal(out, torch.full((3,), 0.5))
+    model = make_vit()
+    ref = hooked_reference(model, {i: 0.7 ** (i + 1) for i in range(DEPTH)})
+    timm_remem.reweight(model, alpha=0.7)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    out = model(x)
+    out.sum().backward()  # the training path keeps an out-of-place multiply (autograd-safe)

@@ -183,7 +183,10 @@ class ScaledBranch(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.columns is None:
-            return self.base_layer(*args, **kwargs) * self.remem_scale
+            out = self.base_layer(*args, **kwargs)
+            if not torch.is_grad_enabled() and isinstance(out, torch.Tensor) and _fresh(out, args):
+                return out.mul_(self.remem_scale)  # inference: no autograd graph, save an activation-sized copy
+            return out * self.remem_scale
         x, *rest = args
         start, end = self.columns
         ones = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
@@ -250,6 +253,14 @@ class ScaledBranch(nn.Module):
                 "Keep the model unmerged (it still runs and saves), or call timm_remem.unreweight(model)."
             )
         return target
+
+
+def _fresh(out: torch.Tensor, args: tuple) -> bool:
+    """Whether ``out`` owns its memory (no view, shares nothing with an input), so it may be scaled in place."""
+    if out._base is not None or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    ptr = out.untyped_storage().data_ptr()
+    return not any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr for a in args)
 
 
 # --------------------------------------------------------------------------------------------------------------
