@@ -604,8 +604,8 @@ class SAM(Optimizer):
         for group, params, grads in groups:
             if group["adaptive"]:
                 scratch = self._buffers(self._scratch, params)
-                for buf, p in zip(scratch, params, strict=True):
-                    torch.abs(p, out=buf)
+                torch._foreach_copy_(scratch, params)
+                torch._foreach_abs_(scratch)
                 torch._foreach_add_(scratch, float(group["eta"]))  # T = |w| + eta
                 torch._foreach_mul_(scratch, scratch)  # T^2
                 torch._foreach_mul_(scratch, grads)  # T^2 g, the direction of e
