@@ -1022,6 +1022,19 @@ def _seed(seed: int) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _start_run(cfg: TrainConfig) -> tuple[torch.device, int, int, nn.Module, tuple]:
+    """What every run does first: device, seed, the model, its input size and the data."""
+    device = _setup_device(cfg)
+    _seed(cfg.seed)
+    num_classes = _num_classes(cfg)
+    img_size = _img_size(cfg)
+    model = _create_model(cfg.model, num_classes=num_classes, img_size=img_size, kwargs=cfg.model_kwargs,
+                          pretrained=cfg.pretrained)
+    if img_size is None:
+        img_size = int(_data_config(model)["input_size"][-1])
+    return device, num_classes, img_size, model, _build_data(cfg, model, img_size)
+
+
 def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> TrainResult:
     """Fine-tune a teacher, optionally with ReMem's reweighting (``alpha``) and SAM (``rho``).
 
@@ -1050,15 +1063,7 @@ def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> 
     """
     cfg = _make_config(FinetuneConfig, config, kwargs)
     t0 = time.perf_counter()
-    device = _setup_device(cfg)
-    _seed(cfg.seed)
-    num_classes = _num_classes(cfg)
-    img_size = _img_size(cfg)
-    model = _create_model(cfg.model, num_classes=num_classes, img_size=img_size, kwargs=cfg.model_kwargs,
-                          pretrained=cfg.pretrained)
-    if img_size is None:
-        img_size = int(_data_config(model)["input_size"][-1])
-    _, _, train_loader, val_loader = _build_data(cfg, model, img_size)
+    device, _, _, model, (_, _, train_loader, val_loader) = _start_run(cfg)
     if cfg.alpha is not None:
         from .reweighting import reweight
 
@@ -1116,15 +1121,7 @@ def distill_student(
     """
     cfg = _make_config(DistillConfig, config, kwargs)
     t0 = time.perf_counter()
-    device = _setup_device(cfg)
-    _seed(cfg.seed)
-    num_classes = _num_classes(cfg)
-    img_size = _img_size(cfg)
-    student = _create_model(cfg.model, num_classes=num_classes, img_size=img_size, kwargs=cfg.model_kwargs,
-                            pretrained=cfg.pretrained)
-    if img_size is None:
-        img_size = int(_data_config(student)["input_size"][-1])
-    train, _, train_loader, val_loader = _build_data(cfg, student, img_size)
+    device, num_classes, _, student, (train, _, train_loader, val_loader) = _start_run(cfg)
     student.to(device)
     autocast = _autocast(cfg, device)
 
