@@ -25,13 +25,7 @@ VIT = dict(TINY, model="test_vit")
 CNN = dict(TINY, model="test_resnet")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on shared cores: one intra-op thread avoids oversubscription (10x faster under load)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -27,7 +27,10 @@ from safetensors.torch import load_file
 from timm_remem.checkpoint import CRASH_DURING_SAVE_ENV, list_checkpoints, verify_checkpoint
 from timm_remem.cli import main
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 STEPS_PER_EPOCH = 12
 EPOCHS = 2
@@ -39,12 +42,6 @@ ARGS = ["finetune", "--model", "test_vit", "--img-size", "16", "--epochs", str(E
 FINAL = f"step-{EPOCHS * STEPS_PER_EPOCH:09d}"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the killed child runs with OMP_NUM_THREADS=1: same kernels, same rounding
-    yield
-    torch.set_num_threads(threads)
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -36,13 +36,7 @@ _MLP_NAME = re.compile(r"^(?!norm).*(mlp|ffn)", re.IGNORECASE)  # norm_mlp (TnT)
 _MLP_CLASS = re.compile(r"Mlp|MLP|FFN|SwiGLU|GLU")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is several times faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

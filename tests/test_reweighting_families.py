@@ -40,12 +40,7 @@ NOT_REWEIGHTED = {
 MATRIX = [c for c in CASES if c.id not in NOT_REWEIGHTED]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
