@@ -198,7 +198,7 @@ def test_crash_on_commit_applies_nothing_and_restart_keeps_state(hub):
     with pytest.raises(httpx2.TransportError):
         _upload(api, weights=WEIGHTS[::-1])
     assert not hub.running
-    with pytest.raises((httpx2.ConnectError, httpx2.ReadError)):  # refused, or reset while the socket closes
+    with pytest.raises(httpx2.TransportError):  # refused, reset or dropped while the listening socket closes
         httpx2.get(f"{hub.endpoint}/api/models/{REPO}")
     hub.restart()
     assert api.model_info(REPO).sha == first.oid
