@@ -1,0 +1,114 @@
+"""One tested way to check the numbers, flags and choices that reach public functions and configs.
+
+Every checker raises :class:`~timm_remem.errors.ConfigError` naming the value and what was expected, and returns the
+value normalised (``int``, ``float``, ``bool`` or ``str``). ``bool`` is never accepted as a number.
+
+Example:
+    >>> from timm_remem._validation import check_float, check_int
+    >>> check_int("epochs", 3, low=1)
+    3
+    >>> check_float("rho", 0.05, low=0)
+    0.05
+    >>> check_float("lr", 0, low=0, low_open=True)
+    Traceback (most recent call last):
+    ...
+    timm_remem.errors.ConfigError: lr must be a finite number > 0, got 0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_class_count", "describe_range"]
+
+
+def describe_range(kind: str, low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """Words for what a checker expects, e.g. ``"a positive integer"``, ``"a finite number in [0, 1)"``."""
+    if kind == "integer" and low == 1 and high is None and not low_open:
+        return "a positive integer"
+    article = "an" if kind == "integer" else "a"
+    if low is not None and high is not None:
+        left, right = ("(" if low_open else "["), (")" if high_open else "]")
+        return f"{article} {kind} in {left}{low:g}, {high:g}{right}"
+    if low is not None:
+        return f"{article} {kind} {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{article} {kind} {'<' if high_open else '<='} {high:g}"
+    return f"{article} {kind}"
+
+
+def _fail(name: str, expected: str, value: Any, hint: str) -> ConfigError:
+    return ConfigError(f"{name} must be {expected}, got {value!r}{'; ' + hint if hint else ''}")
+
+
+def _in_range(v: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> bool:
+    if low is not None and (v <= low if low_open else v < low):
+        return False
+    return not (high is not None and (v >= high if high_open else v > high))
+
+
+def check_int(
+    name: str, value: Any, *, low: int | None = None, high: int | None = None, allow_none: bool = False,
+    hint: str = "",
+) -> int | None:
+    """Check an integer (``bool`` refused) in ``[low, high]``; ``None`` passes through when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    expected = describe_range("integer", low, high, False, False) + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail(name, expected, value, hint)
+    if not _in_range(int(value), low, high, False, False):
+        raise _fail(name, expected, value, hint)
+    return int(value)
+
+
+def check_float(
+    name: str, value: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+    high_open: bool = False, allow_none: bool = False, hint: str = "",
+) -> float | None:
+    """Check a finite real number (``bool`` refused) in the given range; open ends with ``low_open``/``high_open``."""
+    if value is None and allow_none:
+        return None
+    expected = describe_range("finite number", low, high, low_open, high_open) + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(name, expected, value, hint)
+    v = float(value)
+    if not math.isfinite(v) or not _in_range(v, low, high, low_open, high_open):
+        raise _fail(name, expected, value, hint)
+    return v
+
+
+def check_bool(name: str, value: Any, *, hint: str = "") -> bool:
+    """Check a real ``bool`` (``0``/``1``/strings refused, so a typo cannot silently mean True)."""
+    if not isinstance(value, bool):
+        raise _fail(name, "True or False", value, hint)
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str], *, hint: str = "") -> str:
+    """Check that ``value`` is one of ``choices`` (exact match)."""
+    options = tuple(choices)
+    if not isinstance(value, str) or value not in options:
+        raise _fail(name, "one of " + ", ".join(repr(c) for c in options), value, hint)
+    return value
+
+
+def check_class_count(
+    teacher_classes: Any, other_classes: Any, *, teacher: str = "teacher", other: str = "student", fix: str = "",
+) -> None:
+    """The one teacher/student (or teacher/dataset) class-count check: the label spaces must be the same.
+
+    ``None`` on either side (a model without a classifier head) is not checked.
+    """
+    if teacher_classes is None or other_classes is None or int(teacher_classes) == int(other_classes):
+        return
+    fix = fix or (
+        f"distillation needs the same label space: create the {other.split()[0]} with num_classes equal to the "
+        "teacher's, or fine-tune the teacher on this dataset first (timm-remem finetune)"
+    )
+    raise ConfigError(f"{teacher} has {int(teacher_classes)} classes but {other} has {int(other_classes)}; {fix}")
