@@ -1,6 +1,6 @@
 """Distillation cost on CPU, measured side by side in one run.
 
-1. One distillation step of the pipeline (``timm_remem.pipeline._train_step`` with ``RememDistillationTask``:
+1. One distillation step of the pipeline (``timm_remem.train.loop.train_step`` with ``RememDistillationTask``:
    teacher wrapper with re-normalisation, ``DistillationLoss``, NaN check, optimizer step) relative to the bare
    minimum it must do: teacher forward under ``no_grad`` + student forward/backward with an inline CE + KL loss +
    the same optimizer step. Target: <= 1.05x.
@@ -23,15 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from timm_remem.distill import DistillationLoss, RememDistillationTask, Teacher
-from timm_remem.pipeline import (
+from timm_remem.train import (
     DEMO_STUDENT,
     DEMO_STUDENT_KWARGS,
     DEMO_TEACHER,
     DEMO_TEACHER_KWARGS,
-    _check_finite,
-    _train_step,
     distill_student,
 )
+from timm_remem.train.loop import check_finite, train_step
 
 CASES = {
     # name: (student, student kwargs, teacher, teacher kwargs, image size, batch size)
@@ -59,8 +58,8 @@ def _step_ratio(student_name, s_kwargs, teacher_name, t_kwargs, size, batch, rep
         return out["loss"], out["output"], out["teacher_logits"]
 
     def ours():
-        _train_step(student, opt, compute, x, y, idx, scaler=None, autocast=contextlib.nullcontext, clip_grad=None,
-                    check=lambda loss: _check_finite(loss, epoch=0, step=0, state_dir=None))
+        train_step(student, opt, compute, x, y, idx, scaler=None, autocast=contextlib.nullcontext, clip_grad=None,
+                    check=lambda loss: check_finite(loss, epoch=0, step=0, state_dir=None))
 
     # baseline: teacher forward + student forward/backward + optimizer step, nothing else
     def baseline():

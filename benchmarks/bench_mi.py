@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from timm_remem.analysis import mi as mi_mod
+from timm_remem.analysis.mi import _common as mi_mod  # the "auto" sample budgets
 from timm_remem.analysis.mi import estimate_mi
 
 

@@ -1,13 +1,16 @@
 """timm-remem: turn strong pretrained timm ViTs into good teachers (ReMem), then distill.
 
-Public names are re-exported here; each lives in the module named after its concern:
+The names users need are re-exported here; each lives in the room named after its concern (``docs/architecture.md``
+draws the rooms and what each may import):
 
 - ``timm_remem.reweighting``: layer-wise MLP residual reweighting (``reweight``, ``merge``, ``unreweight``)
-- ``timm_remem.sam``: the SAM optimizer, registered in timm's optimizer factory
+- ``timm_remem.sam``: the SAM optimizer, registered in timm's optimizer factory (``create_optimizer_v2(m, "samsgd")``)
 - ``timm_remem.distill``: distillation losses, the teacher wrapper, the distillation task
 - ``timm_remem.hub``: ``save_pretrained``, ``push_to_hub``, ``load_teacher``
-- ``timm_remem.pipeline``: ``finetune_teacher``, ``distill_student``, ``select_teacher``, ``run_demo``
-- ``timm_remem.data`` / ``timm_remem.checkpoint``: offline digits data, timm data wrappers, crash-safe checkpoints
+- ``timm_remem.train``: ``finetune_teacher``, ``distill_student``, ``select_teacher``, ``run_demo`` and their configs
+- ``timm_remem.teachers``: what may be named as a teacher (a module, a checkpoint folder, ``hf-hub:``, a timm name)
+- ``timm_remem.data`` / ``timm_remem.checkpoint`` / ``timm_remem.distributed``: offline digits data and timm data
+  wrappers, crash-safe checkpoints, torchrun support
 - ``timm_remem.analysis``: mutual information, information plane, expertness, pruning, layer dynamics
 
 Example:
@@ -18,10 +21,12 @@ Example:
     True
 """
 
-__version__ = "0.1.0"
+import importlib as _importlib
+import warnings as _warnings
 
-from . import analysis  # noqa: E402
-from .analysis import (  # noqa: E402
+from . import analysis
+from ._version import __version__
+from .analysis import (
     MutualInformation,
     estimate_mi,
     information_plane,
@@ -31,9 +36,8 @@ from .analysis import (  # noqa: E402
     rank_checkpoints,
     teacher_information,
 )
-from .checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint  # noqa: E402
-from .data import create_dataset, create_loader  # noqa: E402
-from .distill import (  # noqa: E402
+from .checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from .distill import (
     DistillationLoss,
     DistillationStudent,
     FeatureDistillation,
@@ -44,8 +48,9 @@ from .distill import (  # noqa: E402
     kd_loss,
     precompute_teacher_logits,
     spectral_loss,
+    task_loss,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     CheckpointError,
     ConfigError,
     HubError,
@@ -54,19 +59,8 @@ from .errors import (  # noqa: E402
     TrainingError,
     UnsupportedModelError,
 )
-from .hub import TeacherMetadata, load_teacher, push_to_hub, save_pretrained  # noqa: E402
-from .pipeline import (  # noqa: E402
-    DemoResult,
-    DistillConfig,
-    FinetuneConfig,
-    SelectResult,
-    TrainResult,
-    distill_student,
-    finetune_teacher,
-    run_demo,
-    select_teacher,
-)
-from .reweighting import (  # noqa: E402
+from .hub import TeacherMetadata, load_teacher, push_to_hub, save_pretrained
+from .reweighting import (
     Branch,
     ReweightConfig,
     ScaledBranch,
@@ -78,64 +72,53 @@ from .reweighting import (  # noqa: E402
     reweight,
     unreweight,
 )
-from .sam import SAM, SAMStats  # noqa: E402
+from .sam import SAM, SAMStats
+from .train import (
+    DemoResult,
+    DistillConfig,
+    FinetuneConfig,
+    SelectResult,
+    TrainResult,
+    distill_student,
+    finetune_teacher,
+    run_demo,
+    select_teacher,
+)
 
-__all__ = [
-    "__version__",
-    "RememError",
-    "ConfigError",
-    "UnsupportedModelError",
-    "NotReweightedError",
-    "HubError",
-    "CheckpointError",
+__all__ = [  # grouped by room, a line each
+    "__version__", "analysis",
+    "RememError", "ConfigError", "UnsupportedModelError", "NotReweightedError", "HubError", "CheckpointError",
     "TrainingError",
-    "reweight",
-    "merge",
-    "unreweight",
-    "get_scales",
-    "get_reweight_config",
-    "find_branches",
-    "is_reweighted",
-    "ReweightConfig",
-    "ScaledBranch",
-    "Branch",
-    "kd_loss",
-    "dist_loss",
-    "spectral_loss",
-    "DistillationLoss",
-    "FeatureDistillation",
-    "DistillationStudent",
-    "Teacher",
-    "TeacherLogitCache",
-    "precompute_teacher_logits",
-    "RememDistillationTask",
-    "save_pretrained",
-    "push_to_hub",
-    "load_teacher",
-    "TeacherMetadata",
-    "SAM",
-    "SAMStats",
-    "analysis",
-    "estimate_mi",
-    "MutualInformation",
-    "teacher_information",
-    "information_plane",
-    "rank_checkpoints",
-    "mlp_expertness",
-    "pruning_diagnostic",
-    "layer_dynamics",
-    "finetune_teacher",
-    "distill_student",
-    "select_teacher",
-    "run_demo",
-    "FinetuneConfig",
-    "DistillConfig",
-    "TrainResult",
-    "SelectResult",
-    "DemoResult",
-    "save_checkpoint",
-    "load_checkpoint",
-    "CheckpointInfo",
-    "create_dataset",
-    "create_loader",
+    "reweight", "merge", "unreweight", "get_scales", "get_reweight_config", "find_branches", "is_reweighted",
+    "ReweightConfig", "ScaledBranch", "Branch",
+    "SAM", "SAMStats",
+    "kd_loss", "dist_loss", "spectral_loss", "task_loss", "DistillationLoss", "FeatureDistillation",
+    "DistillationStudent", "Teacher", "TeacherLogitCache", "precompute_teacher_logits", "RememDistillationTask",
+    "save_pretrained", "push_to_hub", "load_teacher", "TeacherMetadata",
+    "finetune_teacher", "distill_student", "select_teacher", "run_demo", "FinetuneConfig", "DistillConfig",
+    "TrainResult", "SelectResult", "DemoResult", "save_checkpoint", "load_checkpoint", "CheckpointInfo",
+    "estimate_mi", "MutualInformation", "teacher_information", "information_plane", "rank_checkpoints",
+    "mlp_expertness", "pruning_diagnostic", "layer_dynamics",
 ]
+
+# Names that left the top level, still importable from here with a DeprecationWarning. ``create_dataset`` and
+# ``create_loader`` shadowed timm's own functions of the same names (with other signatures).
+_MOVED = {
+    "create_dataset": "timm_remem.data",
+    "create_loader": "timm_remem.data",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        where = _MOVED[name]
+        _warnings.warn(
+            f"timm_remem.{name} is deprecated at the top level (it shadowed timm's own {name}); "
+            f"use {where}.{name}", DeprecationWarning, stacklevel=2,
+        )
+        return getattr(_importlib.import_module(where), name)
+    raise AttributeError(f"module 'timm_remem' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MOVED))

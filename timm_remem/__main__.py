@@ -1,3 +1,8 @@
-from timm_remem.cli import main
+"""``python -m timm_remem``: the ``timm-remem`` command line."""
 
-raise SystemExit(main())
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -52,19 +52,24 @@ def _in_range(v: float, low: float | None, high: float | None, low_open: bool, h
     return not (high is not None and (v >= high if high_open else v > high))
 
 
+def _check_number(name: str, value: Any, kind: type, words: str, low: Any, high: Any, low_open: bool,
+                  high_open: bool, allow_none: bool, hint: str) -> Any:
+    if value is None and allow_none:
+        return None
+    expected = describe_range(words, low, high, low_open, high_open) + (" or None" if allow_none else "")
+    ok = not isinstance(value, bool) and isinstance(value, kind)
+    v = (int(value) if kind is numbers.Integral else float(value)) if ok else None
+    if not ok or not math.isfinite(v) or not _in_range(v, low, high, low_open, high_open):
+        raise _fail(name, expected, value, hint)
+    return v
+
+
 def check_int(
     name: str, value: Any, *, low: int | None = None, high: int | None = None, allow_none: bool = False,
     hint: str = "",
 ) -> int | None:
     """Check an integer (``bool`` refused) in ``[low, high]``; ``None`` passes through when ``allow_none``."""
-    if value is None and allow_none:
-        return None
-    expected = describe_range("integer", low, high, False, False) + (" or None" if allow_none else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _fail(name, expected, value, hint)
-    if not _in_range(int(value), low, high, False, False):
-        raise _fail(name, expected, value, hint)
-    return int(value)
+    return _check_number(name, value, numbers.Integral, "integer", low, high, False, False, allow_none, hint)
 
 
 def check_float(
@@ -72,15 +77,8 @@ def check_float(
     high_open: bool = False, allow_none: bool = False, hint: str = "",
 ) -> float | None:
     """Check a finite real number (``bool`` refused) in the given range; open ends with ``low_open``/``high_open``."""
-    if value is None and allow_none:
-        return None
-    expected = describe_range("finite number", low, high, low_open, high_open) + (" or None" if allow_none else "")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _fail(name, expected, value, hint)
-    v = float(value)
-    if not math.isfinite(v) or not _in_range(v, low, high, low_open, high_open):
-        raise _fail(name, expected, value, hint)
-    return v
+    return _check_number(name, value, numbers.Real, "finite number", low, high, low_open, high_open, allow_none,
+                         hint)
 
 
 def check_bool(name: str, value: Any, *, hint: str = "") -> bool:
@@ -100,10 +98,19 @@ def check_choice(name: str, value: Any, choices: Iterable[str], *, hint: str = "
 
 def check_class_count(
     teacher_classes: Any, other_classes: Any, *, teacher: str = "teacher", other: str = "student", fix: str = "",
+    template: str = "",
 ) -> None:
     """The one teacher/student (or teacher/dataset) class-count check: the label spaces must be the same.
 
-    ``None`` on either side (a model without a classifier head) is not checked.
+    ``None`` on either side (a model without a classifier head) is not checked. ``template`` rewords the message
+    where a caller has documented wording (fields ``{teacher}``, ``{other}``, ``{teacher_classes}``,
+    ``{other_classes}``, ``{fix}``); the check is the same.
+
+    Example:
+        >>> check_class_count(10, 5, template="{teacher} num_classes={teacher_classes} differs; {fix}", fix="retrain")
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: teacher num_classes=10 differs; retrain
     """
     if teacher_classes is None or other_classes is None or int(teacher_classes) == int(other_classes):
         return
@@ -111,4 +118,6 @@ def check_class_count(
         f"distillation needs the same label space: create the {other.split()[0]} with num_classes equal to the "
         "teacher's, or fine-tune the teacher on this dataset first (timm-remem finetune)"
     )
-    raise ConfigError(f"{teacher} has {int(teacher_classes)} classes but {other} has {int(other_classes)}; {fix}")
+    template = template or "{teacher} has {teacher_classes} classes but {other} has {other_classes}; {fix}"
+    raise ConfigError(template.format(teacher=teacher, other=other, teacher_classes=int(teacher_classes),
+                                      other_classes=int(other_classes), fix=fix))

@@ -32,12 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
-import random
 import shutil
-import signal
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from ._io import atomic_replace_dir, atomic_write_json, fsync_dir
+from ._state_tree import flatten_state, get_rng_state, set_rng_state, unflatten_state
+from ._version import __version__
 from .errors import CheckpointError
 
 __all__ = [
@@ -68,12 +69,8 @@ FORMAT = "timm-remem-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _PREFIX = "step-"
-_TMP_PREFIX = ".tmp-"
-#: Test hook (not for production use): when this environment variable holds a step number, ``save_checkpoint``
-#: for that step kills its own process with SIGKILL after writing the tensor files and before ``state.json``,
-#: the manifest and the rename, leaving a half-written temporary folder exactly as a crash or a kill would.
-#: ``tests/test_resume_kill.py`` uses it to kill a run deterministically in the middle of a checkpoint write.
-CRASH_DURING_SAVE_ENV = "TIMM_REMEM_TEST_CRASH_DURING_SAVE"
+_TMP_PREFIX = ".tmp-"  # a checkpoint being written (atomic_replace_dir's temporary sibling)
+_OLD_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same step
 
 
 @dataclass
@@ -98,149 +95,6 @@ class CheckpointInfo:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Flattening nested state (optimizer/scheduler/scaler state dicts) into tensors + JSON
-# ----------------------------------------------------------------------------------------------------------------
-
-_MARKERS = ("__tensor__", "__tuple__", "__dict__", "__float__")
-
-
-def flatten_state(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split a nested structure into a JSON-able tree and a flat ``{key: tensor}`` dict.
-
-    Tensors become ``{"__tensor__": key}`` references; tuples, dicts with non-string keys and non-finite floats get
-    small tagged forms so that :func:`unflatten_state` restores them exactly.
-
-    Args:
-        obj: Nested dicts/lists/tuples of tensors, numbers, strings, booleans and None.
-        prefix: Prefix of the tensor keys (e.g. ``"optimizer"``).
-
-    Returns:
-        ``(tree, tensors)``.
-
-    Raises:
-        CheckpointError: A value of another type (it could only be stored by pickling it).
-
-    Example:
-        >>> tree, tensors = flatten_state({"state": {0: {"m": torch.zeros(2)}}, "betas": (0.9, 0.99)}, "opt")
-        >>> list(tensors), tree["betas"]
-        (['opt.state.0.m'], {'__tuple__': [0.9, 0.99]})
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def enc(value: Any, path: str) -> Any:
-        if isinstance(value, torch.Tensor):
-            key = path
-            n = 1
-            while key in tensors:
-                key = f"{path}#{n}"
-                n += 1
-            tensors[key] = value
-            return {"__tensor__": key}
-        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
-            return value
-        if isinstance(value, float):
-            return value if math.isfinite(value) else {"__float__": repr(value)}
-        if isinstance(value, tuple):
-            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [enc(v, f"{path}.{i}") for i, v in enumerate(value)]
-        if isinstance(value, Mapping):
-            if all(isinstance(k, str) and k not in _MARKERS for k in value):
-                return {k: enc(v, f"{path}.{k}") for k, v in value.items()}
-            return {"__dict__": [[enc(k, f"{path}.key"), enc(v, f"{path}.{k}")] for k, v in value.items()]}
-        # numpy scalars and arrays (NumPy RNG state) without importing numpy at module level
-        if type(value).__module__ == "numpy":
-            if hasattr(value, "tolist"):
-                return enc(value.tolist(), path)
-        raise CheckpointError(
-            f"cannot store a value of type {type(value).__name__} at {path!r} in a checkpoint: checkpoints hold only "
-            "tensors, numbers, strings, lists and dicts (no pickle); convert it (e.g. to a list) before saving"
-        )
-
-    return enc(obj, prefix), tensors
-
-
-def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`flatten_state`.
-
-    Raises:
-        CheckpointError: A tensor reference has no tensor (the checkpoint files do not belong together).
-
-    Example:
-        >>> tree, tensors = flatten_state({"a": (1, torch.ones(1)), 3: float("inf")}, "x")
-        >>> out = unflatten_state(json.loads(json.dumps(tree)), tensors)
-        >>> out["a"][0], out[3]
-        (1, inf)
-    """
-
-    def dec(value: Any) -> Any:
-        if isinstance(value, list):
-            return [dec(v) for v in value]
-        if isinstance(value, dict):
-            if len(value) == 1:
-                (tag, inner), = value.items()
-                if tag == "__tensor__":
-                    if inner not in tensors:
-                        raise CheckpointError(f"checkpoint tensor {inner!r} is missing from state.safetensors")
-                    return tensors[inner]
-                if tag == "__tuple__":
-                    return tuple(dec(v) for v in inner)
-                if tag == "__dict__":
-                    return {dec(k): dec(v) for k, v in inner}
-                if tag == "__float__":
-                    return float(inner)
-            return {k: dec(v) for k, v in value.items()}
-        return value
-
-    return dec(tree)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RNG state
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def get_rng_state() -> dict[str, Any]:
-    """Current states of the Python, NumPy (when installed), torch CPU and CUDA random generators.
-
-    Example:
-        >>> s = get_rng_state(); a = torch.rand(1); set_rng_state(s); bool(torch.rand(1) == a)
-        True
-    """
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch in practice
-        pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore generator states saved by :func:`get_rng_state` (also after a JSON/safetensors round trip)."""
-
-    def to_tuple(v: Any) -> Any:
-        return tuple(to_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v
-
-    if "python" in state:
-        random.setstate(to_tuple(state["python"]))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
-    if "numpy" in state:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = list(state["cuda"])
-        for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.to("cpu", torch.uint8), i)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -255,24 +109,6 @@ def _sha256(path: Path) -> str:
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # pragma: no cover - directory fsync is POSIX only
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True, allow_nan=False)
-        f.write("\n")
-        f.flush()
         os.fsync(f.fileno())
 
 
@@ -294,16 +130,11 @@ def _to_savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
     save_file(_to_savable(tensors), str(path), metadata={"format": "pt"})
     _fsync_file(path)
 
 
 def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -327,6 +158,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     :func:`verify_checkpoint` or :func:`latest_checkpoint`.
 
     Example:
+        >>> import tempfile
         >>> list_checkpoints(tempfile.mkdtemp())
         []
     """
@@ -350,6 +182,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         CheckpointError: Missing directory or manifest, a missing, truncated or modified file.
 
     Example:
+        >>> import tempfile
         >>> verify_checkpoint(tempfile.mkdtemp())  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         timm_remem.errors.CheckpointError: ... has no manifest.json ...
@@ -394,6 +227,7 @@ def latest_checkpoint(root: str | os.PathLike, *, verify: bool = True) -> Path |
     Corrupt ones are skipped with a warning, so a damaged newest checkpoint falls back to the previous good one.
 
     Example:
+        >>> import tempfile
         >>> latest_checkpoint(tempfile.mkdtemp()) is None
         True
     """
@@ -418,6 +252,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         CheckpointError: The path does not exist, holds no complete checkpoint, or every one is damaged.
 
     Example:
+        >>> import tempfile
         >>> root = tempfile.mkdtemp()
         >>> _ = save_checkpoint(root, model=torch.nn.Linear(2, 2), step=5)
         >>> resolve_checkpoint(root).name
@@ -442,6 +277,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Save / load
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _clean_up_after_crash(root: Path) -> None:
+    """Delete half-written checkpoints (``.tmp-*``); put back a replaced one whose replacement never arrived."""
+    for stale in sorted(root.glob(".*")):
+        if stale.name.startswith(_OLD_PREFIX) and stale.is_dir():
+            original = root / stale.name[len(_OLD_PREFIX):]
+            if original.name.startswith(_PREFIX) and not original.exists():
+                os.replace(stale, original)
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+        elif stale.name.startswith(_TMP_PREFIX):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -495,6 +343,7 @@ def save_checkpoint(
         CheckpointError: A value that cannot be stored without pickle, or ``keep_last < 1``.
 
     Example:
+        >>> import tempfile
         >>> m = torch.nn.Linear(2, 2)
         >>> p = save_checkpoint(tempfile.mkdtemp(), model=m, step=3, metrics={"acc": 0.5})
         >>> sorted(f.name for f in p.iterdir())
@@ -504,8 +353,7 @@ def save_checkpoint(
         raise CheckpointError(f"keep_last must be >= 1 or None, got {keep_last}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(_TMP_PREFIX + "*"):  # left by a crash during an earlier write
-        shutil.rmtree(stale, ignore_errors=True)
+    _clean_up_after_crash(root)
 
     tree_src: dict[str, Any] = {}
     if optimizer is not None:
@@ -532,36 +380,24 @@ def save_checkpoint(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"config and metrics must be JSON data (no NaN/inf, no objects): {e}") from e
 
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
     final = root / f"{_PREFIX}{int(step):09d}"
-    try:
+
+    def write(tmp: Path) -> None:  # into a hidden sibling; swapped in for ``final`` once complete
         _write_safetensors(tmp / "model.safetensors", model.state_dict())
         if ema is not None:
             _write_safetensors(tmp / "ema.safetensors", ema.state_dict())
         _write_safetensors(tmp / "state.safetensors", state_tensors)
-        if os.environ.get(CRASH_DURING_SAVE_ENV) == str(int(step)):  # test hook, see CRASH_DURING_SAVE_ENV
-            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-        _write_json(tmp / "state.json", document)
-        from . import __version__
-
+        atomic_write_json(tmp / "state.json", document)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        _write_json(
+        atomic_write_json(  # written last: it marks the checkpoint complete
             tmp / MANIFEST,
             {"format": FORMAT, "format_version": FORMAT_VERSION, "timm_remem": __version__, "epoch": int(epoch),
              "step": int(step), "created": time.time(), "files": files},
         )
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside, never delete before replacing
-            old = root / f"{_TMP_PREFIX}old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fsync_dir(tmp)
+
+    # Re-saving the same step moves the old checkpoint aside and deletes it only once the new one is in place.
+    atomic_replace_dir(write, final)
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:
             if old != final:
@@ -627,6 +463,7 @@ def load_checkpoint(
         CheckpointError: Missing, incomplete, truncated or corrupt checkpoint, or weights that do not fit ``model``.
 
     Example:
+        >>> import tempfile
         >>> m = torch.nn.Linear(2, 2)
         >>> root = tempfile.mkdtemp(); _ = save_checkpoint(root, model=m, epoch=2, step=7, config={"lr": 0.1})
         >>> load_checkpoint(root, model=torch.nn.Linear(2, 2)).config

@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import ImageDataset
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
+from timm.data import create_dataset as timm_create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ._validation import check_int
 from .errors import ConfigError
 
 __all__ = [
@@ -46,9 +48,8 @@ __all__ = [
     "dataset_num_classes",
 ]
 
-# timm.data.IMAGENET_DEFAULT_MEAN / _STD (not imported: importing timm here would make this module heavy)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)  # (0.485, 0.456, 0.406)
+IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)  # (0.229, 0.224, 0.225)
 
 _TRAIN_SPLITS = ("train", "training")
 _VAL_SPLITS = ("val", "valid", "validation", "eval", "evaluation", "test")
@@ -330,9 +331,6 @@ def create_dataset(
             f"'torch/<name>' (e.g. torch/cifar100) or a timm reader such as 'hfds/<dataset id>'"
         )
 
-    from timm.data import create_dataset as timm_create_dataset
-    from timm.data import create_transform
-
     kind = _split_kind(split) if split.lower() in _TRAIN_SPLITS + _VAL_SPLITS else None
     timm_split = {"train": "train", "val": "validation"}.get(kind, split)
     try:
@@ -423,8 +421,7 @@ def create_loader(
         >>> len(loader)
         4
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, low=1)
     if len(dataset) == 0:
         raise ConfigError("the dataset is empty; check the dataset name, root folder and split")
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)

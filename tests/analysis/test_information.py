@@ -176,7 +176,7 @@ def test_information_plane_reads_checkpoint_folders(vit_and_data, tmp_path):
 
 
 def test_information_plane_refuses_missing_folder(tmp_path, vit_and_data):
-    with pytest.raises(CheckpointError, match="holds no checkpoint folders"):
+    with pytest.raises(CheckpointError, match="holds no teacher checkpoints"):
         information_plane(tmp_path, vit_and_data[1], progress=False)
 
 
@@ -208,7 +208,8 @@ def test_rank_checkpoints_needs_labels_for_combined_score():
 
 
 def test_checkpoint_lister_skips_half_written_exports_and_reads_run_folders(tmp_path):
-    from timm_remem.analysis.information import _checkpoint_dirs
+    # information_plane and rank_checkpoints list a folder's checkpoints with the teacher-source service
+    from timm_remem.teachers import list_exports as _checkpoint_dirs
 
     run = tmp_path / "run"
     for name in ("epoch-010", "epoch-002", ".tmp-epoch-012-abc", ".old-epoch-002", "notes"):

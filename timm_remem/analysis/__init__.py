@@ -1,11 +1,16 @@
 """Analysis of teachers: mutual information, information plane, MLP expertness, pruning, layer dynamics.
 
-- :mod:`~timm_remem.analysis.mi`: ``estimate_mi`` and the streaming ``MutualInformation``.
+- :mod:`~timm_remem.analysis.mi`: ``estimate_mi`` and its streaming twin ``MutualInformation``, one estimator per
+  module (``mi.gaussian``, ``mi.ksg``, ``mi.binning``, ``mi.renyi``).
 - :mod:`~timm_remem.analysis.information`: ``teacher_information``, ``information_plane``, ``rank_checkpoints``.
 - :mod:`~timm_remem.analysis.expertness`: ``mlp_expertness``.
 - :mod:`~timm_remem.analysis.pruning`: ``pruning_diagnostic``.
 - :mod:`~timm_remem.analysis.dynamics`: ``layer_dynamics``, ``channel_spectrum``, ``token_entropy``.
-- :mod:`~timm_remem.analysis.plots`: matplotlib figures (matplotlib is imported only when plotting).
+- :mod:`~timm_remem.analysis.plots`: matplotlib figures through the Figure API (matplotlib is imported only when
+  plotting), including ``plot_select`` and ``plot_demo`` for ``timm-remem select`` and ``timm-remem demo``.
+
+Private plumbing shared by the analyses lives in ``_common`` (batches, progress, devices) and ``_kernels`` (the
+vectorised per-token kernels of the layer dynamics).
 
 Example:
     >>> import timm, torch
@@ -33,7 +38,14 @@ from .information import (
     teacher_information,
 )
 from .mi import MI_METHODS, MutualInformation, estimate_mi
-from .plots import plot_expertness, plot_information_plane, plot_layer_dynamics, plot_pruning
+from .plots import (
+    plot_demo,
+    plot_expertness,
+    plot_information_plane,
+    plot_layer_dynamics,
+    plot_pruning,
+    plot_select,
+)
 from .pruning import PruningResult, pruning_diagnostic, zero_branches
 
 __all__ = [
@@ -62,4 +74,6 @@ __all__ = [
     "plot_layer_dynamics",
     "plot_pruning",
     "plot_expertness",
+    "plot_select",
+    "plot_demo",
 ]

@@ -30,9 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from timm.models._features import feature_take_indices
 from torch import nn
 
+from .._models import model_device
+from .._validation import check_choice, check_int
 from ..errors import ConfigError, UnsupportedModelError
+from ._kernels import _spectrum_tokens, _token_entropy_tokens, _tokens, _Workspace
 
 __all__ = [
     "LayerDynamics",
@@ -63,37 +67,6 @@ def _check_features(features: torch.Tensor, name: str = "features") -> None:
         raise ConfigError(
             f"{name} contains NaN or infinite values; check the model's numerics (fp16 overflow?) before measuring."
         )
-
-
-def _tokens(features: torch.Tensor, ws: _Workspace | None = None) -> torch.Tensor:
-    """``[B, C, *spatial]`` -> contiguous ``[N, C]`` (float32 or float64) with one row per token (B x spatial).
-
-    With a workspace the channels-last copy goes into a reused buffer (no fresh allocation per block).
-    """
-    x = features.detach()
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    c = x.shape[1]
-    cl = x.movedim(1, -1)
-    if ws is None:
-        return cl.reshape(-1, c).to(dtype).contiguous()
-    buf = ws.get("tokens", (x.numel() // c, c), dtype, x.device)
-    buf.view(cl.shape).copy_(cl)
-    return buf
-
-
-def _spectrum_tokens(x: torch.Tensor) -> torch.Tensor:
-    """Mean ``|FFT| / C`` along the channel axis of ``[N, C]`` tokens -> ``[C]``.
-
-    A real input has a conjugate-symmetric spectrum (``|X_k| = |X_{C-k}|``), so only the ``C // 2 + 1``
-    non-redundant bins are computed with ``rfft`` and the rest are mirrored.
-    """
-    n, c = x.shape
-    spec = torch.fft.rfft(x, dim=-1)
-    parts = torch.view_as_real(spec)
-    mag = torch.hypot(parts[..., 0], parts[..., 1])  # |X_k|; about 2x faster than complex abs() on CPU
-    # Sum over tokens as a matrix-vector product: BLAS-fast, float32 with blocked (accurate) accumulation.
-    half = (torch.ones(1, n, dtype=mag.dtype, device=mag.device) @ mag).squeeze(0) / (n * c)
-    return torch.cat([half, half[1 : (c + 1) // 2].flip(0)])
 
 
 def channel_spectrum(features: torch.Tensor) -> torch.Tensor:
@@ -131,93 +104,6 @@ def frequency_intensity(spectrum: torch.Tensor) -> torch.Tensor:
     return spectrum.mean(-1)
 
 
-def _entropy_from_counts(counts: torch.Tensor, total: torch.Tensor | int) -> torch.Tensor:
-    """Shannon entropy in bits of each row of a ``[N, bins]`` count matrix (rows normalised by ``total``)."""
-    counts = counts.to(torch.float64)
-    if isinstance(total, torch.Tensor):
-        total = total.to(torch.float64).clamp_min(1.0).unsqueeze(-1)
-    p = counts / total
-    plogp = torch.where(counts > 0, p * torch.log2(torch.where(counts > 0, p, 1.0)), 0.0)
-    return -plogp.sum(-1)
-
-
-def _plogp_table(c: int, device: torch.device) -> torch.Tensor:
-    """``g[k] = -(k / c) * log2(k / c)`` for ``k = 0..c`` (``g[0] = 0``): entropy terms of integer counts."""
-    k = torch.arange(c + 1, dtype=torch.float64, device=device)
-    p = k / c
-    return torch.where(k > 0, -p * torch.log2(torch.where(k > 0, p, 1.0)), 0.0)
-
-
-class _Workspace:
-    """Reusable scratch buffers, so that a model's many same-shaped blocks do not re-allocate (page faults)."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
-
-    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        k = (key, tuple(shape), dtype, device)
-        buf = self._bufs.get(k)
-        if buf is None:
-            buf = self._bufs[k] = torch.empty(shape, dtype=dtype, device=device)
-        return buf
-
-
-def _token_entropy_tokens(
-    x: torch.Tensor,
-    lo: float,
-    hi: float,
-    bins: int,
-    ws: _Workspace | None = None,
-    *,
-    covered: bool = False,
-    reduction: str = "none",
-) -> torch.Tensor:
-    """Entropy (bits) of ``[N, C]`` tokens with a ``bins``-bin histogram over ``[lo, hi]``: ``[N]`` or their mean.
-
-    ``covered=True`` promises every value lies in ``[lo, hi]`` (true for ranges computed from the data) and skips
-    the out-of-range bookkeeping. Otherwise out-of-range values are ignored, as ``torch.histc`` does, and each
-    token's probabilities are normalised by its number of in-range values.
-    """
-    ws = ws or _Workspace()
-    n, c = x.shape
-    if not hi > lo:  # constant data: histc widens the range; every value lands in one bin, entropy 0
-        hi = lo + 1.0
-    lo_t = torch.tensor(lo, dtype=x.dtype, device=x.device)
-    width = torch.tensor(hi, dtype=x.dtype, device=x.device) - lo_t
-    # Same arithmetic and rounding as torch.histc: (x - lo) * bins / (hi - lo), truncated.
-    pos = ws.get("pos", (n, c), x.dtype, x.device)
-    torch.sub(x, lo_t, out=pos)
-    pos.mul_(bins).div_(width)
-    if covered:
-        # Every value is in range: truncate, count each token's bins with one scatter_add into a [N, bins + 1]
-        # matrix, then fold column ``bins`` (the values equal to ``hi``) into the last bin, as histc does.
-        idx = ws.get("idx64", (n, c), torch.int64, x.device)
-        idx.copy_(pos)
-        ones = torch.ones((), dtype=torch.int32, device=x.device).expand(n, c)
-        counts = torch.zeros(n, bins + 1, dtype=torch.int32, device=x.device).scatter_add_(1, idx, ones)
-        counts[:, bins - 1] += counts[:, bins]
-        counts = counts[:, :bins]
-    else:
-        # Flat indices token * (bins + 1) + bin counted in one bincount; the extra column (index ``bins``)
-        # collects out-of-range values and is dropped.
-        stride = bins + 1
-        if n * stride >= 2**31:
-            raise ConfigError(f"too many tokens ({n}) for one call; pass fewer images at a time.")
-        outside = (pos < 0) | (pos > bins)
-        idx = ws.get("idx", (n, c), torch.int32, x.device)
-        idx.copy_(pos.clamp_(0, bins - 1))  # clamp before the cast so huge values cannot overflow int32
-        idx.masked_fill_(outside, bins)
-        idx.add_(torch.arange(0, n * stride, stride, dtype=torch.int32, device=x.device).unsqueeze(1))
-        counts = torch.bincount(idx.view(-1), minlength=n * stride).view(n, stride)[:, :bins]
-        ent = _entropy_from_counts(counts, counts.sum(-1))
-        return (ent.mean() if reduction == "mean" else ent).to(x.dtype)
-    # Every row sums to C, so each entropy term -p log2 p depends only on the integer count: look it up.
-    terms = _plogp_table(c, x.device)[counts.long()]
-    if reduction == "mean":
-        return (terms.sum() / n).to(x.dtype)
-    return terms.sum(-1).to(x.dtype)
-
-
 def token_entropy(
     features: torch.Tensor,
     *,
@@ -249,10 +135,8 @@ def token_entropy(
         1.0
     """
     _check_features(features)
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
-        raise ConfigError(f"bins must be a positive int, got {bins!r}; the paper uses bins=100.")
-    if reduction not in ("mean", "none"):
-        raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}.")
+    bins = check_int("bins", bins, low=1, hint="the paper uses bins=100")
+    check_choice("reduction", reduction, ("mean", "none"))
     x = _tokens(features)
     if value_range is None:
         lo_t, hi_t = torch.aminmax(x)
@@ -349,12 +233,6 @@ def _supports_kwarg(fn: Any, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _feature_modules(model: nn.Module, indices: Any) -> list[nn.Module]:
     """The modules whose outputs ``forward_intermediates`` returns for ``indices``, from ``model.feature_info``."""
     info = getattr(model, "feature_info", None)
@@ -363,8 +241,6 @@ def _feature_modules(model: nn.Module, indices: Any) -> list[nn.Module]:
             f"gradient=True needs model.feature_info (a list of dicts naming each feature module) to locate the "
             f"block outputs, and {type(model).__name__} has none; pass gradient=False."
         )
-    from timm.models._features import feature_take_indices
-
     take, _ = feature_take_indices(len(info), indices)
     return [model.get_submodule(info[i]["module"]) for i in sorted(set(take))]
 
@@ -465,16 +341,14 @@ def layer_dynamics(
             f"images must be a float tensor [B, 3, H, W], got "
             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}."
         )
-    if entropy_range not in _ENTROPY_RANGES:
-        raise ConfigError(f"entropy_range must be one of {_ENTROPY_RANGES}, got {entropy_range!r}.")
-    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
-        raise ConfigError(f"bins must be a positive int, got {bins!r}; the paper uses bins=100.")
+    check_choice("entropy_range", entropy_range, _ENTROPY_RANGES)
+    bins = check_int("bins", bins, low=1, hint="the paper uses bins=100")
 
     fi = model.forward_intermediates
     kwargs: dict[str, Any] = {"indices": indices, "norm": False, "intermediates_only": not gradient}
     if _supports_kwarg(fi, "output_fmt"):
         kwargs["output_fmt"] = "NCHW"
-    images = images.to(_model_device(model))
+    images = images.to(model_device(model))
     was_training = model.training
     model.eval()
     captured: list[list[torch.Tensor]] = []
@@ -513,8 +387,6 @@ def layer_dynamics(
                 f"block {i}, not a [B, C, H, W] map; layer_dynamics needs spatial (NCHW) block outputs."
             )
     try:
-        from timm.models._features import feature_take_indices
-
         n_blocks = len(getattr(model, "feature_info", None) or feats)
         take = sorted(set(feature_take_indices(n_blocks, indices)[0]))
     except Exception:  # noqa: BLE001 - a model whose indices cannot be resolved: number them in order

@@ -33,8 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._validation import check_float
 from ..errors import ConfigError, UnsupportedModelError
-from .information import _model_device, _progress, _split_batch
+from ..reweighting import find_branches
+from ._common import _check_max_samples, _hard_labels, _input_device, _progress, _split_batch
 
 __all__ = ["BlockExpertness", "mlp_expertness", "neuron_statistics"]
 
@@ -313,17 +315,12 @@ def mlp_expertness(
         >>> len(blocks), blocks[0].hidden_dim
         (6, 192)
     """
-    from ..reweighting import find_branches
-
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ConfigError(f"threshold must be a float, got {threshold!r}.")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise ConfigError(f"max_samples must be None (all) or a positive int, got {max_samples!r}.")
+    threshold = check_float("threshold", threshold, hint="a neuron fires where its hidden value is above it")
+    _check_max_samples(max_samples)
     branches = find_branches(model, "mlp")
     sites = [_hidden_site(model, b) for b in branches]
     accs = [_Accumulator(float(threshold)) for _ in sites]
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = _input_device(model, device)
     current: dict[str, Any] = {"labels": None, "take": None}
 
     def make_hook(acc: _Accumulator, channel_dim: int, columns: tuple[int, int] | None):
@@ -348,8 +345,7 @@ def mlp_expertness(
             images, labels = _split_batch(batch)
             take = images.shape[0] if max_samples is None else min(images.shape[0], max_samples - n)
             if labels is not None:
-                labels = labels.argmax(-1) if labels.dim() == 2 and labels.is_floating_point() else labels
-                labels = labels.view(-1)[:take]
+                labels = _hard_labels(labels).view(-1)[:take]
             current["labels"], current["take"] = labels, take
             model(images[:take].to(device))
             n += take

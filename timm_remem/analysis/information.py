@@ -32,14 +32,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from .._serialization import dataclass_to_dict
+from .._validation import check_choice, check_float, check_int
+from ..errors import ConfigError
+from ..teachers import list_exports, load_teacher_model
+from ._common import _check_max_samples, _hard_labels, _input_device, _progress, _split_batch
 from .mi import MI_METHODS, estimate_mi
 
 __all__ = [
@@ -99,9 +103,7 @@ class TeacherInformation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dictionary (adds ``error``)."""
-        out = asdict(self)
-        out["error"] = self.error
-        return out
+        return dataclass_to_dict(self) | {"error": self.error}
 
 
 @dataclass
@@ -126,45 +128,7 @@ class CheckpointScore:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared plumbing (also used by expertness.py and pruning.py)
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(images, labels or None)`` from a loader batch: a tensor, ``(images, labels, ...)`` or a dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, Mapping):
-        img = next((batch[k] for k in ("image", "images", "input", "inputs", "pixel_values") if k in batch), None)
-        lab = next((batch[k] for k in ("label", "labels", "target", "targets") if k in batch), None)
-        if isinstance(img, torch.Tensor):
-            return img, lab if isinstance(lab, torch.Tensor) else None
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        lab = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], lab
-    raise ConfigError(
-        f"cannot read images from a loader batch of type {type(batch).__name__}; yield a tensor of images, a tuple "
-        "(images, labels, ...) or a dict with 'image' and 'label' keys."
-    )
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _progress(iterable: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
-    if not progress:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False)
-
-
-def _check_max_samples(max_samples: int | None) -> None:
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise ConfigError(f"max_samples must be None (all) or a positive int, got {max_samples!r}.")
+# Running the teacher
 
 
 @torch.no_grad()
@@ -179,8 +143,7 @@ def _collect(
     desc: str = "teacher",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run the model in eval mode over the loader: ``(features [n, d], labels [n] or None, correct [n] or None)``."""
-    if features not in _FEATURES:
-        raise ConfigError(f"features must be one of {_FEATURES}, got {features!r}.")
+    check_choice("features", features, _FEATURES)
     _check_max_samples(max_samples)
     use_head = callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
     if features == "pre_logits" and not use_head:
@@ -188,7 +151,7 @@ def _collect(
             f"features='pre_logits' needs a timm model with forward_features/forward_head, got "
             f"{type(model).__name__}; use features='logits'."
         )
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = _input_device(model, device)
     was_training = model.training
     model.eval()
     feats, labels, correct = [], [], []
@@ -212,10 +175,7 @@ def _collect(
             take = f.shape[0] if max_samples is None else min(f.shape[0], max_samples - n)
             feats.append(f[:take])
             if y is not None:
-                y = y.cpu()
-                if y.dim() == 2 and y.is_floating_point():  # soft / one-hot targets
-                    y = y.argmax(-1)
-                y = y.long().view(-1)[:take]
+                y = _hard_labels(y.cpu()).long().view(-1)[:take]
                 labels.append(y)
                 correct.append(logits.argmax(-1).cpu()[:take] == y)
             n += take
@@ -231,44 +191,6 @@ def _collect(
     return torch.cat(feats), y_all, (torch.cat(correct) if correct else None)
 
 
-def _load_checkpoint(spec: Any) -> nn.Module:
-    """A model from a module, a ``save_pretrained`` folder, or a timm/``hf-hub:``/``local-dir:`` name."""
-    if isinstance(spec, nn.Module):
-        return spec
-    if not isinstance(spec, (str, os.PathLike)):
-        raise ConfigError(
-            f"a checkpoint must be an nn.Module, a folder written by timm_remem.save_pretrained or a timm model "
-            f"name, got {type(spec).__name__}."
-        )
-    path = Path(spec)
-    try:  # the hub module understands every flavour (merged or not); fall back to plain timm
-        from ..hub import load_teacher  # type: ignore[attr-defined]
-    except ImportError:
-        load_teacher = None
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(
-                f"{path} is not a checkpoint folder (no config.json); pass a folder written by "
-                "timm_remem.save_pretrained (config.json + model.safetensors)."
-            )
-        if load_teacher is not None:
-            return load_teacher(str(path))
-        import timm
-
-        return timm.create_model(f"local-dir:{path}", pretrained=True)
-    if load_teacher is not None and str(spec).startswith(("hf-hub:", "local-dir:")):
-        return load_teacher(str(spec))
-    import timm
-
-    try:
-        return timm.create_model(str(spec), pretrained=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"could not load checkpoint {spec!r}: {err}. Pass a checkpoint folder, an nn.Module, or a timm name "
-            "whose weights are available offline."
-        ) from err
-
-
 def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
     """``[(name, spec)]`` from a mapping, a sequence of modules/paths, or one folder of checkpoint folders."""
     if isinstance(checkpoints, nn.Module):
@@ -276,7 +198,7 @@ def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
     elif isinstance(checkpoints, Mapping):
         items = [(str(k), v) for k, v in checkpoints.items()]
     elif isinstance(checkpoints, (str, os.PathLike)):
-        items = [(p.name, p) for p in _checkpoint_dirs(Path(checkpoints))]
+        items = [(p.name, p) for p in list_exports(checkpoints)]
     elif isinstance(checkpoints, Iterable):
         items = []
         for i, c in enumerate(checkpoints):
@@ -289,35 +211,6 @@ def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
     if not items:
         raise ConfigError("no checkpoints given; pass at least one model or checkpoint folder.")
     return items
-
-
-def _natural_key(name: str) -> list[Any]:
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    """Checkpoint folders in ``root`` (``root`` itself if it is one), in natural name order."""
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint folder {root} does not exist; pass a folder of save_pretrained folders.")
-    if _is_checkpoint(root):
-        return [root]
-    if (root / "checkpoints").is_dir():  # a finetune run folder: its exports
-        root = root / "checkpoints"
-    # hidden folders are half-written exports (.tmp-*) or replaced ones (.old-*)
-    dirs = sorted((p for p in root.iterdir() if not p.name.startswith(".") and _is_checkpoint(p)),
-                  key=lambda p: _natural_key(p.name))
-    if not dirs:
-        raise CheckpointError(
-            f"{root} holds no checkpoint folders (sub-folders with config.json); write them with "
-            "timm_remem.save_pretrained(model, folder)."
-        )
-    return dirs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,15 +272,11 @@ def information_from_features(
     """
     if method not in MI_METHODS:
         raise ConfigError(f"unknown MI method {method!r}; choose one of {list(MI_METHODS)}.")
-    if conditional not in _CONDITIONAL:
-        raise ConfigError(f"conditional must be one of {_CONDITIONAL}, got {conditional!r}.")
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0:
-        raise ConfigError(
-            f"noise must be a finite float > 0, got {noise!r}: without noise I(X; F) of a deterministic network is "
-            "infinite for continuous F. Use e.g. noise=0.1 (10% of the feature standard deviation)."
-        )
-    if max_dim is not None and (isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1):
-        raise ConfigError(f"max_dim must be None or a positive int, got {max_dim!r}.")
+    check_choice("conditional", conditional, _CONDITIONAL)
+    check_float("noise", noise, low=0, low_open=True, hint=(
+        "without noise I(X; F) of a deterministic network is infinite for continuous F. Use e.g. noise=0.1 (10% of "
+        "the feature standard deviation)."))
+    check_int("max_dim", max_dim, low=1, allow_none=True, hint="None keeps every dimension")
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
         raise ConfigError(
             f"features must be a float tensor [n, d], got "
@@ -523,7 +412,7 @@ def information_plane(
     """
     points = []
     for name, spec in _checkpoint_items(checkpoints):
-        model = _load_checkpoint(spec)  # loaded one at a time: only one checkpoint is in memory at once
+        model = load_teacher_model(spec)  # loaded one at a time: only one checkpoint is in memory at once
         if not isinstance(spec, nn.Module) and kwargs.get("device") is not None:
             model = model.to(kwargs["device"])
         info = teacher_information(model, loader, progress=progress, **kwargs)
@@ -580,10 +469,8 @@ def rank_checkpoints(
         >>> sorted(r.name for r in ranking), ranking[0].rank
         (['ep0', 'ep1'], 1)
     """
-    if score not in _SCORES:
-        raise ConfigError(f"score must be one of {_SCORES}, got {score!r}.")
-    if isinstance(mi_weight, bool) or not isinstance(mi_weight, (int, float)) or not math.isfinite(mi_weight):
-        raise ConfigError(f"mi_weight must be a finite number, got {mi_weight!r}.")
+    check_choice("score", score, _SCORES)
+    check_float("mi_weight", mi_weight)
     points = information_plane(checkpoints, loader, progress=progress, **kwargs)
     needs_labels = score in ("combined", "conditional_mi", "accuracy")
     if needs_labels and any(p.accuracy is None for p in points):

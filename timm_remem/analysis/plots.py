@@ -7,13 +7,27 @@ imported only when a plot is made (``pip install timm-remem[demo]``).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["plot_expertness", "plot_information_plane", "plot_layer_dynamics", "plot_pruning"]
+__all__ = [
+    "plot_demo",
+    "plot_expertness",
+    "plot_information_plane",
+    "plot_layer_dynamics",
+    "plot_pruning",
+    "plot_select",
+]
+
+_log = logging.getLogger(__name__)
+_MISSING = "matplotlib is not installed: no plot written (pip install timm-remem[demo])"
 
 
 def _figure(ncols: int = 1, width: float = 5.0, height: float = 4.0) -> tuple[Any, list[Any]]:
@@ -24,6 +38,16 @@ def _figure(ncols: int = 1, width: float = 5.0, height: float = 4.0) -> tuple[An
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
     return fig, axes
+
+
+def _figure_or_none(**kwargs: Any) -> Any:
+    """A bare ``Figure``, or ``None`` (with a warning naming the extra) when matplotlib is missing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        _log.warning(_MISSING)
+        return None
+    return Figure(**kwargs)
 
 
 def _save(fig: Any, path: str | os.PathLike | None) -> Any:
@@ -108,8 +132,6 @@ def plot_layer_dynamics(dynamics: Any, path: str | os.PathLike | None = None, *,
     ax = axes[-1]
     spectra = d["spectrum"]
     if len({len(s) for s in spectra}) == 1:
-        import numpy as np
-
         img = np.asarray(spectra, dtype=float)
         half = img.shape[1] // 2 + 1  # the spectrum is symmetric: show 0..C/2
         im = ax.imshow(np.log10(img[:, :half] + 1e-12), aspect="auto", origin="lower", cmap="magma",
@@ -203,3 +225,85 @@ def plot_expertness(blocks: Sequence[Any], path: str | os.PathLike | None = None
         ax.legend(fontsize=8)
     fig.suptitle(title or "MLP expertness per block")
     return _save(fig, path)
+
+
+def plot_select(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Student and teacher accuracy per teacher checkpoint, the best one starred (``timm-remem select``'s plot).
+
+    Args:
+        rows: One mapping per checkpoint with ``checkpoint``, ``student_acc`` and ``teacher_acc``.
+        path: Save the figure here as PNG.
+
+    Returns:
+        ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
+
+    Example:
+        >>> import os, tempfile
+        >>> rows = [{"checkpoint": "epoch-1", "student_acc": 0.5, "teacher_acc": 0.6},
+        ...         {"checkpoint": "epoch-2", "student_acc": 0.7, "teacher_acc": 0.8}]
+        >>> out = plot_select(rows, os.path.join(tempfile.mkdtemp(), "select.png"))
+        >>> out is None or os.path.isfile(out)
+        True
+    """
+    fig = _figure_or_none(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.2))
+    if fig is None:
+        return None
+    ax = fig.add_subplot()
+    names = [r["checkpoint"] for r in rows]
+    ax.plot(names, [r["student_acc"] for r in rows], "o-", label="student (short distillation)")
+    ax.plot(names, [r["teacher_acc"] for r in rows], "s--", label="teacher")
+    best = max(range(len(rows)), key=lambda i: (rows[i]["student_acc"], -i))
+    ax.plot([names[best]], [rows[best]["student_acc"]], "r*", markersize=14, label="best")
+    ax.set_xlabel("teacher checkpoint")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    for label in ax.get_xticklabels():
+        label.set_rotation(30)
+        label.set_horizontalalignment("right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_demo(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """The demo's accuracy bars (teachers grey, students blue) and wall time per stage (``timm-remem demo``'s plot).
+
+    Args:
+        rows: One mapping per stage with ``stage``, ``teacher_acc``, ``student_acc`` (``None`` for a teacher stage)
+            and ``time_s``.
+        path: Save the figure here as PNG.
+
+    Returns:
+        ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
+
+    Example:
+        >>> import os, tempfile
+        >>> rows = [{"stage": "teacher: plain", "teacher_acc": 0.9, "student_acc": None, "time_s": 2.0},
+        ...         {"stage": "student <- plain teacher", "teacher_acc": 0.9, "student_acc": 0.8, "time_s": 1.0}]
+        >>> out = plot_demo(rows, os.path.join(tempfile.mkdtemp(), "demo.png"))
+        >>> out is None or os.path.isfile(out)
+        True
+    """
+    fig = _figure_or_none(figsize=(10, 3.6))
+    if fig is None:
+        return None
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    names = [r["stage"] for r in rows]
+    acc = [r["student_acc"] if r["student_acc"] is not None else r["teacher_acc"] for r in rows]
+    colors = ["tab:gray" if "teacher:" in n else "tab:blue" for n in names]
+    bars = ax.bar(range(len(rows)), acc, color=colors)
+    for b, a in zip(bars, acc, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, a, f"{a:.3f}", ha="center", va="bottom", fontsize=8)
+    lo = max(0.0, min(acc) - 0.1)
+    ax.set_ylim(lo, 1.0)
+    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("validation accuracy (digits)")
+    ax.set_title("teachers (grey) and students (blue)", fontsize=9)
+    bx.barh(range(len(rows)), [r["time_s"] for r in rows], color=colors)
+    bx.set_yticks(range(len(rows)), names, fontsize=8)
+    bx.invert_yaxis()
+    bx.set_xlabel("wall time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

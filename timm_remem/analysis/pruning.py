@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..reweighting import find_branches
 from .information import TeacherInformation, teacher_information
 
 __all__ = ["PruningResult", "pruning_diagnostic", "zero_branches"]
@@ -142,8 +143,6 @@ def pruning_diagnostic(
         >>> [(r["kind"], r["k"]) for r in result.rows]
         [('mlp', 0), ('mlp', 2), ('attn', 0), ('attn', 2)]
     """
-    from ..reweighting import find_branches
-
     kinds = tuple(kinds) if not isinstance(kinds, str) else (kinds,)
     bad = [k for k in kinds if k not in _KINDS]
     if bad or not kinds:

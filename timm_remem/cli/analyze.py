@@ -24,9 +24,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from timm.data import create_dataset, create_transform
 
+from .._io import atomic_write_text
+from .._models import create_timm_model, data_config, model_input_size
+from .._validation import check_int
+from .._version import __version__
+from ..analysis import (
+    layer_dynamics,
+    mlp_expertness,
+    plot_expertness,
+    plot_information_plane,
+    plot_layer_dynamics,
+    plot_pruning,
+    pruning_diagnostic,
+    rank_checkpoints,
+    teacher_information,
+)
+from ..data import DigitsDataset
 from ..errors import ConfigError, RememError, UnsupportedModelError
+from ..teachers import list_exports, load_teacher_model
+from ._args import json_dict
 
 ANALYSES = ("information", "dynamics", "expertness", "pruning")
 
@@ -44,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", action="store_true", help="load pretrained timm weights (needs them cached)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="head size for a timm name (default: the dataset's number of classes)")
-    p.add_argument("--model-kwargs", default="{}", help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 32}\'')
+    p.add_argument("--model-kwargs", type=json_dict("--model-kwargs"), default={},
+                   help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 32}\'')
     p.add_argument("--data", default="digits", help="'digits' (offline, default) or an image folder PATH/<class>/")
     p.add_argument("--max-samples", type=int, default=256, help="images used for every measurement (default 256)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -72,31 +93,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _input_size(model: torch.nn.Module) -> tuple[int, int]:
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    if size is not None and not getattr(pe, "dynamic_img_size", False):
-        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
-    import timm
-
-    cfg = timm.data.resolve_model_data_config(model)
-    return int(cfg["input_size"][1]), int(cfg["input_size"][2])
-
-
-def _mean_std(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    import timm
-
-    cfg = timm.data.resolve_model_data_config(model)
-    return tuple(cfg["mean"]), tuple(cfg["std"])
+    _, h, w = model_input_size(model)
+    return h, w
 
 
 def _digits(model: torch.nn.Module, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out validation split of scikit-learn's digits (the one training never sees), model-ready."""
-    from ..data import DigitsDataset
-
     h, w = _input_size(model)
     if h != w:
         raise ConfigError(f"--data digits needs a square input size, the model takes {h}x{w}; pass --data PATH.")
-    mean, std = _mean_std(model)
+    cfg = data_config(model)
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     if len(mean) != 3:
         raise ConfigError(f"--data digits makes 3-channel images, the model takes {len(mean)}; pass --data PATH.")
     ds = DigitsDataset("val", img_size=h, mean=mean, std=std)
@@ -107,12 +114,9 @@ def _digits(model: torch.nn.Module, max_samples: int, seed: int) -> tuple[torch.
 
 def _folder(model: torch.nn.Module, root: str, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``max_samples`` images of an image folder (seeded choice), with timm's eval transforms."""
-    import timm
-    from timm.data import create_dataset, create_transform
-
     if not os.path.isdir(root):
         raise ConfigError(f"--data {root!r} is neither 'digits' nor an existing image folder (PATH/<class>/<image>).")
-    cfg = timm.data.resolve_model_data_config(model)
+    cfg = data_config(model)
     cfg["input_size"] = (cfg["input_size"][0], *_input_size(model))
     ds = create_dataset("", root=root, transform=create_transform(**cfg, is_training=False))
     if len(ds) == 0:
@@ -131,24 +135,9 @@ def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> lis
 
 
 def _build_model(args: argparse.Namespace, num_classes: int | None) -> torch.nn.Module:
-    import timm
-
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-kwargs is not valid JSON ({e}): pass e.g. '{{\"img_size\": 32}}'.") from None
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}.")
-    if num_classes is not None:
-        kwargs.setdefault("num_classes", num_classes)
-    try:
-        return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(
-                f"{args.model!r} is neither a folder nor a timm model name: see timm.list_models('*vit*')."
-            ) from None
-        raise
+    if not args.model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(args.model):
+        raise ConfigError(f"{args.model!r} is neither a folder nor a timm model name: see timm.list_models('*vit*').")
+    return create_timm_model(args.model, pretrained=args.pretrained, num_classes=num_classes, kwargs=args.model_kwargs)
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:
@@ -157,12 +146,10 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if bad or not analyses:
         raise ConfigError(f"--analyses {args.analyses!r}: choose a comma-separated subset of {','.join(ANALYSES)}.")
     for name in ("max_samples", "batch_size", "dynamics_images"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), low=1)
     if not (math.isfinite(args.noise) and args.noise > 0):
         raise ConfigError(f"--noise must be > 0, got {args.noise}.")
-    if args.max_dim < 0:
-        raise ConfigError(f"--max-dim must be >= 0 (0 keeps every dimension), got {args.max_dim}.")
+    check_int("--max-dim", args.max_dim, low=0, hint="0 keeps every dimension")
     return analyses
 
 
@@ -176,29 +163,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .. import __version__
-    from ..analysis import (
-        layer_dynamics,
-        mlp_expertness,
-        plot_expertness,
-        plot_information_plane,
-        plot_layer_dynamics,
-        plot_pruning,
-        pruning_diagnostic,
-        rank_checkpoints,
-        teacher_information,
-    )
-    from ..analysis.information import _checkpoint_dirs, _load_checkpoint
-
     analyses = _check_args(args)
     torch.manual_seed(args.seed)
     progress = not args.no_progress
     device = torch.device(args.device)
     path = Path(args.model)
     if path.is_dir():
-        dirs = _checkpoint_dirs(path)
+        dirs = list_exports(path)
         checkpoints = {d.name: d for d in dirs}
-        first = _load_checkpoint(dirs[0])
+        first = load_teacher_model(dirs[0])
     else:
         checkpoints = None
         first = _build_model(args, args.num_classes if args.num_classes else (10 if args.data == "digits" else None))
@@ -243,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
                 report["information_plane"] = [p.to_dict() for p in points]
                 report["ranking"] = [r.to_dict() | {"info": None} for r in ranking]
                 report["best_checkpoint"] = ranking[0].name
-                model = _load_checkpoint(checkpoints[ranking[0].name]).to(device).eval()
+                model = load_teacher_model(checkpoints[ranking[0].name]).to(device).eval()
                 _plot(report, out, "information_plane", plot_information_plane, points)
         else:
             info = timed("information", lambda: teacher_information(model, loader, progress=progress, **info_kw))
@@ -272,10 +245,7 @@ def _run(args: argparse.Namespace) -> int:
             report["pruning"] = result.to_dict()
             _plot(report, out, "pruning", plot_pruning, result)
 
-    report_path = out / "report.json"
-    tmp = report_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
-    os.replace(tmp, report_path)
+    report_path = atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default))
     _print_summary(report, report_path)
     return 0
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+import timm
+
+from .._models import create_timm_model
 from ..errors import ConfigError
+from ..reweighting import find_branches, get_scales, reweight
+from ._args import json_dict
+
+# How the table names each ``Branch.kind`` (inspect lists MLP branches only).
+_WHERE = {"output": "mlp-output", "post-norm": "post-norm", "fused-columns": "fused-columns"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,27 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the branch table of ``args.model``; returns the exit code."""
-    import timm
-
-    from ..reweighting import _is_norm, find_branches, get_scales, reweight
-
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--model-kwargs is not valid JSON ({e}): pass e.g. '{{\"img_size\": 64}}'.") from None
-    try:
-        model = timm.create_model(args.model, pretrained=False, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(
-                f"unknown timm model {args.model!r}: see timm.list_models('*vit*') for names."
-            ) from None
-        raise
-    except TypeError as e:
-        raise ConfigError(
-            f"timm.create_model({args.model!r}) rejected --model-kwargs {args.model_kwargs}: {e}. "
-            "Use the model's constructor argument names (e.g. img_size, depth, embed_dim)."
-        ) from None
+    try:  # parsed here, not as the argparse type, so the error reads like every other inspect error
+        kwargs = json_dict("--model-kwargs")(args.model_kwargs)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(str(e)) from None
+    if ":" not in args.model and not timm.is_model(args.model):  # "hf-hub:" / "local-dir:" sources pass through
+        raise ConfigError(f"unknown timm model {args.model!r}: see timm.list_models('*vit*') for names.")
+    model = create_timm_model(args.model, pretrained=False, kwargs=kwargs)
     branches = find_branches(model)
     reweight(model, args.alpha, schedule=args.schedule, top_k=args.top_k)
     scales = get_scales(model)
@@ -55,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "block": b.index,
             "branch": b.path,
-            "kind": "fused-columns" if b.columns else ("post-norm" if _is_norm(b.module) else "mlp-output"),
+            "kind": _WHERE[b.kind],
             "block_class": type(model.get_submodule(b.block_path)).__name__,
             "factor": scales.get(b.path, 1.0),
         }

@@ -7,6 +7,11 @@ import json
 import sys
 
 from ..errors import ConfigError, RememError
+from ..hub import CONFIG_NAME, TeacherMetadata, fetch_teacher_files, load_teacher, push_to_hub
+from ..hub.errors import TOKEN_HELP
+
+# The library's advice names the ``token=`` argument; on the command line it is the --token flag.
+CLI_TOKEN_HELP = "pass --token TOKEN, set the HF_TOKEN environment variable or run `hf auth login`"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,10 +62,8 @@ def _students(pairs: list[str]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Load ``args.source``, push it to ``args.repo_id`` and print the commit URL; returns the exit code."""
-    from ..hub import CONFIG_NAME, TeacherMetadata, _fetch, load_teacher, push_to_hub
-
     try:
-        folder, _, _ = _fetch(args.source, None, args.token, None)
+        folder = fetch_teacher_files(args.source, token=args.token)
         remem = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("remem") or {}
         known = {name: remem[name] for name in TeacherMetadata.__dataclass_fields__ if remem.get(name) is not None}
         overrides = {
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                           revision=args.revision, commit_message=args.commit_message,
                           metadata=TeacherMetadata(**known))
     except RememError as err:
-        print(f"timm-remem push: error: {err}", file=sys.stderr)
+        print(f"timm-remem push: error: {str(err).replace(TOKEN_HELP, CLI_TOKEN_HELP)}", file=sys.stderr)
         return 1
     print(url)
     return 0

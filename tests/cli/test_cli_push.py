@@ -1,0 +1,99 @@
+"""Tests for ``timm-remem push`` (timm_remem/cli/push.py) against the test Hub server on loopback.
+
+References: the server's record of what was published, plain timm loading ``hf-hub:`` for the weights, and a
+reference teacher with forward hooks (the same perturbed ``test_vit`` scaled without timm-remem's wrappers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from hub_server import ALICE_WRITE, serving
+
+import timm_remem
+from timm_remem.cli import push as push_cli
+from timm_remem.hub import save_pretrained
+from timm_remem.reweighting import ScaledBranch
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's own call
+
+FACTORS = [0.9, 0.8, 0.65, 0.5, 0.4, 0.3]
+X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with serving(tmp_path / "hf_home", monkeypatch) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A reweighted test_vit with perturbed weights and factors, and an independent reference of its forward."""
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=5)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    reference = copy.deepcopy(base).eval()
+    for block, factor in zip(reference.blocks, FACTORS, strict=True):
+        block.mlp.register_forward_hook(lambda mod, args, out, f=factor: out * f)
+    model = timm_remem.reweight(base, alpha=0.8, learnable=True)
+    with torch.no_grad():
+        for wrapper in model.modules():
+            if isinstance(wrapper, ScaledBranch):
+                wrapper.remem_scale.fill_(FACTORS[wrapper.index])
+    return model.eval(), reference
+
+
+@torch.no_grad()
+def _out(model):
+    return model.eval()(X)
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="timm-remem")
+    push_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_push_keeps_saved_metadata_and_applies_overrides(hub, teacher, tmp_path, capsys):
+    save_pretrained(teacher[0], tmp_path, merge=False, dataset="cifar100", rho=0.1)
+    code = _cli(["push", str(tmp_path), "alice/vit-remem", "--token", ALICE_WRITE, "--rho", "0.2",
+                 "--student-accuracy", "resnet18=78.5"])
+    assert code == 0
+    assert capsys.readouterr().out.strip().startswith(f"{hub.endpoint}/alice/vit-remem/commit/")
+    remem = json.loads(hub.files("alice/vit-remem")["config.json"])["remem"]
+    assert (remem["dataset"], remem["rho"], remem["student_accuracies"], remem["merged"]) == (
+        "cifar100", 0.2, {"resnet18": 78.5}, True)
+    torch.testing.assert_close(_out(timm.create_model("hf-hub:alice/vit-remem", pretrained=True)), _out(teacher[1]),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cli_push_reports_hub_errors_in_one_line(hub, teacher, tmp_path, capsys):
+    save_pretrained(teacher[0], tmp_path)
+    assert _cli(["push", str(tmp_path), "alice/vit-remem", "--token", "hf_wrong"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("timm-remem push: error: the Hub rejected the token") and "Traceback" not in err
+    assert "pass --token TOKEN, set the HF_TOKEN environment variable" in err and "token=" not in err
+
+
+def test_cli_push_without_a_token_names_the_flag(hub, teacher, tmp_path, capsys):
+    save_pretrained(teacher[0], tmp_path)
+    assert _cli(["push", str(tmp_path), "alice/vit-remem"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("timm-remem push: error: pushing to 'alice/vit-remem' needs a Hugging Face token with the write "
+                   "role: pass --token TOKEN, set the HF_TOKEN environment variable or run `hf auth login`.\n")
+    assert hub.requests == []
+
+
+def test_cli_push_rejects_a_malformed_student_accuracy(tmp_path, teacher, capsys):
+    save_pretrained(teacher[0], tmp_path)
+    assert _cli(["push", str(tmp_path), "alice/vit-remem", "--student-accuracy", "resnet18"]) == 1
+    assert "--student-accuracy expects MODEL=ACCURACY (e.g. resnet18=78.5), got 'resnet18'" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Resuming a training run (timm_remem.train.resume): bit-exact continuation, refused mismatches (tiny models, CPU).
+
+The kill-and-resume tests of the command line are in test_resume_kill.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_cases import VIT
+
+import timm_remem.train.loop as loop
+from timm_remem.checkpoint import list_checkpoints
+from timm_remem.errors import CheckpointError, ConfigError
+from timm_remem.train import finetune_teacher
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _crash_on_step(monkeypatch, n):
+    """Make the n-th training step raise (simulating a kill), via the per-step loss check."""
+    real = loop.check_finite
+    calls = {"n": 0}
+
+    def check(loss, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated kill")
+        return real(loss, **kwargs)
+
+    monkeypatch.setattr(loop, "check_finite", check)
+
+RESUME = dict(VIT, epochs=2, limit_train_batches=3, alpha=0.8, rho=0.05, ema=True, ema_decay=0.9,
+              model_kwargs={"drop_path_rate": 0.2}, save_at=[])
+
+
+def test_resume_after_epoch_matches_uninterrupted(tmp_path, monkeypatch):
+    full = finetune_teacher(**RESUME, output=str(tmp_path / "full"))
+    _crash_on_step(monkeypatch, 5)  # step 5 is in epoch 2: only the epoch-1 checkpoint exists
+    with pytest.raises(KeyboardInterrupt):
+        finetune_teacher(**RESUME, output=str(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "cut" / "train-state")] == ["step-000000003"]
+    resumed = finetune_teacher(**RESUME, output=str(tmp_path / "cut"), resume=True)
+    assert _same_weights(full.model, resumed.model)
+    assert [r["step"] for r in resumed.history] == [3, 6]
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, monkeypatch):
+    opts = dict(RESUME, checkpoint_every=1)
+    full = finetune_teacher(**opts, output=str(tmp_path / "full"))
+    _crash_on_step(monkeypatch, 6)  # dies during step 6: the newest checkpoint is step 5, mid-epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        finetune_teacher(**opts, output=str(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert list_checkpoints(tmp_path / "cut" / "train-state")[-1].name == "step-000000005"
+    resumed = finetune_teacher(**opts, output=str(tmp_path / "cut"), resume=True)
+    assert _same_weights(full.model, resumed.model)
+
+
+def test_resume_accepts_settings_that_json_turns_into_lists(tmp_path):
+    opts = dict(VIT, epochs=2, limit_train_batches=1, save_at=[], model_kwargs={"img_size": (16, 16)})
+    finetune_teacher(**opts, output=str(tmp_path))
+    resumed = finetune_teacher(**opts, output=str(tmp_path), resume=True)  # finished already: nothing left to run
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    opts = dict(VIT, epochs=1, limit_train_batches=1, save_at=[])
+    finetune_teacher(**opts, output=str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"other settings: lr=0.001 \(checkpoint\) vs 0.01 \(now\)"):
+        finetune_teacher(**dict(opts, lr=0.01), output=str(tmp_path), resume=True)
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    opts = dict(VIT, epochs=1, limit_train_batches=1, save_at=[])
+    finetune_teacher(**opts, output=str(tmp_path))
+    with pytest.raises(ConfigError, match="already holds training checkpoints"):
+        finetune_teacher(**opts, output=str(tmp_path))

@@ -1,0 +1,59 @@
+"""Plumbing shared by the analyses that run a model over a loader (information, expertness, pruning, dynamics):
+reading a batch, the progress bar, the input device and the sample cap.
+
+Example:
+    >>> import torch
+    >>> from timm_remem.analysis._common import _split_batch
+    >>> images, labels = _split_batch({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([0, 1])})
+    >>> tuple(images.shape), labels.tolist()
+    ((2, 3, 8, 8), [0, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._models import model_device
+from .._validation import check_int
+from ..errors import ConfigError
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(images, labels or None)`` from a loader batch: a tensor, ``(images, labels, ...)`` or a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        img = next((batch[k] for k in ("image", "images", "input", "inputs", "pixel_values") if k in batch), None)
+        lab = next((batch[k] for k in ("label", "labels", "target", "targets") if k in batch), None)
+        if isinstance(img, torch.Tensor):
+            return img, lab if isinstance(lab, torch.Tensor) else None
+    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        lab = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], lab
+    raise ConfigError(
+        f"cannot read images from a loader batch of type {type(batch).__name__}; yield a tensor of images, a tuple "
+        "(images, labels, ...) or a dict with 'image' and 'label' keys."
+    )
+
+
+def _hard_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices from labels: soft / one-hot ``[B, classes]`` float targets become their argmax."""
+    return labels.argmax(-1) if labels.dim() == 2 and labels.is_floating_point() else labels
+
+
+def _input_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """``device`` if given, else the device of the model's parameters (the model itself is never moved)."""
+    return torch.device(device) if device is not None else model_device(model)
+
+
+def _progress(iterable: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
+    return tqdm(iterable, desc=desc, leave=False) if progress else iterable
+
+
+def _check_max_samples(max_samples: int | None) -> int | None:
+    return check_int("max_samples", max_samples, low=1, allow_none=True, hint="None uses every sample")

@@ -1,0 +1,227 @@
+"""Command-line flags generated from the training config dataclasses: a flag, its default and its help written once.
+
+A field ``batch_size`` becomes ``--batch-size``: its type gives the argparse type (``int | None`` -> ``int``, a
+``bool`` -> a switch, ``--no-x`` when it is on by default, ``list[int]`` -> ``nargs="*"``, a ``dict`` -> a JSON
+object), its ``metadata["help"]`` the help line, and its default the ``(default: ...)`` that ends every help line
+(``--model`` says ``(required)``). The few flags that differ from that rule are listed in :data:`SPECIAL`. A flag
+left out of the command line is absent from the parsed namespace (``argparse.SUPPRESS``), so :func:`config_options`
+returns only what the user typed and every other field keeps the library default.
+
+Example:
+    >>> import argparse
+    >>> from timm_remem.train import FinetuneConfig
+    >>> parser = argparse.ArgumentParser()
+    >>> add_config_flags(parser, FinetuneConfig)
+    >>> args = parser.parse_args(["--model", "test_vit", "--opt", "sgd", "--no-progress"])
+    >>> config_options(args, FinetuneConfig)
+    {'model': 'test_vit', 'optimizer': 'sgd', 'progress': False}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from .. import distributed
+from ..train import DistillConfig, FinetuneConfig, TrainConfig
+from ._args import comma_list, json_dict
+
+__all__ = ["SPECIAL", "add_config_command", "add_config_flags", "config_options", "flag_name", "run_on_ranks"]
+
+# The exceptions to "field foo_bar is flag --foo-bar, typed by its annotation". Keys: ``flag`` (the option string),
+# ``choices`` (a tuple, or a dict from command-line word to config value), ``help`` (where the command-line form
+# needs other words than the Python value), any other add_argument keyword (nargs, const, metavar, type, required).
+# ``None``: the field has no flag.
+SPECIAL: dict[str, dict[str, Any] | None] = {
+    "model": {"required": True},
+    "optimizer": {"flag": "--opt"},
+    "label_smoothing": {"flag": "--smoothing"},
+    "num_workers": {"flag": "--workers"},
+    "save_state": None,  # always on for finetune/distill runs; select turns it off itself
+    "resume": {"nargs": "?", "const": True, "type": str, "metavar": "CHECKPOINT",
+               "help": "resume from OUTPUT/train-state (or from CHECKPOINT); 'auto': resume if OUTPUT holds a "
+                       "checkpoint, else start afresh (restarted jobs, torchrun --max-restarts)"},
+    "schedule": {"choices": ("exponential", "constant")},
+    "method": {"choices": ("kd", "hard", "dist")},
+    "lora_targets": {"type": comma_list("--lora-targets"), "metavar": "NAME[,NAME...]"},
+    "log": {"nargs": "+", "metavar": "TRACKER"},
+    "cache_teacher": {"choices": {"auto": None, "on": True, "off": False},
+                      "help": "cache teacher logits across epochs (auto: when inputs are deterministic, i.e. no "
+                              "augmentation, mixup or cutmix)"},
+}
+
+# --help groups: TrainConfig fields by name ("training" when not listed), subclass fields by their class.
+_GROUPS = {
+    **dict.fromkeys(("model", "model_kwargs", "pretrained", "dataset", "data_dir", "download", "img_size",
+                     "num_classes", "output"), "model and data"),
+    **dict.fromkeys(("save_at", "save_state", "checkpoint_every", "keep_last", "resume"), "checkpoints"),
+}
+_CLASS_GROUPS = {FinetuneConfig: "ReMem reweighting", DistillConfig: "distillation"}
+
+
+def flag_name(field: dataclasses.Field) -> str | None:
+    """The option string of a config field (None: no flag).
+
+    Example:
+        >>> from timm_remem.train import DistillConfig
+        >>> fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+        >>> flag_name(fields["batch_size"]), flag_name(fields["optimizer"]), flag_name(fields["teacher_pretrained"])
+        ('--batch-size', '--opt', '--no-teacher-pretrained')
+    """
+    if field.name in SPECIAL and SPECIAL[field.name] is None:
+        return None
+    special = SPECIAL.get(field.name) or {}
+    if "flag" in special:
+        return special["flag"]
+    on_by_default = _default(field) is True and "choices" not in special
+    return ("--no-" if on_by_default else "--") + field.name.replace("_", "-")
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    exclude: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    help: Mapping[str, str] | None = None,
+) -> None:
+    """Add one flag per field of the config dataclass ``cls`` to ``parser``, in field order, in --help groups.
+
+    Args:
+        parser: The (sub-command) parser.
+        cls: A config dataclass whose fields carry ``metadata["help"]``.
+        exclude: Field names that get no flag (meaningless for this sub-command).
+        defaults: Defaults to show instead of the dataclass's, where the library function called with the
+            options has its own (``select`` runs 3 epochs). Shown only: an absent flag is still left out.
+        help: Help to use instead of the field's, by field name (e.g. what ``--model`` names for this command).
+    """
+    hints = typing.get_type_hints(cls)
+    defaults = dict(defaults or {})
+    help = dict(help or {})
+    groups: dict[str, Any] = {}  # argparse argument groups by title
+    for field in dataclasses.fields(cls):
+        flag = flag_name(field)
+        if flag is None or field.name in exclude:
+            continue
+        special = {k: v for k, v in (SPECIAL.get(field.name) or {}).items() if k not in ("flag", "help")}
+        default = defaults.get(field.name, _default(field))
+        kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
+        choices = special.pop("choices", field.metadata.get("choices"))
+        if choices is not None:
+            kwargs["choices"] = list(choices)
+        elif "type" not in special:
+            kwargs.update(_from_annotation(field.name, hints[field.name], flag, default))
+        kwargs.update(special)
+        text = help.get(field.name) or (SPECIAL.get(field.name) or {}).get("help") or field.metadata.get("help", "")
+        if kwargs.get("action") == "store_false":
+            text = f"turn off: {text}" if text else "turn off"
+        shown = "required" if kwargs.get("required") else "default: " + _shown(default, choices, kwargs.get("action"))
+        kwargs["help"] = _with_note(text, shown)
+        name = _group(cls, field.name)
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        groups[name].add_argument(flag, **kwargs)
+
+
+def config_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The config fields given on the command line, as config values (``--cache-teacher off`` -> False).
+
+    Example:
+        >>> from timm_remem.train import DistillConfig
+        >>> config_options(argparse.Namespace(model="resnet18", cache_teacher="off", func=print), DistillConfig)
+        {'model': 'resnet18', 'cache_teacher': False}
+    """
+    given = vars(args)
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in given:
+            continue
+        value = given[field.name]
+        choices = (SPECIAL.get(field.name) or {}).get("choices")
+        out[field.name] = choices[value] if isinstance(choices, Mapping) else value
+    return out
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _from_annotation(name: str, hint: Any, flag: str, default: Any) -> dict[str, Any]:
+    """argparse ``action``/``type``/``nargs`` from a field's annotation (``X | None`` counts as ``X``)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"config field {name!r} ({hint}) needs an entry in cli._config_flags.SPECIAL")
+        hint = options[0]
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return {"action": "store_false" if default is True else "store_true"}
+    if hint in (int, float):
+        return {"type": hint}
+    if hint is str:
+        return {}
+    if hint is dict or origin is dict:
+        return {"type": json_dict(flag), "metavar": "JSON"}
+    if origin is list and typing.get_args(hint) and typing.get_args(hint)[0] in (int, float, str):
+        return {"type": typing.get_args(hint)[0], "nargs": "*"}
+    raise TypeError(f"config field {name!r} ({hint}) needs an entry in cli._config_flags.SPECIAL")
+
+
+def _shown(default: Any, choices: Any, action: str | None) -> str:
+    """How --help writes a default: the command-line word, 'on'/'off' for switches, 'unset' for None."""
+    if isinstance(choices, Mapping):
+        return next(word for word, value in choices.items() if value == default and type(value) is type(default))
+    if action in ("store_true", "store_false"):
+        return "on" if default else "off"
+    if default is None:
+        return "unset"
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default)) or "none"
+    return str(default)
+
+
+def _with_note(text: str, note: str) -> str:
+    """``text (note)``, a final full stop dropped (not an ellipsis), ``%`` escaped (argparse %-formats help)."""
+    text = text.rstrip()
+    if text.endswith(".") and not text.endswith("..."):
+        text = text[:-1]
+    return f"{text} ({note})".lstrip().replace("%", "%%")
+
+
+def _group(cls: type, name: str) -> str:
+    """The --help group of field ``name``: the class that first declares it, or a TrainConfig group."""
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base) and name in {f.name for f in dataclasses.fields(base)}:
+            return _GROUPS.get(name, "training") if base is TrainConfig else _CLASS_GROUPS.get(base, "options")
+    return "options"
+
+
+def run_on_ranks(call: Callable[[], Any], report: Callable[[Any], str]) -> int:
+    """Run a library call of a training command; rank 0 prints ``report(result)``; the process group is always
+    torn down (also under torchrun and after an error). Returns the exit code 0."""
+    try:
+        result = call()
+        if distributed.is_main_process():
+            print(report(result))
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+def add_config_command(
+    subparsers: argparse._SubParsersAction, name: str, cls: type, run: Callable[[argparse.Namespace], int], *,
+    help: str, description: str, model_help: str, exclude: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> argparse.ArgumentParser:
+    """Add sub-command ``name`` whose flags are the fields of ``cls`` (see :func:`add_config_flags`) and whose
+    ``func`` is ``run``; ``model_help`` says what ``--model`` names for this command. Returns its parser."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_config_flags(parser, cls, exclude=exclude, defaults=defaults, help={"model": model_help})
+    parser.set_defaults(func=run)
+    return parser

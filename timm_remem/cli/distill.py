@@ -1,0 +1,51 @@
+"""``timm-remem distill``: distill a student from a teacher checkpoint (or train it alone, the baseline).
+
+The flags are :class:`~timm_remem.train.DistillConfig`'s fields (see :mod:`timm_remem.cli._config_flags`); a flag
+left out keeps the library default. Runs unchanged under ``torchrun --nproc_per_node N`` (DistributedDataParallel;
+``--batch-size`` is per process); only rank 0 prints and writes files.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="timm-remem")
+    >>> register(parser.add_subparsers(dest="command"))
+    >>> options(parser.parse_args(["distill", "--model", "resnet18", "--teacher", "runs/t/checkpoints/epoch-003",
+    ...                            "--cache-teacher", "off"]))
+    {'model': 'resnet18', 'teacher': 'runs/t/checkpoints/epoch-003', 'cache_teacher': False}
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..train import DistillConfig, distill_student
+from ._config_flags import add_config_command, config_options, run_on_ranks
+
+__all__ = ["register", "options", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` sub-command."""
+    add_config_command(
+        subparsers, "distill", DistillConfig, run,
+        help="distill a student from a teacher checkpoint (or train it alone)",
+        description="Distill a student (any timm name: resnet18, mobilenetv2_100, ...) from a teacher: a checkpoint "
+        "folder written by finetune, hf-hub:org/name, local-dir:/path or a timm name. Without --teacher the "
+        "student is trained alone (the baseline).",
+        model_help="student: a timm name",
+    )
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~timm_remem.train.DistillConfig` fields given on the command line."""
+    return config_options(args, DistillConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Distill (or train) the student and print its accuracy; returns the exit code."""
+    return run_on_ranks(lambda: distill_student(**options(args)), _report)
+
+
+def _report(result: Any) -> str:
+    teacher = "" if result.teacher_acc is None else f" (teacher {result.teacher_acc:.4f})"
+    return f"student val acc {result.val_acc:.4f}{teacher}; output: {result.output}"

@@ -1,0 +1,211 @@
+"""The task loss (hard labels, label smoothing or soft Mixup/CutMix targets) and :class:`DistillationLoss`.
+
+:func:`task_loss` is the one classification loss of the library: the trainer uses it for plain fine-tuning and
+:class:`DistillationLoss` uses it for its label term, so both report the same number for the same batch.
+
+Example:
+    >>> import torch
+    >>> from timm_remem.distill.losses import task_loss
+    >>> round(float(task_loss(torch.zeros(2, 4), torch.tensor([0, 3]))), 4)  # uniform logits: log(4)
+    1.3863
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ._checks import check_label_smoothing, check_logit_pair, check_temperature, check_weight
+from .functional import dist_loss, kd_loss
+
+__all__ = ["task_loss", "DistillationLoss", "DISTILL_METHODS"]
+
+DISTILL_METHODS = ("kd", "hard", "dist")
+
+
+def task_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Classification loss for integer labels or soft targets, computed in float32.
+
+    - integer labels ``[B]``: cross-entropy with ``label_smoothing`` (same value as timm's
+      ``LabelSmoothingCrossEntropy``);
+    - float targets ``[B, C]`` (timm ``Mixup``/``CutMix`` output): soft-target cross-entropy
+      ``mean_i sum_c -y_ic log p_ic``; ``label_smoothing`` is not applied again (Mixup already smooths).
+
+    Args:
+        logits: Model output ``[B, C]``.
+        target: Labels ``[B]`` or soft targets ``[B, C]``.
+        label_smoothing: Label smoothing for integer labels, in ``[0, 1)``.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ConfigError: ``label_smoothing`` outside ``[0, 1)``, or a target whose shape does not fit the logits.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> hard = task_loss(logits, torch.tensor([0, 1]))
+        >>> soft = task_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # one-hot soft targets: same value
+        >>> bool(torch.allclose(hard, soft))
+        True
+    """
+    smoothing = check_label_smoothing(label_smoothing)
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ConfigError(
+                f"soft targets must have the logits' shape {tuple(logits.shape)}, got "
+                f"{tuple(target.shape)}; pass integer class labels [B] or Mixup/CutMix targets [B, num_classes]."
+            )
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        return torch.sum(-target.float() * log_p, dim=-1).mean()
+    if target.ndim != 1 or target.shape[0] != logits.shape[0]:
+        raise ConfigError(
+            f"integer targets must be class labels shaped [{logits.shape[0]}], got {tuple(target.shape)} "
+            f"({target.dtype}); pass labels [B] or float soft targets [B, num_classes]."
+        )
+    return F.cross_entropy(logits.float(), target.long(), label_smoothing=smoothing)
+
+
+class DistillationLoss(nn.Module):
+    """Task loss plus one logit-distillation term, with explicit weights.
+
+    ``total = task_weight * task_loss + distill_weight * distill_term`` where ``distill_term`` is
+
+    - ``"kd"``: :func:`~timm_remem.distill.kd_loss` (``T^2 * KL``, Hinton);
+    - ``"hard"``: cross-entropy against the teacher's argmax (DeiT "hard" distillation; ``temperature`` unused);
+    - ``"dist"``: :func:`~timm_remem.distill.dist_loss` (``T^2 * (beta * inter + gamma * intra)``, Huang et al.
+      2022).
+
+    ``T^2`` always stays inside the distillation term, whatever the weights: it is not dropped when ``task_weight`` is
+    0 (torchdistill does) and nothing is divided by the number of classes (DeiT's soft loss does). The weights are
+    independent (not ``alpha`` / ``1 - alpha``); for the Distillation Dynamics recipe use ``task_weight=0.1,
+    distill_weight=0.9, label_smoothing=0.1``.
+
+    The task term is :func:`task_loss` of ``target``:
+
+    - integer labels ``[B]``: cross-entropy with ``label_smoothing`` (same value as timm's
+      ``LabelSmoothingCrossEntropy``);
+    - float targets ``[B, C]`` (timm ``Mixup``/``CutMix`` output): soft-target cross-entropy
+      ``mean_i sum_c -y_ic log p_ic``; ``label_smoothing`` is not applied again (Mixup already smooths);
+    - ``None``: allowed only when ``task_weight == 0`` (pure distillation / function matching).
+
+    Parts: ``forward(..., return_parts=True)`` returns ``(total, parts)``; every call also stores the same dict
+    (detached) in ``self.last_parts``. Keys: ``"loss"``, ``"task_loss"``, ``"kd_loss"`` (the latter two unweighted).
+
+    Args:
+        method: ``"kd"``, ``"hard"`` or ``"dist"``.
+        task_weight: Weight of the task loss (>= 0).
+        distill_weight: Weight of the distillation term (>= 0).
+        temperature: Softmax temperature for ``"kd"`` and ``"dist"``.
+        label_smoothing: Label smoothing for integer targets, in ``[0, 1)``.
+        dist_beta: DIST inter-class weight.
+        dist_gamma: DIST intra-class weight.
+
+    Raises:
+        ConfigError: Unknown method, bad temperature / weights / smoothing, both weights zero, or bad targets.
+
+    Example:
+        >>> import torch
+        >>> loss_fn = DistillationLoss("kd", task_weight=0.5, distill_weight=0.5, temperature=4.0)
+        >>> s, t, y = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10), torch.randint(0, 10, (8,))
+        >>> total, parts = loss_fn(s, t, y, return_parts=True)
+        >>> sorted(parts)
+        ['kd_loss', 'loss', 'task_loss']
+    """
+
+    def __init__(
+        self,
+        method: str = "kd",
+        *,
+        task_weight: float = 1.0,
+        distill_weight: float = 1.0,
+        temperature: float = 1.0,
+        label_smoothing: float = 0.0,
+        dist_beta: float = 1.0,
+        dist_gamma: float = 1.0,
+    ):
+        super().__init__()
+        if method not in DISTILL_METHODS:
+            raise ConfigError(f"method must be one of {DISTILL_METHODS}, got {method!r}.")
+        self.method = method
+        self.task_weight = check_weight("task_weight", task_weight)
+        self.distill_weight = check_weight("distill_weight", distill_weight)
+        if self.task_weight == 0 and self.distill_weight == 0:
+            raise ConfigError("task_weight and distill_weight are both 0, so the loss is constant; make one positive.")
+        self.temperature = check_temperature(temperature)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.dist_beta = check_weight("dist_beta", dist_beta)
+        self.dist_gamma = check_weight("dist_gamma", dist_gamma)
+        self.last_parts: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def function_matching(cls, temperature: float = 1.0) -> DistillationLoss:
+        """The loss of Beyer et al. 2022 ("patient and consistent"): pure ``KL`` to the teacher, no label term.
+
+        Pair it with ``RememDistillationTask(..., consistent=True)`` (the default), mixup on the shared view and a
+        long schedule; see ``docs/distill.md``.
+
+        Example:
+            >>> DistillationLoss.function_matching().task_weight
+            0.0
+        """
+        return cls("kd", task_weight=0.0, distill_weight=1.0, temperature=temperature)
+
+    def extra_repr(self) -> str:
+        return (
+            f"method={self.method!r}, task_weight={self.task_weight}, distill_weight={self.distill_weight}, "
+            f"temperature={self.temperature}, label_smoothing={self.label_smoothing}"
+        )
+
+    def task_loss(self, student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The task term alone: :func:`task_loss` with this loss's ``label_smoothing``."""
+        return task_loss(student_logits, target, self.label_smoothing)
+
+    def distill_loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The distillation term alone (unweighted, ``T^2`` included where it applies)."""
+        if self.method == "kd":
+            return kd_loss(student_logits, teacher_logits, self.temperature)
+        if self.method == "dist":
+            return dist_loss(student_logits, teacher_logits, self.temperature, self.dist_beta, self.dist_gamma)
+        check_logit_pair(student_logits, teacher_logits)
+        return F.cross_entropy(student_logits.float(), teacher_logits.detach().argmax(dim=-1))
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        return_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss (and, with ``return_parts=True``, the detached parts dict).
+
+        Args:
+            student_logits: Student logits ``[B, C]``.
+            teacher_logits: Teacher logits ``[B, C]``.
+            target: Labels ``[B]``, soft targets ``[B, C]``, or ``None`` when ``task_weight == 0``.
+            return_parts: Also return ``{"loss", "task_loss", "kd_loss"}``.
+
+        Returns:
+            The total loss, or ``(total, parts)``.
+        """
+        kd = self.distill_loss(student_logits, teacher_logits)
+        if self.task_weight > 0:
+            if target is None:
+                raise ConfigError(
+                    f"target is None but task_weight={self.task_weight}; pass labels, or set task_weight=0 for pure "
+                    "distillation (function matching)."
+                )
+            task = self.task_loss(student_logits, target)
+            total = self.task_weight * task + self.distill_weight * kd
+        else:
+            task = kd.new_zeros(())
+            total = self.distill_weight * kd
+        parts = {"loss": total.detach(), "task_loss": task.detach(), "kd_loss": kd.detach()}
+        self.last_parts = parts
+        if return_parts:
+            return total, parts
+        return total

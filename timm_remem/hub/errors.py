@@ -1,0 +1,154 @@
+"""One :class:`~timm_remem.errors.HubError` for every way the Hub can fail, with what happened and what to do.
+
+huggingface_hub raises its own classes (:mod:`huggingface_hub.errors`) for what the Hub answered, and its HTTP
+client (httpx2) raises for connections that fail; both are recognised here with ``isinstance`` anywhere in the
+chain of causes, so a wrapped error is explained as well as a bare one.
+
+Example:
+    >>> from huggingface_hub.errors import LocalTokenNotFoundError
+    >>> from timm_remem.hub.errors import explain_hub_error
+    >>> explain_hub_error(LocalTokenNotFoundError(), "push to", "alice/vit", None, "https://huggingface.co")
+    "cannot push to 'alice/vit' on https://huggingface.co without a token: pass token=..., set the HF_TOKEN \
+environment variable or run `hf auth login`."
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx2
+from huggingface_hub import constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from ..errors import HubError, RememError
+from ._common import CONFIG_NAME
+
+__all__ = ["TOKEN_HELP", "NETWORK_ERRORS", "hub_errors", "explain_hub_error", "find_in_chain"]
+
+TOKEN_HELP = "pass token=..., set the HF_TOKEN environment variable or run `hf auth login`"
+# A request that got no answer: the connection failed, timed out or broke (httpx2.RequestError covers the
+# transport errors; HTTPStatusError, an answer with an error status, is not one of them).
+NETWORK_ERRORS = (httpx2.RequestError, ConnectionError, TimeoutError)
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from (``__cause__``, else ``__context__``), outermost first."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def find_in_chain(err: BaseException, *classes: type[BaseException]) -> BaseException | None:
+    """The first exception in ``err``'s chain of causes that is an instance of one of ``classes``.
+
+    Example:
+        >>> try:
+        ...     try:
+        ...         raise KeyError("inner")
+        ...     except KeyError as e:
+        ...         raise RuntimeError("outer") from e
+        ... except RuntimeError as e:
+        ...     find_in_chain(e, LookupError)
+        KeyError('inner')
+    """
+    return next((e for e in _chain(err) if isinstance(e, classes)), None)
+
+
+@contextmanager
+def hub_errors(action: str, repo_id: str, revision: str | None, endpoint: str, pushing: bool = False) -> Iterator:
+    """Turn the errors of huggingface_hub and its HTTP client into one :class:`HubError` with a clear message.
+
+    Errors of timm-remem pass through, and so do errors that are not the Hub's.
+
+    Example:
+        >>> from huggingface_hub.errors import LocalTokenNotFoundError
+        >>> with hub_errors("download", "alice/vit", None, "https://huggingface.co"):  # doctest: +ELLIPSIS
+        ...     raise LocalTokenNotFoundError()
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.HubError: cannot download 'alice/vit' on https://huggingface.co without a token: ...
+    """
+    try:
+        yield
+    except RememError:
+        raise
+    except Exception as err:
+        message = explain_hub_error(err, action, repo_id, revision, endpoint, pushing)
+        if message is None:
+            raise
+        raise HubError(message) from None
+
+
+def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: str | None, endpoint: str,
+                      pushing: bool = False) -> str | None:
+    """What ``err`` means for someone trying to ``action`` ``repo_id``, or ``None`` when it is not the Hub's.
+
+    Args:
+        err: The exception raised by huggingface_hub (or anything it was raised from).
+        action: What was being done, in words (``"download"``, ``"push to"``).
+        repo_id: The repository.
+        revision: The revision asked for (``None``: ``main``).
+        endpoint: The Hub's address (named in the message).
+        pushing: Whether it was a push (the message then says that nothing was published).
+    """
+    where = f"{repo_id!r} on {endpoint}"
+    undone = (" The push did not complete; it is a single commit, so the repository shows the previous revision "
+              "(or the complete new one if the Hub applied it just before the failure): run it again.") if pushing \
+        else ""
+    if find_in_chain(err, OfflineModeIsEnabled) and pushing:
+        return f"cannot {action} {where}: offline mode is on (HF_HUB_OFFLINE=1); unset it to reach the Hub."
+    if find_in_chain(err, LocalTokenNotFoundError):
+        return f"cannot {action} {where} without a token: {TOKEN_HELP}."
+    http = find_in_chain(err, HfHubHTTPError)
+    status = getattr(getattr(http, "response", None), "status_code", None)
+    server = (getattr(http, "server_message", None) or "").strip()
+    server = f" (the Hub said: {server})" if server else ""
+    if find_in_chain(err, RevisionNotFoundError):
+        return (f"revision {revision or 'main'!r} does not exist in {where}: check the branch, tag or commit id "
+                "(list them with huggingface_hub.HfApi().list_repo_refs).")
+    if find_in_chain(err, RepositoryNotFoundError, GatedRepoError):
+        return (f"repository {where} was not found, or it is private and "
+                + ("no token was sent" if status == 401 else "your token cannot see it")
+                + f": check the name; for a private repository {TOKEN_HELP} with access to it.")
+    if find_in_chain(err, EntryNotFoundError) and not find_in_chain(err, LocalEntryNotFoundError):
+        return (f"{where} has no {CONFIG_NAME}: it is not a timm model repository (publish teachers with "
+                "timm_remem.push_to_hub).")
+    if status == 401:
+        return f"the Hub rejected the token (401 Unauthorized) for {where}: it is invalid, expired or revoked; " \
+               f"{TOKEN_HELP} with a valid token.{server}"
+    if status == 403:
+        namespace = repo_id.split("/")[0]
+        return (f"the Hub refused to let your token {action} {where} (403 Forbidden): it has no write access to the "
+                f"namespace {namespace!r} (another user's namespace, or a token with the read role). Push to your own "
+                f"namespace or an organisation where you may write, with a token that has the write role.{server}")
+    if find_in_chain(err, LocalEntryNotFoundError):
+        if constants.HF_HUB_OFFLINE:
+            return (f"{repo_id!r} is not in the local Hub cache and offline mode is on (HF_HUB_OFFLINE=1): download "
+                    "it once online (or point cache_dir at a cache that has it).")
+        return (f"cannot reach the Hub at {endpoint} to download {repo_id!r}, and it is not in the local cache: "
+                "check the network connection, HF_ENDPOINT and proxy settings, or set HF_HUB_OFFLINE=1 to use a "
+                "cached copy.")
+    if pushing and any("xet-write-token" in str(e) for e in _chain(err)):
+        return (f"cannot {action} {where}: the server offers no Xet storage (its xet-write-token route answered "
+                "404). For a Hub-compatible server without Xet, set HF_HUB_DISABLE_XET=1 in the environment before "
+                "Python starts (huggingface_hub reads it at import) so that uploads use plain git-LFS.")
+    network = find_in_chain(err, *NETWORK_ERRORS)
+    if network is not None:
+        return (f"cannot {action} {where}: the connection to the Hub failed ({type(network).__name__}: "
+                f"{network}). Check the network connection, HF_ENDPOINT and proxy settings.{undone}")
+    if http is not None and status is not None:
+        return f"the Hub answered {status} when trying to {action} {where}{server}.{undone}"
+    return None

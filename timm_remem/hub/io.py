@@ -1,0 +1,319 @@
+"""Write a teacher folder in timm's Hugging Face format, find one (a folder or the Hub), and load it back.
+
+Example:
+    >>> import tempfile, timm, timm_remem
+    >>> from timm_remem.hub import fetch_teacher_files
+    >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), alpha=0.8)
+    >>> folder = timm_remem.save_pretrained(teacher, tempfile.mkdtemp(), merge=False)
+    >>> sorted(p.name for p in fetch_teacher_files(f"local-dir:{folder}").iterdir())
+    ['README.md', 'config.json', 'model.safetensors']
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from timm.models import get_model_input_config, save_for_hf
+from torch import nn
+
+from .._io import atomic_write_text
+from .._version import __version__
+from ..errors import CheckpointError, ConfigError, HubError
+from ..reweighting import get_scales, is_reweighted, reweight
+from ..reweighting import merge as merge_factors
+from ._common import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_repo_id, check_timm_model
+from .card import model_card
+from .errors import find_in_chain, hub_errors
+from .metadata import (
+    TeacherMetadata,
+    metadata_from_fields,
+    remem_block,
+    reweight_config_from_block,
+    rewrite_pretrained_cfg,
+)
+
+__all__ = ["save_pretrained", "load_teacher", "fetch_teacher_files"]
+
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+_LOCAL_PREFIX = "local-dir:"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    merge: bool = True,
+    metadata: TeacherMetadata | None = None,
+    repo_id: str | None = None,
+    data_config: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Path:
+    """Write a teacher to ``path`` in timm's Hugging Face format, with a ReMem model card.
+
+    The folder holds ``config.json``, ``model.safetensors`` and ``README.md``. With ``merge=True`` (the default)
+    the reweighting factors are folded into a copy of the weights (``model`` is not changed): the folder is a plain
+    timm checkpoint that ``timm.create_model("local-dir:DIR", pretrained=True)`` loads and that reproduces the
+    teacher's outputs. With ``merge=False`` the wrappers' factors are saved as ``...remem_scale`` tensors (e.g. to
+    keep learnable factors for further fine-tuning); :func:`load_teacher` restores them exactly.
+
+    ``pretrained_cfg`` fields inherited from the base checkpoint that would be false for the teacher are rewritten:
+    ``tag``, ``license``, ``num_classes``, ``hf_hub_id`` (``repo_id``), description and paper; the input size is
+    the model's current one.
+
+    Args:
+        model: A timm model, reweighted (see :func:`timm_remem.reweight`) or not.
+        path: Folder to write (created if needed; existing files of the same names are replaced).
+        merge: Fold the factors into the weights (plain timm checkpoint) or keep them separate.
+        metadata: Training metadata; the keyword ``fields`` override its values.
+        repo_id: Hub id the folder is meant for (``"namespace/name"``), recorded as ``hf_hub_id``.
+        data_config: Preprocessing to record (``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
+            ``std``...), as accepted by ``timm.models.save_for_hf`` (default: the model's current input size).
+        **fields: :class:`TeacherMetadata` fields (``base_model``, ``dataset``, ``rho``, ``adaptive``,
+            ``epochs``, ``teacher_accuracy``, ``student_accuracies``, ``license``).
+
+    Returns:
+        The folder written.
+
+    Raises:
+        ConfigError: Unknown or invalid metadata, or a malformed ``repo_id``.
+        UnsupportedModelError: ``model`` is not a timm model.
+
+    Example:
+        >>> import tempfile, json, timm, timm_remem
+        >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), alpha=0.8)
+        >>> folder = timm_remem.save_pretrained(teacher, tempfile.mkdtemp(), merge=False, rho=0.1)
+        >>> remem = json.loads((folder / "config.json").read_text())["remem"]
+        >>> remem["alpha"], remem["merged"], remem["rho"]
+        (0.8, False, 0.1)
+    """
+    meta = metadata_from_fields(metadata, fields)
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    check_timm_model(model)
+
+    if meta.base_model is None:
+        inherited = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
+        if inherited and inherited.split("@")[0] != repo_id:
+            meta = dataclasses.replace(meta, base_model=inherited.split("@")[0])
+    wrapped = is_reweighted(model)
+    remem = remem_block(model, meta, merged=merge or not wrapped)
+    scales = get_scales(model) if wrapped else {}
+    weights = merge_factors(copy.deepcopy(model)) if merge and wrapped else model
+
+    folder = Path(path)
+    if data_config is None:
+        data_config = {"input_size": tuple(get_model_input_config(model)["input_size"])}
+    save_for_hf(weights, str(folder), model_config={"remem": remem}, safe_serialization=True,
+                data_config=data_config)
+    config_file = folder / CONFIG_NAME
+    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    rewrite_pretrained_cfg(hf_config["pretrained_cfg"], model, meta, repo_id)
+    atomic_write_text(config_file, json.dumps(hf_config, indent=2) + "\n")
+    card = model_card(hf_config, remem, meta, scales, repo_id)
+    atomic_write_text(folder / CARD_NAME, str(card))
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding the files
+
+
+def fetch_teacher_files(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The local folder that holds a teacher's ``config.json`` and ``model.safetensors``, downloading if needed.
+
+    Args:
+        name_or_path: ``"hf-hub:namespace/name"`` (optionally ``@revision``), ``"local-dir:DIR"`` or a folder.
+        revision: Branch, tag or commit for ``hf-hub:`` (same as ``@revision`` in the name).
+        token: Token for private repositories (default: ``HF_TOKEN`` or the stored login).
+        cache_dir: Hub cache folder (default: huggingface_hub's).
+
+    Returns:
+        The folder (for ``hf-hub:``, the snapshot in the Hub cache).
+
+    Raises:
+        ConfigError: ``name_or_path`` is not one of the accepted forms, or two revisions are given.
+        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason).
+        CheckpointError: ``model.safetensors`` is missing.
+
+    Example:
+        >>> fetch_teacher_files("no/such/folder")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: 'no/such/folder' is not an existing folder: give a folder written by ...
+    """
+    return _resolve(name_or_path, revision, token, cache_dir)[0]
+
+
+def _resolve(name_or_path: Any, revision: str | None, token: str | None,
+             cache_dir: Any) -> tuple[Path, str | None, str | None]:
+    """Local folder holding config.json and model.safetensors, plus the repo id and revision for hf-hub sources."""
+    text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if text is None:
+        raise ConfigError(f"name_or_path must be a string or a path, got {type(name_or_path).__name__}.")
+    if text.startswith(_HUB_PREFIXES):
+        repo_id, _, at = text.split(":", 1)[1].partition("@")
+        if at and revision is not None and at != revision:
+            raise ConfigError(f"two revisions given: {at!r} in {text!r} and revision={revision!r}; keep one.")
+        revision = revision or at or None
+        check_repo_id(repo_id)
+        return _download(repo_id, revision, token, cache_dir), repo_id, revision
+    folder = Path(text[len(_LOCAL_PREFIX):] if text.startswith(_LOCAL_PREFIX) else text).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{text!r} is not an existing folder: give a folder written by save_pretrained, 'local-dir:DIR', or "
+            "'hf-hub:namespace/name' for the Hugging Face Hub."
+        )
+    for required in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / required).is_file():
+            error = HubError if required == CONFIG_NAME else CheckpointError
+            raise error(
+                f"{str(folder / required)!r} is missing: a teacher folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                "(timm-remem reads safetensors only, never pickle files); write it with timm_remem.save_pretrained."
+            )
+    return folder, None, None
+
+
+def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: Any) -> Path:
+    paths = {}
+    with hub_errors("download", repo_id, revision, constants.ENDPOINT):
+        for filename in (CONFIG_NAME, WEIGHTS_NAME):
+            try:
+                paths[filename] = Path(hf_hub_download(
+                    repo_id, filename, revision=revision, token=token, cache_dir=cache_dir,
+                    library_name="timm-remem", library_version=__version__,
+                ))
+            except Exception as err:
+                if (filename == WEIGHTS_NAME and find_in_chain(err, EntryNotFoundError)
+                        and not find_in_chain(err, LocalEntryNotFoundError)):
+                    raise CheckpointError(
+                        f"the Hub repository {repo_id!r} has no {WEIGHTS_NAME}: timm-remem loads safetensors "
+                        "weights only (never pickle files such as pytorch_model.bin); re-publish it with "
+                        "timm_remem.push_to_hub."
+                    ) from None
+                raise
+    folder = paths[CONFIG_NAME].parent
+    if paths[WEIGHTS_NAME].parent != folder:  # both come from one snapshot of the cache
+        raise CheckpointError(f"{CONFIG_NAME} and {WEIGHTS_NAME} of {repo_id!r} resolved to different revisions; "
+                              "pass an explicit revision (a commit id).")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_teacher(
+    name_or_path: str | os.PathLike,
+    *,
+    merge: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """Load a teacher written by :func:`save_pretrained` / :func:`push_to_hub` (or any timm Hub-format model).
+
+    Accepts ``"hf-hub:namespace/name"`` (optionally ``@revision``), ``"local-dir:DIR"`` or a folder. The model is
+    built from ``config.json`` (architecture, ``model_args``, ``pretrained_cfg``) and the weights are read from
+    ``model.safetensors`` only (never a pickle), with a strict key check. A teacher saved with ``merge=False`` comes
+    back reweighted, with its exact factors (learnable ones stay learnable), unless ``merge=True`` folds them. For a
+    merged teacher, :func:`timm_remem.get_reweight_config` still reports its settings (``merged=True``).
+
+    Args:
+        name_or_path: Where the teacher is.
+        merge: Fold kept factors into the weights and return a plain timm model.
+        revision: Branch, tag or commit for ``hf-hub:`` (same as ``@revision`` in the name).
+        token: Token for private repositories (default: ``HF_TOKEN`` or the stored login).
+        cache_dir: Hub cache folder (default: huggingface_hub's). With ``HF_HUB_OFFLINE=1`` cached files are used.
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
+
+    Returns:
+        The teacher in eval mode, with ``pretrained_cfg`` describing its preprocessing.
+
+    Raises:
+        ConfigError: ``name_or_path`` is not one of the accepted forms.
+        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason).
+        CheckpointError: ``model.safetensors`` is missing or unreadable, or its keys or shapes do not match.
+
+    Example:
+        >>> import tempfile, timm, timm_remem
+        >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), alpha=0.8)
+        >>> folder = timm_remem.save_pretrained(teacher, tempfile.mkdtemp(), merge=False)
+        >>> timm_remem.get_scales(timm_remem.load_teacher(folder)) == timm_remem.get_scales(teacher)
+        True
+    """
+    folder, repo_id, revision = _resolve(name_or_path, revision, token, cache_dir)
+    hf_config = _read_config(folder / CONFIG_NAME)
+    remem = hf_config.get("remem") or {}
+    model = timm.create_model(f"local-dir:{folder}", pretrained=False, **model_kwargs)
+    saved = reweight_config_from_block(remem)
+    if saved is not None and not remem.get("merged", True):
+        top = saved.factors
+        reweight(model, schedule=top, top_k=len(top) if saved.top_k is not None else None, learnable=saved.learnable)
+    _load_weights(model, folder / WEIGHTS_NAME, name_or_path)
+    if saved is not None:
+        model.remem_config = saved  # the settings as saved (reweight above recorded a "custom" schedule)
+        if is_reweighted(model) and merge:
+            merge_factors(model)
+        saved.merged = not is_reweighted(model)
+    cfg = model.pretrained_cfg
+    if repo_id is not None:
+        cfg.pop("file", None)
+        cfg.update(hf_hub_id=repo_id if revision is None else f"{repo_id}@{revision}", source="hf-hub")
+    return model.eval()
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} is not readable JSON ({err}): the download is corrupt or the file "
+                              "was edited; write it again with timm_remem.save_pretrained.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise CheckpointError(f"{str(path)!r} has no 'architecture': it is not a timm model config.")
+    return config
+
+
+def _load_weights(model: nn.Module, path: Path, source: Any) -> None:
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{str(path)!r} is unreadable ({err}): it is corrupt or truncated; download or save "
+                              "it again.") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{label} {items}" for label, items in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+        raise CheckpointError(
+            f"the weights of {os.fspath(source)!r} do not match the {model.pretrained_cfg.get('architecture')} that "
+            f"its config.json describes: {'; '.join(problems)}. The files come from different models or were "
+            "edited (or model_kwargs changed the architecture); save the teacher again with "
+            "timm_remem.save_pretrained."
+        )
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=True)

@@ -1,0 +1,199 @@
+"""What ``config.json`` records about a teacher: :class:`TeacherMetadata` and the ``remem`` block.
+
+The ``remem`` block holds the reweighting settings (the :class:`~timm_remem.ReweightConfig` fields, flat), the live
+factor of each reweighted block, whether the factors were folded into the weights, and the training metadata.
+:func:`rewrite_pretrained_cfg` replaces what a base checkpoint's ``pretrained_cfg`` says about itself with what is
+true of the teacher.
+
+Example:
+    >>> import timm, timm_remem
+    >>> from timm_remem.hub.metadata import TeacherMetadata, remem_block
+    >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False), alpha=0.5, top_k=2)
+    >>> block = remem_block(teacher, TeacherMetadata(rho=0.1), merged=False)
+    >>> block["factors"], block["merged"], block["rho"]
+    ([0.5, 0.25], False, 0.1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .._serialization import dataclass_from_dict, dataclass_to_dict, known_fields
+from .._validation import check_bool, check_float, check_int
+from .._version import __version__
+from ..errors import CheckpointError, ConfigError
+from ..reweighting import ReweightConfig, ScaledBranch, get_reweight_config, is_reweighted
+from ._common import PAPER_ARXIV, PAPER_TITLE
+
+__all__ = ["TeacherMetadata", "REWEIGHT_KEYS", "metadata_from_fields", "remem_block", "reweight_config_from_block",
+           "rewrite_pretrained_cfg"]
+
+# ReweightConfig fields written flat into the ``remem`` block of config.json.
+REWEIGHT_KEYS = tuple(f.name for f in dataclasses.fields(ReweightConfig) if f.name != "version")
+_ACCURACY_HINT = "give the top-1 accuracy in percent, between 0 and 100"
+
+
+@dataclass
+class TeacherMetadata:
+    """How a teacher was made, recorded in ``config.json`` and shown on the model card.
+
+    Every field is optional; pass them to :func:`save_pretrained` / :func:`push_to_hub` as keyword arguments or
+    as one ``metadata=TeacherMetadata(...)``.
+
+    Attributes:
+        base_model: Hub id of the pretrained checkpoint the teacher was fine-tuned from (default: the
+            ``hf_hub_id`` in the model's ``pretrained_cfg``).
+        dataset: Dataset the teacher was fine-tuned on (a Hub dataset id or a name, e.g. ``"cifar100"``).
+        rho: SAM neighbourhood radius used for fine-tuning.
+        adaptive: Whether SAM was adaptive (ASAM).
+        epochs: Number of fine-tuning epochs.
+        teacher_accuracy: Top-1 accuracy of the teacher on ``dataset``, in percent.
+        student_accuracies: ``{student model: top-1 accuracy in percent}`` of students distilled from it.
+        license: License of the weights (e.g. ``"apache-2.0"``); left out of the card when ``None``.
+
+    Example:
+        >>> TeacherMetadata(dataset="cifar100", rho=0.1, teacher_accuracy=91.5).to_dict()["rho"]
+        0.1
+    """
+
+    base_model: str | None = None
+    dataset: str | None = None
+    rho: float | None = None
+    adaptive: bool | None = None
+    epochs: int | None = None
+    teacher_accuracy: float | None = None
+    student_accuracies: dict[str, float] = field(default_factory=dict)
+    license: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("base_model", "dataset", "license"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name} must be a non-empty string or None, got {value!r}.")
+        if self.rho is not None:
+            if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (
+                math.isfinite(self.rho) and self.rho >= 0
+            ):
+                raise ConfigError(f"rho must be a finite number >= 0 (the SAM radius, e.g. 0.05), got {self.rho!r}.")
+            self.rho = float(self.rho)
+        if self.adaptive is not None:
+            check_bool("adaptive", self.adaptive, hint="or None when it was not recorded")
+        self.epochs = check_int("epochs", self.epochs, low=0, allow_none=True)
+        if not isinstance(self.student_accuracies, Mapping):
+            raise ConfigError(
+                f"student_accuracies must be a dict {{student model: top-1 %}}, got {self.student_accuracies!r}."
+            )
+        self.student_accuracies = dict(self.student_accuracies)
+        self.teacher_accuracy = check_float("teacher_accuracy", self.teacher_accuracy, low=0, high=100,
+                                            allow_none=True, hint=_ACCURACY_HINT)
+        for student, acc in self.student_accuracies.items():
+            self.student_accuracies[student] = check_float(f"student_accuracies[{student!r}]", acc, low=0, high=100,
+                                                           hint=_ACCURACY_HINT)
+        if (self.teacher_accuracy is not None or self.student_accuracies) and self.dataset is None:
+            raise ConfigError("accuracies need the dataset they were measured on: pass dataset='...' too.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict with sorted keys."""
+        return dataclass_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TeacherMetadata:
+        """Build metadata from a dict, dropping unknown keys with a warning (newer versions may add keys).
+
+        Example:
+            >>> TeacherMetadata.from_dict({"dataset": "cifar100", "epochs": None}).dataset
+            'cifar100'
+        """
+        known = known_fields(cls)
+        return dataclass_from_dict(cls, {k: v for k, v in data.items() if v is not None or k not in known})
+
+
+def metadata_from_fields(metadata: TeacherMetadata | None, fields: dict[str, Any]) -> TeacherMetadata:
+    """``metadata`` (or empty metadata) with the keyword ``fields`` of ``save_pretrained`` applied on top.
+
+    Example:
+        >>> meta = metadata_from_fields(TeacherMetadata(rho=0.1), {"epochs": 3})
+        >>> meta.rho, meta.epochs
+        (0.1, 3)
+    """
+    if metadata is not None and not isinstance(metadata, TeacherMetadata):
+        raise ConfigError(f"metadata must be a TeacherMetadata, got {type(metadata).__name__}.")
+    known = known_fields(TeacherMetadata)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"unknown keyword arguments {unknown}: the teacher metadata fields are {sorted(known)}.")
+    return dataclasses.replace(metadata or TeacherMetadata(), **fields)
+
+
+def _live_factors(model: nn.Module) -> list[float]:
+    """Current factor of each reweighted block, bottom-up (learnable factors may have moved since reweight)."""
+    by_index = {w.index: float(w.remem_scale.detach()) for w in model.modules() if isinstance(w, ScaledBranch)}
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def remem_block(model: nn.Module, meta: TeacherMetadata, merged: bool) -> dict[str, Any]:
+    """The ``remem`` block of ``config.json`` for ``model``, sorted by key (see the module example)."""
+    config = get_reweight_config(model)
+    block: dict[str, Any] = {"library": "timm-remem", "version": __version__, "reweighted": config is not None}
+    if config is not None:
+        block.update({k: v for k, v in config.to_dict().items() if k in REWEIGHT_KEYS})
+        if is_reweighted(model):
+            block["factors"] = _live_factors(model)
+    else:
+        block.update({k: None for k in ("alpha", "schedule", "top_k", "learnable", "num_blocks")}, factors=[])
+    block["merged"] = merged
+    block.update(meta.to_dict())
+    return dict(sorted(block.items()))
+
+
+def reweight_config_from_block(remem: Mapping[str, Any]) -> ReweightConfig | None:
+    """The :class:`~timm_remem.ReweightConfig` a ``remem`` block records, or ``None`` for a plain teacher.
+
+    Raises:
+        CheckpointError: The block is damaged.
+
+    Example:
+        >>> reweight_config_from_block({"reweighted": False, "factors": []}) is None
+        True
+    """
+    if not remem.get("reweighted") or not remem.get("factors"):
+        return None
+    try:
+        return ReweightConfig.from_dict({k: remem[k] for k in (*REWEIGHT_KEYS, "version") if k in remem})
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"the 'remem' block of config.json is invalid ({err}); write it again with "
+                              "timm_remem.save_pretrained.") from None
+
+
+def rewrite_pretrained_cfg(cfg: dict, model: nn.Module, meta: TeacherMetadata, repo_id: str | None) -> None:
+    """Replace what the base checkpoint's pretrained_cfg says about itself with what is true of the teacher.
+
+    Example:
+        >>> cfg = {"tag": "augreg_in21k", "license": "mit", "origin_url": "https://example.org"}
+        >>> model = type("M", (), {"num_classes": 10})()
+        >>> rewrite_pretrained_cfg(cfg, model, TeacherMetadata(dataset="CIFAR-100"), "alice/vit")
+        >>> cfg["tag"], cfg["hf_hub_id"], "license" in cfg, "origin_url" in cfg
+        ('remem_cifar_100', 'alice/vit', False, False)
+    """
+    suffix = re.sub(r"[^a-z0-9]+", "_", meta.dataset.lower()).strip("_") if meta.dataset else ""
+    cfg["tag"] = f"remem_{suffix}" if suffix else "remem"
+    cfg["num_classes"] = model.num_classes
+    for key, value in (("license", meta.license), ("hf_hub_id", repo_id)):
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    base = f" fine-tuned from {meta.base_model}" if meta.base_model else ""
+    data = f" on {meta.dataset}" if meta.dataset else ""
+    cfg["description"] = f"ReMem teacher{base}{data}, prepared for knowledge distillation with timm-remem."
+    cfg["paper_name"] = PAPER_TITLE
+    cfg["paper_ids"] = f"arXiv:{PAPER_ARXIV}"
+    for key in ("origin_url", "notes"):
+        cfg.pop(key, None)

@@ -1,0 +1,86 @@
+"""Publish a teacher on the Hugging Face Hub as one commit, loadable with ``timm.create_model("hf-hub:...")``.
+
+Example:
+    >>> from timm_remem.hub import push_to_hub
+    >>> push_to_hub(object(), "not a repo id", token="hf_x")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    timm_remem.errors.ConfigError: repo_id must be 'namespace/name' (...), got 'not a repo id'.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+from huggingface_hub import HfApi, get_token
+from torch import nn
+
+from .._version import __version__
+from ..errors import HubError
+from ._common import check_repo_id
+from .errors import TOKEN_HELP, hub_errors
+from .io import save_pretrained
+from .metadata import TeacherMetadata
+
+__all__ = ["push_to_hub"]
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    merge: bool = True,
+    private: bool = False,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    metadata: TeacherMetadata | None = None,
+    data_config: dict[str, Any] | None = None,
+    **fields: Any,
+) -> str:
+    """Publish a teacher on the Hugging Face Hub, loadable with ``timm.create_model("hf-hub:<repo_id>")``.
+
+    Creates the repository if needed (``private`` applies only then) and the branch ``revision`` if it does not
+    exist, writes the folder of :func:`save_pretrained` to a temporary directory and uploads it as one commit: an
+    interrupted push publishes nothing, the branch shows either the previous revision or the complete new one.
+
+    Args:
+        model: The teacher (see :func:`save_pretrained` for ``merge``, ``metadata``, ``data_config``, ``fields``).
+        repo_id: ``"namespace/name"``: your user name or an organisation where you may write.
+        merge: Fold the factors into the weights (loadable by plain timm) or keep them (timm-remem only).
+        private: Create the repository private.
+        token: Hugging Face token with the write role (default: ``HF_TOKEN`` or the token of ``hf auth login``).
+        revision: Branch to commit to (default ``main``); created from ``main`` when missing.
+        commit_message: Commit title (default: ``"Upload ReMem teacher <architecture>"``).
+        metadata: Training metadata, see :class:`TeacherMetadata`.
+        data_config: Preprocessing to record, see :func:`save_pretrained`.
+        **fields: :class:`TeacherMetadata` fields.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        HubError: No token, a token the Hub rejects or that cannot write to ``repo_id``'s namespace, or the Hub
+            cannot be reached.
+        ConfigError: Malformed ``repo_id`` or metadata.
+
+    Example:
+        >>> url = timm_remem.push_to_hub(teacher, "me/vit-b-remem-cifar100", dataset="cifar100")  # doctest: +SKIP
+        >>> timm.create_model("hf-hub:me/vit-b-remem-cifar100", pretrained=True)  # doctest: +SKIP
+    """
+    check_repo_id(repo_id)
+    token = token or get_token()
+    if not token:
+        raise HubError(f"pushing to {repo_id!r} needs a Hugging Face token with the write role: {TOKEN_HELP}.")
+    with tempfile.TemporaryDirectory(prefix="timm-remem-push-") as folder:
+        save_pretrained(model, folder, merge=merge, metadata=metadata, repo_id=repo_id, data_config=data_config,
+                        **fields)
+        message = commit_message or f"Upload ReMem teacher {model.pretrained_cfg.get('architecture') or ''}".strip()
+        api = HfApi(token=token, library_name="timm-remem", library_version=__version__)
+        with hub_errors("push to", repo_id, revision, api.endpoint, pushing=True):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message, revision=revision)
+    return info.commit_url

@@ -1,0 +1,237 @@
+"""Finding each block's MLP (or attention) residual branch: :class:`Branch` and :func:`find_branches`.
+
+Candidates are found by name (``mlp``, ``attn`` and their aliases, grouped with their block); the forward-pass
+probe in :mod:`timm_remem.reweighting._probe` then orders the blocks, moves a branch past a post-norm, descends into
+an "mlp" that holds its own residual, and drops ConvNeXt-style blocks whose "mlp" is the whole residual branch.
+
+Example:
+    >>> import timm
+    >>> from timm_remem.reweighting import find_branches
+    >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
+    >>> [(b.index, b.path, b.kind) for b in find_branches(model)][:2]
+    [(0, 'blocks.0.mlp', 'output'), (1, 'blocks.1.mlp', 'output')]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from . import _probe
+from .config import check_model
+from .layer import ScaledBranch
+
+__all__ = ["BRANCH_KINDS", "Branch", "find_branches"]
+
+#: The values of :attr:`Branch.kind` (where a scale on the branch sits).
+BRANCH_KINDS = ("output", "post-norm", "fused-columns")
+
+# Attribute names of modules that compute a block's MLP branch (``mlp2..4`` are CoaT's parallel aliases).
+_MLP_NAME = re.compile(r"^(mlp\d*|mlp_channels|mlp_out_proj)$")
+# Attribute names of modules that compute a block's token-mixing (attention) branch.
+_ATTN_NAME = re.compile(r"^(attn|token_mixer|mlp_tokens|linear_tokens|rnn_tokens|attn_out_proj)$")
+# Blocks whose MLP has another name, keyed by (timm module, block class).
+_EXTRA_MLP_NAMES = {("timm.models.swiftformer", "Block"): "linear"}
+# ConvNeXt-style blocks (the "mlp" is the whole residual branch) that the identity probe cannot see because their
+# shortcut changes the shape (first block of a stage).
+_WHOLE_BRANCH_BLOCKS = (
+    ("timm.models.convnext", "ConvNeXtBlock"),
+    ("timm.models.maxxvit", "ConvNeXtBlock"),
+    ("timm.models.edgenext", "ConvBlock"),
+    ("timm.models.edgenext", "SplitTransposeBlock"),
+    ("timm.models.inception_next", "MetaNeXtBlock"),
+)
+_READABLE_NAMES = {
+    "mlp": "mlp / mlp<N> / mlp_channels / mlp_out_proj",
+    "attn": "attn / token_mixer / mlp_tokens / linear_tokens / rnn_tokens / attn_out_proj",
+}
+# Owners of a module called "mlp" that is not a block's residual MLP branch.
+_NOT_A_BLOCK = ("AttentionPoolLatent", "AttentionPool2d", "RelPosMlp", "MlpClassifierHead")
+# Parallel blocks whose attention and MLP share one fused output projection.
+_FUSED_PARALLEL = ("ParallelScalingBlock", "DiffParallelScalingBlock")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass
+class Branch:
+    """A residual branch found by :func:`find_branches`.
+
+    Attributes:
+        index: Block index, bottom-up in the order the forward pass runs the blocks.
+        path: Dotted path of the module whose output is the branch's contribution to the residual add
+            (for a fused projection: the projection, with ``columns``).
+        module: That module.
+        block_path: Dotted path of the block.
+        aliases: Every path under which the module is registered (CoaT registers one Mlp three times).
+        columns: ``(start, end)`` input columns of a fused projection that belong to this branch, else ``None``.
+        fold_path: Path, relative to ``module``, of the last affine layer the branch output is linear in.
+        kind: Where a scale on this branch sits, one of :data:`BRANCH_KINDS` (default: ``"fused-columns"`` when
+            ``columns`` is set, else ``"output"``):
+
+            - ``"output"``: on the output of the branch's own module (the block's ``mlp`` / ``attn``, or the child
+              of a self-residual "mlp" that computes its main path).
+            - ``"post-norm"``: on the output of the normalisation layer that follows the branch before the residual
+              add (post-norm and sandwich-norm blocks: Swin V2, ``vit_*_rpn``, EVA post-norm); ``module`` is that
+              norm.
+            - ``"fused-columns"``: on the input columns ``columns`` of a projection the block's attention and MLP
+              share (``ParallelScalingBlock(fuse_out_proj=True)``); ``module`` is that projection.
+
+    Example:
+        >>> import torch
+        >>> Branch(0, "blocks.0.mlp", torch.nn.Linear(4, 4), "blocks.0").kind
+        'output'
+        >>> Branch(0, "blocks.0.out_proj", torch.nn.Linear(8, 4), "blocks.0", columns=(4, 8)).kind
+        'fused-columns'
+    """
+
+    index: int
+    path: str
+    module: nn.Module
+    block_path: str
+    aliases: tuple[str, ...] = ()
+    columns: tuple[int, int] | None = None
+    fold_path: str = ""
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = "fused-columns" if self.columns is not None else "output"
+        if self.kind not in BRANCH_KINDS:
+            raise ConfigError(f"Branch.kind must be one of {', '.join(map(repr, BRANCH_KINDS))}, got {self.kind!r}.")
+
+
+def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.Tensor | None = None) -> list[Branch]:
+    """Find every transformer block's MLP (or attention) residual branch, in forward order.
+
+    Scaling the output of ``branch.module`` by ``c`` (for ``branch.columns``: scaling those input columns) scales
+    that branch's contribution to the residual stream by ``c`` exactly; use it with forward hooks for ablations.
+
+    Args:
+        model: A timm model (works on reweighted models too: wrappers are reported at their paths).
+        kind: ``"mlp"`` or ``"attn"``.
+        example_inputs: Probe input (batch 1 is enough); by default one is built from the model's image size.
+
+    Returns:
+        Branches ordered by block index; parallel branches of one block share the index.
+
+    Raises:
+        UnsupportedModelError: No such branch, with what was looked for and why candidates were rejected.
+
+    Example:
+        >>> import timm, timm_remem
+        >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
+        >>> [b.path for b in timm_remem.find_branches(model)][:2]
+        ['blocks.0.mlp', 'blocks.1.mlp']
+    """
+    if kind not in ("mlp", "attn"):
+        raise ConfigError(f"find_branches: kind must be 'mlp' or 'attn', got {kind!r}.")
+    check_model(model)
+    candidates = _candidates(model, kind)
+    name = type(model).__name__
+    looked_for = _READABLE_NAMES[kind]
+    whole = [m for m in model.modules() if (type(m).__module__, type(m).__name__) in _WHOLE_BRANCH_BLOCKS]
+    if not candidates and whole and kind == "mlp":
+        raise UnsupportedModelError(_whole_branch_message(name, looked_for))
+    if not candidates:
+        raise UnsupportedModelError(
+            f"{name} has no transformer {kind.upper()} residual branch: no submodule named {looked_for} "
+            "inside a block. timm-remem reweights vision transformers (ViT, DeiT, Swin, EVA, CaiT, ...); "
+            "convolutional networks have no MLP branch to reweight."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        inputs, events, block_spans = _probe.probe_any_size(model, candidates, example_inputs)
+        branches = _probe.resolve(model, candidates, events, block_spans)
+        inner = _probe.descend_self_residual(model, branches, inputs)
+        if inner is not None:
+            candidates = inner
+            events, block_spans = _probe.probe(model, candidates, inputs)
+            branches = _probe.resolve(model, candidates, events, block_spans)
+        if kind == "mlp":
+            branches = _probe.drop_whole_branch_blocks(model, branches, inputs, events, block_spans)
+    finally:
+        model.train(was_training)
+    if not branches:
+        raise UnsupportedModelError(_whole_branch_message(name, looked_for))
+    return branches
+
+
+def _whole_branch_message(name: str, looked_for: str) -> str:
+    return (
+        f"{name} has no transformer MLP residual branch: every block's {looked_for} module is the whole "
+        "residual branch, in series with a convolutional token mixer (ConvNeXt-style block), so scaling it is "
+        "not ReMem's MLP reweighting. Use a vision transformer teacher."
+    )
+
+
+def _candidates(model: nn.Module, kind: str) -> list[Branch]:
+    """Modules named like an MLP/attention branch, grouped with their block; index filled in by the probe."""
+    pattern = _MLP_NAME if kind == "mlp" else _ATTN_NAME
+    modules = dict(model.named_modules(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}
+    for path, mod in modules.items():
+        aliases.setdefault(id(mod), []).append(path)
+    found: dict[int, Branch] = {}
+    for path, mod in modules.items():
+        if path and _is_fused_parallel(mod):
+            proj = mod.out_proj  # the Linear, or its ScaledBranch on a reweighted model
+            dim = _fused_out_proj(mod).out_features
+            columns = (dim, _fused_out_proj(mod).in_features) if kind == "mlp" else (0, dim)
+            key = id(proj) * 2 + (kind == "mlp")
+            found[key] = Branch(-1, f"{path}.out_proj", proj, path, tuple(aliases[id(proj)]), columns)
+    for path, mod in modules.items():
+        leaf = path.rsplit(".", 1)[-1]
+        if not path or not isinstance(mod, nn.Module) or id(mod) in found:
+            continue
+        block_path = _block_of(path, modules)
+        if block_path is None or type(modules[block_path]).__name__ in _NOT_A_BLOCK:
+            continue
+        block_key = (type(modules[block_path]).__module__, type(modules[block_path]).__name__)
+        extra = kind == "mlp" and _EXTRA_MLP_NAMES.get(block_key) == leaf and "." not in path[len(block_path) + 1:]
+        if not (pattern.match(leaf) or extra):
+            continue
+        if kind == "mlp" and block_key in _WHOLE_BRANCH_BLOCKS:
+            continue
+        if _is_fused_parallel(modules[block_path]):
+            continue
+        found[id(mod)] = Branch(-1, path, mod, block_path, tuple(aliases[id(mod)]))
+    # A candidate inside another candidate's block (RelPosMlp's mlp inside attention) is not a block branch.
+    blocks = {b.block_path for b in found.values()}
+    return [
+        b
+        for b in found.values()
+        if not any(b.block_path != other and b.block_path.startswith(other + ".") for other in blocks)
+        and not _inside_another(b, found.values())
+    ]
+
+
+def _inside_another(branch: Branch, others: Any) -> bool:
+    return any(o is not branch and branch.path.startswith(o.path + ".") for o in others)
+
+
+def _is_fused_parallel(module: nn.Module) -> bool:
+    named = any(cls.__name__ in _FUSED_PARALLEL for cls in type(module).__mro__)
+    return named and _fused_out_proj(module) is not None
+
+
+def _fused_out_proj(block: nn.Module) -> nn.Module | None:
+    proj = getattr(block, "out_proj", None)
+    if isinstance(proj, ScaledBranch):
+        proj = proj.base_layer
+    return proj if isinstance(proj, nn.Linear) else None
+
+
+def _block_of(path: str, modules: dict[str, nn.Module]) -> str | None:
+    """Nearest ancestor that is not a plain container (Sequential, ModuleList, ModuleDict)."""
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:cut])
+        if not isinstance(modules[parent], _CONTAINERS):
+            return parent
+    return None

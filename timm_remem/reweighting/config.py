@@ -1,0 +1,157 @@
+"""What ``reweight`` did to a model (:class:`ReweightConfig`), the factor schedules, and the input checks.
+
+Example:
+    >>> from timm_remem.reweighting.config import ReweightConfig, schedule_factors
+    >>> schedule_factors(0.5, "exponential", 3)
+    [0.5, 0.25, 0.125]
+    >>> ReweightConfig(alpha=0.5, factors=[0.5, 0.25], num_blocks=2).to_dict()["factors"]
+    [0.5, 0.25]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._serialization import dataclass_from_dict, dataclass_to_dict
+from .._validation import check_choice, check_float
+from .._version import __version__
+from ..errors import ConfigError
+
+__all__ = ["SCHEDULES", "ReweightConfig", "check_factor", "check_model", "schedule_factors"]
+
+#: The named schedules ``reweight`` accepts (besides a sequence of factors or a callable).
+SCHEDULES = ("exponential", "constant")
+
+_FACTOR_HINT = "ReMem uses factors in (0, 1], e.g. alpha=0.85."
+
+
+@dataclass
+class ReweightConfig:
+    """What ``reweight`` did to a model; stored on it as ``model.remem_config``.
+
+    Attributes:
+        alpha: The MLP weight (``None`` for a custom schedule).
+        schedule: ``"exponential"``, ``"constant"`` or ``"custom"``.
+        top_k: Number of reweighted blocks counted from the top (``None``: all).
+        learnable: Whether the factors are trainable parameters.
+        factors: Factor of each reweighted block, bottom-up (length ``top_k`` or the number of blocks).
+        num_blocks: Number of blocks with an MLP branch.
+        merged: ``True`` once ``merge`` folded the factors into the weights.
+        version: timm-remem version that wrote this config.
+
+    Example:
+        >>> from timm_remem import ReweightConfig
+        >>> config = ReweightConfig(alpha=0.8, top_k=2, factors=[0.8, 0.64], num_blocks=6)
+        >>> ReweightConfig.from_dict(config.to_dict()) == config
+        True
+    """
+
+    alpha: float | None = 0.85
+    schedule: str = "exponential"
+    top_k: int | None = None
+    learnable: bool = False
+    factors: list[float] = field(default_factory=list)
+    num_blocks: int = 0
+    merged: bool = False
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("ReweightConfig.schedule", self.schedule, (*SCHEDULES, "custom"))
+        if self.alpha is not None:
+            check_factor("alpha", self.alpha, allow_zero=False)
+        for i, f in enumerate(self.factors):
+            check_factor(f"factors[{i}]", f, allow_zero=True)
+        self.factors = [float(f) for f in self.factors]
+        if not self.version:
+            self.version = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a JSON-ready dict with sorted keys."""
+        return dataclass_to_dict(self)
+
+    def to_json(self) -> str:
+        """Return the config as sorted, indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReweightConfig:
+        """Build a config from a dict, dropping unknown keys with a warning (newer versions may add keys)."""
+        return dataclass_from_dict(cls, data)
+
+
+def check_factor(name: str, value: Any, *, allow_zero: bool) -> None:
+    """Check one reweighting factor: a real number (a one-element tensor counts), finite, ``>= 0`` or ``> 0``.
+
+    Raises:
+        ConfigError: Naming the value, its type, and the range ReMem uses.
+
+    Example:
+        >>> check_factor("alpha", 0.85, allow_zero=False)
+        >>> check_factor("alpha", "0.85", allow_zero=False)
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: alpha must be a real number, got '0.85' (str).
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    check_float(name, value, low=0, low_open=not allow_zero, hint=_FACTOR_HINT)
+
+
+def check_model(model: Any) -> None:
+    """Check that ``model`` is an ``nn.Module`` (a model name given instead gets a hint to create it first).
+
+    Example:
+        >>> check_model("vit_base_patch16_224")
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: expected a torch.nn.Module (a timm model), got str 'vit_base_patch16_224'. \
+Create it first: timm.create_model(name, pretrained=...).
+    """
+    if not isinstance(model, nn.Module):
+        hint = " Create it first: timm.create_model(name, pretrained=...)." if isinstance(model, str) else ""
+        raise ConfigError(f"expected a torch.nn.Module (a timm model), got {type(model).__name__} {model!r:.60}.{hint}")
+
+
+def schedule_factors(
+    alpha: float, schedule: str | Sequence[float] | Callable[[int, int], float], k: int
+) -> list[float]:
+    """The factor of each of ``k`` reweighted blocks, bottom-up, under ``schedule`` (checked, as floats).
+
+    ``"exponential"`` gives block ``i`` the factor ``alpha ** (i + 1)``, ``"constant"`` gives ``alpha`` to all, a
+    sequence must hold exactly ``k`` factors, and a callable is called as ``schedule(i, k)``.
+
+    Raises:
+        ConfigError: A factor is not a finite number ``>= 0``, or a sequence has the wrong length.
+
+    Example:
+        >>> schedule_factors(0.8, "constant", 2)
+        [0.8, 0.8]
+        >>> schedule_factors(0.0, lambda i, k: (i + 1) / k, 4)
+        [0.25, 0.5, 0.75, 1.0]
+    """
+    if schedule == "exponential":
+        return [float(alpha) ** (i + 1) for i in range(k)]
+    if schedule == "constant":
+        return [float(alpha)] * k
+    if callable(schedule):
+        values = [schedule(i, k) for i in range(k)]
+        for i, v in enumerate(values):
+            check_factor(f"schedule({i}, {k})", v, allow_zero=True)
+        return [float(v) for v in values]
+    values = list(schedule)
+    if len(values) != k:
+        raise ConfigError(
+            f"schedule has {len(values)} factors but {k} blocks are reweighted: give one factor per reweighted "
+            f"block, bottom-up (or change top_k to {len(values)})."
+        )
+    for i, v in enumerate(values):
+        check_factor(f"schedule[{i}]", v, allow_zero=True)
+    return [float(v) for v in values]

@@ -1,0 +1,139 @@
+"""Private argument checks of the SAM optimizer, with messages that say what was expected and how to fix it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .._validation import check_bool, check_float, check_int
+from ..errors import ConfigError
+
+# Keywords of SAM itself that arrive through ``**base_kwargs`` and are never passed to the base optimizer.
+SAM_KEYWORDS = ("eta", "every", "sync_perturbation", "replay_rng", "freeze_bn")
+
+USAGE = """SAM needs two forward/backward passes per step. Use it in one of two ways:
+
+  1. closure (SAM runs it twice; the closure zeroes nothing):
+         def closure():
+             loss = criterion(model(x), y)
+             loss.backward()
+             return loss
+         loss = opt.step(closure)
+
+  2. two steps:
+         criterion(model(x), y).backward()
+         if opt.first_step(zero_grad=True):
+             with opt.second_pass(model):
+                 criterion(model(x), y).backward()
+         opt.second_step(zero_grad=True)"""
+
+_GRAD_SCALER_STEP = (
+    "GradScaler.step(sam, ...) cannot drive SAM: the closure's gradients would reach the base optimizer "
+    "still multiplied by the loss scale. Give the scaler to SAM instead and do not call "
+    "scaler.step() or scaler.update() yourself:\n"
+    "  loss = opt.step(closure, scaler=scaler)   # closure calls scaler.scale(loss).backward()\n"
+    "or\n"
+    "  scaler.scale(loss).backward(); opt.first_step(zero_grad=True, scaler=scaler)\n"
+    "  scaler.scale(loss2).backward(); opt.second_step(zero_grad=True, scaler=scaler)"
+)
+
+
+def check_rho(value: Any, where: str) -> float:
+    """rho >= 0 and finite; ``where`` ("SAM", "param group") starts the message."""
+    try:
+        return check_float(f"{where} rho", value, low=0)
+    except ConfigError:  # the documented message (docs/bad-input.md) gives the typical range before the value
+        raise ConfigError(f"{where} rho must be a finite number >= 0 (typical: 0.05 to 0.5), got {value!r}.") from None
+
+
+def check_eta(value: Any, where: str) -> float:
+    """ASAM's offset eta >= 0 and finite."""
+    return check_float(f"{where} eta", value, low=0, hint="ASAM uses 0.01")
+
+
+def check_every(value: Any) -> int:
+    """``every``: an integer >= 1."""
+    try:
+        return check_int("every", value, low=1)
+    except ConfigError:
+        raise ConfigError(f"every must be an integer >= 1 (1 = SAM on every step), got {value!r}.") from None
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    """A finite clipping norm > 0, or None (no clipping)."""
+    return check_float("max_grad_norm", value, low=0, low_open=True, allow_none=True)
+
+
+def check_step_arguments(closure: Any, max_grad_norm: Any) -> None:
+    """``SAM.step(closure, max_grad_norm=...)``: a callable closure (the usages in the message) and a valid norm."""
+    if closure is None:
+        raise ConfigError(f"SAM.step() needs a closure.\n{USAGE}")
+    check_max_grad_norm(max_grad_norm)
+    if not callable(closure):
+        raise ConfigError(f"SAM.step() got a closure that is not callable: {closure!r}.\n{USAGE}")
+
+
+def check_param_group(param_group: Any) -> None:
+    """Check (and normalise in place) the SAM fields a parameter group may set: rho, eta, adaptive."""
+    if not isinstance(param_group, dict):
+        raise ConfigError(f"param_group must be a dict with a 'params' key, got {type(param_group).__name__}.")
+    where = "param group"
+    if "rho" in param_group:
+        param_group["rho"] = check_rho(param_group["rho"], where)
+    if "eta" in param_group:
+        param_group["eta"] = check_eta(param_group["eta"], where)
+    if "adaptive" in param_group:
+        check_bool("param group adaptive", param_group["adaptive"])
+
+
+def check_base_optimizer_class(base_optimizer: Any) -> None:
+    """The base optimizer must be a class (or factory), not an instance."""
+    if isinstance(base_optimizer, Optimizer):
+        raise ConfigError(
+            f"base_optimizer must be an optimizer class such as torch.optim.AdamW, got an instance of "
+            f"{type(base_optimizer).__name__}. Pass the class and its arguments: "
+            f"SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-3)."
+        )
+    if not callable(base_optimizer):
+        raise ConfigError(f"base_optimizer must be an optimizer class, got {base_optimizer!r}.")
+
+
+def build_base_optimizer(
+    base_optimizer: Callable[..., Optimizer], param_groups: list[dict[str, Any]], base_kwargs: dict[str, Any]
+) -> Optimizer:
+    """Build the base optimizer on SAM's groups; a misspelt keyword becomes a ConfigError listing SAM's own."""
+    try:
+        base = base_optimizer(param_groups, **base_kwargs)
+    except TypeError as error:
+        if "unexpected keyword" not in str(error):
+            raise
+        raise ConfigError(
+            f"SAM: {getattr(base_optimizer, '__name__', base_optimizer)} rejected a keyword ({error}). SAM's own "
+            f"keywords are rho, adaptive, {', '.join(SAM_KEYWORDS)}; every other "
+            "keyword goes to the base optimizer: check its spelling against the base optimizer's arguments."
+        ) from None
+    if not isinstance(base, Optimizer):
+        raise ConfigError(
+            f"base_optimizer must build a torch.optim.Optimizer, {base_optimizer!r} returned {type(base).__name__}."
+        )
+    return base
+
+
+def resolve_scaler(scaler: Any) -> torch.amp.GradScaler | None:
+    """The scaler if it is an enabled ``torch.amp.GradScaler``, None for None or a disabled scaler."""
+    if scaler is None:
+        return None
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise ConfigError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}.")
+    return scaler if scaler.is_enabled() else None
+
+
+def refuse_grad_scaler_step(optimizer: Optimizer) -> None:
+    """Refuse ``scaler.step(sam, ...)``, recognised by the attributes GradScaler.step sets before calling step."""
+    if "found_inf" in optimizer.__dict__ or "grad_scale" in optimizer.__dict__:
+        optimizer.__dict__.pop("found_inf", None)
+        optimizer.__dict__.pop("grad_scale", None)
+        raise ConfigError(_GRAD_SCALER_STEP)

@@ -1,0 +1,94 @@
+"""Private tensor helpers of the SAM optimizer: fused norms, one host synchronisation, buffers allocated once."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+# Added to the gradient norm when clipping (as in torch.nn.utils.clip_grad_norm_).
+_CLIP_EPS = 1e-6
+
+GroupGrads = tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]
+
+
+def sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of all elements (0-dim, fp32 or wider, on the first tensor's device), one read pass."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+    device = norms[0].device
+    return torch.stack([n.to(device) for n in norms]).square().sum()
+
+
+def dot_sum(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over tensors of the inner products <a_i, b_i> (0-dim, fp32 or wider), one read pass over each list."""
+    terms = []
+    device = a[0].device
+    for x, y in zip(a, b, strict=True):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x, y = x.float(), y.float()
+        terms.append(torch.dot(x.reshape(-1), y.reshape(-1)).to(device))
+    return torch.stack(terms).sum()
+
+
+def to_floats(tensors: list[torch.Tensor]) -> list[float]:
+    """Move a list of 0-dim tensors to the host with a single synchronisation."""
+    if not tensors:
+        return []
+    device = tensors[0].device
+    return torch.stack([t.to(device) for t in tensors]).tolist()
+
+
+def reused_buffers(cache: dict[torch.Tensor, torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-parameter buffers allocated on first use and reused on every later step."""
+    out = []
+    for p in params:
+        buf = cache.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            cache[p] = buf
+        out.append(buf)
+    return out
+
+
+def grads_by_group(param_groups: list[dict[str, Any]]) -> list[GroupGrads]:
+    """``(group, params, grads)`` for every group with gradients, the parameters without a gradient left out."""
+    out = []
+    for group in param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise ConfigError("SAM does not support sparse gradients; use dense embeddings (sparse=False).")
+        out.append((group, params, grads))
+    return out
+
+
+def final_norms(grads: list[torch.Tensor], pert_sq: float, pert_sq_tensors: list[torch.Tensor]) -> tuple[float, float]:
+    """``||grads||`` and the perturbation norm ``sqrt(pert_sq + sum(pert_sq_tensors))``, one host synchronisation."""
+    host = to_floats(([sq_sum(grads)] if grads else []) + pert_sq_tensors)
+    final_sq = host[0] if grads else 0.0
+    return math.sqrt(final_sq), math.sqrt(pert_sq + sum(host[1:] if grads else host))
+
+
+def clip_grads_(grads: list[torch.Tensor], norm: float, max_norm: float) -> None:
+    """Scale the gradients in place so that their global ``norm`` is at most ``max_norm`` (as clip_grad_norm_)."""
+    coef = max_norm / (norm + _CLIP_EPS)
+    if coef < 1.0:
+        torch._foreach_mul_(grads, coef)
+
+
+def losses_to_floats(loss: Any, perturbed_loss: Any) -> tuple[float | None, float | None]:
+    """The closure's losses at ``w`` and ``w + e`` as floats (one synchronisation); None if not a 1-element tensor."""
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        return None, None
+    dtype = torch.promote_types(loss.dtype, torch.float32)
+    losses = [loss.detach().reshape(()).to(dtype)]
+    if isinstance(perturbed_loss, torch.Tensor) and perturbed_loss.numel() == 1:
+        losses.append(perturbed_loss.detach().reshape(()).to(loss.device, dtype))
+    values = to_floats(losses)
+    return values[0], (values[1] if len(values) == 2 else None)

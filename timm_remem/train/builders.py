@@ -1,0 +1,224 @@
+"""What a training run is built from: the device (and process group), the model, the data, the optimizer, the
+learning-rate schedule, mixed precision, the weight EMA and Mixup/CutMix.
+
+Each builder reads a :class:`~timm_remem.train.TrainConfig` and leans on timm (``create_optimizer_v2``,
+``create_scheduler_v2``, ``ModelEmaV3``, ``Mixup``); with ``rho > 0`` the optimizer is timm_remem's SAM around
+the named base optimizer (registered in timm's factory by :mod:`timm_remem.sam`).
+
+Example:
+    >>> import torch
+    >>> from timm_remem.train import TrainConfig
+    >>> from timm_remem.train.builders import create_optimizer
+    >>> cfg = TrainConfig(model="test_vit", optimizer="momentum", rho=0.05)
+    >>> opt = create_optimizer(cfg, torch.nn.Linear(2, 2))
+    >>> type(opt).__name__, opt.base_optimizer.defaults["nesterov"]
+    ('SAM', False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
+
+from .. import distributed
+from .._models import create_timm_model, data_config
+from ..data import create_dataset, create_loader, dataset_num_classes
+from ..errors import ConfigError
+from ..sam import register_with_timm
+from .config import SAM_BASES, TrainConfig
+
+__all__ = [
+    "resolve_device",
+    "setup_device",
+    "wrap_ddp",
+    "seed_everything",
+    "dataset_classes",
+    "default_img_size",
+    "create_model",
+    "build_data",
+    "optimizer_name",
+    "create_optimizer",
+    "create_scheduler",
+    "create_scaler",
+    "autocast_factory",
+    "create_ema",
+    "create_mixup",
+]
+
+_NO_SCHED = ("none", "constant", "")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The training device; under torchrun (``WORLD_SIZE > 1``) CUDA means this process's ``cuda:LOCAL_RANK``.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    launched = distributed.env_world_size() > 1
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {name!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for CUDA but no GPU is available; use device='cpu'")
+    if dev.type == "cuda" and launched:
+        if dev.index is not None:
+            raise ConfigError(
+                f"device {name!r} names one GPU, but under torchrun each process uses the GPU of its LOCAL_RANK; pass "
+                "--device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        dev = torch.device("cuda", distributed.env_local_rank())
+    return dev
+
+
+def setup_device(cfg: TrainConfig) -> torch.device:
+    """Resolve the device and, when launched by torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    device = resolve_device(cfg.device)
+    distributed.init_distributed(device)
+    return device
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)`` inside a process group of several processes, else ``model`` itself."""
+    if not distributed.is_distributed():
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch (``timm.utils.random_seed``; each rank gets ``seed + rank``)."""
+    random_seed(seed, rank)
+
+
+def dataset_classes(cfg: TrainConfig) -> int:
+    """The class count of the configured dataset, checked against ``cfg.num_classes`` when that is set."""
+    found = dataset_num_classes(create_dataset(cfg.dataset, cfg.data_dir, "train", img_size=8, download=cfg.download))
+    if cfg.num_classes is not None and cfg.num_classes != found:
+        raise ConfigError(f"num_classes={cfg.num_classes} but dataset {cfg.dataset!r} has {found} classes")
+    return found
+
+
+def default_img_size(cfg: TrainConfig) -> int | None:
+    """``cfg.img_size``; 32 for digits when unset; None (the model's own size) otherwise."""
+    if cfg.img_size is not None:
+        return cfg.img_size
+    return 32 if cfg.dataset.lower() == "digits" else None
+
+
+def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, int]:
+    """The model to train (a head for ``num_classes``) and the input size it trains at."""
+    img_size = default_img_size(cfg)
+    model = create_timm_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, img_size=img_size,
+                              kwargs=cfg.model_kwargs)
+    if img_size is None:
+        img_size = int(data_config(model)["input_size"][-1])
+    return model, img_size
+
+
+def build_data(cfg: TrainConfig, model: nn.Module, img_size: int):
+    """``(train set, val set, train loader, val loader)`` normalised with the model's mean/std.
+
+    Under torchrun each rank takes every world-th sample of the epoch's shared permutation (``batch_size`` is per
+    process) and a disjoint shard of the validation set.
+    """
+    dc = data_config(model)
+    common = dict(img_size=img_size, mean=dc["mean"], std=dc["std"], download=cfg.download)
+    train = create_dataset(cfg.dataset, cfg.data_dir, "train", augment=cfg.augment, **common)
+    val = create_dataset(cfg.dataset, cfg.data_dir, "val", **common)
+    drop_last = cfg.mixup > 0 or cfg.cutmix > 0  # Mixup needs even batches
+    if drop_last and len(train) < cfg.batch_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(train)} training samples; lower it")
+    pin = torch.cuda.is_available()
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    # Each rank takes every world-th sample of the epoch's shared permutation: batch_size is per process, so the
+    # global batch is world * batch_size (rank r's k-th batch holds samples k*B*world + r + world*j of the order).
+    train_loader = create_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last,
+                                 num_workers=cfg.num_workers, pin_memory=pin, num_replicas=world, rank=rank)
+    if world > 1:  # a disjoint validation shard per rank, no padding: sums over ranks cover each sample once
+        val_shard = Subset(val, range(rank, len(val), world))
+        val_loader = create_loader(val_shard, cfg.eval_batch_size, num_workers=cfg.num_workers,
+                                   pin_memory=pin) if len(val_shard) else []
+    else:
+        val_loader = create_loader(val, cfg.eval_batch_size, num_workers=cfg.num_workers, pin_memory=pin)
+    return train, val, train_loader, val_loader
+
+
+def optimizer_name(cfg: TrainConfig) -> str:
+    """The timm optimizer name a config asks for: the SAM variant of the base optimizer when ``rho > 0``.
+
+    Example:
+        >>> optimizer_name(TrainConfig(model="m", optimizer="momentum", rho=0.05))
+        'sammomentum'
+        >>> optimizer_name(TrainConfig(model="m", optimizer="AdamW"))
+        'adamw'
+    """
+    name = cfg.optimizer.lower()
+    return SAM_BASES[name] if cfg.rho > 0 else name
+
+
+def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``timm.optim.create_optimizer_v2`` with the config's settings (SAM with ``rho``/``adaptive`` when rho > 0)."""
+    extra: dict[str, Any] = {"rho": cfg.rho, "adaptive": cfg.adaptive} if cfg.rho > 0 else {}
+    if cfg.rho > 0:
+        register_with_timm()  # idempotent: the SAM names are in timm's factory even if a user reset its registry
+    try:
+        return create_optimizer_v2(model, opt=optimizer_name(cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum, **extra)
+    except (ValueError, KeyError, AssertionError) as e:
+        raise ConfigError(f"cannot create optimizer {cfg.optimizer!r} ({e}); use a timm optimizer name such as "
+                          "'adamw' or 'sgd'") from e
+
+
+def create_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """A timm scheduler updated every step (``step_update``), or None for ``sched="none"``."""
+    if cfg.sched.lower() in _NO_SCHED:
+        return None
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr,
+            warmup_lr=cfg.lr * 0.01, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+        )
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f"cannot create scheduler {cfg.sched!r} ({e}); use 'cosine', 'step' or 'none'") from e
+    if scheduler is None:
+        raise ConfigError(f"unknown scheduler {cfg.sched!r}; use 'cosine', 'step', 'multistep', 'poly' or 'none'")
+    return scheduler
+
+
+def create_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler | None:
+    """A float16 ``GradScaler`` for AMP on CUDA; None otherwise (bfloat16 on the CPU needs none)."""
+    return torch.amp.GradScaler("cuda") if cfg.amp and device.type == "cuda" else None
+
+
+def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument factory of the run's autocast context (float16 on CUDA, bfloat16 on CPU; a no-op off AMP)."""
+    if not cfg.amp:
+        return contextlib.nullcontext
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def create_ema(cfg: TrainConfig, model: nn.Module) -> ModelEmaV3 | None:
+    """``timm.utils.ModelEmaV3`` of ``model`` when ``cfg.ema``; None otherwise."""
+    return ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
+
+
+def create_mixup(cfg: TrainConfig, num_classes: int) -> Mixup | None:
+    """``timm.data.Mixup`` (with the config's label smoothing) when mixup or cutmix is on; None otherwise."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)

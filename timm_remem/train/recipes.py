@@ -1,0 +1,218 @@
+"""The two training recipes: :func:`finetune_teacher` (optionally reweighted and with SAM) and
+:func:`distill_student` (from a teacher, or alone as the no-teacher baseline).
+
+Both start the same way (device and process group, seed, model, data; see :func:`start_run`) and train with
+:func:`timm_remem.train.loop.fit`; they differ in the loss (``compute``) and in what an export holds.
+
+Example:
+    >>> import tempfile
+    >>> from timm_remem.train import finetune_teacher
+    >>> result = finetune_teacher(model="test_vit", dataset="digits", img_size=16, epochs=1, batch_size=64,
+    ...                           limit_train_batches=2, output=tempfile.mkdtemp(), progress=False)
+    >>> [p.name for p in result.checkpoints]
+    ['epoch-001']
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.models import save_for_hf
+from torch import nn
+
+from .. import distributed
+from ..distill import DistillationLoss, RememDistillationTask, Teacher, TeacherLogitCache, task_loss
+from ..hub import save_pretrained
+from ..reweighting import reweight
+from ..teachers import load_teacher_model
+from .builders import (
+    autocast_factory,
+    build_data,
+    create_model,
+    dataset_classes,
+    seed_everything,
+    setup_device,
+    wrap_ddp,
+)
+from .config import DistillConfig, FinetuneConfig, TrainConfig, make_config
+from .loop import evaluate, fit
+from .results import TrainResult
+
+__all__ = ["finetune_teacher", "distill_student", "start_run", "load_distill_teacher"]
+
+
+def start_run(cfg: TrainConfig) -> tuple[torch.device, int, int, nn.Module, tuple]:
+    """What every run does first: device, seed, the model, its input size and the data.
+
+    Returns:
+        ``(device, num_classes, img_size, model, (train set, val set, train loader, val loader))``.
+    """
+    device = setup_device(cfg)
+    seed_everything(cfg.seed)
+    num_classes = dataset_classes(cfg)
+    model, img_size = create_model(cfg, num_classes)
+    return device, num_classes, img_size, model, build_data(cfg, model, img_size)
+
+
+def load_distill_teacher(cfg: DistillConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The teacher ``cfg.teacher`` names (see :func:`timm_remem.teachers.load_teacher_model`), on ``device``, eval."""
+    teacher = load_teacher_model(cfg.teacher, num_classes=num_classes, pretrained=cfg.teacher_pretrained,
+                                 model_kwargs=cfg.teacher_kwargs, against=f"dataset {cfg.dataset!r}")
+    return teacher.to(device).eval()
+
+
+def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> TrainResult:
+    """Fine-tune a teacher, optionally with ReMem's reweighting (``alpha``) and SAM (``rho``).
+
+    The model is reweighted before training (its factors are trained too with ``learnable=True``); every export
+    (``save_at`` epochs) is merged into plain timm weights, so ``timm.create_model("local-dir:<export>",
+    pretrained=True)`` loads it.
+
+    Args:
+        config: A :class:`~timm_remem.train.FinetuneConfig`; keyword arguments override its fields (or build one).
+        **kwargs: Any :class:`~timm_remem.train.FinetuneConfig` field.
+
+    Returns:
+        A :class:`~timm_remem.train.TrainResult`.
+
+    Raises:
+        ConfigError: Bad settings, unknown model/dataset, an output folder that already holds a run.
+        CheckpointError: A resume checkpoint that is damaged or was written with other settings.
+        RememError: The loss became NaN or infinite (checkpoints already written are kept).
+
+    Example:
+        >>> import tempfile
+        >>> r = finetune_teacher(model="test_vit", img_size=16, epochs=1, alpha=0.8, rho=0.05,
+        ...                      limit_train_batches=1, output=tempfile.mkdtemp(), progress=False)
+        >>> 0.0 <= r.val_acc <= 1.0
+        True
+    """
+    cfg = make_config(FinetuneConfig, config, kwargs)
+    t0 = time.perf_counter()
+    device, _, _, model, (_, _, train_loader, val_loader) = start_run(cfg)
+    if cfg.alpha is not None:
+        reweight(model, cfg.alpha, schedule=cfg.schedule, top_k=cfg.top_k, learnable=cfg.learnable)
+    model.to(device)
+    train_model = wrap_ddp(model, device)  # under torchrun: DistributedDataParallel
+
+    def compute(x, target, idx, teacher_logits):
+        logits = train_model(x)
+        return task_loss(logits, target, cfg.label_smoothing), logits, None
+
+    def write_export(src: nn.Module, folder: Path, record: Mapping[str, Any]) -> None:
+        acc = record.get("ema_val_acc", record["val_acc"])
+        save_pretrained(src, folder, merge=True, dataset=cfg.dataset, rho=cfg.rho, adaptive=cfg.adaptive,
+                        epochs=int(record["epoch"]), teacher_accuracy=100.0 * acc)
+
+    history, exports, val_acc = fit(
+        cfg, model, train_loader=train_loader, val_loader=val_loader, device=device, compute=compute,
+        desc="finetune", write_export=write_export, train_model=train_model,
+    )
+    model.eval()
+    return TrainResult(Path(cfg.output), model, history, exports, val_acc, wall_time=time.perf_counter() - t0)
+
+
+class _ForwardCounter:
+    """Counts a teacher's forward passes (a forward hook), summed over every rank."""
+
+    def __init__(self, module: nn.Module | None) -> None:
+        self.calls = 0
+        self._handle = module.register_forward_hook(self._hook) if module is not None else None
+
+    def _hook(self, *_: Any) -> None:
+        self.calls += 1
+
+    def total(self) -> int:
+        return int(distributed.all_reduce_sum([self.calls])[0])
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def distill_student(
+    config: DistillConfig | None = None, /, *, teacher_model: nn.Module | None = None, **kwargs: Any
+) -> TrainResult:
+    """Distill a student from a teacher (or, with no teacher, train it alone as the baseline).
+
+    The teacher runs in eval mode under ``no_grad``; its logits are computed once per step and reused by SAM's
+    second pass, and cached across epochs when the inputs are deterministic (``cache_teacher``). The teacher gets
+    the student's input re-normalised to its own mean/std (and resized to its input size).
+
+    Args:
+        config: A :class:`~timm_remem.train.DistillConfig`; keyword arguments override its fields (or build one).
+        teacher_model: A teacher module to use instead of ``config.teacher`` (library use).
+        **kwargs: Any :class:`~timm_remem.train.DistillConfig` field.
+
+    Returns:
+        A :class:`~timm_remem.train.TrainResult` (with ``teacher_acc`` and ``teacher_forwards``).
+
+    Raises:
+        ConfigError: Bad settings, unknown names, a teacher whose class count differs from the dataset's.
+        CheckpointError: A teacher folder or resume checkpoint that is damaged or does not match its config.
+        RememError: The loss became NaN or infinite (checkpoints already written are kept).
+
+    Example:
+        >>> import tempfile
+        >>> r = distill_student(model="test_resnet", img_size=16, epochs=1, limit_train_batches=1,
+        ...                     output=tempfile.mkdtemp(), progress=False)
+        >>> r.teacher_acc is None
+        True
+    """
+    cfg = make_config(DistillConfig, config, kwargs)
+    t0 = time.perf_counter()
+    device, num_classes, _, student, (train, _, train_loader, val_loader) = start_run(cfg)
+    student.to(device)
+    autocast = autocast_factory(cfg, device)
+
+    teacher_net = teacher_model
+    if teacher_net is None and cfg.teacher is not None:
+        teacher_net = load_distill_teacher(cfg, num_classes, device)
+    teacher_acc = None
+    counter = _ForwardCounter(None)
+    if teacher_net is None:
+        train_model = wrap_ddp(student, device)  # under torchrun: DistributedDataParallel
+
+        def compute(x, target, idx, teacher_logits):
+            logits = train_model(x)
+            return task_loss(logits, target, cfg.label_smoothing), logits, None
+    else:
+        teacher_net = teacher_net.to(device)
+        use_cache = (not cfg.stochastic_inputs) if cfg.cache_teacher is None else cfg.cache_teacher
+        cache = TeacherLogitCache(len(train)) if use_cache else None
+        teacher = Teacher(teacher_net, student, cache=cache)
+        teacher_acc = evaluate(teacher, val_loader, device, autocast)[1]  # without indices: never cached
+        counter = _ForwardCounter(teacher_net)  # training forwards only (cache hits run none)
+        loss_fn = DistillationLoss(cfg.method, task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
+                                   temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
+        task = RememDistillationTask(student, teacher, loss_fn, device=device, verbose=False)
+        if distributed.is_distributed():  # the student in DDP; the frozen teacher (eval, no_grad) stays unwrapped
+            task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = task.trainable_module
+
+        def compute(x, target, idx, teacher_logits):
+            res = task(x, target, teacher_logits=teacher_logits, indices=idx if cache is not None else None)
+            return res["loss"], res["output"], res["teacher_logits"]
+
+    def write_export(src: nn.Module, folder: Path, record: Mapping[str, Any]) -> None:
+        acc = record.get("ema_val_acc", record["val_acc"])
+        info = {"teacher": cfg.teacher, "teacher_acc": teacher_acc, "dataset": cfg.dataset, "val_acc": acc,
+                "epoch": record["epoch"], "method": cfg.method if teacher_net is not None else None}
+        save_for_hf(src, str(folder), model_config={"remem_student": info}, safe_serialization=True)
+
+    try:
+        history, exports, val_acc = fit(
+            cfg, student, train_loader=train_loader, val_loader=val_loader, device=device, compute=compute,
+            desc="distill" if teacher_net is not None else "train", write_export=write_export,
+            extra_metrics=(lambda: {"teacher_acc": teacher_acc, "teacher_forwards": counter.total()})
+            if teacher_net is not None else None, train_model=train_model,
+        )
+    finally:
+        counter.remove()
+    student.eval()
+    return TrainResult(Path(cfg.output), student, history, exports, val_acc, teacher_acc=teacher_acc,
+                       wall_time=time.perf_counter() - t0, teacher_forwards=counter.total())

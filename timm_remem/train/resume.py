@@ -1,0 +1,215 @@
+"""The run folder and resuming a run from it.
+
+A run writes ``config.json``, ``metrics.jsonl`` (one JSON object per epoch), ``train-state/step-*`` (resumable
+training checkpoints, see :mod:`timm_remem.checkpoint`) and ``checkpoints/epoch-NNN`` (exports). Resuming
+(``resume=True``, a checkpoint path, or ``"auto"``) picks the checkpoint on rank 0, refuses one written with other
+settings or another number of processes, restores the loop position (epoch, batch, step, history, running sums),
+drops metric lines written after that checkpoint and cleans up exports a crash left half-written.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from timm_remem.train.resume import truncate_metrics
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    >>> _ = path.write_text('{"step": 3}\\n{"step": 6}\\n')
+    >>> truncate_metrics(path, 3)
+    >>> path.read_text()
+    '{"step": 3}\\n'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import distributed
+from .._io import atomic_write_text
+from ..checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, set_rng_state
+from ..errors import CheckpointError, ConfigError
+from ..teachers import EXPORT_DIR
+from .config import TrainConfig
+
+__all__ = [
+    "METRICS_FILE",
+    "STATE_DIR",
+    "EXPORT_DIR",
+    "RESUME_FREE",
+    "LoopState",
+    "restore",
+    "resume_path",
+    "check_resume_config",
+    "truncate_metrics",
+    "remove_stale_exports",
+    "prepare_output",
+]
+
+_log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STATE_DIR = "train-state"
+# Configuration fields that may change between a run and its resumption.
+RESUME_FREE = frozenset(
+    {"resume", "progress", "output", "num_workers", "device", "save_at", "keep_last", "checkpoint_every",
+     "save_state", "clip_grad", "version"}
+)
+
+
+def _zero_running() -> dict[str, Any]:
+    return {"loss": 0.0, "correct": 0, "count": 0, "time": 0.0}
+
+
+@dataclass
+class LoopState:
+    """Where the training loop stands: the epoch and batch to run next, optimizer steps so far, the metrics of the
+    finished epochs and the running sums of the current one (all saved in every training checkpoint).
+
+    Example:
+        >>> s = LoopState()
+        >>> s.end_epoch(); (s.epoch, s.batch, s.running["count"])
+        (1, 0, 0)
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    running: dict[str, Any] = field(default_factory=_zero_running)
+
+    def end_epoch(self) -> None:
+        """Move to the start of the next epoch."""
+        self.epoch += 1
+        self.batch = 0
+        self.running = _zero_running()
+
+
+def resume_path(src: Path) -> Path:
+    """The checkpoint to resume from (``src`` or its newest valid one), chosen on rank 0 and sent to every rank."""
+    found: str | None = None
+    error: str | None = None
+    if distributed.is_main_process():
+        try:
+            found = str(resolve_checkpoint(src))
+        except CheckpointError as e:
+            error = str(e)
+    found, error = distributed.broadcast_object((found, error))
+    if error is not None:
+        raise CheckpointError(error)
+    return Path(found)
+
+
+def check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume with settings other than the saved ones (except those in :data:`RESUME_FREE`)."""
+    current = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples become lists
+    diffs = [
+        f"{k}={saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)"
+        for k in sorted(set(saved) | set(current))
+        if k not in RESUME_FREE and saved.get(k) != current.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written by a run with other settings: {'; '.join(diffs)}. Resume with the "
+            "same settings, or start a fresh run in another output folder"
+        )
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after ``step`` (by a run that crashed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def remove_stale_exports(folder: Path) -> None:
+    """Clean up after a crash during an export: delete half-written ``.tmp-*`` folders (their epoch is trained and
+    exported again) and put back an ``.old-<name>`` export whose replacement never arrived."""
+    if not folder.is_dir():
+        return
+    for stale in sorted(folder.iterdir()):
+        if not stale.is_dir():
+            continue
+        if stale.name.startswith(".old-") and not (folder / stale.name[len(".old-"):]).exists():
+            os.replace(stale, folder / stale.name[len(".old-"):])
+        elif stale.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _wants_resume(cfg: TrainConfig, state_dir: Path | None) -> bool | str | None:
+    """``cfg.resume`` with ``"auto"`` decided (on rank 0, so that every rank does the same)."""
+    if cfg.resume != "auto":
+        return cfg.resume
+    if state_dir is None:
+        raise ConfigError("resume='auto' needs save_state=True (the run's own train-state folder)")
+    found = distributed.is_main_process() and bool(list_checkpoints(state_dir))
+    return True if distributed.broadcast_object(found) else None
+
+
+def restore(
+    cfg: TrainConfig, out: Path, state_dir: Path | None, *, model, optimizer, scheduler, scaler, ema,
+) -> tuple[LoopState, bool]:
+    """Resume the run if asked to, else make sure ``out`` holds no run that would be overwritten.
+
+    Loads the checkpoint into ``model``/``optimizer``/``scheduler``/``scaler``/``ema`` (and this rank's random
+    state under torchrun). Returns the loop position and whether the run was resumed.
+
+    Raises:
+        ConfigError: Resuming without a train-state folder, or a fresh start in a folder that holds checkpoints.
+        CheckpointError: A damaged checkpoint, or one written with other settings or another process count.
+    """
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    metrics_path = out / METRICS_FILE
+    resume = _wants_resume(cfg, state_dir)
+    if not resume:
+        if state_dir is not None and (state_dir.exists() or metrics_path.exists()) and list_checkpoints(state_dir):
+            raise ConfigError(
+                f"{str(out)!r} already holds training checkpoints; resume it (resume=True / --resume) or choose "
+                "another output folder"
+            )
+        return LoopState(), False
+    src = state_dir if resume is True else Path(resume)
+    if src is None:
+        raise ConfigError("resume=True needs save_state=True (the run's own train-state folder)")
+    path = resume_path(src)  # chosen by rank 0: every rank loads the very same checkpoint
+    info = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
+    check_resume_config(info.config, cfg, info.path)
+    saved_world = int(info.extra.get("world_size", 1))
+    if saved_world != world:
+        raise CheckpointError(
+            f"checkpoint {str(info.path)!r} was written by a run of {saved_world} process(es) but this run has "
+            f"{world}: the data shards, the steps per epoch (hence the learning-rate schedule) and the random "
+            f"states depend on it. Resume with the same number of processes (torchrun --nproc_per_node "
+            f"{saved_world}), or start a fresh run in another output folder"
+        )
+    if world > 1 and "rank_rng" in info.extra:
+        set_rng_state(info.extra["rank_rng"][rank])
+    state = LoopState(epoch=int(info.extra["epoch"]), batch=int(info.extra["batch"]), step=info.step,
+                      history=list(info.extra.get("history", [])),
+                      running=dict(info.extra.get("running", _zero_running())))
+    if rank == 0:
+        truncate_metrics(metrics_path, state.step)
+        remove_stale_exports(out / EXPORT_DIR)
+        _log.info("resumed from %s at epoch %d, batch %d, step %d", info.path, state.epoch + 1, state.batch,
+                  state.step)
+    return state, True
+
+
+def prepare_output(cfg: TrainConfig, out: Path, resumed: bool) -> None:
+    """Write ``config.json`` (rank 0, after every rank has looked at the folder); a fresh run drops old metrics."""
+    distributed.barrier()  # every rank has looked at the output folder before rank 0 writes into it
+    if distributed.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        metrics_path = out / METRICS_FILE
+        if not resumed and metrics_path.exists():
+            metrics_path.unlink()

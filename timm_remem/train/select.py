@@ -1,0 +1,204 @@
+"""ReMem's teacher-checkpoint selection: a short distillation from every checkpoint, the best student wins.
+
+:func:`select_teacher` writes ``select.json``, ``select.md`` (the table) and ``select.png`` (student and teacher
+accuracy per checkpoint). With ``mi_score=True`` each checkpoint is also scored by
+:func:`timm_remem.analysis.rank_checkpoints`, and :func:`spearman` says how well that score predicts the students.
+
+Example:
+    >>> from timm_remem.train.select import spearman
+    >>> spearman([0.1, 0.4, 0.3, 0.9], [1, 3, 2, 4])
+    1.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from .._io import atomic_write_text
+from .._models import data_config
+from ..analysis.information import rank_checkpoints
+from ..analysis.plots import plot_select
+from ..data import create_dataset, create_loader
+from ..errors import ConfigError
+from ..teachers import list_exports, load_teacher_model
+from ._table import format_table
+from .builders import dataset_classes, default_img_size
+from .config import DistillConfig, make_config
+from .recipes import distill_student
+from .results import SelectResult
+
+__all__ = ["select_teacher", "spearman", "average_ranks"]
+
+_log = logging.getLogger(__name__)
+
+
+def average_ranks(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``values`` (float64), ties sharing the average of the ranks they span.
+
+    Example:
+        >>> average_ranks([10.0, 20.0, 10.0, 5.0]).tolist()
+        [2.5, 4.0, 2.5, 1.0]
+    """
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    order = torch.argsort(x, stable=True)
+    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    last = torch.cumsum(counts, 0).to(torch.float64)  # 1-based rank of the last member of each tie group
+    mean_rank = last - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty_like(x)
+    ranks[order] = mean_rank[inverse]
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation of ``a`` and ``b`` (Pearson's correlation of their average ranks).
+
+    Returns ``None`` with fewer than 3 pairs (a rank correlation over 2 points says nothing), when a value is NaN,
+    or when either side is constant (the correlation is undefined).
+
+    Example:
+        >>> spearman([1, 2, 3], [3, 2, 1])
+        -1.0
+        >>> spearman([1, 2], [1, 2]) is None
+        True
+    """
+    if len(a) != len(b):
+        raise ConfigError(f"spearman needs two sequences of the same length, got {len(a)} and {len(b)}")
+    if len(a) < 3:
+        return None
+    x, y = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if torch.isnan(x).any() or torch.isnan(y).any():
+        return None
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = torch.sqrt((rx * rx).sum() * (ry * ry).sum())
+    if float(denom) == 0.0:
+        return None
+    value = float((rx * ry).sum() / denom)
+    return max(-1.0, min(1.0, value)) if math.isfinite(value) else None
+
+
+def _unique_names(dirs: Sequence[Path]) -> list[str]:
+    """Folder names, qualified by their parents where two checkpoints share a name (``run/checkpoints/epoch-005``)."""
+    names = [d.name for d in dirs]
+    if len(set(names)) == len(names):
+        return names
+    common = Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
+    return [d.resolve().relative_to(common).as_posix() for d in dirs]
+
+
+def _mi_scores(dirs: Sequence[Path], names: Sequence[str], cfg: DistillConfig) -> list[float]:
+    """The :func:`~timm_remem.analysis.rank_checkpoints` score of each checkpoint on the validation split."""
+    num_classes = dataset_classes(cfg)
+    teachers = {}
+    for d, name in zip(dirs, names, strict=True):
+        teachers[name] = load_teacher_model(d, num_classes=num_classes, pretrained=cfg.teacher_pretrained,
+                                            model_kwargs=cfg.teacher_kwargs, against=f"dataset {cfg.dataset!r}"
+                                            ).to(torch.device("cpu")).eval()
+    dc = data_config(next(iter(teachers.values())))
+    size = default_img_size(cfg) or int(dc["input_size"][-1])
+    val = create_dataset(cfg.dataset, cfg.data_dir, "val", img_size=size, mean=dc["mean"], std=dc["std"])
+    loader = [(x, y) for x, y, _ in create_loader(val, cfg.eval_batch_size)]
+    ranking = rank_checkpoints(teachers, loader, progress=False)
+    by_name = {r.name: r.score for r in ranking}
+    return [float(by_name[name]) for name in names]
+
+
+def _table(rows: list[dict[str, Any]], best_i: int, mi_score: bool, spearman_value: float | None) -> str:
+    headers = ["checkpoint", "teacher acc", "student acc", "time (s)"] + (["MI score"] if mi_score else [])
+    table_rows = [
+        [("* " if i == best_i else "  ") + r["checkpoint"], r["teacher_acc"], r["student_acc"], r["time_s"]]
+        + ([r["mi_score"]] if mi_score else [])
+        for i, r in enumerate(rows)
+    ]
+    table = format_table(headers, table_rows)
+    table += f"\n\nbest: {rows[best_i]['checkpoint']} (student acc {rows[best_i]['student_acc']:.4f})"
+    if spearman_value is not None:
+        table += f"\nSpearman(MI score, student acc) = {spearman_value:.3f} over {len(rows)} checkpoints"
+    return table
+
+
+def select_teacher(
+    teachers: str | os.PathLike | Sequence[str | os.PathLike],
+    /,
+    *,
+    mi_score: bool = False,
+    **kwargs: Any,
+) -> SelectResult:
+    """ReMem's checkpoint selection: distill a student briefly from each teacher checkpoint and keep the best.
+
+    Every student starts from the same initial weights (same seed) and sees the same deterministic inputs, so
+    teacher logits are computed once per training sample and cached for the later epochs. Writes ``select.json``,
+    ``select.md`` (the table) and ``select.png`` (student and teacher accuracy per checkpoint) into ``output``.
+
+    Args:
+        teachers: A folder of checkpoint folders (e.g. ``runs/teacher/checkpoints``), a finetune run folder, or a
+            list of checkpoint folders (see :func:`timm_remem.teachers.list_exports`).
+        mi_score: Also score each checkpoint with :func:`timm_remem.analysis.rank_checkpoints` (MI-based; on the
+            validation split) and report its Spearman correlation with student accuracy.
+        **kwargs: :class:`~timm_remem.train.DistillConfig` fields for the short distillations (default
+            ``epochs=3``, ``output="runs/select"``; ``save_at`` defaults to none and ``save_state`` to False).
+
+    Returns:
+        A :class:`~timm_remem.train.SelectResult`.
+
+    Raises:
+        ConfigError: No checkpoints, or bad distillation settings.
+        CheckpointError: A checkpoint folder that does not load.
+
+    Example:
+        >>> import tempfile
+        >>> from timm_remem.train import finetune_teacher
+        >>> root = tempfile.mkdtemp()
+        >>> _ = finetune_teacher(model="test_vit", img_size=16, epochs=2, save_at=[1, 2], limit_train_batches=1,
+        ...                      output=root + "/t", progress=False)
+        >>> sel = select_teacher(root + "/t/checkpoints", model="test_resnet", img_size=16, epochs=1,
+        ...                      limit_train_batches=1, output=root + "/s", progress=False)
+        >>> sel.best.name in ("epoch-001", "epoch-002")
+        True
+    """
+    options = {"epochs": 3, "output": "runs/select", "save_at": [], "save_state": False, **kwargs}
+    if "teacher" in options:
+        raise ConfigError("select_teacher takes the teachers as its first argument, not teacher=")
+    base = make_config(DistillConfig, None, options)
+    if base.stochastic_inputs and base.cache_teacher is None:
+        _log.warning("select: augmentation or mixup is on, so teacher logits are not cached (slower)")
+    dirs = list_exports(teachers)
+    names = _unique_names(dirs)
+    out = Path(base.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for d, name in zip(dirs, names, strict=True):
+        t0 = time.perf_counter()
+        sub = dataclasses.replace(base, teacher=str(d), output=str(out / name.replace("/", "__")), resume=None)
+        result = distill_student(sub)
+        rows.append({"checkpoint": name, "path": str(d), "teacher_acc": result.teacher_acc,
+                     "student_acc": result.val_acc, "time_s": time.perf_counter() - t0})
+    rho = None
+    if mi_score:
+        for row, s in zip(rows, _mi_scores(dirs, names, base), strict=True):
+            row["mi_score"] = s
+        rho = spearman([r["mi_score"] for r in rows], [r["student_acc"] for r in rows])
+    best_i = max(range(len(rows)), key=lambda i: (rows[i]["student_acc"], -i))
+    table = _table(rows, best_i, mi_score, rho)
+    plot: Path | None = out / "select.png"
+    if distributed.is_main_process():  # under torchrun, rank 0 writes the summary
+        plot = plot_select(rows, plot)
+        atomic_write_text(out / "select.md", table + "\n")
+        atomic_write_text(out / "select.json", json.dumps(
+            {"rows": rows, "best": rows[best_i]["path"], "spearman": rho, "config": base.to_dict()},
+            indent=2, sort_keys=True) + "\n")
+        if base.progress:
+            print(table)
+    distributed.barrier()
+    return SelectResult(rows, Path(rows[best_i]["path"]), table, plot, rho)
