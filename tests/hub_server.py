@@ -38,6 +38,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 __all__ = [
     "HubServer",
     "HubHTTPError",
+    "MisbehavingServer",
+    "MISBEHAVIOURS",
     "ALICE",
     "BOB",
     "ORG",
@@ -783,6 +785,118 @@ _ROUTES = [
     ("PUT", re.compile(r"/__lfs_upload/(?P<ticket>[^/]+)"), _Handler.lfs_upload),
     ("GET", re.compile(rf"/{_P}{_ID}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), _Handler.resolve),
 ]
+
+# ------------------------------------------------------------------------------------ a server that misbehaves
+MISBEHAVIOURS = ("silent", "trickle", "html", "garbage", "5xx")
+
+
+class MisbehavingServer:
+    """A server on ``127.0.0.1`` that answers every request in one broken way, to test that nothing hangs.
+
+    Modes: ``silent`` (accepts the connection, reads the request, never answers), ``trickle`` (starts a valid
+    answer, then sends one byte of a header every ``interval`` seconds), ``html`` (a 200 HTML page, like a
+    captive portal), ``garbage`` (bytes that are not HTTP, then hangs up) and ``5xx`` (``503 Service
+    Unavailable``). Every loop ends when :meth:`stop` is called.
+
+    Example:
+        >>> with MisbehavingServer("5xx") as server:
+        ...     server.endpoint.startswith("http://127.0.0.1:")
+        True
+    """
+
+    def __init__(self, mode: str, interval: float = 0.05) -> None:
+        if mode not in MISBEHAVIOURS:
+            raise ValueError(f"mode must be one of {MISBEHAVIOURS}, got {mode!r}")
+        self.mode, self.interval = mode, interval
+        self.requests = 0
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.05)
+        self.port = self._sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> MisbehavingServer:
+        thread = threading.Thread(target=self._accept, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(timeout=2)
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _read_request(self, conn: socket.socket) -> str | None:
+        """Read one request's head and body; its method, or None when the client hung up or the server stops."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if self._stop.is_set():
+                return None
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        missing = int(length.group(1)) - len(body) if length else 0
+        while missing > 0 and not self._stop.is_set():
+            try:
+                chunk = conn.recv(min(missing, 65536))
+            except TimeoutError:
+                continue
+            if not chunk:
+                return None
+            missing -= len(chunk)
+        self.requests += 1
+        return head.split(b" ", 1)[0].decode("ascii", "replace")
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.05)
+        try:
+            while method := self._read_request(conn):
+                if self.mode == "silent":
+                    self._stop.wait()
+                elif self.mode == "trickle":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nX-Trickle: ")
+                    while not self._stop.wait(self.interval):
+                        conn.sendall(b"a")
+                elif self.mode == "garbage":
+                    conn.sendall(b"\x00\xff\x13\x37 this is not HTTP \x00\r\n\r\n")
+                    return
+                else:
+                    status, kind, body = (("200 OK", "text/html; charset=utf-8",
+                                           b"<!DOCTYPE html><html><body>Welcome to the hotel Wi-Fi</body></html>")
+                                          if self.mode == "html" else
+                                          ("503 Service Unavailable", "application/json",
+                                           b'{"error": "Service Unavailable"}'))
+                    conn.sendall(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                                 f"\r\n".encode() + (b"" if method == "HEAD" else body))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
 
 # --------------------------------------------------------------------------------------- accounts and fixtures
 ALICE, BOB, ORG = "alice", "bob", "remem-lab"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import logging
 import re
 import shutil
@@ -54,6 +55,7 @@ from timm_remem.reweighting import ScaledBranch
 from timm_remem.sam import SAM
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+BAD_INPUT_DIR = Path(__file__).resolve().parent / "bad_input"  # the per-room matrices, one file per room
 NAN, INF = float("nan"), float("inf")
 # "Learned" factors, away from any alpha schedule and from 1, so a lost reweighting cannot go unnoticed.
 LEARNED = [0.9, 0.7, 0.55, 0.45, 0.35, 0.3]
@@ -842,10 +844,10 @@ def test_cli_rejects(argv, match, cli_main, capsys, tmp_path, monkeypatch, saved
 # ============================================================================================== the table
 
 
-def _case_ids() -> set[str]:
-    """``test_name[case id]`` (or ``test_name``) of every case in this module."""
+def _module_case_ids(namespace: dict) -> set[str]:
+    """``test_name[case id]`` (or ``test_name``) of every test function in one module's namespace."""
     ids = set()
-    for name, fn in globals().items():
+    for name, fn in namespace.items():
         if not name.startswith("test_") or name == "test_docs_table_lists_exactly_these_cases" or not callable(fn):
             continue
         marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
@@ -853,6 +855,19 @@ def _case_ids() -> set[str]:
             ids.add(name)
         for mark in marks:
             ids.update(f"{name}[{p.id}]" for p in mark.args[1])
+    return ids
+
+
+def _case_ids() -> set[str]:
+    """Every case of this module and of the per-room modules ``tests/bad_input/test_bad_*.py``."""
+    ids = _module_case_ids(globals())
+    for path in sorted(BAD_INPUT_DIR.glob("test_bad_*.py")):
+        spec = importlib.util.spec_from_file_location(f"_bad_input_table_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        clash = ids & _module_case_ids(vars(module))
+        assert not clash, f"test ids {sorted(clash)} appear in two bad-input modules; rename one"
+        ids |= _module_case_ids(vars(module))
     return ids
 
 

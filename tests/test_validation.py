@@ -61,7 +61,8 @@ def test_check_bool_and_choice():
 def test_check_class_count():
     check_class_count(10, 10)
     check_class_count(None, 10)  # a model without a head is not checked
-    with pytest.raises(ConfigError, match=r"^teacher has 7 classes but student has 5; distillation needs the same label space: create the student"):
+    expected = r"^teacher has 7 classes but student has 5; distillation needs the same label space: create the student"
+    with pytest.raises(ConfigError, match=expected):
         check_class_count(7, 5)
     with pytest.raises(ConfigError, match=r"teacher 'x' has 7 classes but dataset 'digits' has 10; retrain it"):
         check_class_count(7, 10, teacher="teacher 'x'", other="dataset 'digits'", fix="retrain it")

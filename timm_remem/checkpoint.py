@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,10 +41,21 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ._io import atomic_replace_dir, atomic_write_json, fsync_dir
-from ._state_tree import flatten_state, get_rng_state, set_rng_state, unflatten_state
+from ._io import atomic_replace_dir, atomic_write_json, atomic_write_safetensors, file_sha256, fsync_dir
+from ._state_tree import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    OPTIONAL_FILES,
+    flatten_state,
+    get_rng_state,
+    read_manifest,
+    read_state_document,
+    set_rng_state,
+    unflatten_state,
+)
 from ._version import __version__
 from .errors import CheckpointError
 
@@ -65,9 +75,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-FORMAT = "timm-remem-checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 _PREFIX = "step-"
 _TMP_PREFIX = ".tmp-"  # a checkpoint being written (atomic_replace_dir's temporary sibling)
 _OLD_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same step
@@ -97,41 +104,6 @@ class CheckpointInfo:
 # ----------------------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _to_savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors with no shared storage (safetensors refuses shared memory)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for key, t in tensors.items():
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if ident in seen or not t.is_contiguous() or t.storage_offset() or t.numel() * t.element_size() != ident[1]:
-            t = t.clone(memory_format=torch.contiguous_format)
-        elif t.untyped_storage().data_ptr() != 0:
-            seen.add(ident)
-        out[key] = t
-    return out
-
-
-def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    save_file(_to_savable(tensors), str(path), metadata={"format": "pt"})
-    _fsync_file(path)
 
 
 def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -190,21 +162,17 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint directory or its parent")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} has no {MANIFEST}: the write did not finish (crash or kill during save); "
-            "resume from an earlier complete checkpoint"
-        )
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{str(mpath)!r} is corrupt ({e}); resume from an earlier checkpoint") from e
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a timm-remem checkpoint (format {manifest.get('format')!r})")
+    manifest = read_manifest(path)
+    files = manifest["files"]
+    unlisted = [name for name in OPTIONAL_FILES if name not in files and (path / name).exists()]
+    if unlisted:
+        raise CheckpointError(f"{str(path / MANIFEST)!r} is malformed: it does not list {unlisted}, which the "
+                              "checkpoint holds and the loader reads; resume from an earlier checkpoint")
     for name, meta in files.items():
         fpath = path / name
+        if fpath.is_symlink():
+            raise CheckpointError(f"checkpoint file {str(fpath)!r} is a symlink; checkpoints hold only their own "
+                                  "files: resume from an earlier checkpoint")
         if not fpath.is_file():
             raise CheckpointError(f"checkpoint {str(path)!r} is missing {name!r}; resume from an earlier checkpoint")
         size = fpath.stat().st_size
@@ -213,11 +181,12 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"checkpoint file {str(fpath)!r} is truncated or altered: {size} bytes, expected {meta['bytes']}; "
                 "resume from an earlier checkpoint"
             )
-        if _sha256(fpath) != meta["sha256"]:
+        if file_sha256(fpath) != meta["sha256"]:
             raise CheckpointError(
                 f"checkpoint file {str(fpath)!r} is corrupt: its sha256 does not match the manifest; resume from an "
                 "earlier checkpoint"
             )
+    read_state_document(path)  # its format version and field types (the hashes say nothing about those)
     return manifest
 
 
@@ -349,11 +318,14 @@ def save_checkpoint(
         >>> sorted(f.name for f in p.iterdir())
         ['manifest.json', 'model.safetensors', 'state.json', 'state.safetensors']
     """
-    if keep_last is not None and keep_last < 1:
-        raise CheckpointError(f"keep_last must be >= 1 or None, got {keep_last}")
+    if keep_last is not None and (not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1):
+        raise CheckpointError(f"keep_last must be an integer >= 1 or None, got {keep_last!r}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    _clean_up_after_crash(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _clean_up_after_crash(root)
+    except OSError as e:
+        raise _write_error(root, root, e) from e
 
     tree_src: dict[str, Any] = {}
     if optimizer is not None:
@@ -383,12 +355,12 @@ def save_checkpoint(
     final = root / f"{_PREFIX}{int(step):09d}"
 
     def write(tmp: Path) -> None:  # into a hidden sibling; swapped in for ``final`` once complete
-        _write_safetensors(tmp / "model.safetensors", model.state_dict())
+        atomic_write_safetensors(tmp / "model.safetensors", model.state_dict())
         if ema is not None:
-            _write_safetensors(tmp / "ema.safetensors", ema.state_dict())
-        _write_safetensors(tmp / "state.safetensors", state_tensors)
+            atomic_write_safetensors(tmp / "ema.safetensors", ema.state_dict())
+        atomic_write_safetensors(tmp / "state.safetensors", state_tensors)
         atomic_write_json(tmp / "state.json", document)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
         atomic_write_json(  # written last: it marks the checkpoint complete
             tmp / MANIFEST,
             {"format": FORMAT, "format_version": FORMAT_VERSION, "timm_remem": __version__, "epoch": int(epoch),
@@ -397,12 +369,27 @@ def save_checkpoint(
         fsync_dir(tmp)
 
     # Re-saving the same step moves the old checkpoint aside and deletes it only once the new one is in place.
-    atomic_replace_dir(write, final)
+    try:
+        atomic_replace_dir(write, final)
+    except OSError as e:
+        raise _write_error(final, root, e) from e
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_error(path: Path, root: Path, error: OSError) -> CheckpointError:
+    """One error for a failed write (full disk, read-only folder), naming the checkpoint and what was kept."""
+    while isinstance(error.__cause__, OSError):  # the original error, not _io's re-raise naming a temporary path
+        error = error.__cause__
+    reason = error.strerror or str(error)
+    kept = ", ".join(p.name for p in list_checkpoints(root))
+    return CheckpointError(
+        f"could not write checkpoint {str(path)!r}: {reason}. Free disk space or make the folder writable (or choose "
+        f"another --output); {'the earlier checkpoints ' + kept + ' are kept' if kept else 'no earlier checkpoint'}"
+    )
 
 
 def _load_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, path: Path) -> None:
@@ -472,12 +459,9 @@ def load_checkpoint(
     path = resolve_checkpoint(path)
     if verify:
         verify_checkpoint(path)
-    elif not (path / MANIFEST).is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no {MANIFEST}); resume from an earlier one")
-    try:
-        document = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{str(path / 'state.json')!r} is unreadable ({e}); resume from an earlier one") from e
+    else:
+        read_manifest(path)  # complete, well-formed and of a format this version reads; sizes and hashes unchecked
+    document = read_state_document(path)
     tensors = _read_safetensors(path / "state.safetensors", map_location)
     state = unflatten_state(document.get("state", {}), tensors)
     if model is not None:

@@ -5,14 +5,17 @@ Two sources:
 - ``"digits"``: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped inside scikit-learn, so
   everything runs offline. Images are upsampled to the requested size, repeated to 3 channels and normalised; the
   train/val split is fixed (stratified, seeded), so every run sees the same images.
-- Everything ``timm.data.create_dataset`` reads: image folders (``root/<class>/<image>``), ``torch/cifar100`` and
-  the other torchvision sets, ``hfds/<name>`` (Hugging Face datasets). Transforms come from
-  ``timm.data.create_transform``.
+- Image folders (``root/train/<class>/<image>`` and ``root/val/<class>/<image>``, or ``root/<class>/<image>`` with
+  an opt-in held-out split), checked so that validation is never silently the training set (see
+  :mod:`timm_remem._image_folder`).
+- Everything else ``timm.data.create_dataset`` reads: ``torch/cifar100`` and the other torchvision sets,
+  ``hfds/<name>`` (Hugging Face datasets). Transforms come from ``timm.data.create_transform``.
 
 Loaders are plain ``torch.utils.data.DataLoader`` objects with an :class:`EpochSampler`: its order depends only on
 ``(seed, epoch)``, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen
 (timm's ``create_loader`` draws its order from the global RNG and takes no sampler, which is why it is not used here).
-Every batch is ``(images, targets, indices)``; the indices key the teacher-logit cache.
+Every batch is ``(images, targets, indices)``; the indices key the teacher-logit cache. A training loader never
+yields a last batch of one sample (BatchNorm cannot train on it): see :func:`create_loader`.
 
 Example:
     >>> from timm_remem.data import create_dataset, create_loader
@@ -36,7 +39,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset,
 from timm.data import create_dataset as timm_create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ._validation import check_int
+from ._image_folder import folder_dataset
+from ._validation import check_float, check_int
 from .errors import ConfigError
 
 __all__ = [
@@ -179,6 +183,9 @@ class EpochSampler(Sampler[int]):
     Call :meth:`set_epoch` before iterating; ``start_index`` skips the first samples of that epoch (a run resumed
     after ``k`` batches passes ``k * batch_size``). With ``num_replicas > 1`` each rank takes every
     ``num_replicas``-th sample of the shared permutation, padded by wrapping so that all ranks see the same count.
+    With ``batch_size`` and ``min_last_batch``, a last batch (per rank) of fewer than ``min_last_batch`` samples is
+    left out of the epoch: the last few samples of this rank's share of the epoch's permutation, so with shuffling
+    other samples each epoch, and the same ones in an interrupted and a resumed run.
 
     Args:
         length: Number of samples in the dataset.
@@ -186,6 +193,8 @@ class EpochSampler(Sampler[int]):
         seed: Base seed; the permutation of epoch ``e`` is seeded with ``seed * 100003 + e``.
         num_replicas: Number of data-parallel processes.
         rank: This process's rank.
+        batch_size: Samples per batch of the loader this sampler feeds (only used with ``min_last_batch``).
+        min_last_batch: The smallest last batch to keep (1 keeps every sample).
 
     Example:
         >>> s = EpochSampler(10, shuffle=True, seed=3)
@@ -194,11 +203,16 @@ class EpochSampler(Sampler[int]):
         >>> s.set_epoch(1, start_index=4)
         >>> list(s) == order[4:]
         True
+        >>> len(EpochSampler(9, batch_size=4, min_last_batch=2))  # 4 + 4, the ninth sample waits for another epoch
+        8
     """
 
-    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 batch_size: int | None = None, min_last_batch: int = 1):
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ConfigError(f"rank must be in [0, num_replicas), got rank={rank} num_replicas={num_replicas}")
+        check_int("batch_size", batch_size, low=1, allow_none=True)
+        check_int("min_last_batch", min_last_batch, low=1)
         self.length = length
         self.shuffle = shuffle
         self.seed = seed
@@ -207,6 +221,8 @@ class EpochSampler(Sampler[int]):
         self.epoch = 0
         self.start_index = 0
         self.per_replica = math.ceil(length / num_replicas)
+        tail = self.per_replica % batch_size if batch_size else 0
+        self.num_samples = self.per_replica - tail if tail < min_last_batch else self.per_replica
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         """Select the epoch whose order to produce and how many of its first samples to skip."""
@@ -225,10 +241,10 @@ class EpochSampler(Sampler[int]):
         return order[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._order()[self.start_index :])
+        return iter(self._order()[self.start_index : self.num_samples])
 
     def __len__(self) -> int:
-        return max(0, self.per_replica - self.start_index)
+        return max(0, self.num_samples - self.start_index)
 
 
 class _CheckedImageDataset(ImageDataset):
@@ -270,7 +286,8 @@ def create_dataset(
     std: Sequence[float] = IMAGENET_STD,
     augment: bool = False,
     download: bool = False,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = None,
+    split_seed: int = 0,
     **kwargs: Any,
 ) -> Dataset:
     """Create a dataset by name: the offline ``"digits"`` set or anything ``timm.data.create_dataset`` reads.
@@ -288,15 +305,22 @@ def create_dataset(
         std: Normalisation standard deviation.
         augment: Use timm's training augmentation (random resized crop, flip, colour jitter) on training splits.
         download: Let torchvision download ``torch/...`` sets (off by default: nothing is fetched silently).
-        val_fraction: Held-out fraction for ``"digits"``.
-        **kwargs: Passed through to ``timm.data.create_dataset``.
+        val_fraction: Held-out fraction. ``"digits"``: 0.2 when None. Image folders without a validation folder:
+            None refuses the validation split (it would be the training images); a fraction holds out a seeded,
+            stratified split (logged by the validation call) and the training split is the rest. Ignored (with a
+            warning) for a folder that has its own validation folder.
+        split_seed: Seed of the held-out split, independent of the training seed so that runs with different seeds
+            validate on the same images.
+        **kwargs: Passed through to ``timm.data.create_dataset`` (not for image folders).
 
     Returns:
         A map-style dataset of ``(image tensor, int label)`` with ``num_classes`` resolvable through
         :func:`dataset_num_classes`.
 
     Raises:
-        ConfigError: Unknown dataset name, missing folder, empty dataset, or a torchvision set that is not on disk.
+        ConfigError: Unknown dataset name, missing folder, empty dataset, or a torchvision set that is not on disk;
+            for image folders also: no validation split, train and val class folders that differ, a single class,
+            empty class folders, images outside class folders (see :mod:`timm_remem._image_folder`).
 
     Example:
         >>> ds = create_dataset("digits", split="val", img_size=16)
@@ -306,8 +330,12 @@ def create_dataset(
     if not isinstance(name, str):
         raise ConfigError(f"dataset name must be a string, got {type(name).__name__}")
     lowered = name.lower()
+    val_fraction = check_float("val_fraction", val_fraction, low=0, high=1, low_open=True, high_open=True,
+                               allow_none=True, hint="the fraction of images held out for validation, e.g. 0.2")
+    check_int("split_seed", split_seed)
     if lowered == "digits":
-        return DigitsDataset(split, img_size, val_fraction=val_fraction, mean=mean, std=std)
+        return DigitsDataset(split, img_size, val_fraction=0.2 if val_fraction is None else val_fraction, mean=mean,
+                             std=std, split_seed=split_seed)
 
     prefix, sep, rest = name.partition("/")
     prefix = prefix.lower() if sep else ""
@@ -318,18 +346,22 @@ def create_dataset(
             )
         if root is None:
             raise ConfigError(f"dataset {name!r} needs root (--data-dir): the folder torchvision stores it in")
-        if rest.lower() in ("image_folder", "folder"):
-            _check_folder(root, name)
     elif prefix in _TIMM_PREFIXES:
         pass
-    elif sep == "" and lowered in _FOLDER_NAMES:
-        root = _check_folder(root, name or "folder")
-        name = ""
-    else:
+    elif not (sep == "" and lowered in _FOLDER_NAMES):
         raise ConfigError(
             f"unknown dataset name {name!r}; use 'digits' (offline), 'folder' with root=<image folder>, "
             f"'torch/<name>' (e.g. torch/cifar100) or a timm reader such as 'hfds/<dataset id>'"
         )
+    if prefix == "" or (prefix == "torch" and rest.lower() in _FOLDER_NAMES):  # an image folder, checked here
+        if kwargs:
+            raise ConfigError(f"options {sorted(kwargs)} are not supported for image folders")
+        kind = _split_kind(split)
+        ds = folder_dataset(_check_folder(root, name or "folder"), kind, val_fraction=val_fraction,
+                            split_seed=split_seed, name=name or "folder")
+        ds.transform = create_transform(input_size=img_size, is_training=bool(augment and kind == "train"),
+                                        mean=tuple(mean), std=tuple(std), crop_pct=1.0)
+        return ds
 
     kind = _split_kind(split) if split.lower() in _TRAIN_SPLITS + _VAL_SPLITS else None
     timm_split = {"train": "train", "val": "validation"}.get(kind, split)
@@ -397,10 +429,18 @@ def create_loader(
     num_replicas: int = 1,
     rank: int = 0,
     pin_memory: bool = False,
+    min_last_batch: int | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` yielding ``(images, targets, indices)`` in an order fixed by ``(seed, epoch)``.
 
     Call ``loader.sampler.set_epoch(epoch)`` before each epoch (the pipeline does).
+
+    A training loader (``shuffle=True``) never yields a last batch of a single sample: BatchNorm cannot compute
+    batch statistics from one sample in train mode, so such a batch would crash every epoch's end (and every
+    resume). That sample is dropped from the epoch, not folded into the previous batch (which would change the
+    batch size, the learning-rate scaling and the memory of one step): it is the last sample of the epoch's
+    permutation (per process), so a different one each epoch, and the same one in a resumed run. Evaluation loaders
+    (``shuffle=False``) keep every sample.
 
     Args:
         dataset: A map-style dataset of ``(image, target)`` pairs.
@@ -412,19 +452,31 @@ def create_loader(
         num_replicas: Data-parallel world size (each rank gets a disjoint shard).
         rank: This process's rank.
         pin_memory: Pin host memory (CUDA).
+        min_last_batch: The smallest last batch to yield (smaller ones are dropped); None means 2 for a shuffled
+            (training) loader and 1 (keep every sample) otherwise. Has no effect when ``batch_size`` is smaller.
 
     Raises:
-        ConfigError: Bad batch size or an empty dataset.
+        ConfigError: Bad batch size, an empty dataset, or a training set of one sample per process.
 
     Example:
         >>> loader = create_loader(create_dataset("digits", split="val", img_size=8), batch_size=100)
         >>> len(loader)
         4
+        >>> len(create_loader([(float(i), 0) for i in range(9)], batch_size=4, shuffle=True))  # no batch of one
+        2
     """
     check_int("batch_size", batch_size, low=1)
+    check_int("min_last_batch", min_last_batch, low=1, allow_none=True)
     if len(dataset) == 0:
         raise ConfigError("the dataset is empty; check the dataset name, root folder and split")
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+    smallest = min(batch_size, (2 if shuffle else 1) if min_last_batch is None else min_last_batch)
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank,
+                           batch_size=batch_size, min_last_batch=smallest)
+    if len(sampler) == 0:
+        raise ConfigError(
+            f"the training set has {len(dataset)} sample(s), {sampler.per_replica} per process: a training batch "
+            f"needs at least {smallest} (BatchNorm cannot train on one sample); add data or use fewer processes"
+        )
     return DataLoader(
         IndexedDataset(dataset),
         batch_size=batch_size,

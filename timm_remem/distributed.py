@@ -21,13 +21,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .errors import ConfigError
+from . import errors
+from .errors import ConfigError, RememError
 
 __all__ = [
     "env_world_size",
@@ -43,6 +44,7 @@ __all__ = [
     "broadcast_object",
     "broadcast_buffers",
     "all_gather_object",
+    "run_on_main",
     "cleanup",
 ]
 
@@ -312,6 +314,39 @@ def all_gather_object(obj: Any) -> list[Any]:
     chunks = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
     dist.all_gather(chunks, padded)
     return [_from_bytes(chunk[: int(n.item())]) for chunk, n in zip(chunks, sizes, strict=True)]
+
+
+def run_on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 alone, its (JSON-able) result returned on every rank; when it raises a timm-remem
+    error, every rank raises one of the same class and message (so no rank is left waiting at a collective).
+
+    For what one process must decide for all (the checkpoint to resume from, the lock of the output folder). An
+    exception that is not a :class:`~timm_remem.errors.RememError` is re-raised as it is on rank 0 and as a
+    ``RuntimeError`` naming it on the others.
+
+    Example:
+        >>> run_on_main(lambda: {"path": "runs/x"})
+        {'path': 'runs/x'}
+    """
+    if not is_distributed():
+        return fn()
+    result, failure, caught = None, None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - sent to the other ranks, then re-raised here
+            caught = e
+            name = type(e).__name__ if isinstance(e, RememError) else ""
+            failure = [name, str(e) if name else f"{type(e).__name__}: {e}"]
+    result, failure = broadcast_object([result, failure])
+    if caught is not None:
+        raise caught
+    if failure is not None:
+        cls = getattr(errors, failure[0], None) if failure[0] else None
+        if isinstance(cls, type) and issubclass(cls, RememError):
+            raise cls(failure[1])
+        raise RuntimeError(f"rank 0 failed: {failure[1]}")
+    return result
 
 
 def cleanup() -> None:

@@ -18,6 +18,7 @@ from timm_remem.analysis.information import (
     teacher_information,
 )
 from timm_remem.errors import CheckpointError, ConfigError
+from timm_remem.hub import save_pretrained
 
 
 class CopyTeacher(nn.Module):
@@ -222,3 +223,45 @@ def test_checkpoint_lister_skips_half_written_exports_and_reads_run_folders(tmp_
     assert [p.name for p in _checkpoint_dirs(run)] == ["epoch-002", "epoch-010"]
     assert [p.name for p in _checkpoint_dirs(run / "checkpoints")] == ["epoch-002", "epoch-010"]
     assert _checkpoint_dirs(run / "checkpoints" / "epoch-002") == [run / "checkpoints" / "epoch-002"]
+
+
+# --- checkpoints that expect other normalisations than the loader's (issue 12 item 4) ----------------------------
+
+def _two_normalisations(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, img_size=16, num_classes=3)
+    other = timm.create_model("test_vit", pretrained=False, img_size=16, num_classes=3)
+    other.load_state_dict(model.state_dict())
+    other.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    save_pretrained(model, tmp_path / "ckpts" / "a")
+    save_pretrained(other, tmp_path / "ckpts" / "b")
+    pixels = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 3, (48,), generator=torch.Generator().manual_seed(2))
+
+    def normalised(mean, std):
+        m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        return [((pixels - m) / s, labels)]
+
+    return model, other, normalised
+
+
+def test_information_plane_renormalises_each_checkpoint_to_its_own_mean_and_std(tmp_path):
+    model, other, normalised = _two_normalisations(tmp_path)
+    mean_a, std_a = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
+    loader = normalised(mean_a, std_a)  # normalised for checkpoint a only
+    points = information_plane(tmp_path / "ckpts", loader, progress=False, data_mean=mean_a, data_std=std_a)
+    # reference: each checkpoint measured on images normalised exactly as it expects
+    ref_a = teacher_information(model, normalised(mean_a, std_a), progress=False)
+    ref_b = teacher_information(other, normalised((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), progress=False)
+    assert points[0].i_xf == pytest.approx(ref_a.i_xf, rel=1e-4)
+    assert points[1].i_xf == pytest.approx(ref_b.i_xf, rel=1e-4)
+    assert points[1].accuracy == ref_b.accuracy
+
+
+def test_information_plane_refuses_mixed_normalisations_when_the_loaders_is_unknown(tmp_path):
+    model, _, normalised = _two_normalisations(tmp_path)
+    with pytest.raises(ConfigError, match=r"expect different input normalisations .*pass data_mean= and data_std="):
+        information_plane(tmp_path / "ckpts", normalised(model.pretrained_cfg["mean"], model.pretrained_cfg["std"]),
+                          progress=False)
+    with pytest.raises(ConfigError, match="pass data_mean and data_std together"):
+        rank_checkpoints(tmp_path / "ckpts", [], progress=False, data_mean=(0.5, 0.5, 0.5))

@@ -8,6 +8,7 @@ import json
 import pytest
 import timm
 
+import timm_remem.cli as cli
 from timm_remem.cli import analyze
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,5 +68,6 @@ def test_analyze_folder_of_checkpoints_ranks_them(tmp_path):
     ],
 )
 def test_bad_arguments_exit_2_with_message(tmp_path, capsys, argv, message):
-    assert run_cli([*argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
-    assert message in capsys.readouterr().err
+    assert cli.main(["analyze", *argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("timm-remem analyze: error: ") and err.count("\n") == 1

@@ -19,7 +19,28 @@ def test_demo_quick_prints_table_and_writes_plot(tmp_path, capsys):
                   "student <- ReMem teacher"):
         assert stage in text
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(json.loads((out / "demo.json").read_text())["rows"]) == 5
+    rows = json.loads((out / "demo.json").read_text())["rows"]
+    assert len(rows) == 5 and all(r["n"] == 2 for r in rows)  # a small study: two seeds per arm
+    assert "95% Student-t intervals over seeds [0, 1]" in text and "cannot show ReMem's effect" in text
+
+
+def test_demo_rows_are_the_study_intervals_scipy_recomputes(tmp_path):
+    import scipy.stats
+
+    from timm_remem.train import DemoResult, run_demo
+
+    res = run_demo(tmp_path / "demo", quick=True, progress=False)
+    assert isinstance(res, DemoResult)
+    runs = json.loads((tmp_path / "demo" / "study.json").read_text())["runs"]
+    for row, arm, metric in (("student: no teacher", "student", "student_acc"), ("teacher: ReMem", "remem",
+                                                                                   "teacher_acc")):
+        values = [r[metric] for r in runs if r["arm"] == arm]
+        low, high = scipy.stats.t.interval(0.95, 1, loc=sum(values) / 2, scale=scipy.stats.sem(values))
+        got = next(r for r in res.rows if r["stage"] == row)
+        if values[0] == values[1]:
+            assert got[f"{metric}_low"] == got[f"{metric}_high"] == values[0]
+        else:
+            assert (got[f"{metric}_low"], got[f"{metric}_high"]) == (pytest.approx(low), pytest.approx(high))
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import timm_remem.cli as cli
-from timm_remem.cli import finetune
+from timm_remem.cli import _runtime, finetune
 from timm_remem.train import FinetuneConfig
 
 TINY = ["--img-size", "16", "--epochs", "1", "--limit-train-batches", "1", "--no-progress"]
@@ -30,7 +30,8 @@ def test_every_flag_reaches_the_config():
         "--amp", "--clip-grad", "1.5", "--ema", "--ema-decay", "0.99", "--seed", "3", "--device", "cpu",
         "--workers", "2", "--limit-train-batches", "5", "--save-at", "4", "2", "--checkpoint-every", "10",
         "--keep-last", "3", "--resume", "auto", "--no-progress", "--alpha", "0.85", "--schedule", "constant",
-        "--top-k", "2", "--learnable",
+        "--top-k", "2", "--learnable", "--log", "tensorboard", "wandb", "--lora-rank", "4", "--lora-alpha", "8",
+        "--lora-dropout", "0.1", "--lora-targets", "qkv,fc1",
     ])
     expected = FinetuneConfig(
         model="test_vit", model_kwargs={"depth": 2}, pretrained=True, dataset="folder", data_dir="data",
@@ -39,7 +40,8 @@ def test_every_flag_reaches_the_config():
         label_smoothing=0.1, augment=True, mixup=0.2, cutmix=0.3, rho=0.05, adaptive=True, amp=True, clip_grad=1.5,
         ema=True, ema_decay=0.99, seed=3, device="cpu", num_workers=2, limit_train_batches=5, save_at=[2, 4],
         checkpoint_every=10, keep_last=3, resume="auto", progress=False, alpha=0.85, schedule="constant", top_k=2,
-        learnable=True,
+        learnable=True, log=["tensorboard", "wandb"], lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
+        lora_targets=["qkv", "fc1"],
     )
     assert FinetuneConfig(**finetune.options(args)) == expected
     default = FinetuneConfig(model="other")
@@ -69,7 +71,7 @@ def test_run_passes_only_the_given_options(monkeypatch, capsys):
         calls.append(kwargs)
         return type("Result", (), {"val_acc": 0.5, "checkpoints": ["c1", "c2"]})()
 
-    monkeypatch.setattr(finetune, "finetune_teacher", fake)
+    monkeypatch.setattr(_runtime, "finetune_teacher", fake)
     assert cli.main(["finetune", "--model", "test_vit", "--rho", "0.05"]) == 0
     assert calls == [{"model": "test_vit", "rho": 0.05}]
     assert capsys.readouterr().out == "teacher val acc 0.5000; checkpoints: c1, c2\n"
@@ -80,8 +82,9 @@ def test_conflicting_options_exit_2_with_the_fix(tmp_path, capsys):
     assert "adaptive=True (ASAM) needs rho > 0" in capsys.readouterr().err
 
 
-def test_resume_without_checkpoint_exit_2(tmp_path, capsys):
-    assert cli.main(["finetune", "--model", "test_vit", *TINY, "--resume", "--output", str(tmp_path / "x")]) == 2
+def test_resume_without_checkpoint_exits_1(tmp_path, capsys):
+    """A CheckpointError is a failure while running (exit 1), not a usage error."""
+    assert cli.main(["finetune", "--model", "test_vit", *TINY, "--resume", "--output", str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 

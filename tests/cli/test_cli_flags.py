@@ -22,12 +22,14 @@ COMMON = [
     "--num-classes", "--output", "--epochs", "--batch-size", "--eval-batch-size", "--opt", "--lr", "--weight-decay",
     "--momentum", "--sched", "--warmup-epochs", "--min-lr", "--smoothing", "--augment", "--mixup", "--cutmix", "--rho",
     "--adaptive", "--amp", "--clip-grad", "--seed", "--device", "--workers", "--limit-train-batches", "--no-progress",
+    "--log", "--config", "--debug",
 ]
 RUN_ONLY = ["--ema", "--ema-decay", "--save-at", "--checkpoint-every", "--keep-last", "--resume"]
 DISTILLATION = ["--teacher-kwargs", "--no-teacher-pretrained", "--method", "--temperature", "--task-weight",
                 "--distill-weight", "--cache-teacher"]
 FLAGS = {
-    "finetune": COMMON + RUN_ONLY + ["--alpha", "--schedule", "--top-k", "--learnable"],
+    "finetune": COMMON + RUN_ONLY + ["--alpha", "--schedule", "--top-k", "--learnable", "--lora-rank", "--lora-alpha",
+                                     "--lora-dropout", "--lora-targets"],
     "distill": COMMON + RUN_ONLY + ["--teacher"] + DISTILLATION,
     "select": COMMON + DISTILLATION + ["--mi-score"],
 }

@@ -13,7 +13,7 @@ import json
 import pytest
 import timm
 import torch
-from hub_server import ALICE_WRITE, serving
+from hub_server import ALICE_WRITE, MisbehavingServer, no_retry_waits, serving, use_hub
 
 import timm_remem
 from timm_remem.cli import push as push_cli
@@ -30,6 +30,11 @@ X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 def hub(tmp_path, monkeypatch):
     with serving(tmp_path / "hf_home", monkeypatch) as server:
         yield server
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+    no_retry_waits(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +91,7 @@ def test_cli_push_reports_hub_errors_in_one_line(hub, teacher, tmp_path, capsys)
 
 def test_cli_push_without_a_token_names_the_flag(hub, teacher, tmp_path, capsys):
     save_pretrained(teacher[0], tmp_path)
-    assert _cli(["push", str(tmp_path), "alice/vit-remem"]) == 1
+    assert _cli(["push", str(tmp_path), "alice/vit-remem"]) == 2  # usage: a missing --token
     err = capsys.readouterr().err
     assert err == ("timm-remem push: error: pushing to 'alice/vit-remem' needs a Hugging Face token with the write "
                    "role: pass --token TOKEN, set the HF_TOKEN environment variable or run `hf auth login`.\n")
@@ -95,5 +100,38 @@ def test_cli_push_without_a_token_names_the_flag(hub, teacher, tmp_path, capsys)
 
 def test_cli_push_rejects_a_malformed_student_accuracy(tmp_path, teacher, capsys):
     save_pretrained(teacher[0], tmp_path)
-    assert _cli(["push", str(tmp_path), "alice/vit-remem", "--student-accuracy", "resnet18"]) == 1
+    assert _cli(["push", str(tmp_path), "alice/vit-remem", "--student-accuracy", "resnet18"]) == 2
     assert "--student-accuracy expects MODEL=ACCURACY (e.g. resnet18=78.5), got 'resnet18'" in capsys.readouterr().err
+
+
+def test_cli_push_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    # A source that is not a teacher folder: bad input, checked before any request.
+    assert _cli(["push", str(tmp_path / "missing"), "alice/vit-remem", "--token", ALICE_WRITE]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("timm-remem push: error: ") and "is not an existing folder" in err
+
+
+def test_cli_push_bad_repo_id_exits_2(teacher, tmp_path, capsys):
+    save_pretrained(teacher[0], tmp_path)
+    assert _cli(["push", str(tmp_path), "no-namespace", "--token", ALICE_WRITE]) == 2
+    assert "repo_id must be 'namespace/name'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "ten", "inf"])
+def test_cli_push_bad_timeout_is_a_usage_error_naming_the_flag(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _cli(["push", "dir", "alice/vit", "--timeout", value])
+    assert exit_.value.code == 2
+    assert f"argument --timeout: --timeout expects a number of seconds > 0, got '{value}'" in capsys.readouterr().err
+
+
+def test_cli_push_unreachable_hub_exits_1_with_one_line(teacher, tmp_path, monkeypatch, capsys, no_retry_wait):
+    save_pretrained(teacher[0], tmp_path / "t")
+    with MisbehavingServer("silent") as server:
+        use_hub(monkeypatch, server.endpoint, tmp_path / "hf_home")
+        code = _cli(["push", str(tmp_path / "t"), "alice/vit-remem", "--token", ALICE_WRITE, "--timeout", "0.3",
+                     "--retry-budget", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("timm-remem push: error: cannot push to 'alice/vit-remem'")
+    assert "sent no answer within 0.3 s" in err and "Traceback" not in err

@@ -54,13 +54,13 @@ def test_unmerged_card_says_to_load_with_timm_remem(teacher, tmp_path):
 
 def test_card_of_a_plain_model_without_metadata_claims_nothing(tmp_path):
     model = timm.create_model("test_vit", pretrained=False, img_size=32)
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "hf_hub_id"}  # no known base
     save_pretrained(model, tmp_path)
     card = _card(tmp_path)
     assert (card.data.base_model, card.data.datasets, card.data.license, card.data.eval_results) == (
         None, None, None, None)
     text = card.text
-    assert text.startswith("# test_vit-remem\n\nA ReMem teacher: timm `test_vit` (1000 classes), prepared for ")
+    assert text.startswith("# test_vit-remem\n\nA ReMem teacher: timm `test_vit` (1000 classes), trained from "
+                           "random initialisation (no pretrained weights were loaded), prepared for ")
     assert "fine-tuned from" not in text and "## Evaluation" not in text and "Factor of each" not in text
     assert 'timm.create_model("hf-hub:<namespace>/<name>", pretrained=True)' in text
     assert "| MLP reweighting | no |" in text and "| SAM radius rho | not recorded |" in text

@@ -122,8 +122,10 @@ def test_an_error_answer_is_not_mistaken_for_a_network_failure(status):
     """huggingface_hub raises its HTTP errors from httpx2's HTTPStatusError: that is an answer, not a failure."""
     err = _http_error(status, **{"X-Error-Message": "details"})
     assert isinstance(err.__cause__, httpx2.HTTPStatusError)
-    assert _explain(err) == (f"the Hub answered {status} when trying to download 'alice/vit' on http://hub.test "
-                             "(the Hub said: details).")
+    advice = (": the Hub or the server at HF_ENDPOINT is failing; try again later." if status >= 500 else ".")
+    what = " (a server error)" if status >= 500 else ""
+    assert _explain(err) == (f"the Hub answered {status}{what} when trying to download 'alice/vit' on "
+                             f"http://hub.test (the Hub said: details){advice}")
 
 
 def test_other_errors_pass_through_unchanged():

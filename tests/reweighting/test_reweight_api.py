@@ -134,7 +134,7 @@ def test_unreweight_restores_original_bit_for_bit(x):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_merge_like_fp32_fold(x, dtype):
     model = timm_remem.reweight(make_vit().to(dtype), alpha=0.7)
-    fc2 = model.blocks[3].mlp.base_layer.fc2
+    fc2 = model.blocks[3].mlp.fc2
     expected_w = (fc2.weight.detach().float() * 0.7**4).to(dtype)
     timm_remem.merge(model)
     assert model.blocks[3].mlp.fc2.weight.dtype == dtype

@@ -107,9 +107,17 @@ def test_reweighting_a_reweighted_model_replaces_factors(case_id):
     reference = copy.deepcopy(model)
     x = example_input(case)
     factors = random_factors(case, seed=2)
-    timm_remem.reweight(model, alpha=0.5, learnable=True)
+    timm_remem.reweight(model, alpha=0.5)
     timm_remem.reweight(model, schedule=list(factors))
     handles = apply_reference_scaling(reference, case, list(factors))
+    with torch.no_grad():
+        assert _relative(model(x), reference(x)) <= 1e-6
+    # learnable factors are set in place: the same Parameter objects, now holding the new factors
+    timm_remem.reweight(model, alpha=0.5, learnable=True)
+    before = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.ScaledBranch)}
+    timm_remem.reweight(model, schedule=list(factors), learnable=True)
+    after = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.ScaledBranch)}
+    assert after == before
     with torch.no_grad():
         assert _relative(model(x), reference(x)) <= 1e-6
     for h in handles:

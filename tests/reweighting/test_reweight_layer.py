@@ -1,7 +1,7 @@
-"""``ScaledBranch``: the wrapped module's state-dict keys, key order and version metadata are those of the
-unwrapped module plus ``remem_scale``; plain checkpoints load into it; folding and its refusal.
+"""``ScaledBranch``: the scaled module keeps its identity, paths and state-dict keys (plus ``remem_scale``); plain
+checkpoints load into it; pickling and deepcopy rebuild it; folding and its refusal; ``unscale``.
 
-References are plain (never wrapped) timm models and torch modules.
+References are plain (never scaled) timm models and torch modules.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 import timm_remem
-from timm_remem import ScaledBranch, UnsupportedModelError
+from timm_remem import ConfigError, ScaledBranch, UnsupportedModelError
+from timm_remem.reweighting import unscale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,15 +27,16 @@ def make_vit() -> nn.Module:
 
 
 def expected_keys(plain: nn.Module, paths: list[str]) -> list[str]:
-    """The plain model's keys with ``<path>.remem_scale`` after the last key of each wrapped path."""
+    """The plain model's keys with ``<path>.remem_scale`` before the first key of each scaled path (torch's order:
+    a module's own tensors come before its children's)."""
     keys = list(plain.state_dict())
     for path in paths:
-        last = max(i for i, k in enumerate(keys) if k.startswith(path + "."))
-        keys.insert(last + 1, f"{path}.remem_scale")
+        first = min(i for i, k in enumerate(keys) if k.startswith(path + "."))
+        keys.insert(first, f"{path}.remem_scale")
     return keys
 
 
-def test_state_dict_keeps_the_plain_key_order_with_the_factor_after_its_branch():
+def test_state_dict_is_the_plain_keys_plus_the_factor_at_the_branch():
     plain = make_vit()
     model = timm_remem.reweight(copy.deepcopy(plain), alpha=0.8, top_k=2)
     assert list(model.state_dict()) == expected_keys(plain, ["blocks.1.mlp", "blocks.2.mlp"])
@@ -46,12 +48,14 @@ def test_state_dict_version_metadata_is_the_plain_models():
     assert dict(model.state_dict()._metadata) == dict(plain.state_dict()._metadata)
 
 
-def test_wrapper_alone_reports_the_wrapped_modules_keys_and_version():
+def test_scaled_module_is_the_same_object_and_keeps_keys_and_version():
     norm = nn.BatchNorm1d(4)  # BatchNorm has _version 2, a plain Module 1
+    keys = list(norm.state_dict())
     branch = ScaledBranch(norm, 0.5)
+    assert branch is norm and isinstance(branch, nn.BatchNorm1d) and type(branch).__name__ == "ScaledBatchNorm1d"
     sd = branch.state_dict()
-    assert list(sd) == [*norm.state_dict(), "remem_scale"]
-    assert sd._metadata[""] == norm.state_dict()._metadata[""] == {"version": 2}
+    assert sorted(sd) == sorted([*keys, "remem_scale"])
+    assert sd._metadata[""] == {"version": 2}
     assert sd["remem_scale"].item() == 0.5
 
 
@@ -60,16 +64,17 @@ def test_plain_module_state_dict_loads_strictly_and_keeps_the_factor():
     branch = ScaledBranch(nn.Linear(3, 2), 0.25, learnable=True)
     result = branch.load_state_dict(source.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    assert torch.equal(branch.base_layer.weight, source.weight) and branch.remem_scale.item() == 0.25
+    assert torch.equal(branch.weight, source.weight) and branch.remem_scale.item() == 0.25
 
 
-def test_state_dict_hooks_survive_deepcopy_and_pickling():
+def test_deepcopy_and_pickling_rebuild_the_scaled_class():
     plain = make_vit()
     model = timm_remem.reweight(copy.deepcopy(plain), alpha=0.8, top_k=1)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert type(clone.blocks[2].mlp) is type(model.blocks[2].mlp)
         assert list(clone.state_dict()) == expected_keys(plain, ["blocks.2.mlp"])
         clone.load_state_dict(plain.state_dict(), strict=True)
         assert timm_remem.get_scales(clone) == pytest.approx({"blocks.2.mlp": 0.8})
@@ -78,20 +83,41 @@ def test_state_dict_hooks_survive_deepcopy_and_pickling():
 def test_keep_vars_returns_the_live_parameters():
     branch = ScaledBranch(nn.Linear(3, 2), 0.5, learnable=True)
     sd = branch.state_dict(keep_vars=True)
-    assert sd["weight"] is branch.base_layer.weight and sd["remem_scale"] is branch.remem_scale
+    assert sd["weight"] is branch.weight and sd["remem_scale"] is branch.remem_scale
 
 
 def test_fold_matches_the_scaled_forward():
     torch.manual_seed(0)
-    branch = ScaledBranch(nn.Conv2d(3, 4, 1), 0.3)
+    conv = nn.Conv2d(3, 4, 1)
     x = torch.randn(1, 3, 5, 5)
     with torch.no_grad():
-        expected = branch.base_layer(x) * 0.3
+        expected = conv(x) * 0.3
+        branch = ScaledBranch(conv, 0.3)
         branch.fold()
-        torch.testing.assert_close(branch.base_layer(x), expected)
+        torch.testing.assert_close(unscale(branch)(x), expected)
+    assert type(conv) is nn.Conv2d and "remem_scale" not in conv.state_dict()
 
 
 def test_fold_target_refuses_a_layer_without_affine_weight():
     branch = ScaledBranch(nn.Sequential(nn.Linear(3, 3), nn.GELU()), 0.5, fold_path="1")
-    with pytest.raises(UnsupportedModelError, match=r"cannot fold the factor of Sequential into its last layer GELU"):
+    with pytest.raises(UnsupportedModelError, match=r"cannot fold the factor of ScaledSequential into its last layer "
+                                                     r"GELU"):
         branch.fold_target()
+
+
+def test_scaling_twice_or_a_non_module_is_refused():
+    branch = ScaledBranch(nn.Linear(2, 2), 0.5)
+    with pytest.raises(ConfigError, match=r"ScaledLinear is scaled already: call unscale\(module\) first"):
+        ScaledBranch(branch, 0.5)
+    with pytest.raises(ConfigError, match=r"ScaledBranch scales an nn.Module, got str"):
+        ScaledBranch("fc2", 0.5)
+
+
+def test_own_attribute_named_like_a_setting_wins():
+    class WithIndex(nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(2, 2)
+            self.index = "mine"
+
+    branch = ScaledBranch(WithIndex(), 0.5, index=3)
+    assert branch.index == "mine" and branch.remem_index == 3

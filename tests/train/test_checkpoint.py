@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -239,7 +241,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "atomic_write_json", fail_on_state)
     with torch.no_grad():
         model[0].weight.add_(1.0)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-000000002': disk full \(simulated\)"):
         save_checkpoint(tmp_path, model=model, step=2, keep_last=1)
     assert list_checkpoints(tmp_path) == [first]
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
@@ -299,7 +301,7 @@ def test_failed_resave_of_the_same_step_keeps_the_old_one(tmp_path, monkeypatch)
         return real(path, data, **kwargs)
 
     monkeypatch.setattr(ckpt, "atomic_write_json", fail_on_manifest)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated"):
         save_checkpoint(tmp_path, model=_model(seed=3), step=4, metrics={"acc": 0.2})
     assert [p.name for p in tmp_path.iterdir()] == ["step-000000004"]
     assert load_checkpoint(tmp_path).metrics == {"acc": 0.1}
@@ -314,3 +316,23 @@ def test_a_crash_while_replacing_a_step_is_repaired_by_the_next_save(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000000004", "step-000000005"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004", "step-000000005"]
     verify_checkpoint(tmp_path / "step-000000004")
+
+
+def test_checkpoint_files_get_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path, model=_model(), ema=_model(), step=1)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert sorted(modes) == ["ema.safetensors", "manifest.json", "model.safetensors", "state.json",
+                             "state.safetensors"]
+    assert set(modes.values()) == {0o644} and stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+def test_manifest_lists_every_file_the_loader_reads(tmp_path):
+    path = save_checkpoint(tmp_path, model=_model(), ema=_model(), step=1)
+    manifest = json.loads((path / "manifest.json").read_text())
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    assert sorted(manifest["files"]) == on_disk
+    assert manifest["format_version"] == 1 and isinstance(manifest["timm_remem"], str)

@@ -6,7 +6,8 @@ same command with ``timm_remem.checkpoint.atomic_write_json`` patched to SIGKILL
 checkpoint's ``state.json``). Each time the resumed run must start
 from the last complete checkpoint, every checkpoint must verify, and with a fixed seed on CPU the run must end with
 exactly the weights of an uninterrupted run. Unit-level corruption checks (truncated or altered files) live in
-tests/train/test_checkpoint.py; here a damaged newest checkpoint is met through ``--resume``.
+tests/train/test_checkpoint.py; here a damaged newest checkpoint is met through ``--resume``. A killed run cannot
+remove its output-folder lock: the resumed run must recognise it as stale, take it over and release it at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 
 from timm_remem.checkpoint import list_checkpoints, verify_checkpoint
 from timm_remem.cli import main
+from timm_remem.train.lock import LOCK_FILE
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals"),
@@ -140,8 +142,13 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(reference, tmp_path, c
     last = complete[-1]
     assert int(last.name.split("-")[1]) < STEPS_PER_EPOCH  # killed during epoch 1
 
+    holder = json.loads((run / LOCK_FILE).read_text())  # the killed run could not remove its lock: a stale one
+    assert holder["pid"] == proc.pid
+
     log = _resume(run, caplog)
-    assert f"resumed from {last} at epoch 1" in log  # from the last complete checkpoint
+    assert f"resumed from {last} (epoch 1, step {int(last.name.split('-')[1])})" in log  # the last complete one
+    assert f"took over the stale lock of pid {proc.pid}" in log
+    assert not (run / LOCK_FILE).exists()  # released by the resumed run
     _assert_same(_final_weights(run), _final_weights(reference))
     _assert_all_verify(run)
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -162,8 +169,9 @@ def test_kill_during_checkpoint_write_then_resume_matches_uninterrupted(referenc
     for path in list_checkpoints(state):
         verify_checkpoint(path)
 
+    assert (run / LOCK_FILE).exists()  # left behind by the killed run
     log = _resume(run, caplog, "--resume", "auto")  # as a restarted job would
-    assert f"resumed from {state / 'step-000000004'} at epoch 1, batch 4" in log
+    assert f"resumed from {state / 'step-000000004'} (epoch 1, step 4)" in log
     _assert_same(_final_weights(run), _final_weights(reference))
     _assert_all_verify(run)
 
@@ -180,7 +188,7 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error_and_loses_nothing(r
     shutil.copytree(reference, run)
     damaged = _damage_newest(run)
     before = list_checkpoints(run / "train-state")
-    assert main([*ARGS, "--output", str(run), "--resume", str(damaged)]) == 2
+    assert main([*ARGS, "--output", str(run), "--resume", str(damaged)]) == 1  # a failure, not bad usage
     err = capsys.readouterr().err
     assert "is truncated or altered" in err and "resume from an earlier checkpoint" in err
     assert list_checkpoints(run / "train-state") == before

@@ -10,6 +10,7 @@ import pytest
 
 from timm_remem._version import __version__
 from timm_remem.errors import ConfigError
+from timm_remem.lora import check_lora_settings
 from timm_remem.train import DistillConfig, FinetuneConfig, TrainConfig
 from timm_remem.train.config import make_config
 
@@ -91,3 +92,25 @@ def test_make_config_overrides_a_config_and_refuses_unknown_options():
         make_config(DistillConfig, base, {"epoch": 1})
     with pytest.raises(ConfigError, match="config must be a DistillConfig, got FinetuneConfig"):
         make_config(DistillConfig, FinetuneConfig(model="test_vit"), {})
+
+
+def test_lora_fields_round_trip_and_are_in_the_saved_config():
+    cfg = FinetuneConfig(model="test_vit", lora_rank=8, lora_alpha=16, lora_dropout=0.1,
+                         lora_targets=["qkv", "fc1", "qkv"])
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert {k: data[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")} == {
+        "lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_targets": ["qkv", "fc1"]}
+    assert FinetuneConfig.from_dict(data) == cfg
+    full = FinetuneConfig(model="test_vit").to_dict()
+    assert (full["lora_rank"], full["lora_alpha"], full["lora_targets"]) == (None, None, None)  # a resume diffs them
+
+
+def test_lora_settings_are_checked_by_the_same_function_as_apply_lora():
+    for kwargs in ({"lora_rank": 4, "lora_alpha": -1.0}, {"lora_rank": 4, "lora_dropout": 1.0},
+                   {"lora_rank": 4, "lora_targets": "qkv"}):
+        with pytest.raises(ConfigError) as ours:
+            FinetuneConfig(model="test_vit", **kwargs)
+        with pytest.raises(ConfigError) as theirs:
+            check_lora_settings(kwargs["lora_rank"], kwargs.get("lora_alpha"), kwargs.get("lora_dropout", 0.0),
+                                kwargs.get("lora_targets"))
+        assert str(ours.value) == str(theirs.value)

@@ -29,6 +29,15 @@ PLAIN = dict(model="test_vit", dataset="digits", img_size=16, batch_size=PER_RAN
 SAM_RUN = dict(PLAIN, epochs=1, sched="none", weight_decay=0.0, rho=0.5, lr=0.1, save_at=[], save_state=False)
 # Drop-path draws random masks on every rank: resuming is exact only if each rank gets its own RNG state back.
 DROPOUT = dict(PLAIN, model_kwargs={"drop_path_rate": 0.25}, checkpoint_every=2, save_at=[])
+# Another process holding an output folder's lock (flock + its details), written without timm_remem.
+HOLDER = """
+import fcntl, json, os, socket, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -68,6 +77,26 @@ def _worker(out: Path) -> None:
                               progress=False, epochs=1, limit_train_batches=3, save_at=[], rho=0.05,
                               teacher=str(plain.checkpoints[-1]), output=str(out / "student"))
     _dump(out, "student", rank, student)
+
+    # A folder another process holds: rank 0 alone takes the lock, and every rank refuses (nobody waits forever).
+    locked = out / "locked"
+    holder = None
+    if rank == 0:
+        locked.mkdir()
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(locked / ".timm-remem.lock")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+    dist.barrier()
+    try:
+        finetune_teacher(**SAM_RUN, output=str(locked))
+        refused = "not refused"
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        refused = f"{type(e).__name__}: {e}"
+    (out / f"locked-rank{rank}.txt").write_text(refused)
+    dist.barrier()
+    if holder is not None:
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
     # The command line, unchanged; it destroys the process group at the end.
     code = main(["finetune", "--model", "test_vit", "--img-size", "16", "--epochs", "1", "--batch-size", "16",
@@ -260,6 +289,25 @@ def test_rank_zero_alone_writes_checkpoints_exports_and_metrics(ddp):
 
 
 @pytest.mark.distributed
+def test_a_folder_another_run_holds_is_refused_on_every_rank(ddp):
+    out, _ = ddp
+    messages = [(out / f"locked-rank{r}.txt").read_text() for r in range(WORLD)]
+    assert all(m.startswith("TrainingError: output folder") and "is in use by another run: pid" in m
+               for m in messages), messages
+    assert messages[0] == messages[1]  # rank 0's decision, sent to the others
+    assert sorted(p.name for p in (out / "locked").iterdir()) == [".timm-remem.lock"]  # the holder's; nothing else
+
+
+@pytest.mark.distributed
+def test_rank_zero_alone_takes_the_output_lock(ddp):
+    out, proc = ddp
+    for run in ("plain", "sam", "dropout", "cut", "student", "cli"):
+        assert not (out / run / ".timm-remem.lock").exists(), run  # every run released it
+    # one start-up line per run, from rank 0 alone: four library runs and the command line (the refused run: none)
+    assert proc.stderr.count("finetune test_vit: ") == 5, proc.stderr[-3000:]
+
+
+@pytest.mark.distributed
 def test_command_line_runs_unchanged_under_torchrun(ddp):
     out, proc = ddp
     assert [(out / f"cli-rank{r}.exit").read_text() for r in range(WORLD)] == ["0", "0"]
@@ -359,3 +407,16 @@ def test_demo_under_torchrun_is_refused(monkeypatch, tmp_path):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_run_on_main_in_one_process_returns_or_raises_as_the_call_does():
+    from timm_remem import distributed
+    from timm_remem.errors import TrainingError
+
+    assert distributed.run_on_main(lambda: {"path": "runs/x"}) == {"path": "runs/x"}
+
+    def busy():
+        raise TrainingError("output folder 'x' is in use")
+
+    with pytest.raises(TrainingError, match="is in use"):
+        distributed.run_on_main(busy)

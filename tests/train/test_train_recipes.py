@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from train_cases import CNN, VIT, short_teacher_run
 
-from timm_remem.checkpoint import list_checkpoints, verify_checkpoint
+from timm_remem.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from timm_remem.errors import CheckpointError, ConfigError, TrainingError
 from timm_remem.sam import SAM
 from timm_remem.train import FinetuneConfig, distill_student, finetune_teacher
@@ -76,6 +76,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoints(tmp_path, monkeyp
     states = list_checkpoints(out / "train-state")
     assert [p.name for p in states] == ["step-000000002"]
     verify_checkpoint(states[0])
+    fresh = timm.create_model("test_vit", pretrained=False, img_size=16, num_classes=10)
+    assert load_checkpoint(states[0], model=fresh, restore_rng=False).step == 2  # the kept checkpoint still loads
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["epoch-001"]
 
 

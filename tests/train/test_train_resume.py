@@ -5,14 +5,17 @@ The kill-and-resume tests of the command line are in test_resume_kill.py.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from train_cases import VIT
 
-import timm_remem.train.loop as loop
+import timm_remem.train.guards as guards
 from timm_remem.checkpoint import list_checkpoints
 from timm_remem.errors import CheckpointError, ConfigError
-from timm_remem.train import finetune_teacher
+from timm_remem.train import FinetuneConfig, finetune_teacher
+from timm_remem.train.resume import config_differences
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +27,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def _crash_on_step(monkeypatch, n):
     """Make the n-th training step raise (simulating a kill), via the per-step loss check."""
-    real = loop.check_finite
+    real = guards.check_finite
     calls = {"n": 0}
 
     def check(loss, **kwargs):
@@ -33,7 +36,7 @@ def _crash_on_step(monkeypatch, n):
             raise KeyboardInterrupt("simulated kill")
         return real(loss, **kwargs)
 
-    monkeypatch.setattr(loop, "check_finite", check)
+    monkeypatch.setattr(guards, "check_finite", check)
 
 RESUME = dict(VIT, epochs=2, limit_train_batches=3, alpha=0.8, rho=0.05, ema=True, ema_decay=0.9,
               model_kwargs={"drop_path_rate": 0.2}, save_at=[])
@@ -74,8 +77,46 @@ def test_resume_accepts_settings_that_json_turns_into_lists(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path):
     opts = dict(VIT, epochs=1, limit_train_batches=1, save_at=[])
     finetune_teacher(**opts, output=str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"other settings: lr=0.001 \(checkpoint\) vs 0.01 \(now\)"):
+    with pytest.raises(CheckpointError, match=r"other settings \(saved -> now\):\n  lr: 0.001 -> 0.01\.\nResume"):
         finetune_teacher(**dict(opts, lr=0.01), output=str(tmp_path), resume=True)
+
+
+def test_resume_with_another_architecture_lists_the_settings_not_the_state_dict_keys(tmp_path):
+    """Other model kwargs make the weights not fit; the settings that differ are what the user needs to see."""
+    opts = dict(VIT, epochs=1, limit_train_batches=1, save_at=[])
+    finetune_teacher(**opts, alpha=0.8, model_kwargs={"depth": 2}, output=str(tmp_path))
+    with pytest.raises(CheckpointError) as info:
+        finetune_teacher(**opts, alpha=0.9, output=str(tmp_path), resume=True)
+    message = str(info.value)
+    lines = message.splitlines()
+    assert lines[1:3] == ["  alpha: 0.8 -> 0.9;", '  model_kwargs: {"depth": 2} -> {}.']
+    assert "missing keys" not in message and "unexpected keys" not in message
+
+
+def test_resume_treats_a_setting_the_checkpoint_predates_as_its_default():
+    """A checkpoint written before a config field existed (here: lora_rank, log) matches when it keeps its default."""
+    saved = FinetuneConfig(model="test_vit", alpha=0.8).to_dict()
+    for newer in ("lora_rank", "lora_dropout", "log"):
+        saved.pop(newer)
+    assert config_differences(saved, FinetuneConfig(model="test_vit", alpha=0.8)) == []
+    assert config_differences(saved, FinetuneConfig(model="test_vit", alpha=0.8, lora_rank=4)) == [
+        "lora_rank: unset -> 4"]
+
+
+def test_resumed_run_says_where_it_resumed_from(tmp_path, caplog):
+    opts = dict(VIT, epochs=2, limit_train_batches=2, save_at=[], checkpoint_every=1)
+    finetune_teacher(**dict(opts), output=str(tmp_path / "full"))
+    state = tmp_path / "cut" / "train-state"
+    state.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "train-state" / "step-000000003", state / "step-000000003")  # mid-epoch 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="timm_remem.train"):
+        finetune_teacher(**opts, output=str(tmp_path / "cut"), resume=True)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("timm_remem.train")]
+    assert f"resumed from {state / 'step-000000003'} (epoch 2, step 3)" in lines
+    assert lines[0].startswith("finetune test_vit: ") and lines[1].startswith("resumed from ")
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):

@@ -138,4 +138,60 @@ def test_select_reports_spearman_over_three_checkpoints_without_scipy(tmp_path, 
     res = select_teacher(tmp_path / "ckpts", model="test_resnet", output=str(tmp_path / "sel"), progress=False,
                          mi_score=True)
     assert res.spearman == pytest.approx(1.0)
-    assert "Spearman(MI score, student acc) = 1.000 over 3 checkpoints" in res.table
+    assert "Spearman(MI score, student acc) = 1.0000 over 3 checkpoints" in res.table
+
+
+# --- what select says (issue 12 item 4) ----------------------------------------------------------------------------
+
+def _fake_checkpoints(tmp_path, monkeypatch, accs, times=None):
+    for name in accs:
+        (tmp_path / "ckpts" / name).mkdir(parents=True)
+        (tmp_path / "ckpts" / name / "config.json").write_text("{}")
+        (tmp_path / "ckpts" / name / "model.safetensors").write_bytes(b"")
+    clock = iter([t for pair in (times or {}).values() for t in (0.0, pair)])
+
+    def fake(cfg):
+        return TrainResult(output=tmp_path, model=torch.nn.Identity(), history=[], checkpoints=[],
+                           val_acc=accs[cfg.teacher.rsplit("/", 1)[-1]], teacher_acc=0.8)
+
+    monkeypatch.setattr(select, "distill_student", fake)
+    if times:
+        monkeypatch.setattr(select.time, "perf_counter", lambda: next(clock))
+
+
+def test_select_names_each_checkpoint_as_it_runs_and_the_files_it_wrote(tmp_path, monkeypatch, caplog):
+    _fake_checkpoints(tmp_path, monkeypatch, {"epoch-001": 0.5, "epoch-002": 0.9})
+    with caplog.at_level("INFO", logger="timm_remem.train"):
+        select_teacher(tmp_path / "ckpts", model="test_resnet", output=str(tmp_path / "sel"), progress=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("select [1/2]: distilling a student from epoch-001 (")
+    assert lines[1].startswith("select [2/2]: distilling a student from epoch-002 (")
+    sel = tmp_path / "sel"
+    assert lines[-1] == f"select: wrote {sel / 'select.json'}, {sel / 'select.md'}, {sel / 'select.png'}"
+
+
+def test_select_table_uses_one_format_per_column(tmp_path, monkeypatch):
+    _fake_checkpoints(tmp_path, monkeypatch, {"epoch-001": 0.5, "epoch-002": 0.9},
+                      times={"epoch-001": 3.21, "epoch-002": 12.345})
+    res = select_teacher(tmp_path / "ckpts", model="test_resnet", output=str(tmp_path / "sel"), progress=False)
+    rows = [line.split("|") for line in res.table.splitlines()[2:4]]
+    assert [r[4].strip() for r in rows] == ["3.2", "12.3"]  # times: 1 decimal, whatever their size
+    assert [r[3].strip() for r in rows] == ["0.5000", "0.9000"]
+
+
+@pytest.mark.parametrize(("accs", "scores", "reason"), [
+    ({"epoch-001": 0.5, "epoch-002": 0.9}, [1.0, 2.0],
+     "fewer than 3 checkpoints (2): a rank correlation needs at least 3"),
+    ({"epoch-001": 0.5, "epoch-002": 0.9, "epoch-003": 0.7}, [1.5, 1.5, 1.5],
+     "every MI score is the same (1.5000): a constant has no rank correlation"),
+    ({"epoch-001": 0.7, "epoch-002": 0.7, "epoch-003": 0.7}, [1.0, 2.0, 3.0],
+     "every student acc is the same (0.7000): a constant has no rank correlation"),
+], ids=["two-checkpoints", "constant-scores", "tied-students"])
+def test_select_says_why_the_correlation_is_missing(tmp_path, monkeypatch, accs, scores, reason):
+    _fake_checkpoints(tmp_path, monkeypatch, accs)
+    monkeypatch.setattr(select, "_mi_scores", lambda dirs, names, cfg: scores)
+    res = select_teacher(tmp_path / "ckpts", model="test_resnet", output=str(tmp_path / "sel"), progress=False,
+                         mi_score=True)
+    assert res.spearman is None
+    assert f"Spearman(MI score, student acc): not computed, {reason}" in res.table
+    assert json.loads((tmp_path / "sel" / "select.json").read_text())["spearman_missing"] == reason

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,6 +22,36 @@ from tqdm.auto import tqdm
 from .._models import model_device
 from .._validation import check_int
 from ..errors import ConfigError
+
+
+class _Renormalised(nn.Module):
+    """``model`` fed inputs normalised with ``(src_mean, src_std)`` re-normalised to its own ``(mean, std)``.
+
+    Exposes ``forward_features``/``forward_head`` (and ``num_classes``) when the model has them, so the analyses
+    can read penultimate features through it.
+    """
+
+    def __init__(self, model: nn.Module, src_mean, src_std, mean, std) -> None:
+        super().__init__()
+        self.model = model
+        shape = (1, -1, 1, 1)
+        self.register_buffer("scale", (torch.tensor(src_std, dtype=torch.float32) /
+                                       torch.tensor(std, dtype=torch.float32)).view(shape), persistent=False)
+        self.register_buffer("shift", ((torch.tensor(src_mean, dtype=torch.float32) - torch.tensor(
+            mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)).view(shape), persistent=False)
+        self.num_classes = getattr(model, "num_classes", None)
+        if callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None)):
+            self.forward_features = lambda x: model.forward_features(self._renorm(x))
+            self.forward_head = model.forward_head
+
+    def _renorm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.scale.shape[1]:
+            raise ConfigError(f"cannot re-normalise inputs of shape {tuple(x.shape)} with a "
+                              f"{self.scale.shape[1]}-channel mean/std; pass image batches [B, C, H, W]")
+        return x * self.scale.to(x.device, x.dtype) + self.shift.to(x.device, x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._renorm(x))
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -51,8 +82,10 @@ def _input_device(model: nn.Module, device: torch.device | str | None) -> torch.
     return torch.device(device) if device is not None else model_device(model)
 
 
-def _progress(iterable: Iterable[Any], progress: bool, desc: str) -> Iterable[Any]:
-    return tqdm(iterable, desc=desc, leave=False) if progress else iterable
+def _progress(iterable: Iterable[Any], progress: bool | None, desc: str) -> Iterable[Any]:
+    """A tqdm bar when asked (``progress=True``) or, by default (None), only on an interactive terminal."""
+    show = progress if progress is not None else sys.stderr.isatty()
+    return tqdm(iterable, desc=desc, leave=False) if show else iterable
 
 
 def _check_max_samples(max_samples: int | None) -> int | None:

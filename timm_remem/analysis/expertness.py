@@ -285,7 +285,7 @@ def mlp_expertness(
     threshold: float = 0.0,
     max_samples: int | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[BlockExpertness]:
     """Per-block firing statistics of the MLP neurons over a data loader (definitions in the module docstring).
 
@@ -299,7 +299,7 @@ def mlp_expertness(
         threshold: Firing threshold on the hidden activation.
         max_samples: Use at most this many images.
         device: Device for the inputs (default: that of the model's parameters); the model is not moved.
-        progress: Show a tqdm progress bar.
+        progress: Show a progress bar (None: only on an interactive terminal).
 
     Returns:
         One :class:`BlockExpertness` per MLP branch, bottom-up.

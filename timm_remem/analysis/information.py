@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._models import data_config
 from .._serialization import dataclass_to_dict
 from .._validation import check_choice, check_float, check_int
 from ..errors import ConfigError
 from ..teachers import list_exports, load_teacher_model
-from ._common import _check_max_samples, _hard_labels, _input_device, _progress, _split_batch
+from ._common import _check_max_samples, _hard_labels, _input_device, _progress, _Renormalised, _split_batch
 from .mi import MI_METHODS, estimate_mi
 
 __all__ = [
@@ -329,7 +330,7 @@ def teacher_information(
     max_samples: int | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     **mi_options: Any,
 ) -> TeacherInformation:
     """Measure ``I(X; F_T)``, ``I(F_T; Y)``, ``I(X; F_T | Y)`` and the accuracy of a teacher on a data loader.
@@ -350,7 +351,7 @@ def teacher_information(
         max_samples: Use at most this many samples from the loader.
         seed: Seed of the channel noise.
         device: Device for the inputs (default: that of the model's parameters); the model is not moved.
-        progress: Show a tqdm progress bar.
+        progress: Show a progress bar (None: only on an interactive terminal).
         **mi_options: Options of the estimator (see :func:`~timm_remem.analysis.mi.estimate_mi`).
 
     Returns:
@@ -383,25 +384,59 @@ def teacher_information(
     )
 
 
+def _loader_normalisation(loader: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The ``(mean, std)`` a loader's images were normalised with, when its dataset says so (``mean``/``std``
+    attributes, as :class:`timm_remem.data.DigitsDataset` has, or a ``Normalize`` in its transform)."""
+    ds = getattr(loader, "dataset", None)
+    if ds is None:
+        return None
+    if getattr(ds, "mean", None) is not None and getattr(ds, "std", None) is not None:
+        return tuple(float(v) for v in ds.mean), tuple(float(v) for v in ds.std)
+    transform = getattr(ds, "transform", None)
+    for t in getattr(transform, "transforms", [transform]):
+        if type(t).__name__ == "Normalize" and hasattr(t, "mean") and hasattr(t, "std"):
+            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    return None
+
+
+def _norm(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    dc = data_config(model)
+    return tuple(float(v) for v in dc["mean"]), tuple(float(v) for v in dc["std"])
+
+
 def information_plane(
     checkpoints: Any,
     loader: Iterable[Any],
     *,
-    progress: bool = True,
+    progress: bool | None = None,
+    data_mean: tuple[float, ...] | list[float] | None = None,
+    data_std: tuple[float, ...] | list[float] | None = None,
     **kwargs: Any,
 ) -> list[TeacherInformation]:
     """One :func:`teacher_information` point per checkpoint: the (teacher error, MI) information plane.
+
+    Each checkpoint sees the loader's images re-normalised to its own mean/std (from its pretrained config, as
+    :class:`timm_remem.distill.Teacher` does), so checkpoints that expect different normalisations are measured on
+    the same images. The loader's normalisation is ``data_mean``/``data_std`` when given, else read from its
+    dataset (``mean``/``std`` attributes or a ``Normalize`` transform); when it is unknown, the checkpoints must
+    agree on one normalisation (the loader is taken to use it), otherwise the call is refused.
 
     Args:
         checkpoints: A list of models and/or checkpoint folders (written by ``timm_remem.save_pretrained``), a dict
             ``name -> model or folder``, or one folder holding checkpoint folders (taken in natural name order).
         loader: Iterable of ``(images, labels)`` batches (labels are needed for the error axis).
-        progress: Show progress bars.
+        progress: Show progress bars (None: only on an interactive terminal).
+        data_mean: Per-channel mean the loader's images were normalised with.
+        data_std: Per-channel std the loader's images were normalised with.
         **kwargs: Passed to :func:`teacher_information` (``features``, ``method``, ``noise``, ...).
 
     Returns:
         One :class:`TeacherInformation` per checkpoint, in the given order, with ``name`` set. Plot it with
         :func:`timm_remem.analysis.plots.plot_information_plane`.
+
+    Raises:
+        ConfigError: Checkpoints that expect different normalisations while the loader's is unknown, or only one
+            of ``data_mean``/``data_std``.
 
     Example:
         >>> import timm, torch
@@ -410,15 +445,35 @@ def information_plane(
         >>> [p.name for p in information_plane(models, data, progress=False)]
         ['checkpoint_0', 'checkpoint_1']
     """
+    if (data_mean is None) != (data_std is None):
+        raise ConfigError("pass data_mean and data_std together (the normalisation of the loader's images), or "
+                          "neither")
+    source = (tuple(float(v) for v in data_mean), tuple(float(v) for v in data_std)) if data_mean is not None \
+        else _loader_normalisation(loader)
+    items = _checkpoint_items(checkpoints)
+    if source is None and len(items) > 1:
+        seen = {}
+        for name, spec in items:  # one at a time: only one checkpoint is in memory at once
+            seen[name] = _norm(load_teacher_model(spec))
+        if len(set(seen.values())) > 1:
+            listed = "; ".join(f"{n}: mean {m}, std {s}" for n, (m, s) in seen.items())
+            raise ConfigError(
+                f"the checkpoints expect different input normalisations ({listed}) and the loader's is unknown, so "
+                "one of them would see wrongly normalised images; pass data_mean= and data_std= (the normalisation "
+                "of the loader's images) and each checkpoint gets its own"
+            )
     points = []
-    for name, spec in _checkpoint_items(checkpoints):
+    for name, spec in items:
         model = load_teacher_model(spec)  # loaded one at a time: only one checkpoint is in memory at once
         if not isinstance(spec, nn.Module) and kwargs.get("device") is not None:
             model = model.to(kwargs["device"])
-        info = teacher_information(model, loader, progress=progress, **kwargs)
+        measured = model
+        if source is not None and _norm(model) != source:
+            measured = _Renormalised(model, source[0], source[1], *_norm(model))
+        info = teacher_information(measured, loader, progress=progress, **kwargs)
         info.name = name
         points.append(info)
-        del model
+        del model, measured
     return points
 
 
@@ -435,7 +490,7 @@ def rank_checkpoints(
     *,
     score: str = "combined",
     mi_weight: float = 1.0,
-    progress: bool = True,
+    progress: bool | None = None,
     **kwargs: Any,
 ) -> list[CheckpointScore]:
     """Order teacher checkpoints by an MI-based score, to pick which to distill without distilling from each.
@@ -454,7 +509,7 @@ def rank_checkpoints(
         loader: Iterable of ``(images, labels)`` batches (held-out data).
         score: One of ``"combined"``, ``"mi"``, ``"conditional_mi"``, ``"accuracy"``.
         mi_weight: Weight of the MI term in ``"combined"``.
-        progress: Show progress bars.
+        progress: Show progress bars (None: only on an interactive terminal).
         **kwargs: Passed to :func:`teacher_information`.
 
     Returns:

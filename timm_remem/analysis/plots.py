@@ -18,12 +18,16 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = [
+    "demo_figure",
     "plot_demo",
     "plot_expertness",
     "plot_information_plane",
     "plot_layer_dynamics",
     "plot_pruning",
     "plot_select",
+    "plot_study",
+    "select_figure",
+    "study_figure",
 ]
 
 _log = logging.getLogger(__name__)
@@ -48,6 +52,14 @@ def _figure_or_none(**kwargs: Any) -> Any:
         _log.warning(_MISSING)
         return None
     return Figure(**kwargs)
+
+
+def _integer_colorbar(fig: Any, mappable: Any, ax: Any, n: int, label: str) -> Any:
+    """A colour bar over ``n`` ordered items with integer ticks only (item 0 .. n-1, at most ~10 ticks)."""
+    step = max(1, -(-n // 10))
+    bar = fig.colorbar(mappable, ax=ax, label=label)
+    bar.set_ticks(list(range(0, n, step)))
+    return bar
 
 
 def _save(fig: Any, path: str | os.PathLike | None) -> Any:
@@ -95,7 +107,7 @@ def plot_information_plane(
     ax.set_ylabel(f"{label} [nats]")
     ax.set_title(title or "Information plane")
     if len(xs) > 1:
-        fig.colorbar(sc, ax=ax, label="checkpoint order")
+        _integer_colorbar(fig, sc, ax, len(xs), "checkpoint (in order)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -181,6 +193,7 @@ def plot_pruning(result: Any, path: str | os.PathLike | None = None, *, title: s
             axes[2].plot([1 - a for a in acc], mi, fmt, color=color, label=kind)
         axes[1].plot(ks, mi, fmt, color=color, label=kind)
     axes[0].set(xlabel="top blocks pruned (k)", ylabel="accuracy", title="accuracy")
+    axes[0].set_ylim(bottom=0)
     axes[1].set(xlabel="top blocks pruned (k)", ylabel="I(X; F_T) [nats]", title="mutual information")
     axes[2].set(xlabel="teacher error", ylabel="I(X; F_T) [nats]", title="information plane")
     for ax in axes:
@@ -227,12 +240,52 @@ def plot_expertness(blocks: Sequence[Any], path: str | os.PathLike | None = None
     return _save(fig, path)
 
 
-def plot_select(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
-    """Student and teacher accuracy per teacher checkpoint, the best one starred (``timm-remem select``'s plot).
+def _text_block(fig: Any, lines: Sequence[str | None]) -> None:
+    """Caveat and settings printed on the figure itself (below the panels), wrapped to the figure's width."""
+    import textwrap
+
+    width = max(60, int(fig.get_figwidth() * 15))
+    text = "\n".join(textwrap.fill(line, width) for line in lines if line)
+    if text:
+        fig.supxlabel(text, x=0.01, ha="left", fontsize=7.5, color="0.25")  # constrained layout makes room
+
+
+def select_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """Student and teacher accuracy per teacher checkpoint, the best one starred (``timm-remem select``'s figure).
+
+    The accuracy axis starts at 0, so a small difference looks small.
 
     Args:
         rows: One mapping per checkpoint with ``checkpoint``, ``student_acc`` and ``teacher_acc``.
-        path: Save the figure here as PNG.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> fig = select_figure([{"checkpoint": "epoch-1", "student_acc": 0.5, "teacher_acc": 0.6}])
+        >>> float(fig.axes[0].get_ylim()[0])
+        0.0
+    """
+    fig, (ax,) = _figure(width=max(4.0, 0.9 * len(rows) + 2), height=3.4)
+    names = [r["checkpoint"] for r in rows]
+    ax.plot(names, [r["student_acc"] for r in rows], "o-", label="student (short distillation)")
+    ax.plot(names, [r["teacher_acc"] for r in rows], "s--", label="teacher")
+    best = max(range(len(rows)), key=lambda i: (rows[i]["student_acc"], -i))
+    ax.plot([names[best]], [rows[best]["student_acc"]], "r*", markersize=14, label="best")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("teacher checkpoint")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Student accuracy per teacher checkpoint (select)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    for label in ax.get_xticklabels():
+        label.set_rotation(30)
+        label.set_horizontalalignment("right")
+    return fig
+
+
+def plot_select(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
+    """:func:`select_figure` saved as PNG at ``path``.
 
     Returns:
         ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
@@ -245,34 +298,61 @@ def plot_select(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> P
         >>> out is None or os.path.isfile(out)
         True
     """
-    fig = _figure_or_none(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.2))
-    if fig is None:
+    if _figure_or_none() is None:
         return None
-    ax = fig.add_subplot()
-    names = [r["checkpoint"] for r in rows]
-    ax.plot(names, [r["student_acc"] for r in rows], "o-", label="student (short distillation)")
-    ax.plot(names, [r["teacher_acc"] for r in rows], "s--", label="teacher")
-    best = max(range(len(rows)), key=lambda i: (rows[i]["student_acc"], -i))
-    ax.plot([names[best]], [rows[best]["student_acc"]], "r*", markersize=14, label="best")
-    ax.set_xlabel("teacher checkpoint")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    for label in ax.get_xticklabels():
-        label.set_rotation(30)
-        label.set_horizontalalignment("right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    _save(select_figure(rows), path)
+    return Path(path)
 
 
-def plot_demo(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
-    """The demo's accuracy bars (teachers grey, students blue) and wall time per stage (``timm-remem demo``'s plot).
+def demo_figure(rows: Sequence[Mapping[str, Any]], *, caveat: str | None = None, settings: str | None = None) -> Any:
+    """Accuracy per stage (bars from 0, error bars when a row has ``*_low``/``*_high``) and wall time per stage.
 
     Args:
         rows: One mapping per stage with ``stage``, ``teacher_acc``, ``student_acc`` (``None`` for a teacher stage)
-            and ``time_s``.
-        path: Save the figure here as PNG.
+            and ``time_s``; optional ``student_acc_low``/``_high`` (or ``teacher_acc_low``/``_high``) give the
+            interval drawn as an error bar.
+        caveat: Printed on the figure.
+        settings: The run's settings, printed on the figure.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> fig = demo_figure([{"stage": "teacher: plain", "teacher_acc": 0.9, "student_acc": None, "time_s": 2.0}],
+        ...                   caveat="pipeline only")
+        >>> [t.get_text() for t in fig.texts]
+        ['pipeline only']
+    """
+    fig, (ax, bx) = _figure(2, width=5.2, height=4.2)
+    names = [r["stage"] for r in rows]
+    key = ["student_acc" if r.get("student_acc") is not None else "teacher_acc" for r in rows]
+    acc = [r[k] for r, k in zip(rows, key, strict=True)]
+    lows = [r.get(f"{k}_low") for r, k in zip(rows, key, strict=True)]
+    highs = [r.get(f"{k}_high") for r, k in zip(rows, key, strict=True)]
+    colors = ["tab:gray" if "teacher:" in n else "tab:blue" for n in names]
+    yerr = None
+    if all(v is not None for v in lows + highs):
+        yerr = np.array([[a - lo for a, lo in zip(acc, lows, strict=True)],
+                         [hi - a for a, hi in zip(acc, highs, strict=True)]])
+    bars = ax.bar(range(len(rows)), acc, color=colors, yerr=yerr, capsize=4)
+    for b, a in zip(bars, acc, strict=True):
+        ax.text(b.get_x() + b.get_width() / 2, 0.02, f"{a:.3f}", ha="center", va="bottom", fontsize=7, color="w")
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xticks(range(len(rows)), names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Accuracy: teachers (grey), students (blue)" + (", 95% CI" if yerr is not None else ""), fontsize=9)
+    bx.barh(range(len(rows)), [r["time_s"] for r in rows], color=colors)
+    bx.set_yticks(range(len(rows)), names, fontsize=8)
+    bx.invert_yaxis()
+    bx.set_xlabel("wall time (s)")
+    bx.set_title("Wall time per stage", fontsize=9)
+    _text_block(fig, [caveat, settings])
+    return fig
+
+
+def plot_demo(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, caveat: str | None = None,
+              settings: str | None = None) -> Path | None:
+    """:func:`demo_figure` saved as PNG at ``path``.
 
     Returns:
         ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
@@ -285,25 +365,105 @@ def plot_demo(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pat
         >>> out is None or os.path.isfile(out)
         True
     """
-    fig = _figure_or_none(figsize=(10, 3.6))
-    if fig is None:
+    if _figure_or_none() is None:
         return None
-    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
-    names = [r["stage"] for r in rows]
-    acc = [r["student_acc"] if r["student_acc"] is not None else r["teacher_acc"] for r in rows]
-    colors = ["tab:gray" if "teacher:" in n else "tab:blue" for n in names]
-    bars = ax.bar(range(len(rows)), acc, color=colors)
-    for b, a in zip(bars, acc, strict=True):
-        ax.text(b.get_x() + b.get_width() / 2, a, f"{a:.3f}", ha="center", va="bottom", fontsize=8)
-    lo = max(0.0, min(acc) - 0.1)
-    ax.set_ylim(lo, 1.0)
-    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("validation accuracy (digits)")
-    ax.set_title("teachers (grey) and students (blue)", fontsize=9)
-    bx.barh(range(len(rows)), [r["time_s"] for r in rows], color=colors)
-    bx.set_yticks(range(len(rows)), names, fontsize=8)
-    bx.invert_yaxis()
-    bx.set_xlabel("wall time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    _save(demo_figure(rows, caveat=caveat, settings=settings), path)
+    return Path(path)
+
+
+def _err(entry: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """``(mean, half-width)`` of an interval dict (half-width 0 without an interval)."""
+    if entry is None:
+        return None
+    return float(entry["mean"]), float(entry.get("half_width") or 0.0)
+
+
+def study_figure(arms: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], *,
+                 caveat: str | None = None, settings: str | None = None) -> Any:
+    """A study's three panels: accuracy per arm (bars from 0, interval error bars, seeds as dots); the paired
+    student-accuracy difference against ``plain`` (interval error bars, a line at 0); ``I(X; F_T)`` against teacher
+    accuracy per arm (the information plane of the arms, error bars in both directions).
+
+    Args:
+        arms: The ``arms`` of a :class:`~timm_remem.study.StudyResult` (interval dicts with ``mean`` and
+            ``half_width``).
+        runs: Its per-seed ``runs``.
+        caveat: Printed on the figure.
+        settings: The study's settings, printed on the figure.
+
+    Returns:
+        The matplotlib ``Figure``.
+
+    Example:
+        >>> iv = {"mean": 0.9, "half_width": 0.02}
+        >>> arms = [{"arm": "plain", "teacher_acc": iv, "student_acc": iv, "mi": iv, "vs_plain": None}]
+        >>> fig = study_figure(arms, [{"arm": "plain", "teacher_acc": 0.9, "student_acc": 0.9, "mi": 0.9}])
+        >>> [ax.get_title()[:8] for ax in fig.axes]
+        ['Accuracy', 'Student ', 'Informat']
+    """
+    fig, (ax, dx, mx) = _figure(3, width=4.4, height=4.0)
+    names = [a["arm"] for a in arms]
+    xs = np.arange(len(arms))
+    for offset, metric, color, label in ((-0.2, "teacher_acc", "tab:gray", "teacher"),
+                                         (0.2, "student_acc", "tab:blue", "student")):
+        pts = [(i, *_err(a.get(metric))) for i, a in enumerate(arms) if a.get(metric) is not None]
+        if pts:
+            ax.bar([p[0] + offset for p in pts], [p[1] for p in pts], width=0.38, yerr=[p[2] for p in pts],
+                   capsize=3, color=color, alpha=0.8, label=label)
+        for r in runs:
+            if r.get(metric) is not None and r["arm"] in names:
+                ax.plot(names.index(r["arm"]) + offset, r[metric], "k.", markersize=3)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xticks(xs, names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Accuracy per arm (mean, CI; dots: seeds)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+
+    diffs = [(i, *_err((a.get("vs_plain") or {}).get("student_acc"))) for i, a in enumerate(arms)
+             if (a.get("vs_plain") or {}).get("student_acc") is not None]
+    dx.axhline(0.0, color="0.4", lw=1)
+    if diffs:
+        dx.errorbar([d[0] for d in diffs], [d[1] for d in diffs], yerr=[d[2] for d in diffs], fmt="o", capsize=4,
+                    color="tab:blue")
+    dx.set_xticks(xs, names, rotation=25, ha="right", fontsize=8)
+    dx.set_xlim(-0.5, len(arms) - 0.5)
+    dx.set_ylabel("student accuracy - plain (paired by seed)")
+    dx.set_title("Student accuracy minus plain (CI)", fontsize=9)
+    dx.grid(alpha=0.3)
+
+    for a in arms:
+        t, m = _err(a.get("teacher_acc")), _err(a.get("mi"))
+        if t is not None and m is not None:
+            mx.errorbar([t[0]], [m[0]], xerr=[t[1]], yerr=[m[1]], fmt="o", capsize=3, label=a["arm"])
+    for r in runs:
+        if r.get("teacher_acc") is not None and r.get("mi") is not None:
+            mx.plot(r["teacher_acc"], r["mi"], ".", color="0.6", markersize=3)
+    mx.set_xlabel("teacher accuracy")
+    mx.set_ylabel("I(X; F_T) [nats]")
+    mx.set_title("Information plane of the arms (CI)", fontsize=9)
+    mx.grid(alpha=0.3)
+    if mx.has_data() and mx.get_legend_handles_labels()[0]:
+        mx.legend(fontsize=7)
+    _text_block(fig, [caveat, settings])
+    return fig
+
+
+def plot_study(arms: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+               caveat: str | None = None, settings: str | None = None) -> Path | None:
+    """:func:`study_figure` saved as PNG at ``path``.
+
+    Returns:
+        ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
+
+    Example:
+        >>> import os, tempfile
+        >>> iv = {"mean": 0.9, "half_width": 0.02}
+        >>> arms = [{"arm": "plain", "teacher_acc": iv, "student_acc": iv, "mi": None, "vs_plain": None}]
+        >>> out = plot_study(arms, [], os.path.join(tempfile.mkdtemp(), "study.png"))
+        >>> out is None or os.path.isfile(out)
+        True
+    """
+    if _figure_or_none() is None:
+        return None
+    _save(study_figure(arms, runs, caveat=caveat, settings=settings), path)
+    return Path(path)

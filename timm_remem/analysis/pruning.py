@@ -113,7 +113,7 @@ def pruning_diagnostic(
     *,
     kinds: Sequence[str] = _KINDS,
     ks: Sequence[int] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     **kwargs: Any,
 ) -> PruningResult:
     """Zero the top-k MLP branches versus the top-k attention branches and measure accuracy and MI for each k.
@@ -124,7 +124,7 @@ def pruning_diagnostic(
             deterministic (no random augmentation, no shuffling).
         kinds: Branch kinds to prune, from ``("mlp", "attn")``.
         ks: Numbers of top blocks to prune (default ``0..L``).
-        progress: Show progress bars.
+        progress: Show progress bars (None: only on an interactive terminal).
         **kwargs: Passed to :func:`~timm_remem.analysis.information.teacher_information` (``features``, ``method``,
             ``noise``, ``max_samples``, ...). The channel noise uses the same seed for every k.
 

@@ -7,6 +7,10 @@ object), its ``metadata["help"]`` the help line, and its default the ``(default:
 left out of the command line is absent from the parsed namespace (``argparse.SUPPRESS``), so :func:`config_options`
 returns only what the user typed and every other field keeps the library default.
 
+:func:`command_options` is what a command passes to the library: the settings of its ``--config`` file (see
+:mod:`timm_remem.cli._config_file`) overridden by the flags, checked by building the config class once (no torch
+needed), so bad input is refused at once with the flag or the file key that set it.
+
 Example:
     >>> import argparse
     >>> from timm_remem.train import FinetuneConfig
@@ -21,23 +25,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
-from .. import distributed
-from ..train import DistillConfig, FinetuneConfig, TrainConfig
+from ..errors import ConfigError
+from ..train.config import DistillConfig, FinetuneConfig, TrainConfig
 from ._args import comma_list, json_dict
+from ._config_file import file_options
 
-__all__ = ["SPECIAL", "add_config_command", "add_config_flags", "config_options", "flag_name", "run_on_ranks"]
+__all__ = ["SPECIAL", "add_config_command", "add_config_file_flag", "add_config_flags", "command_options",
+           "config_options", "flag_name"]
 
 # The exceptions to "field foo_bar is flag --foo-bar, typed by its annotation". Keys: ``flag`` (the option string),
 # ``choices`` (a tuple, or a dict from command-line word to config value), ``help`` (where the command-line form
 # needs other words than the Python value), any other add_argument keyword (nargs, const, metavar, type, required).
 # ``None``: the field has no flag.
 SPECIAL: dict[str, dict[str, Any] | None] = {
-    "model": {"required": True},
+    "model": {"required": True},  # on the command line or in the --config file
     "optimizer": {"flag": "--opt"},
     "label_smoothing": {"flag": "--smoothing"},
     "num_workers": {"flag": "--workers"},
@@ -116,10 +123,11 @@ def add_config_flags(
         elif "type" not in special:
             kwargs.update(_from_annotation(field.name, hints[field.name], flag, default))
         kwargs.update(special)
+        required = kwargs.pop("required", False)  # checked by command_options: a --config file may set it
         text = help.get(field.name) or (SPECIAL.get(field.name) or {}).get("help") or field.metadata.get("help", "")
         if kwargs.get("action") == "store_false":
             text = f"turn off: {text}" if text else "turn off"
-        shown = "required" if kwargs.get("required") else "default: " + _shown(default, choices, kwargs.get("action"))
+        shown = "required" if required else "default: " + _shown(default, choices, kwargs.get("action"))
         kwargs["help"] = _with_note(text, shown)
         name = _group(cls, field.name)
         if name not in groups:
@@ -202,18 +210,6 @@ def _group(cls: type, name: str) -> str:
     return "options"
 
 
-def run_on_ranks(call: Callable[[], Any], report: Callable[[Any], str]) -> int:
-    """Run a library call of a training command; rank 0 prints ``report(result)``; the process group is always
-    torn down (also under torchrun and after an error). Returns the exit code 0."""
-    try:
-        result = call()
-        if distributed.is_main_process():
-            print(report(result))
-    finally:
-        distributed.cleanup()
-    return 0
-
-
 def add_config_command(
     subparsers: argparse._SubParsersAction, name: str, cls: type, run: Callable[[argparse.Namespace], int], *,
     help: str, description: str, model_help: str, exclude: Collection[str] = (),
@@ -222,6 +218,73 @@ def add_config_command(
     """Add sub-command ``name`` whose flags are the fields of ``cls`` (see :func:`add_config_flags`) and whose
     ``func`` is ``run``; ``model_help`` says what ``--model`` names for this command. Returns its parser."""
     parser = subparsers.add_parser(name, help=help, description=description)
+    add_config_file_flag(parser)
     add_config_flags(parser, cls, exclude=exclude, defaults=defaults, help={"model": model_help})
     parser.set_defaults(func=run)
     return parser
+
+
+def add_config_file_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE`` (read by :func:`command_options`)."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="read settings from a YAML or JSON file (keys: config field names, e.g. batch_size; "
+                        "a run's OUTPUT/config.json works); flags given here override it (default: none)")
+
+
+def command_options(
+    args: argparse.Namespace, cls: type, *, command: str, exclude: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The settings a command passes to the library: its ``--config`` file's, overridden by the flags given.
+
+    Checked at once by building ``cls`` (``defaults`` stand for the library function's own defaults), so a bad value
+    is refused before torch is imported; the error says which flag or file key set the value it names.
+
+    Raises:
+        ConfigError: A bad ``--config`` file, a required setting missing, or a value the config class refuses.
+
+    Example:
+        >>> from timm_remem.train import FinetuneConfig
+        >>> command_options(argparse.Namespace(model="test_vit", epochs=0), FinetuneConfig, command="finetune")
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: epochs must be ... got 0 (set by --epochs)
+    """
+    given = config_options(args, cls)
+    path = getattr(args, "config", None)
+    from_file = file_options(path, cls, exclude=exclude, command=command, convert=_word_readers(cls)) if path else {}
+    options = {**from_file, **given}
+    for name, special in SPECIAL.items():
+        if special and special.get("required") and name not in options and name not in exclude:
+            raise ConfigError(f"the following arguments are required: --{name.replace('_', '-')} (on the command "
+                              f"line or as '{name}' in a --config file)")
+    try:
+        cls(**{**(defaults or {}), **options})
+    except ConfigError as error:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        named = [n for n in options if re.search(rf"(?<![\w-]){re.escape(n)}(?!\w)", str(error))]
+        sources = [flag_name(fields[n]) if n in given else f"{n!r} in {path}" for n in named]
+        raise ConfigError(f"{error} (set by {'; '.join(sources)})" if sources else str(error)) from None
+    return options
+
+
+def _word_readers(cls: type) -> dict[str, Callable[[str], Any]]:
+    """How the flags read a word, for string values in a --config file (``cache_teacher: auto`` -> None)."""
+    readers: dict[str, Callable[[str], Any]] = {}
+    for field in dataclasses.fields(cls):
+        special = SPECIAL.get(field.name) or {}
+        choices = special.get("choices")
+        if isinstance(choices, Mapping):
+            readers[field.name] = _word_of(dict(choices))
+        elif callable(special.get("type")) and special.get("type") is not str:
+            readers[field.name] = special["type"]
+    return readers
+
+
+def _word_of(choices: dict[str, Any]) -> Callable[[str], Any]:
+    def read(word: str) -> Any:
+        if word not in choices:
+            raise ValueError(f"choose from {', '.join(choices)}")
+        return choices[word]
+
+    return read

@@ -1,8 +1,8 @@
 """``timm-remem distill``: distill a student from a teacher checkpoint (or train it alone, the baseline).
 
 The flags are :class:`~timm_remem.train.DistillConfig`'s fields (see :mod:`timm_remem.cli._config_flags`); a flag
-left out keeps the library default. Runs unchanged under ``torchrun --nproc_per_node N`` (DistributedDataParallel;
-``--batch-size`` is per process); only rank 0 prints and writes files.
+left out keeps the ``--config`` file's value, or else the library default. Runs unchanged under ``torchrun
+--nproc_per_node N`` (DistributedDataParallel; ``--batch-size`` is per process); only rank 0 prints and writes files.
 
 Example:
     >>> import argparse
@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..train import DistillConfig, distill_student
-from ._config_flags import add_config_command, config_options, run_on_ranks
+from ..train.config import DistillConfig
+from ._args import deferred_module
+from ._config_flags import add_config_command, command_options
+
+_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
 
 __all__ = ["register", "options", "run"]
 
@@ -37,13 +40,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~timm_remem.train.DistillConfig` fields given on the command line."""
-    return config_options(args, DistillConfig)
+    """The :class:`~timm_remem.train.DistillConfig` settings given (``--config`` file, then flags), checked."""
+    return command_options(args, DistillConfig, command="distill")
 
 
 def run(args: argparse.Namespace) -> int:
     """Distill (or train) the student and print its accuracy; returns the exit code."""
-    return run_on_ranks(lambda: distill_student(**options(args)), _report)
+    given = options(args)
+    distill_student, run_on_ranks = _runtime.distill_student, _runtime.run_on_ranks  # loads torch and timm now
+
+    return run_on_ranks(lambda: distill_student(**given), _report)
 
 
 def _report(result: Any) -> str:

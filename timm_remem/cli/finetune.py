@@ -1,8 +1,8 @@
 """``timm-remem finetune``: fine-tune a ViT teacher, with ReMem reweighting (``--alpha``) and SAM (``--rho``).
 
 The flags are :class:`~timm_remem.train.FinetuneConfig`'s fields (see :mod:`timm_remem.cli._config_flags`); a flag
-left out keeps the library default. Runs unchanged under ``torchrun --nproc_per_node N`` (DistributedDataParallel;
-``--batch-size`` is per process); only rank 0 prints and writes files.
+left out keeps the ``--config`` file's value, or else the library default. Runs unchanged under ``torchrun
+--nproc_per_node N`` (DistributedDataParallel; ``--batch-size`` is per process); only rank 0 prints and writes files.
 
 Example:
     >>> import argparse
@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..train import FinetuneConfig, finetune_teacher
-from ._config_flags import add_config_command, config_options, run_on_ranks
+from ..train.config import FinetuneConfig
+from ._args import deferred_module
+from ._config_flags import add_config_command, command_options
+
+_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
 
 __all__ = ["register", "options", "run"]
 
@@ -36,13 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~timm_remem.train.FinetuneConfig` fields given on the command line."""
-    return config_options(args, FinetuneConfig)
+    """The :class:`~timm_remem.train.FinetuneConfig` settings given (``--config`` file, then flags), checked."""
+    return command_options(args, FinetuneConfig, command="finetune")
 
 
 def run(args: argparse.Namespace) -> int:
     """Fine-tune the teacher and print its accuracy and checkpoints; returns the exit code."""
+    given = options(args)
+    finetune_teacher, run_on_ranks = _runtime.finetune_teacher, _runtime.run_on_ranks  # loads torch and timm now
+
     return run_on_ranks(
-        lambda: finetune_teacher(**options(args)),
+        lambda: finetune_teacher(**given),
         lambda r: f"teacher val acc {r.val_acc:.4f}; checkpoints: {', '.join(str(p) for p in r.checkpoints)}",
     )

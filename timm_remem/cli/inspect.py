@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import timm
-
-from .._models import create_timm_model
 from ..errors import ConfigError
-from ..reweighting import find_branches, get_scales, reweight
-from ._args import json_dict
+from ._args import deferred_module, json_dict
+
+_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
 
 # How the table names each ``Branch.kind`` (inspect lists MLP branches only).
 _WHERE = {"output": "mlp-output", "post-norm": "post-norm", "fused-columns": "fused-columns"}
@@ -39,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
         kwargs = json_dict("--model-kwargs")(args.model_kwargs)
     except argparse.ArgumentTypeError as e:
         raise ConfigError(str(e)) from None
-    if ":" not in args.model and not timm.is_model(args.model):  # "hf-hub:" / "local-dir:" sources pass through
+    rt = _runtime  # its first attribute access loads torch and timm
+    create_timm_model, find_branches, get_scales, is_model, reweight = (
+        rt.create_timm_model, rt.find_branches, rt.get_scales, rt.is_model, rt.reweight)
+
+    if ":" not in args.model and not is_model(args.model):  # "hf-hub:" / "local-dir:" sources pass through
         raise ConfigError(f"unknown timm model {args.model!r}: see timm.list_models('*vit*') for names.")
     model = create_timm_model(args.model, pretrained=False, kwargs=kwargs)
     branches = find_branches(model)

@@ -1,17 +1,16 @@
-"""``timm-remem push``: publish a saved teacher on the Hugging Face Hub, loadable by plain timm."""
+"""``timm-remem push``: publish a saved teacher on the Hugging Face Hub, loadable by plain timm.
+
+Exit codes follow the CLI's contract: 0 published, 2 bad input or usage (a flag, the source folder, no token),
+1 a runtime failure (the Hub unreachable or refusing the commit), each with one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-from ..errors import ConfigError, RememError
-from ..hub import CONFIG_NAME, TeacherMetadata, fetch_teacher_files, load_teacher, push_to_hub
-from ..hub.errors import TOKEN_HELP
+from ._args import deferred_module
 
-# The library's advice names the ``token=`` argument; on the command line it is the --token flag.
-CLI_TOKEN_HELP = "pass --token TOKEN, set the HF_TOKEN environment variable or run `hf auth login`"
+_push_run = deferred_module("timm_remem.cli._push_run")  # the torch-heavy body, executed when the command runs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--token", default=None, help="Hugging Face token with the write role")
     p.add_argument("--revision", default=None, help="branch to commit to (default main; created if missing)")
     p.add_argument("--commit-message", default=None, help="commit title")
+    p.add_argument("--timeout", type=_seconds("--timeout", strict=True), default=None, metavar="SECONDS",
+                   help="seconds without a byte before a Hub request fails (default: TIMM_REMEM_HUB_TIMEOUT or 10)")
+    p.add_argument("--retry-budget", type=_seconds("--retry-budget"), default=None, metavar="SECONDS",
+                   help="seconds of retries after a first failed request (default: TIMM_REMEM_HUB_RETRY_BUDGET "
+                   "or 45)")
     meta = p.add_argument_group("teacher metadata (recorded in config.json and on the model card)")
     meta.add_argument("--base-model", default=None, help="Hub id of the pretrained checkpoint it was tuned from")
     meta.add_argument("--dataset", default=None, help="fine-tuning dataset, e.g. cifar100")
@@ -47,38 +51,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _students(pairs: list[str]) -> dict[str, float]:
-    students = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
+def _seconds(flag: str, strict: bool = False):
+    """An argparse type: a finite number of seconds (> 0 when ``strict``, else >= 0), refused naming ``flag``."""
+    def parse(text: str) -> float:
         try:
-            students[name.strip()] = float(value)
+            value = float(text)
         except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise ConfigError(f"--student-accuracy expects MODEL=ACCURACY (e.g. resnet18=78.5), got {pair!r}.")
-    return students
+            value = float("nan")
+        if not (value == value and value != float("inf") and (value > 0 if strict else value >= 0)):
+            raise argparse.ArgumentTypeError(f"{flag} expects a number of seconds {'> 0' if strict else '>= 0'}, "
+                                             f"got {text!r}")
+        return value
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load ``args.source``, push it to ``args.repo_id`` and print the commit URL; returns the exit code."""
-    try:
-        folder = fetch_teacher_files(args.source, token=args.token)
-        remem = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("remem") or {}
-        known = {name: remem[name] for name in TeacherMetadata.__dataclass_fields__ if remem.get(name) is not None}
-        overrides = {
-            "base_model": args.base_model, "dataset": args.dataset, "rho": args.rho, "adaptive": args.adaptive,
-            "epochs": args.epochs, "teacher_accuracy": args.teacher_accuracy, "license": args.license,
-        }
-        known.update({k: v for k, v in overrides.items() if v is not None})
-        if args.student_accuracy:
-            known["student_accuracies"] = {**known.get("student_accuracies", {}), **_students(args.student_accuracy)}
-        teacher = load_teacher(folder)
-        url = push_to_hub(teacher, args.repo_id, merge=args.merge, private=args.private, token=args.token,
-                          revision=args.revision, commit_message=args.commit_message,
-                          metadata=TeacherMetadata(**known))
-    except RememError as err:
-        print(f"timm-remem push: error: {str(err).replace(TOKEN_HELP, CLI_TOKEN_HELP)}", file=sys.stderr)
-        return 1
-    print(url)
-    return 0
+    """Load ``args.source``, push it to ``args.repo_id`` and print the commit URL; returns the exit code.
+
+    2 for bad input (flags, source, no token), 1 when the Hub fails (unreachable, refused, commit failed).
+    """
+    push = _push_run.push  # loads huggingface_hub, torch and timm now
+
+    return push(args)

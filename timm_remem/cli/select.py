@@ -2,8 +2,9 @@
 
 The flags are the :class:`~timm_remem.train.DistillConfig` fields that the short distillations use (see
 :mod:`timm_remem.cli._config_flags`); the checkpoint and resume flags are left out, since
-:func:`~timm_remem.train.select_teacher` exports nothing and always starts afresh. A flag left out keeps
-``select_teacher``'s default. Runs unchanged under ``torchrun --nproc_per_node N``; only rank 0 prints and writes.
+:func:`~timm_remem.train.select_teacher` exports nothing and always starts afresh. A flag left out keeps the
+``--config`` file's value (a file naming an excluded field is refused), or else ``select_teacher``'s default.
+Runs unchanged under ``torchrun --nproc_per_node N``; only rank 0 prints and writes.
 
 Example:
     >>> import argparse
@@ -19,8 +20,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..train import DistillConfig, select_teacher
-from ._config_flags import add_config_flags, config_options, run_on_ranks
+from ..train.config import DistillConfig
+from ._args import deferred_module
+from ._config_flags import add_config_file_flag, add_config_flags, command_options
+
+_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
 
 __all__ = ["register", "options", "run", "EXCLUDED"]
 
@@ -39,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with cached teacher logits, print a table, save OUTPUT/select.png and name the best checkpoint.",
     )
     p.add_argument("teachers", help="folder of teacher checkpoint folders (or a finetune run folder)")
+    add_config_file_flag(p)
     add_config_flags(p, DistillConfig, exclude=EXCLUDED, defaults=_DEFAULTS, help={"model": "student: a timm name"})
     p.add_argument("--mi-score", dest="mi_score", action="store_true",
                    help="also rank checkpoints by an MI-based score and report its Spearman correlation "
@@ -47,13 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~timm_remem.train.DistillConfig` fields given on the command line."""
-    return config_options(args, DistillConfig)
+    """The :class:`~timm_remem.train.DistillConfig` settings given (``--config`` file, then flags), checked."""
+    return command_options(args, DistillConfig, command="select", exclude=EXCLUDED, defaults=_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Distill briefly from each checkpoint, print the table and the best checkpoint; returns the exit code."""
     given = options(args)
+    run_on_ranks, select_teacher = _runtime.run_on_ranks, _runtime.select_teacher  # loads torch and timm now
+
     printed = given.get("progress", True)  # select_teacher printed the table itself
 
     def report(result: Any) -> str:

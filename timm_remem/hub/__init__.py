@@ -26,10 +26,10 @@ Example:
     True
 """
 
-from ._common import CARD_NAME, CARD_TAGS, CONFIG_NAME, PAPER_ARXIV, PAPER_TITLE, WEIGHTS_NAME
+from ._common import CARD_NAME, CARD_TAGS, CONFIG_NAME, PAPER_ARXIV, PAPER_TITLE, WEIGHTS_NAME, check_repo_id
 from .io import fetch_teacher_files, load_teacher, save_pretrained
 from .metadata import TeacherMetadata
 from .push import push_to_hub
 
 __all__ = ["TeacherMetadata", "save_pretrained", "push_to_hub", "load_teacher", "fetch_teacher_files",
-           "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "PAPER_TITLE", "PAPER_ARXIV", "CARD_TAGS"]
+           "WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "PAPER_TITLE", "PAPER_ARXIV", "CARD_TAGS", "check_repo_id"]

@@ -21,12 +21,13 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 
-__all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "PAPER_TITLE", "PAPER_ARXIV", "CARD_TAGS", "check_repo_id",
-           "check_timm_model"]
+__all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "CARD_NAME", "REMEM_NAME", "PAPER_TITLE", "PAPER_ARXIV", "CARD_TAGS",
+           "check_repo_id", "check_timm_model"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+REMEM_NAME = "remem.json"  # the factors of a reweighted LoRA teacher published as an adapter alone
 PAPER_TITLE = (
     "ReMem: Mutual Information-Aware Fine-tuning of Pretrained Vision Transformers for Effective Knowledge Distillation"
 )

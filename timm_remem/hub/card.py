@@ -26,7 +26,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._common import CARD_TAGS, PAPER_ARXIV, PAPER_TITLE
-from .metadata import TeacherMetadata
+from .metadata import RANDOM_INIT, TeacherMetadata, base_model_hub_id
 
 __all__ = ["CARD_TEMPLATE", "CITATION", "model_card"]
 
@@ -40,7 +40,7 @@ CITATION = f"""@article{{dong2025remem,
 
 
 def model_card(hf_config: dict, remem: dict, meta: TeacherMetadata, scales: dict[str, float],
-               repo_id: str | None) -> ModelCard:
+               repo_id: str | None, adapter: bool = False) -> ModelCard:
     """The card of a teacher folder (see the module example).
 
     Args:
@@ -49,19 +49,27 @@ def model_card(hf_config: dict, remem: dict, meta: TeacherMetadata, scales: dict
         meta: The teacher metadata.
         scales: ``{branch path: factor}`` of the reweighted model (names the branch of each factor), or ``{}``.
         repo_id: The Hub id the folder is meant for, or ``None`` (the card then names ``<namespace>/<name>``).
+        adapter: The folder holds a LoRA adapter alone (peft's format), not a timm checkpoint.
     """
     arch = hf_config["architecture"]
     name = repo_id.split("/")[1] if repo_id else f"{arch}-remem"
     return ModelCard.from_template(
-        _card_data(meta, name),
+        _card_data(meta, name, adapter),
         template_path=str(CARD_TEMPLATE),
         name=name,
         arch=arch,
         num_classes=hf_config["num_classes"],
         base_model=meta.base_model,
+        base_hub_id=base_model_hub_id(meta.base_model),
+        random_init=RANDOM_INIT,
         dataset=meta.dataset,
         hub_name=repo_id or "<namespace>/<name>",
         merged=remem["merged"],
+        adapter=adapter,
+        reweighted=bool(remem.get("factors")),
+        factor_list=", ".join(f"{f:.6g}" for f in remem.get("factors") or []),
+        n_factors=len(remem.get("factors") or []),
+        base_create=_create_name(meta.base_model),
         settings=_settings(remem, meta),
         factors=_factor_rows(remem, scales),
         evaluation=_evaluation_rows(meta),
@@ -70,7 +78,7 @@ def model_card(hf_config: dict, remem: dict, meta: TeacherMetadata, scales: dict
     )
 
 
-def _card_data(meta: TeacherMetadata, name: str) -> ModelCardData:
+def _card_data(meta: TeacherMetadata, name: str, adapter: bool = False) -> ModelCardData:
     """The YAML header: what the Hub indexes (library, task, tags, base model, dataset, license, results)."""
     results = []
     if meta.teacher_accuracy is not None:
@@ -82,10 +90,19 @@ def _card_data(meta: TeacherMetadata, name: str) -> ModelCardData:
                                   dataset_name=meta.dataset, metric_type="accuracy", metric_value=acc,
                                   metric_name=f"Top-1 accuracy (%) of a {student} student distilled from it"))
     return ModelCardData(
-        library_name="timm", pipeline_tag="image-classification", tags=list(CARD_TAGS), model_name=name,
-        base_model=meta.base_model, datasets=[meta.dataset] if meta.dataset else None, license=meta.license,
+        library_name="peft" if adapter else "timm", pipeline_tag="image-classification",
+        tags=[*CARD_TAGS, "lora", "peft"] if adapter else list(CARD_TAGS), model_name=name,
+        base_model=base_model_hub_id(meta.base_model), datasets=[meta.dataset] if meta.dataset else None,
+        license=meta.license,
         eval_results=results or None,
     )
+
+
+def _create_name(base_model: str | None) -> str | None:
+    """The name ``timm.create_model`` takes for ``base_model`` (a Hub id gets the ``hf-hub:`` prefix)."""
+    if base_model is None or base_model.startswith(("hf-hub:", "hf_hub:")) or "/" not in base_model:
+        return base_model
+    return f"hf-hub:{base_model}"
 
 
 def _show(value: Any) -> str:
@@ -103,7 +120,7 @@ def _code(value: str | None) -> str | None:
 def _settings(remem: dict, meta: TeacherMetadata) -> list[tuple[str, str]]:
     """Rows of the "ReMem settings" table, values formatted."""
     rows = [
-        ("Base model", _code(meta.base_model)),
+        ("Base model", _code(meta.base_model) or f"none: {RANDOM_INIT}"),
         ("Fine-tuning dataset", _code(meta.dataset)),
         ("SAM radius rho", meta.rho),
         ("Adaptive SAM", meta.adaptive),

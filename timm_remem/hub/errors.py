@@ -14,6 +14,7 @@ environment variable or run `hf auth login`."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,7 @@ import httpx2
 from huggingface_hub import constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    FileMetadataError,
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -32,6 +34,17 @@ from huggingface_hub.errors import (
 
 from ..errors import HubError, RememError
 from ._common import CONFIG_NAME
+from ._network import (
+    ENV_MIN_SPEED,
+    ENV_RETRY_BUDGET,
+    ENV_TIMEOUT,
+    HubLimits,
+    NoAnswerTimeout,
+    Operation,
+    RetryBudgetExhausted,
+    TrickleTimeout,
+    bounded,
+)
 
 __all__ = ["TOKEN_HELP", "NETWORK_ERRORS", "hub_errors", "explain_hub_error", "find_in_chain"]
 
@@ -68,10 +81,12 @@ def find_in_chain(err: BaseException, *classes: type[BaseException]) -> BaseExce
 
 
 @contextmanager
-def hub_errors(action: str, repo_id: str, revision: str | None, endpoint: str, pushing: bool = False) -> Iterator:
-    """Turn the errors of huggingface_hub and its HTTP client into one :class:`HubError` with a clear message.
+def hub_errors(action: str, repo_id: str, revision: str | None, endpoint: str, pushing: bool = False,
+               limits: HubLimits | None = None) -> Iterator:
+    """Run Hub calls bounded by ``limits``; turn their errors into one :class:`HubError` with a clear message.
 
-    Errors of timm-remem pass through, and so do errors that are not the Hub's.
+    Errors of timm-remem pass through, and so do errors that are not the Hub's. The requests made inside obey
+    ``limits`` (default: :meth:`HubLimits.resolve`, i.e. the environment variables or the defaults).
 
     Example:
         >>> from huggingface_hub.errors import LocalTokenNotFoundError
@@ -81,19 +96,20 @@ def hub_errors(action: str, repo_id: str, revision: str | None, endpoint: str, p
         ...
         timm_remem.errors.HubError: cannot download 'alice/vit' on https://huggingface.co without a token: ...
     """
-    try:
-        yield
-    except RememError:
-        raise
-    except Exception as err:
-        message = explain_hub_error(err, action, repo_id, revision, endpoint, pushing)
-        if message is None:
+    with bounded(limits or HubLimits.resolve()) as operation:
+        try:
+            yield
+        except RememError:
             raise
-        raise HubError(message) from None
+        except Exception as err:
+            message = explain_hub_error(err, action, repo_id, revision, endpoint, pushing, operation)
+            if message is None:
+                raise
+            raise HubError(message) from None
 
 
 def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: str | None, endpoint: str,
-                      pushing: bool = False) -> str | None:
+                      pushing: bool = False, operation: Operation | None = None) -> str | None:
     """What ``err`` means for someone trying to ``action`` ``repo_id``, or ``None`` when it is not the Hub's.
 
     Args:
@@ -103,6 +119,7 @@ def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: s
         revision: The revision asked for (``None``: ``main``).
         endpoint: The Hub's address (named in the message).
         pushing: Whether it was a push (the message then says that nothing was published).
+        operation: The record of the operation's requests (what its failed attempts ran into), if any.
     """
     where = f"{repo_id!r} on {endpoint}"
     undone = (" The push did not complete; it is a single commit, so the repository shows the previous revision "
@@ -134,6 +151,12 @@ def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: s
         return (f"the Hub refused to let your token {action} {where} (403 Forbidden): it has no write access to the "
                 f"namespace {namespace!r} (another user's namespace, or a token with the read role). Push to your own "
                 f"namespace or an organisation where you may write, with a token that has the write role.{server}")
+    misbehaving = _misbehaviour(err, operation)
+    if misbehaving is not None:
+        return f"cannot {action} {where}: {misbehaving}{undone}"
+    if status is not None and status >= 500:
+        return (f"the Hub answered {status} (a server error) when trying to {action} {where}{server}: the Hub "
+                f"or the server at HF_ENDPOINT is failing; try again later.{undone}")
     if find_in_chain(err, LocalEntryNotFoundError):
         if constants.HF_HUB_OFFLINE:
             return (f"{repo_id!r} is not in the local Hub cache and offline mode is on (HF_HUB_OFFLINE=1): download "
@@ -151,4 +174,44 @@ def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: s
                 f"{network}). Check the network connection, HF_ENDPOINT and proxy settings.{undone}")
     if http is not None and status is not None:
         return f"the Hub answered {status} when trying to {action} {where}{server}.{undone}"
+    return None
+
+
+_SLOW_HELP = (f"check the network, HF_ENDPOINT and proxy settings, or raise {ENV_TIMEOUT} (seconds, now {{t:g}}) "
+              f"and {ENV_RETRY_BUDGET} on a slow link")
+
+
+def _misbehaviour(err: BaseException, operation: Operation | None) -> str | None:
+    """What a server that is not behaving like a Hub did (no answer, trickle, garbage, HTML, 5xx), or ``None``."""
+    limits = operation.limits if operation is not None else HubLimits.resolve()
+    last = operation.last_failure if operation is not None else None
+    budget = find_in_chain(err, RetryBudgetExhausted)
+    tried = f" ({operation.spent()})" if operation is not None and operation.failures > 1 else ""
+    slow = _SLOW_HELP.format(t=limits.timeout)
+    if find_in_chain(err, TrickleTimeout) or (budget and last == "trickle"):
+        return (f"the server answers, but trickles its bytes (slower than {limits.min_speed:g} bytes/s, "
+                f"{ENV_MIN_SPEED}){tried}: a broken proxy or server; {slow}.")
+    if find_in_chain(err, NoAnswerTimeout) or (budget and last == "no answer"):
+        return (f"the server accepted the connection but sent no answer within {limits.timeout:g} s ({ENV_TIMEOUT})"
+                f"{tried}: it is hung or overloaded; {slow}.")
+    if find_in_chain(err, httpx2.RemoteProtocolError) or (budget and last == "protocol"):
+        return (f"the server's answer is not valid HTTP (garbage bytes){tried}: HF_ENDPOINT points at something "
+                "that is not a web server (or a broken proxy is in between); check HF_ENDPOINT and proxy settings.")
+    if budget and last == "connect":
+        return (f"no connection to the server could be made{tried}: check the network connection, HF_ENDPOINT "
+                "and proxy settings.")
+    if budget and last is not None and last.startswith("status "):
+        return (f"the server answered {operation.last_status} (a server error) to every attempt{tried}: the Hub or "
+                "the server at HF_ENDPOINT is failing; try again later.")
+    types_ = operation.content_types if operation is not None else []
+    html = any("html" in t for t in types_)
+    if find_in_chain(err, json.JSONDecodeError, FileMetadataError):
+        if html:
+            return ("the server answered an HTML page instead of the Hub's JSON API: HF_ENDPOINT points at a web "
+                    "site, a captive portal or a proxy's error page, not at a Hugging Face Hub; check HF_ENDPOINT "
+                    "and proxy settings.")
+        return ("the server's answer is not what a Hugging Face Hub sends (unreadable JSON or missing Hub headers): "
+                "HF_ENDPOINT does not point at a Hub-compatible server; check HF_ENDPOINT and proxy settings.")
+    if budget:
+        return f"the requests kept failing{tried}: check the network connection, HF_ENDPOINT and proxy settings."
     return None

@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -24,15 +23,19 @@ from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.models import get_model_input_config, save_for_hf
+from timm.models import save_for_hf
 from torch import nn
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, default_file_mode
+from .._models import SAVE_TAKES_DATA_CONFIG, model_input_config
+from .._validation import check_bool
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError, HubError
 from ..reweighting import get_scales, is_reweighted, reweight
 from ..reweighting import merge as merge_factors
-from ._common import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, check_repo_id, check_timm_model
+from ._common import CARD_NAME, CONFIG_NAME, REMEM_NAME, WEIGHTS_NAME, check_repo_id, check_timm_model
+from ._lora import has_adapters, merged_copy, save_adapter, timm_model_of
+from ._network import HubLimits
 from .card import model_card
 from .errors import find_in_chain, hub_errors
 from .metadata import (
@@ -58,12 +61,20 @@ def save_pretrained(
     path: str | os.PathLike,
     *,
     merge: bool = True,
+    adapter_only: bool = False,
     metadata: TeacherMetadata | None = None,
     repo_id: str | None = None,
     data_config: dict[str, Any] | None = None,
     **fields: Any,
 ) -> Path:
     """Write a teacher to ``path`` in timm's Hugging Face format, with a ReMem model card.
+
+    A LoRA teacher (a timm model adapted with peft, e.g. by ``peft.get_peft_model``) is written as the plain timm
+    checkpoint of its merged weights (peft's ``merge_and_unload`` on a copy, then the factors folded). With
+    ``adapter_only=True`` the folder holds the adapter alone in peft's format (``adapter_config.json``,
+    ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained`` onto the base model) and, for
+    a reweighted teacher, ``remem.json`` with its factors; this needs ``base_model``, since an adapter is useless
+    without the exact weights it adapts.
 
     The folder holds ``config.json``, ``model.safetensors`` and ``README.md``. With ``merge=True`` (the default)
     the reweighting factors are folded into a copy of the weights (``model`` is not changed): the folder is a plain
@@ -79,18 +90,22 @@ def save_pretrained(
         model: A timm model, reweighted (see :func:`timm_remem.reweight`) or not.
         path: Folder to write (created if needed; existing files of the same names are replaced).
         merge: Fold the factors into the weights (plain timm checkpoint) or keep them separate.
+        adapter_only: For a ``peft.PeftModel``: write the adapter alone instead of the merged checkpoint.
         metadata: Training metadata; the keyword ``fields`` override its values.
         repo_id: Hub id the folder is meant for (``"namespace/name"``), recorded as ``hf_hub_id``.
         data_config: Preprocessing to record (``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
             ``std``...), as accepted by ``timm.models.save_for_hf`` (default: the model's current input size).
         **fields: :class:`TeacherMetadata` fields (``base_model``, ``dataset``, ``rho``, ``adaptive``,
-            ``epochs``, ``teacher_accuracy``, ``student_accuracies``, ``license``).
+            ``epochs``, ``teacher_accuracy``, ``student_accuracies``, ``license``). Give ``base_model`` only
+            when the teacher started from those pretrained weights: ``None`` (the default) records "trained from
+            random initialisation" in ``config.json`` and on the card; nothing is taken from ``pretrained_cfg``.
 
     Returns:
         The folder written.
 
     Raises:
-        ConfigError: Unknown or invalid metadata, or a malformed ``repo_id``.
+        ConfigError: Unknown or invalid metadata, a malformed ``repo_id``, or ``adapter_only=True`` for a model
+            without a peft adapter or without ``base_model``.
         UnsupportedModelError: ``model`` is not a timm model.
 
     Example:
@@ -102,29 +117,63 @@ def save_pretrained(
         (0.8, False, 0.1)
     """
     meta = metadata_from_fields(metadata, fields)
+    check_bool("merge", merge)
+    check_bool("adapter_only", adapter_only)
     if repo_id is not None:
         check_repo_id(repo_id)
-    check_timm_model(model)
-
-    if meta.base_model is None:
-        inherited = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
-        if inherited and inherited.split("@")[0] != repo_id:
-            meta = dataclasses.replace(meta, base_model=inherited.split("@")[0])
-    wrapped = is_reweighted(model)
-    remem = remem_block(model, meta, merged=merge or not wrapped)
-    scales = get_scales(model) if wrapped else {}
-    weights = merge_factors(copy.deepcopy(model)) if merge and wrapped else model
-
+    adapted = has_adapters(model)
+    timm_model = timm_model_of(model) if adapted else model
+    check_timm_model(timm_model)
     folder = Path(path)
+    if adapter_only:
+        return _save_adapter(model, timm_model, folder, meta, repo_id)
+
+    plain = merged_copy(model) if adapted else timm_model  # LoRA folded by peft, on a copy
+    wrapped = is_reweighted(plain)
+    remem = remem_block(plain, meta, merged=merge or not wrapped)
+    if adapted:
+        remem["lora"] = "merged"
+    scales = get_scales(plain) if wrapped else {}
+    weights = merge_factors(plain if adapted else copy.deepcopy(plain)) if merge and wrapped else plain
+    model = plain
     if data_config is None:
-        data_config = {"input_size": tuple(get_model_input_config(model)["input_size"])}
-    save_for_hf(weights, str(folder), model_config={"remem": remem}, safe_serialization=True,
-                data_config=data_config)
+        data_config = {"input_size": model_input_config(model)}
+    if SAVE_TAKES_DATA_CONFIG:
+        save_for_hf(weights, str(folder), model_config={"remem": remem}, safe_serialization=True,
+                    data_config=data_config)
+    else:  # timm < 1.0.31: write the preprocessing into pretrained_cfg ourselves
+        save_for_hf(weights, str(folder), model_config={"remem": remem}, safe_serialization=True)
+    os.chmod(folder / WEIGHTS_NAME, default_file_mode())  # timm writes it 0600; give it the user's umask
     config_file = folder / CONFIG_NAME
     hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    if not SAVE_TAKES_DATA_CONFIG:
+        hf_config["pretrained_cfg"].update(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items() if k != "img_size"})
     rewrite_pretrained_cfg(hf_config["pretrained_cfg"], model, meta, repo_id)
     atomic_write_text(config_file, json.dumps(hf_config, indent=2) + "\n")
     card = model_card(hf_config, remem, meta, scales, repo_id)
+    atomic_write_text(folder / CARD_NAME, str(card))
+    return folder
+
+
+def _save_adapter(model: nn.Module, timm_model: nn.Module, folder: Path, meta: TeacherMetadata,
+                  repo_id: str | None) -> Path:
+    """The folder of ``adapter_only=True``: peft's adapter files, the factors (if any) and an adapter card."""
+    if meta.base_model is None:
+        raise ConfigError(
+            "adapter_only=True needs base_model=...: a LoRA adapter only reproduces the teacher on the exact weights "
+            "it was trained on, and this teacher records none (base_model=None: trained from random "
+            "initialisation). Publish the merged checkpoint (adapter_only=False), or pass the pretrained base it "
+            "adapts, e.g. base_model='vit_base_patch16_224.augreg_in21k'."
+        )
+    save_adapter(model, folder)
+    wrapped = is_reweighted(timm_model)
+    remem = remem_block(timm_model, meta, merged=False)
+    remem["lora"] = "adapter"
+    if wrapped:
+        atomic_write_text(folder / REMEM_NAME, json.dumps({"remem": remem}, indent=2) + "\n")
+    hf_config = {"architecture": timm_model.pretrained_cfg.get("architecture"), "num_classes": timm_model.num_classes}
+    card = model_card(hf_config, remem, meta, get_scales(timm_model) if wrapped else {}, repo_id, adapter=True)
     atomic_write_text(folder / CARD_NAME, str(card))
     return folder
 
@@ -139,6 +188,8 @@ def fetch_teacher_files(
     revision: str | None = None,
     token: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    timeout: float | None = None,
+    retry_budget: float | None = None,
 ) -> Path:
     """The local folder that holds a teacher's ``config.json`` and ``model.safetensors``, downloading if needed.
 
@@ -147,6 +198,8 @@ def fetch_teacher_files(
         revision: Branch, tag or commit for ``hf-hub:`` (same as ``@revision`` in the name).
         token: Token for private repositories (default: ``HF_TOKEN`` or the stored login).
         cache_dir: Hub cache folder (default: huggingface_hub's).
+        timeout: Seconds without a byte before a request fails (default: ``TIMM_REMEM_HUB_TIMEOUT`` or 10).
+        retry_budget: Seconds of retries after a first failure (default: ``TIMM_REMEM_HUB_RETRY_BUDGET`` or 45).
 
     Returns:
         The folder (for ``hf-hub:``, the snapshot in the Hub cache).
@@ -162,11 +215,12 @@ def fetch_teacher_files(
         ...
         timm_remem.errors.ConfigError: 'no/such/folder' is not an existing folder: give a folder written by ...
     """
-    return _resolve(name_or_path, revision, token, cache_dir)[0]
+    limits = HubLimits.resolve(timeout, retry_budget)
+    return _resolve(name_or_path, revision, token, cache_dir, limits)[0]
 
 
-def _resolve(name_or_path: Any, revision: str | None, token: str | None,
-             cache_dir: Any) -> tuple[Path, str | None, str | None]:
+def _resolve(name_or_path: Any, revision: str | None, token: str | None, cache_dir: Any,
+             limits: HubLimits) -> tuple[Path, str | None, str | None]:
     """Local folder holding config.json and model.safetensors, plus the repo id and revision for hf-hub sources."""
     text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
     if text is None:
@@ -177,7 +231,7 @@ def _resolve(name_or_path: Any, revision: str | None, token: str | None,
             raise ConfigError(f"two revisions given: {at!r} in {text!r} and revision={revision!r}; keep one.")
         revision = revision or at or None
         check_repo_id(repo_id)
-        return _download(repo_id, revision, token, cache_dir), repo_id, revision
+        return _download(repo_id, revision, token, cache_dir, limits), repo_id, revision
     folder = Path(text[len(_LOCAL_PREFIX):] if text.startswith(_LOCAL_PREFIX) else text).expanduser()
     if not folder.is_dir():
         raise ConfigError(
@@ -194,9 +248,9 @@ def _resolve(name_or_path: Any, revision: str | None, token: str | None,
     return folder, None, None
 
 
-def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: Any) -> Path:
+def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: Any, limits: HubLimits) -> Path:
     paths = {}
-    with hub_errors("download", repo_id, revision, constants.ENDPOINT):
+    with hub_errors("download", repo_id, revision, constants.ENDPOINT, limits=limits):
         for filename in (CONFIG_NAME, WEIGHTS_NAME):
             try:
                 paths[filename] = Path(hf_hub_download(
@@ -230,6 +284,8 @@ def load_teacher(
     revision: str | None = None,
     token: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    timeout: float | None = None,
+    retry_budget: float | None = None,
     **model_kwargs: Any,
 ) -> nn.Module:
     """Load a teacher written by :func:`save_pretrained` / :func:`push_to_hub` (or any timm Hub-format model).
@@ -246,6 +302,8 @@ def load_teacher(
         revision: Branch, tag or commit for ``hf-hub:`` (same as ``@revision`` in the name).
         token: Token for private repositories (default: ``HF_TOKEN`` or the stored login).
         cache_dir: Hub cache folder (default: huggingface_hub's). With ``HF_HUB_OFFLINE=1`` cached files are used.
+        timeout: Seconds without a byte before a request fails (default: ``TIMM_REMEM_HUB_TIMEOUT`` or 10).
+        retry_budget: Seconds of retries after a first failure (default: ``TIMM_REMEM_HUB_RETRY_BUDGET`` or 45).
         **model_kwargs: Passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
 
     Returns:
@@ -263,14 +321,16 @@ def load_teacher(
         >>> timm_remem.get_scales(timm_remem.load_teacher(folder)) == timm_remem.get_scales(teacher)
         True
     """
-    folder, repo_id, revision = _resolve(name_or_path, revision, token, cache_dir)
+    limits = HubLimits.resolve(timeout, retry_budget)
+    folder, repo_id, revision = _resolve(name_or_path, revision, token, cache_dir, limits)
     hf_config = _read_config(folder / CONFIG_NAME)
     remem = hf_config.get("remem") or {}
     model = timm.create_model(f"local-dir:{folder}", pretrained=False, **model_kwargs)
     saved = reweight_config_from_block(remem)
     if saved is not None and not remem.get("merged", True):
         top = saved.factors
-        reweight(model, schedule=top, top_k=len(top) if saved.top_k is not None else None, learnable=saved.learnable)
+        reweight(model, schedule=top, top_k=len(top) if saved.top_k is not None else None, learnable=saved.learnable,
+                 allow_amplify=True, allow_zero=True)  # trained learnable factors may leave (0, 1]
     _load_weights(model, folder / WEIGHTS_NAME, name_or_path)
     if saved is not None:
         model.remem_config = saved  # the settings as saved (reweight above recorded a "custom" schedule)

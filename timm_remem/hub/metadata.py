@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from .._serialization import dataclass_from_dict, dataclass_to_dict, known_fields
@@ -32,8 +33,13 @@ from ..errors import CheckpointError, ConfigError
 from ..reweighting import ReweightConfig, ScaledBranch, get_reweight_config, is_reweighted
 from ._common import PAPER_ARXIV, PAPER_TITLE
 
-__all__ = ["TeacherMetadata", "REWEIGHT_KEYS", "metadata_from_fields", "remem_block", "reweight_config_from_block",
-           "rewrite_pretrained_cfg"]
+__all__ = ["TeacherMetadata", "REWEIGHT_KEYS", "RANDOM_INIT", "metadata_from_fields", "remem_block",
+           "reweight_config_from_block", "rewrite_pretrained_cfg", "base_model_hub_id", "initialisation"]
+
+# What the card and config.json say of a teacher whose weights did not start from a pretrained checkpoint.
+RANDOM_INIT = "trained from random initialisation (no pretrained weights were loaded)"
+# pretrained_cfg fields that locate the base checkpoint's weights: false for the teacher, dropped.
+_BASE_WEIGHT_KEYS = ("url", "file", "state_dict", "hf_hub_filename", "source", "origin_url", "notes")
 
 # ReweightConfig fields written flat into the ``remem`` block of config.json.
 REWEIGHT_KEYS = tuple(f.name for f in dataclasses.fields(ReweightConfig) if f.name != "version")
@@ -48,8 +54,10 @@ class TeacherMetadata:
     as one ``metadata=TeacherMetadata(...)``.
 
     Attributes:
-        base_model: Hub id of the pretrained checkpoint the teacher was fine-tuned from (default: the
-            ``hf_hub_id`` in the model's ``pretrained_cfg``).
+        base_model: The pretrained checkpoint whose weights the teacher started from (a timm name such as
+            ``"vit_base_patch16_224.augreg_in21k"`` or a Hub id), given only when those weights were really loaded.
+            ``None`` (the default) records that the teacher was trained from random initialisation: nothing is
+            guessed from the model's ``pretrained_cfg``, which timm fills in even without pretrained weights.
         dataset: Dataset the teacher was fine-tuned on (a Hub dataset id or a name, e.g. ``"cifar100"``).
         rho: SAM neighbourhood radius used for fine-tuning.
         adaptive: Whether SAM was adaptive (ASAM).
@@ -132,6 +140,34 @@ def metadata_from_fields(metadata: TeacherMetadata | None, fields: dict[str, Any
     return dataclasses.replace(metadata or TeacherMetadata(), **fields)
 
 
+def base_model_hub_id(base_model: str | None) -> str | None:
+    """The Hub repository of ``base_model`` (a Hub id, ``hf-hub:`` name or timm name), or ``None`` if unknown.
+
+    Example:
+        >>> base_model_hub_id("vit_base_patch16_224.augreg_in21k"), base_model_hub_id("hf-hub:me/vit@v1")
+        ('timm/vit_base_patch16_224.augreg_in21k', 'me/vit')
+        >>> base_model_hub_id(None), base_model_hub_id("no_such_model")
+        (None, None)
+    """
+    if base_model is None:
+        return None
+    name = re.sub(r"^hf[-_]hub:", "", base_model).split("@")[0]
+    if "/" in name:
+        return name
+    cfg = get_pretrained_cfg(name) if "." in name else None
+    return getattr(cfg, "hf_hub_id", None) or None
+
+
+def initialisation(meta: TeacherMetadata) -> str:
+    """How the teacher's weights started, in words: ``fine-tuned from <base>`` or :data:`RANDOM_INIT`.
+
+    Example:
+        >>> initialisation(TeacherMetadata())
+        'trained from random initialisation (no pretrained weights were loaded)'
+    """
+    return f"fine-tuned from {meta.base_model}" if meta.base_model else RANDOM_INIT
+
+
 def _live_factors(model: nn.Module) -> list[float]:
     """Current factor of each reweighted block, bottom-up (learnable factors may have moved since reweight)."""
     by_index = {w.index: float(w.remem_scale.detach()) for w in model.modules() if isinstance(w, ScaledBranch)}
@@ -150,6 +186,7 @@ def remem_block(model: nn.Module, meta: TeacherMetadata, merged: bool) -> dict[s
         block.update({k: None for k in ("alpha", "schedule", "top_k", "learnable", "num_blocks")}, factors=[])
     block["merged"] = merged
     block.update(meta.to_dict())
+    block["initialisation"] = "pretrained" if meta.base_model else "random"
     return dict(sorted(block.items()))
 
 
@@ -190,10 +227,10 @@ def rewrite_pretrained_cfg(cfg: dict, model: nn.Module, meta: TeacherMetadata, r
             cfg.pop(key, None)
         else:
             cfg[key] = value
-    base = f" fine-tuned from {meta.base_model}" if meta.base_model else ""
     data = f" on {meta.dataset}" if meta.dataset else ""
-    cfg["description"] = f"ReMem teacher{base}{data}, prepared for knowledge distillation with timm-remem."
+    cfg["description"] = (f"ReMem teacher {initialisation(meta)}{data}, prepared for knowledge distillation with "
+                          "timm-remem.")
     cfg["paper_name"] = PAPER_TITLE
     cfg["paper_ids"] = f"arXiv:{PAPER_ARXIV}"
-    for key in ("origin_url", "notes"):
+    for key in _BASE_WEIGHT_KEYS:
         cfg.pop(key, None)

@@ -19,6 +19,7 @@ from torch import nn
 from .._version import __version__
 from ..errors import HubError
 from ._common import check_repo_id
+from ._network import HubLimits
 from .errors import TOKEN_HELP, hub_errors
 from .io import save_pretrained
 from .metadata import TeacherMetadata
@@ -31,12 +32,15 @@ def push_to_hub(
     repo_id: str,
     *,
     merge: bool = True,
+    adapter_only: bool = False,
     private: bool = False,
     token: str | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
     metadata: TeacherMetadata | None = None,
     data_config: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    retry_budget: float | None = None,
     **fields: Any,
 ) -> str:
     """Publish a teacher on the Hugging Face Hub, loadable with ``timm.create_model("hf-hub:<repo_id>")``.
@@ -49,12 +53,17 @@ def push_to_hub(
         model: The teacher (see :func:`save_pretrained` for ``merge``, ``metadata``, ``data_config``, ``fields``).
         repo_id: ``"namespace/name"``: your user name or an organisation where you may write.
         merge: Fold the factors into the weights (loadable by plain timm) or keep them (timm-remem only).
+        adapter_only: For a LoRA teacher (``peft.PeftModel``): publish the adapter alone in peft's format
+            (needs ``base_model``); by default the merged plain timm checkpoint is published.
         private: Create the repository private.
         token: Hugging Face token with the write role (default: ``HF_TOKEN`` or the token of ``hf auth login``).
         revision: Branch to commit to (default ``main``); created from ``main`` when missing.
         commit_message: Commit title (default: ``"Upload ReMem teacher <architecture>"``).
         metadata: Training metadata, see :class:`TeacherMetadata`.
         data_config: Preprocessing to record, see :func:`save_pretrained`.
+        timeout: Seconds without a byte before a request fails (default: ``TIMM_REMEM_HUB_TIMEOUT`` or 10).
+        retry_budget: Seconds of retries after a first failure (default: ``TIMM_REMEM_HUB_RETRY_BUDGET`` or 45);
+            a dead server ends the push after about ``timeout + retry_budget`` seconds.
         **fields: :class:`TeacherMetadata` fields.
 
     Returns:
@@ -70,15 +79,17 @@ def push_to_hub(
         >>> timm.create_model("hf-hub:me/vit-b-remem-cifar100", pretrained=True)  # doctest: +SKIP
     """
     check_repo_id(repo_id)
+    limits = HubLimits.resolve(timeout, retry_budget)
     token = token or get_token()
     if not token:
         raise HubError(f"pushing to {repo_id!r} needs a Hugging Face token with the write role: {TOKEN_HELP}.")
     with tempfile.TemporaryDirectory(prefix="timm-remem-push-") as folder:
-        save_pretrained(model, folder, merge=merge, metadata=metadata, repo_id=repo_id, data_config=data_config,
-                        **fields)
-        message = commit_message or f"Upload ReMem teacher {model.pretrained_cfg.get('architecture') or ''}".strip()
+        save_pretrained(model, folder, merge=merge, adapter_only=adapter_only, metadata=metadata, repo_id=repo_id,
+                        data_config=data_config, **fields)
+        what = "LoRA adapter of ReMem teacher" if adapter_only else "ReMem teacher"
+        message = commit_message or f"Upload {what} {model.pretrained_cfg.get('architecture') or ''}".strip()
         api = HfApi(token=token, library_name="timm-remem", library_version=__version__)
-        with hub_errors("push to", repo_id, revision, api.endpoint, pushing=True):
+        with hub_errors("push to", repo_id, revision, api.endpoint, pushing=True, limits=limits):
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision is not None and revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)

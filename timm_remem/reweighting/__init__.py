@@ -1,9 +1,10 @@
 """Layer-wise reweighting of the MLP residual branches of timm vision transformers (ReMem, lever 2).
 
-``reweight`` wraps, in place, the module whose output is each block's MLP contribution to the residual stream in
-a :class:`ScaledBranch` that multiplies it by a factor; top blocks get the smallest factors. Attention is never
-touched. The change is exactly reversible: ``unreweight`` puts the original modules back, ``merge`` folds the
-factors into the weights and leaves a plain timm model.
+``reweight`` turns, in place, the module whose output is each block's MLP contribution to the residual stream into
+a :class:`ScaledBranch` that multiplies it by a factor (same object, same path, same keys plus ``remem_scale``); top
+blocks get the smallest factors. Attention is never touched. The change is exactly reversible: ``unreweight`` gives
+the modules their own classes back, ``merge`` folds the factors into the weights and leaves a plain timm model.
+peft models (LoRA) are seen through, in either order.
 
 Where the branch ends is found by a probe: one eval-mode forward pass at batch 1 with hooks on every block's
 children, following the tensor the MLP returns through the modules that consume it before the residual add. A
@@ -16,8 +17,9 @@ transformer MLP branches.
 The files of this package:
 
 - ``config.py``: :class:`ReweightConfig`, the factor schedules and the input checks.
-- ``layer.py``: :class:`ScaledBranch` (the wrapper, folding, state-dict key mapping through torch hooks).
+- ``layer.py``: :class:`ScaledBranch` (the in-place scale, folding) and ``unscale``.
 - ``branches.py``: :class:`Branch` and :func:`find_branches` (candidates by name); ``_probe.py``: the probe passes.
+- ``_peft.py``: seeing through peft wrappers and LoRA layers by duck typing (peft is never imported).
 - ``api.py``: :func:`reweight`, :func:`merge`, :func:`unreweight`, :func:`get_scales`, :func:`get_reweight_config`,
   :func:`is_reweighted`.
 
@@ -34,7 +36,7 @@ Example:
 from .api import get_reweight_config, get_scales, is_reweighted, merge, reweight, unreweight
 from .branches import Branch, find_branches
 from .config import ReweightConfig
-from .layer import ScaledBranch
+from .layer import ScaledBranch, unscale
 
 __all__ = [
     "Branch",
@@ -47,4 +49,5 @@ __all__ = [
     "merge",
     "reweight",
     "unreweight",
+    "unscale",
 ]

@@ -23,6 +23,7 @@ from torch import nn
 
 from .._models import _cfg, _cfg_input_size, model_input_size
 from ..errors import UnsupportedModelError
+from ._peft import is_tuner_layer
 from .layer import is_foldable, is_norm
 
 if TYPE_CHECKING:
@@ -185,7 +186,16 @@ def fold_path_of(module: nn.Module, events: list[Event], call: int) -> str:
         if leaf and any(True for _ in ev.module.parameters(recurse=False)):
             last = names[id(ev.module)]
             break
-    return last
+    return outer_tuner_layer(module, last)
+
+
+def outer_tuner_layer(module: nn.Module, path: str) -> str:
+    """``path``, or the outermost peft layer above it (``fc2`` for ``fc2.lora_B.default``): the layer to fold into."""
+    parts = path.split(".") if path else []
+    for cut in range(1, len(parts) + 1):
+        if is_tuner_layer(module.get_submodule(".".join(parts[:cut]))):
+            return ".".join(parts[:cut])
+    return path
 
 
 def descend_self_residual(model: nn.Module, branches: list[Branch], inputs: torch.Tensor) -> list[Branch] | None:

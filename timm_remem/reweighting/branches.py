@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,11 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from . import _probe
+from ._peft import base_of, is_tuner_layer, unwrap_peft
 from .config import check_model
 from .layer import ScaledBranch
 
-__all__ = ["BRANCH_KINDS", "Branch", "find_branches"]
+__all__ = ["BRANCH_KINDS", "Branch", "check_no_bypass", "find_branches"]
 
 #: The values of :attr:`Branch.kind` (where a scale on the branch sits).
 BRANCH_KINDS = ("output", "post-norm", "fused-columns")
@@ -55,6 +57,13 @@ _NOT_A_BLOCK = ("AttentionPoolLatent", "AttentionPool2d", "RelPosMlp", "MlpClass
 # Parallel blocks whose attention and MLP share one fused output projection.
 _FUSED_PARALLEL = ("ParallelScalingBlock", "DiffParallelScalingBlock")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Blocks with a plain MLP branch, which the probe can place on the meta device (shapes only).
+_META_BLOCKS = {
+    ("timm.models.vision_transformer", "Block"), ("timm.models.vision_transformer", "ResPostBlock"),
+    ("timm.models.beit", "Block"), ("timm.models.eva", "EvaBlock"), ("timm.models.eva", "EvaBlockPostNorm"),
+    ("timm.models.cait", "LayerScaleBlock"), ("timm.models.swin_transformer", "SwinTransformerBlock"),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2Block"),
+}
 
 
 @dataclass
@@ -112,7 +121,10 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
     that branch's contribution to the residual stream by ``c`` exactly; use it with forward hooks for ablations.
 
     Args:
-        model: A timm model (works on reweighted models too: wrappers are reported at their paths).
+        model: A timm model (works on reweighted models too: scaled branches are reported at their paths). A peft
+            model (``peft.get_peft_model`` / ``inject_adapter_in_model``) is seen through: paths are those of the
+            timm model inside (``peft_model.get_base_model()``), LoRA layers included. On the ``meta`` device only
+            the blocks of ViT, DeiT, BEiT, EVA, CaiT and Swin are probed (the other checks need real values).
         kind: ``"mlp"`` or ``"attn"``.
         example_inputs: Probe input (batch 1 is enough); by default one is built from the model's image size.
 
@@ -121,6 +133,8 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
 
     Raises:
         UnsupportedModelError: No such branch, with what was looked for and why candidates were rejected.
+
+    Every submodule's train/eval mode is the same afterwards as before (the probe runs in eval mode).
 
     Example:
         >>> import timm, timm_remem
@@ -131,6 +145,8 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
     if kind not in ("mlp", "attn"):
         raise ConfigError(f"find_branches: kind must be 'mlp' or 'attn', got {kind!r}.")
     check_model(model)
+    model = unwrap_peft(model)
+    check_no_bypass(model)
     candidates = _candidates(model, kind)
     name = type(model).__name__
     looked_for = _READABLE_NAMES[kind]
@@ -143,23 +159,76 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
             "inside a block. timm-remem reweights vision transformers (ViT, DeiT, Swin, EVA, CaiT, ...); "
             "convolutional networks have no MLP branch to reweight."
         )
-    was_training = model.training
+    on_meta = _on_meta(model)
+    if on_meta:
+        _check_meta_blocks(model, candidates)
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         inputs, events, block_spans = _probe.probe_any_size(model, candidates, example_inputs)
+        _check_adapters_ran(model, candidates, events)
         branches = _probe.resolve(model, candidates, events, block_spans)
-        inner = _probe.descend_self_residual(model, branches, inputs)
+        inner = None if on_meta else _probe.descend_self_residual(model, branches, inputs)
         if inner is not None:
             candidates = inner
             events, block_spans = _probe.probe(model, candidates, inputs)
             branches = _probe.resolve(model, candidates, events, block_spans)
-        if kind == "mlp":
+        if kind == "mlp" and not on_meta:
             branches = _probe.drop_whole_branch_blocks(model, branches, inputs, events, block_spans)
     finally:
-        model.train(was_training)
+        for m, mode in modes:  # each submodule as it was (model.train(flag) would reset them all)
+            m.training = mode
     if not branches:
         raise UnsupportedModelError(_whole_branch_message(name, looked_for))
     return branches
+
+
+def check_no_bypass(model: nn.Module) -> None:
+    """Refuse a peft layer wrapped around a scaled branch: its adapter update would bypass the factor.
+
+    Raises:
+        UnsupportedModelError: Naming the layer and the order that works.
+    """
+    for path, m in model.named_modules():
+        if is_tuner_layer(m) and isinstance(m._modules["base_layer"], ScaledBranch):
+            raise UnsupportedModelError(
+                f"{path} is a peft {type(m).__name__} around the reweighted layer {path}.base_layer: its adapter "
+                "update bypasses the factor, so the outputs are not the reweighted model's. Apply LoRA before "
+                f"reweight for this model, or leave {path.rsplit('.', 1)[-1]!r} out of target_modules."
+            )
+
+
+def _check_adapters_ran(model: nn.Module, candidates: list[Branch], events: list) -> None:
+    """Refuse a peft layer inside a block that the forward pass never calls (the block reads its weight directly)."""
+    called = {id(ev.module) for ev in events}
+    modules = dict(model.named_modules())
+    for block_path in dict.fromkeys(c.block_path for c in candidates):
+        for path, m in modules[block_path].named_modules(prefix=block_path):
+            if is_tuner_layer(m) and id(m) not in called:
+                owner = modules[path.rsplit(".", 1)[0]]
+                raise UnsupportedModelError(
+                    f"the peft layer {path} ({type(m).__name__}) never runs in the forward pass: "
+                    f"{type(owner).__name__} reads its weight directly, so its LoRA update is ignored in training "
+                    "while merge_and_unload() would fold it in (the exported model would differ). Leave "
+                    f"{path.rsplit('.', 1)[-1]!r} out of target_modules for this model."
+                )
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _check_meta_blocks(model: nn.Module, candidates: list[Branch]) -> None:
+    modules = dict(model.named_modules())
+    for c in candidates:
+        block = modules[c.block_path]
+        if (type(block).__module__, type(block).__name__) not in _META_BLOCKS:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is on the meta device and its block {c.block_path} "
+                f"({type(block).__name__}) needs the value checks of the probe (self-residual and ConvNeXt-style "
+                "MLPs), which meta tensors cannot run. Build the model on a real device (or load its weights first: "
+                "load_state_dict(sd, assign=True)), then call reweight."
+            )
 
 
 def _whole_branch_message(name: str, looked_for: str) -> str:
@@ -222,8 +291,7 @@ def _is_fused_parallel(module: nn.Module) -> bool:
 
 def _fused_out_proj(block: nn.Module) -> nn.Module | None:
     proj = getattr(block, "out_proj", None)
-    if isinstance(proj, ScaledBranch):
-        proj = proj.base_layer
+    proj = base_of(proj) if isinstance(proj, nn.Module) else None
     return proj if isinstance(proj, nn.Linear) else None
 
 

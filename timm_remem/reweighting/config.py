@@ -23,7 +23,7 @@ from .._validation import check_choice, check_float
 from .._version import __version__
 from ..errors import ConfigError
 
-__all__ = ["SCHEDULES", "ReweightConfig", "check_factor", "check_model", "schedule_factors"]
+__all__ = ["SCHEDULES", "ReweightConfig", "check_factor", "check_factor_range", "check_model", "schedule_factors"]
 
 #: The named schedules ``reweight`` accepts (besides a sequence of factors or a callable).
 SCHEDULES = ("exponential", "constant")
@@ -103,6 +103,34 @@ def check_factor(name: str, value: Any, *, allow_zero: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
     check_float(name, value, low=0, low_open=not allow_zero, hint=_FACTOR_HINT)
+
+
+def check_factor_range(name: str, value: float, *, allow_amplify: bool, allow_zero: bool) -> None:
+    """Check that a factor (already a finite number >= 0) is in ReMem's range (0, 1], unless opted out.
+
+    Raises:
+        ConfigError: A factor > 1 without ``allow_amplify``, or 0 without ``allow_zero``, naming the opt-in.
+
+    Example:
+        >>> check_factor_range("alpha", 1.2, allow_amplify=True, allow_zero=False)
+        >>> try:
+        ...     check_factor_range("alpha", 1.2, allow_amplify=False, allow_zero=False)
+        ... except ConfigError as error:
+        ...     print(str(error)[:34])
+        alpha=1.2 is > 1: it would amplify
+    """
+    value = float(value)
+    if value > 1 and not allow_amplify:
+        raise ConfigError(
+            f"{name}={value:g} is > 1: it would amplify the MLP branch, while ReMem scales branches down with "
+            "factors in (0, 1] (e.g. alpha=0.85). Pass allow_amplify=True to reweight if amplifying is intended."
+        )
+    if value == 0 and not allow_zero:
+        raise ConfigError(
+            f"{name}=0 switches that MLP branch off, while ReMem scales branches down with factors in (0, 1]. "
+            "Pass allow_zero=True to reweight if that is intended (timm_remem.zero_branches measures a switched-off "
+            "branch without changing the model)."
+        )
 
 
 def check_model(model: Any) -> None:

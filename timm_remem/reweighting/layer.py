@@ -1,12 +1,20 @@
-"""The wrapper that scales one residual branch (:class:`ScaledBranch`), folding its factor into the weights, and the
-state-dict hooks that keep the wrapped module's keys at their original names.
+"""The branch scale (:class:`ScaledBranch`), folding it into the weights, and taking it off again.
+
+A branch is scaled *in place*: the module keeps its identity, its path and its children, and its class becomes a
+subclass of both :class:`ScaledBranch` and its own class (``Mlp`` becomes ``ScaledMlp``) that multiplies the output
+by one more tensor, ``remem_scale``. So every state-dict key is a real attribute path (``get_parameter``,
+``torch.func.functional_call``, ``torch.distributed.checkpoint`` and ``load_state_dict(assign=True)`` work), forward
+hooks on the module see the scaled output with or without grad, and peft can adapt the layers inside.
 
 Example:
     >>> import torch
-    >>> from timm_remem.reweighting.layer import ScaledBranch
-    >>> branch = ScaledBranch(torch.nn.Linear(4, 4), 0.5)
-    >>> sorted(branch.state_dict())
-    ['bias', 'remem_scale', 'weight']
+    >>> from timm_remem.reweighting.layer import ScaledBranch, unscale
+    >>> linear = torch.nn.Linear(4, 4)
+    >>> branch = ScaledBranch(linear, 0.5)
+    >>> branch is linear, type(branch).__name__, sorted(branch.state_dict())
+    (True, 'ScaledLinear', ['bias', 'remem_scale', 'weight'])
+    >>> type(unscale(branch)).__name__
+    'Linear'
 """
 
 from __future__ import annotations
@@ -18,85 +26,137 @@ import torch
 from torch import nn
 
 from .._models import model_device
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
+from ._peft import is_tuner_layer, lora_parts
 
-__all__ = ["ScaledBranch", "is_foldable", "is_norm"]
+__all__ = ["ScaledBranch", "is_foldable", "is_norm", "unscale"]
 
 _NORM_NAME = re.compile(r"Norm(\d?d|1)?$")
-_BASE = "base_layer."
 _SCALE = "remem_scale"
+_ATTRS = ("remem_columns", "remem_fold_path", "remem_index")
+_SCALED_CLASSES: dict[type, type] = {}
+
+
+class _Alias:
+    """Read-only alias of a ``remem_*`` attribute; a non-data descriptor, so the module's own attribute of the same
+    name (if it has one) still wins and its forward is unchanged."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return self if obj is None else obj.__dict__[self.attr]
 
 
 class ScaledBranch(nn.Module):
-    """Multiplies a residual branch by a scalar factor ``remem_scale``.
+    """A module whose output (or some input columns) is multiplied by a scalar factor ``remem_scale``.
 
-    It replaces the module whose output is the branch's contribution to the residual add (``base_layer``) and
-    calls it with whatever arguments the block passes. For a fused projection shared by attention and MLP
-    (``ParallelScalingBlock(fuse_out_proj=True)``) it scales the MLP's input columns ``[start, end)`` instead.
-
-    The wrapper is invisible in ``state_dict()``: ``base_layer``'s keys keep their original names and the factor
-    adds one key, ``<path>.remem_scale``. A checkpoint without that key (a plain timm checkpoint) loads too and
-    keeps the current factor. Both are done by torch state-dict hooks (see :func:`_save_hook`, :func:`_load_hook`).
+    ``ScaledBranch(module, scale)`` turns ``module`` itself into a scaled branch and returns it (the same object:
+    paths, children, hooks and train/eval mode are kept). It is called with whatever arguments the block passes.
+    For a fused projection shared by attention and MLP (``ParallelScalingBlock(fuse_out_proj=True)``) it scales the
+    MLP's input columns ``[start, end)`` instead. The factor is one more state-dict entry, ``<path>.remem_scale``;
+    a checkpoint without it (a plain timm checkpoint) loads too and keeps the current factor. ``unscale`` gives the
+    module its own class back.
 
     Args:
-        base_layer: The wrapped module.
+        module: The module to scale (changed in place and returned).
         scale: Initial factor.
         learnable: Make the factor an ``nn.Parameter`` (otherwise a buffer).
         columns: ``(start, end)`` input columns to scale instead of the output, or ``None``.
-        fold_path: Path, relative to ``base_layer``, of the affine layer ``merge`` folds the factor into
-            (``""``: ``base_layer`` itself).
+        fold_path: Path, relative to ``module``, of the affine layer ``merge`` folds the factor into
+            (``""``: ``module`` itself). A peft LoRA layer there is folded through (base weights and ``lora_B``).
         index: Block index, bottom-up in forward order.
+
+    Attributes:
+        remem_scale: The factor (0-dim fp32 tensor); ``index``, ``columns`` and ``fold_path`` read the settings.
+
+    Raises:
+        ConfigError: ``module`` is not an ``nn.Module`` or is scaled already.
 
     Example:
         >>> import torch
-        >>> branch = ScaledBranch(torch.nn.Linear(3, 2), 0.5)
+        >>> layer = torch.nn.Linear(3, 2)
         >>> x = torch.randn(1, 3)
-        >>> torch.allclose(branch(x), branch.base_layer(x) * 0.5)
-        True
+        >>> y = layer(x)
+        >>> branch = ScaledBranch(layer, 0.5)
+        >>> torch.allclose(branch(x), y * 0.5), branch.index
+        (True, 0)
     """
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        scale: float,
+    _remem_base_class: type = nn.Module
+    index = _Alias("remem_index")
+    columns = _Alias("remem_columns")
+    fold_path = _Alias("remem_fold_path")
+
+    def __new__(
+        cls,
+        module: nn.Module | None = None,
+        scale: float = 1.0,
         learnable: bool = False,
         columns: tuple[int, int] | None = None,
         fold_path: str = "",
         index: int = 0,
-    ) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        value = torch.tensor(float(scale), dtype=torch.float32, device=model_device(base_layer))
+    ) -> ScaledBranch:
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"ScaledBranch scales an nn.Module, got {type(module).__name__} {module!r:.60}.")
+        if isinstance(module, ScaledBranch):
+            raise ConfigError(f"{type(module).__name__} is scaled already: call unscale(module) first.")
+        value = torch.tensor(float(scale), dtype=torch.float32, device=model_device(module))
+        module.__class__ = _scaled_class(type(module))
         if learnable:
-            self.remem_scale = nn.Parameter(value)
+            module.register_parameter(_SCALE, nn.Parameter(value))
         else:
-            self.register_buffer(_SCALE, value)
-        self.columns = columns
-        self.fold_path = fold_path
-        self.index = index
-        self.register_state_dict_post_hook(_save_hook)
-        self.register_load_state_dict_pre_hook(_load_hook)
+            module.register_buffer(_SCALE, value)
+        module.__dict__.update(remem_columns=columns, remem_fold_path=fold_path, remem_index=index)
+        return module
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: D107 - everything happens in __new__
+        pass
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.columns is None:
-            out = self.base_layer(*args, **kwargs)
-            if not torch.is_grad_enabled() and isinstance(out, torch.Tensor) and _fresh(out, args):
-                return out.mul_(self.remem_scale)  # inference: no autograd graph, save an activation-sized copy
-            return out * self.remem_scale
+        if self.remem_columns is None:
+            return super().forward(*args, **kwargs) * self.remem_scale
         x, *rest = args
-        start, end = self.columns
+        start, end = self.remem_columns
         ones = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
         mult = torch.cat([ones[:start], (ones[start:end] * self.remem_scale).to(x.dtype), ones[end:]])
-        return self.base_layer(x * mult, *rest, **kwargs)
+        return super().forward(x * mult, *rest, **kwargs)
 
     def extra_repr(self) -> str:
-        where = "output" if self.columns is None else f"input columns [{self.columns[0]}:{self.columns[1]}]"
+        where = "output" if self.remem_columns is None else f"input columns [{self.remem_columns[0]}:" \
+            f"{self.remem_columns[1]}]"
         learnable = isinstance(self.remem_scale, nn.Parameter)
-        return f"scale={float(self.remem_scale.detach()):.6g}, on={where}, learnable={learnable}"
+        own = super().extra_repr()
+        mine = f"remem_scale={float(self.remem_scale.detach()):.6g}, on={where}, learnable={learnable}"
+        return f"{own}, {mine}" if own else mine
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        key = prefix + _SCALE
+        if key not in state_dict and not self.remem_scale.is_meta:  # a plain timm checkpoint: keep the factor
+            state_dict[key] = self.remem_scale.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time: pickle (torch.save, deepcopy, spawn) rebuilds it from the original class.
+        return _restore, (self._remem_base_class,), self.__getstate__()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise UnsupportedModelError(
+            f"torch.jit.script cannot compile the reweighted branch {type(self).__name__} (block {self.remem_index}): "
+            "its forward passes on whatever arguments the block gives. Fold the factors first "
+            "(timm_remem.merge(model) gives a plain timm model with the same outputs, which scripts like any "
+            "timm model), or use torch.jit.trace(model, example) or torch.compile(model)."
+        )
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Multiply the wrapped weights by the factor (in fp32, then cast back), exactly as the forward would.
+        """Multiply the wrapped weights by the factor (in fp64, then cast back), exactly as the forward would.
+
+        The scale stays in place (call :func:`unscale` afterwards, as ``merge`` does).
+
+        Raises:
+            UnsupportedModelError: The layer to fold into has no affine weight, or is a peft layer other than plain
+                LoRA; nothing was changed.
 
         Example:
             >>> import torch
@@ -104,23 +164,20 @@ class ScaledBranch(nn.Module):
             >>> x = torch.randn(1, 3)
             >>> y = branch(x)
             >>> branch.fold()
-            >>> torch.allclose(branch.base_layer(x), y)
+            >>> torch.allclose(unscale(branch)(x), y)
             True
         """
         c = self.remem_scale.detach().double()
-        if self.columns is not None:
-            start, end = self.columns
-            w = self.base_layer.weight
-            w[:, start:end] = (w[:, start:end].double() * c).to(w.dtype)
+        if self.remem_columns is not None:
+            start, end = self.remem_columns
+            for w in self._column_weights():
+                w[:, start:end] = (w[:, start:end].double() * c).to(w.dtype)
             return
-        target = self.fold_target()
-        for name in ("weight", "bias"):
-            t = getattr(target, name, None)
-            if isinstance(t, torch.Tensor):
-                t.copy_((t.double() * c).to(t.dtype))
+        for t in self._output_tensors():
+            t.copy_((t.double() * c).to(t.dtype))
 
     def fold_target(self) -> nn.Module:
-        """The affine layer :meth:`fold` multiplies (``base_layer`` at ``fold_path``).
+        """The affine layer :meth:`fold` multiplies (this module at ``fold_path``; a peft layer is seen through).
 
         Raises:
             UnsupportedModelError: That layer has no affine weight, so the factor cannot be folded.
@@ -128,60 +185,72 @@ class ScaledBranch(nn.Module):
         Example:
             >>> import torch
             >>> ScaledBranch(torch.nn.Linear(3, 2), 0.5).fold_target()
-            Linear(in_features=3, out_features=2, bias=True)
+            ScaledLinear(in_features=3, out_features=2, bias=True, remem_scale=0.5, on=output, learnable=False)
         """
-        target = self.base_layer.get_submodule(self.fold_path) if self.fold_path else self.base_layer
-        if not is_foldable(target):
+        path = self.remem_fold_path
+        target = self.get_submodule(path) if path else self
+        base = lora_parts(target, self._what())[0] if is_tuner_layer(target) else target
+        if not is_foldable(base):
             raise UnsupportedModelError(
-                f"cannot fold the factor of {type(self.base_layer).__name__} into its last layer "
-                f"{type(target).__name__} ({self.fold_path or 'itself'}): it has no affine weight. "
-                "Keep the model unmerged (it still runs and saves), or call timm_remem.unreweight(model)."
+                f"cannot fold the factor of {type(self).__name__} into its last layer {type(base).__name__} "
+                f"({path or 'itself'}): it has no affine weight. Keep the model unmerged (it still runs and saves), "
+                "or call timm_remem.unreweight(model)."
             )
         return target
 
+    def _what(self) -> str:
+        return f"{type(self).__name__} (block {self.remem_index})"
 
-def _save_hook(module: ScaledBranch, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]) -> None:
-    """State-dict post-hook: ``<prefix>base_layer.<key>`` becomes ``<prefix><key>``, followed by ``remem_scale``.
+    def _output_tensors(self) -> list[torch.Tensor]:
+        target = self.fold_target()
+        layers = [target]
+        if is_tuner_layer(target):
+            base, _, lora_b = lora_parts(target, self._what())
+            layers = [base, *lora_b]
+        return [t for m in layers for t in (m.weight, getattr(m, "bias", None)) if isinstance(t, torch.Tensor)]
 
-    The wrapper's entries are the last ones in ``state_dict`` when the hook runs; they are re-inserted in place, so
-    the key order (and the per-module version metadata) is what the unwrapped model would give plus the factor.
+    def _column_weights(self) -> list[torch.Tensor]:
+        if is_tuner_layer(self):
+            base, lora_a, _ = lora_parts(self, self._what())
+            return [base.weight, *(a.weight for a in lora_a)]
+        return [self.weight]
+
+
+def _scaled_class(cls: type) -> type:
+    scaled = _SCALED_CLASSES.get(cls)
+    if scaled is None:
+        scaled = type(f"Scaled{cls.__name__}", (ScaledBranch, cls), {"__module__": __name__,
+                                                                     "_remem_base_class": cls})
+        _SCALED_CLASSES[cls] = scaled
+    return scaled
+
+
+def _restore(cls: type) -> ScaledBranch:
+    """Unpickling: an empty instance of the scaled class of ``cls`` (pickle then sets its state)."""
+    return object.__new__(_scaled_class(cls))
+
+
+def unscale(module: nn.Module) -> nn.Module:
+    """Take the scale off a :class:`ScaledBranch` without folding it: the module's own class back (in place).
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> unscale(ScaledBranch(layer, 0.5)) is layer, type(layer).__name__, sorted(layer.state_dict())
+        (True, 'Linear', ['bias', 'weight'])
     """
-    base, own = prefix + _BASE, prefix + _SCALE
-    moved = [k for k in state_dict if k.startswith(base) or k == own]
-    values = {k: state_dict.pop(k) for k in moved}
-    for key in moved:
-        if key != own:
-            state_dict[prefix + key[len(base):]] = values[key]
-    if own in values:
-        state_dict[own] = values[own]
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        for key in [k for k in metadata if k == base[:-1] or k.startswith(base)]:
-            metadata[(prefix + key[len(base):]) if key != base[:-1] else prefix[:-1]] = metadata.pop(key)
-
-
-def _load_hook(
-    module: ScaledBranch, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
-    missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
-) -> None:
-    """Load-state-dict pre-hook: original key names go back under ``base_layer.``; a missing factor keeps its value."""
-    own, base = prefix + _SCALE, prefix + _BASE
-    for key in [k for k in state_dict if k.startswith(prefix) and k != own and not k.startswith(base)]:
-        state_dict[base + key[len(prefix):]] = state_dict.pop(key)
-    if own not in state_dict:  # a plain timm checkpoint: keep the current factor
-        state_dict[own] = module.remem_scale.detach().clone()
-
-
-def _fresh(out: torch.Tensor, args: tuple) -> bool:
-    """Whether ``out`` owns its memory (no view, shares nothing with an input), so it may be scaled in place."""
-    if out._base is not None or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
-    ptr = out.untyped_storage().data_ptr()
-    return not any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == ptr for a in args)
+    if not isinstance(module, ScaledBranch):
+        return module
+    module._parameters.pop(_SCALE, None)
+    module._buffers.pop(_SCALE, None)
+    for attr in _ATTRS:
+        module.__dict__.pop(attr, None)
+    module.__class__ = module._remem_base_class
+    return module
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` (or the module a :class:`ScaledBranch` wraps) is a normalisation layer.
+    """Whether ``module`` is a normalisation layer.
 
     torch's LayerNorm, GroupNorm, BatchNorm/InstanceNorm and RMSNorm count, and so does any class whose name ends in
     ``Norm``, ``Norm1d``/``Norm2d``/``Norm3d``, ``Norm2d``-style or ``Norm1`` (timm's ``LayerNorm2d``, ``GroupNorm1``).
@@ -191,10 +260,9 @@ def is_norm(module: nn.Module) -> bool:
         >>> is_norm(torch.nn.LayerNorm(4)), is_norm(torch.nn.Linear(4, 4))
         (True, False)
     """
-    if isinstance(module, ScaledBranch):
-        module = module.base_layer
+    cls = module._remem_base_class if isinstance(module, ScaledBranch) else type(module)
     norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
-    return isinstance(module, norms) or _NORM_NAME.search(type(module).__name__) is not None
+    return issubclass(cls, norms) or _NORM_NAME.search(cls.__name__) is not None
 
 
 def is_foldable(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ The files:
 - ``optimizer.py``: ``SAM``, the algorithm (perturb, restore, base step, state dict).
 - ``passes.py``: the pass machinery (RNG capture and replay, frozen BatchNorm statistics, DDP ``no_sync``).
 - ``registry.py``: ``register_with_timm``, the names in timm's optimizer factory.
+- ``schedule.py``: ``RhoScheduler``, SAM's radius on a timm schedule shape (cosine, step, warm-up, ...).
 - ``stats.py``: ``SAMStats``, the diagnostics of the latest step.
 
 Example:
@@ -36,8 +37,9 @@ from __future__ import annotations
 
 from .optimizer import SAM
 from .registry import register_with_timm
+from .schedule import RHO_SCHEDULES, RhoScheduler
 from .stats import SAMStats
 
-__all__ = ["SAM", "SAMStats", "register_with_timm"]
+__all__ = ["SAM", "SAMStats", "RhoScheduler", "RHO_SCHEDULES", "register_with_timm"]
 
 register_with_timm()

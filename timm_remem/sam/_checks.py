@@ -9,7 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from .._validation import check_bool, check_float, check_int
-from ..errors import ConfigError
+from ..errors import ConfigError, RememError
 
 # Keywords of SAM itself that arrive through ``**base_kwargs`` and are never passed to the base optimizer.
 SAM_KEYWORDS = ("eta", "every", "sync_perturbation", "replay_rng", "freeze_bn")
@@ -87,6 +87,42 @@ def check_param_group(param_group: Any) -> None:
         param_group["eta"] = check_eta(param_group["eta"], where)
     if "adaptive" in param_group:
         check_bool("param group adaptive", param_group["adaptive"])
+
+
+def check_params_given(params: Any) -> Any:
+    """The ``params`` argument as a list, refused when empty (e.g. a requires_grad filter over a frozen model)."""
+    if isinstance(params, torch.Tensor):
+        raise ConfigError("SAM expects an iterable of parameters or param groups (model.parameters()), got a tensor.")
+    if isinstance(params, (set, frozenset)):  # torch refuses sets too: their order (and the state dict's) varies
+        raise ConfigError("SAM got the parameters as a set, whose order varies between runs: pass a list or "
+                          "model.parameters().")
+    params = list(params)
+    if not params:
+        raise ConfigError(
+            "SAM got no parameters (an empty list): pass model.parameters(); if they were filtered by "
+            "requires_grad, nothing in the model is trainable: unfreeze what should train (p.requires_grad_(True))."
+        )
+    return params
+
+
+def check_trainable(param_groups: list[dict[str, Any]]) -> None:
+    """At least one parameter given to SAM requires grad (else there is nothing to perturb or train)."""
+    if any(p.requires_grad for group in param_groups for p in group["params"]):
+        return
+    n = sum(len(group["params"]) for group in param_groups)
+    raise ConfigError(
+        f"SAM has nothing to train: none of the {n} parameters given to it requires grad (all frozen). Unfreeze "
+        "the ones to train (p.requires_grad_(True)) before the step."
+    )
+
+
+def no_gradients_error(param_groups: list[dict[str, Any]]) -> Exception:
+    """The error of a ``first_step`` that found no gradient: everything frozen, or no backward pass before it."""
+    check_trainable(param_groups)
+    return RememError(
+        "first_step() found no gradients: run loss.backward() before first_step(), and do not zero the "
+        "gradients in between."
+    )
 
 
 def check_base_optimizer_class(base_optimizer: Any) -> None:

@@ -54,11 +54,26 @@ def reused_buffers(cache: dict[torch.Tensor, torch.Tensor], params: list[torch.T
     return out
 
 
+def drop_frozen(param_groups: list[dict[str, Any]], caches: tuple[dict[torch.Tensor, torch.Tensor], ...]) -> None:
+    """Frozen parameters (``requires_grad=False``) take no part in a step, even when given to SAM.
+
+    A gradient left on one (frozen after an earlier step, with ``zero_grad(set_to_none=False)``) is set to None, so
+    neither the perturbation nor the base optimizer (momentum, weight decay) moves it, and its buffers are released.
+    """
+    for group in param_groups:
+        for p in group["params"]:
+            if p.grad is not None and not p.requires_grad:
+                p.grad = None
+    for cache in caches:
+        for p in [p for p in cache if not p.requires_grad]:
+            del cache[p]
+
+
 def grads_by_group(param_groups: list[dict[str, Any]]) -> list[GroupGrads]:
-    """``(group, params, grads)`` for every group with gradients, the parameters without a gradient left out."""
+    """``(group, params, grads)`` for every group with gradients; frozen parameters and those without one left out."""
     out = []
     for group in param_groups:
-        params = [p for p in group["params"] if p.grad is not None]
+        params = [p for p in group["params"] if p.grad is not None and p.requires_grad]
         if not params:
             continue
         grads = [p.grad for p in params]

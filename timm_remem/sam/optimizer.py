@@ -49,9 +49,10 @@ class SAM(Optimizer):
     SAM step) leaves the weights exactly at ``w`` and SAM ready for the next step, then propagates.
 
     Args:
-        params: Parameters or parameter groups. A group may set its own ``rho``, ``adaptive`` and ``eta``.
+        params: Parameters or parameter groups. A group may set its own ``rho``, ``adaptive`` and ``eta``. Frozen
+            parameters (``requires_grad=False``) may be included: they are never perturbed, stepped or buffered.
         base_optimizer: Optimizer class (or factory) applying the update, e.g. ``torch.optim.AdamW``.
-        rho: Radius of the neighbourhood. A group field, so a scheduler can drive it (``group["rho"]``).
+        rho: Radius of the neighbourhood. A group field, so a scheduler can drive it (``RhoScheduler``).
         adaptive: ASAM: perturb by ``rho * T^2 g / ||T g||`` with ``T = |w| + eta``. Needs a larger rho. Uses one
             more buffer the size of the adaptive groups' parameters.
         **base_kwargs: Passed to the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...), except these
@@ -104,7 +105,7 @@ class SAM(Optimizer):
         rho, adaptive = _checks.check_rho(rho, "SAM"), check_bool("adaptive", adaptive)
         self._sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         self.base_optimizer: Optimizer | None = None
-        super().__init__(params, dict(self._sam_defaults))
+        super().__init__(_checks.check_params_given(params), dict(self._sam_defaults))
         base = _checks.build_base_optimizer(base_optimizer, self.param_groups, base_kwargs)
         self.base_optimizer = base
         # Share everything with the base optimizer: the group dicts (LR schedulers, rho schedules) and the state.
@@ -161,6 +162,26 @@ class SAM(Optimizer):
         for key, value in self._sam_defaults.items():
             param_group.setdefault(key, value)
         self.base_optimizer.add_param_group(param_group)
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes held by SAM's own per-parameter buffers (the saved ``w``, plus ASAM's scratch).
+
+        They are allocated at the first SAM step for the parameters that require grad and have a gradient, so they
+        grow with the trainable parameters only; a parameter frozen later (``requires_grad_(False)``) has its
+        buffers released at the next step.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+            >>> model[0].requires_grad_(False)  # frozen: never perturbed, never buffered
+            Linear(in_features=4, out_features=4, bias=True)
+            >>> opt = SAM(model.parameters(), lr=0.1)
+            >>> opt.step(lambda: model(torch.ones(1, 4)).sum().backward())
+            >>> opt.buffer_nbytes == sum(p.numel() * 4 for p in model[1].parameters())
+            True
+        """
+        return sum(b.numel() * b.element_size() for cache in (self._saved, self._scratch) for b in cache.values())
 
     @property
     def is_sam_step(self) -> bool:
@@ -279,12 +300,10 @@ class SAM(Optimizer):
         scaler = _checks.resolve_scaler(scaler)
         for group in self.param_groups:  # a scheduler may have written these
             _checks.check_rho(group["rho"], "param group")
+        _tensors.drop_frozen(self.param_groups, (self._saved, self._scratch))
         groups = _tensors.grads_by_group(self.param_groups)
         if not groups:
-            raise RememError(
-                "first_step() found no gradients: run loss.backward() before first_step(), and do not zero the "
-                "gradients in between."
-            )
+            raise _checks.no_gradients_error(self.param_groups)
         if scaler is not None:
             scaler.unscale_(self)
         self._scaler = scaler
@@ -499,6 +518,7 @@ class SAM(Optimizer):
         if isinstance(closure, _SecondStepCall):
             return self._second_step(closure)
         _checks.check_step_arguments(closure, max_grad_norm)  # before anything moves
+        _checks.check_trainable(self.param_groups)
         if self._phase != _IDLE:
             raise RememError("step(closure) was called between first_step() and second_step(); finish that step first.")
         closure = torch.enable_grad()(closure)

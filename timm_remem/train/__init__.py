@@ -38,12 +38,33 @@ Example:
     (['epoch-001'], None)
 """
 
-from .config import DistillConfig, FinetuneConfig, TrainConfig
-from .demo import DEMO_ALPHA, DEMO_RHO, DEMO_STUDENT, DEMO_STUDENT_KWARGS, DEMO_TEACHER, DEMO_TEACHER_KWARGS, run_demo
-from .recipes import distill_student, finetune_teacher
-from .results import DemoResult, SelectResult, TrainResult
-from .resume import EXPORT_DIR, METRICS_FILE, STATE_DIR
-from .select import select_teacher, spearman
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Public name -> the module of this package it is loaded from on first use (PEP 562). ``import
+# timm_remem.train.config`` (the settings, which the ``timm-remem`` flags are generated from) thus imports neither
+# torch nor timm; everything else loads when it is first used.
+_LAZY = {
+    **dict.fromkeys(("TrainConfig", "FinetuneConfig", "DistillConfig"), "config"),
+    **dict.fromkeys(("DEMO_ALPHA", "DEMO_RHO", "DEMO_STUDENT", "DEMO_STUDENT_KWARGS", "DEMO_TEACHER",
+                     "DEMO_TEACHER_KWARGS"), "demo"),
+    "run_demo": "timm_remem.study.demo",  # the demo is a small study; the study room sits above this one
+    **dict.fromkeys(("distill_student", "finetune_teacher"), "recipes"),
+    **dict.fromkeys(("DemoResult", "SelectResult", "TrainResult"), "results"),
+    **dict.fromkeys(("EXPORT_DIR", "METRICS_FILE", "STATE_DIR"), "resume"),
+    **dict.fromkeys(("select_teacher", "spearman"), "select"),
+}
+
+if TYPE_CHECKING:
+    from ..study.demo import run_demo
+    from .config import DistillConfig, FinetuneConfig, TrainConfig
+    from .demo import DEMO_ALPHA, DEMO_RHO, DEMO_STUDENT, DEMO_STUDENT_KWARGS, DEMO_TEACHER, DEMO_TEACHER_KWARGS
+    from .recipes import distill_student, finetune_teacher
+    from .results import DemoResult, SelectResult, TrainResult
+    from .resume import EXPORT_DIR, METRICS_FILE, STATE_DIR
+    from .select import select_teacher, spearman
 
 __all__ = [
     "TrainConfig",
@@ -67,3 +88,16 @@ __all__ = [
     "DEMO_ALPHA",
     "DEMO_RHO",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        where = _LAZY[name]
+        value = getattr(importlib.import_module(where if "." in where else f"{__name__}.{where}"), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -34,8 +34,10 @@ from .. import distributed
 from .._models import create_timm_model, data_config
 from ..data import create_dataset, create_loader, dataset_num_classes
 from ..errors import ConfigError
+from ..lora import apply_lora
+from ..reweighting import reweight
 from ..sam import register_with_timm
-from .config import SAM_BASES, TrainConfig
+from .config import SAM_BASES, FinetuneConfig, TrainConfig
 
 __all__ = [
     "resolve_device",
@@ -45,6 +47,8 @@ __all__ = [
     "dataset_classes",
     "default_img_size",
     "create_model",
+    "adapt_teacher",
+    "base_model_name",
     "build_data",
     "optimizer_name",
     "create_optimizer",
@@ -126,6 +130,54 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, int]:
     if img_size is None:
         img_size = int(data_config(model)["input_size"][-1])
     return model, img_size
+
+
+def adapt_teacher(cfg: FinetuneConfig, model: nn.Module) -> nn.Module:
+    """The teacher's training form (in place): LoRA adapters first (``lora_rank``), then the reweighting (``alpha``).
+
+    LoRA goes first so that peft adapts the plain timm model (the targets are the model's own Linear-layer paths,
+    as in any peft recipe) and the reweighting factors, made afterwards, are never frozen by peft; the factors then
+    scale the adapted MLP branches. :func:`timm_remem.lora.merge_lora` undoes both in the opposite order.
+
+    Example:
+        >>> import timm
+        >>> from timm_remem import get_scales
+        >>> from timm_remem.lora import is_lora
+        >>> cfg = FinetuneConfig(model="test_vit", alpha=0.5, top_k=1, lora_rank=2)
+        >>> model = adapt_teacher(cfg, timm.create_model("test_vit", pretrained=False, img_size=32))
+        >>> is_lora(model), get_scales(model)
+        (True, {'blocks.5.mlp': 0.5})
+    """
+    if cfg.lora_rank is not None:
+        apply_lora(model, cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+    if cfg.alpha is not None:
+        reweight(model, cfg.alpha, schedule=cfg.schedule, top_k=cfg.top_k, learnable=cfg.learnable)
+    return model
+
+
+def base_model_name(cfg: TrainConfig, model: nn.Module) -> str | None:
+    """The checkpoint a run fine-tuned from, for the export's provenance; None when it trained from random weights.
+
+    Only with ``cfg.pretrained``: then the Hub id of the weights timm loaded (``pretrained_cfg["hf_hub_id"]``),
+    else the model name as given (``hf-hub:`` dropped).
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", pretrained=False)
+        >>> base_model_name(TrainConfig(model="test_vit"), model) is None
+        True
+        >>> base_model_name(TrainConfig(model="test_vit", pretrained=True), model)
+        'timm/test_vit.r160_in1k'
+    """
+    if not cfg.pretrained:
+        return None
+    hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
+    if isinstance(hub_id, str) and hub_id:
+        return hub_id.split("@")[0]
+    for prefix in ("hf-hub:", "hf_hub:"):
+        if cfg.model.startswith(prefix):
+            return cfg.model[len(prefix):].split("@")[0]
+    return cfg.model
 
 
 def build_data(cfg: TrainConfig, model: nn.Module, img_size: int):

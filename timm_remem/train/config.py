@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._lora_settings import LORA_TARGETS, check_lora_settings
 from .._serialization import dataclass_from_dict, dataclass_to_dict
 from .._validation import check_choice, check_float, check_int
 from ..errors import ConfigError
@@ -30,7 +31,6 @@ __all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "TRACK
 # Base optimizer name -> the timm_remem SAM optimizer registered in timm's factory (see timm_remem.sam).
 # "sgd" and "nesterov" are Nesterov SGD (timm's "sgd" is Nesterov too); "momentum" is classical momentum.
 TRACKERS = ("tensorboard", "wandb")
-LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 SAM_BASES = {"sgd": "samsgd", "momentum": "sammomentum", "nesterov": "samsgd", "adam": "samadam",
              "adamw": "samadamw"}
 
@@ -233,17 +233,8 @@ class FinetuneConfig(TrainConfig):
         check_int("top_k", self.top_k, low=1, allow_none=True)
         if self.alpha is None and (self.top_k is not None or self.learnable):
             raise ConfigError("top_k and learnable configure reweighting: also pass alpha (e.g. alpha=0.85)")
-        check_int("lora_rank", self.lora_rank, low=1, allow_none=True, hint="LoRA ranks are typically 4 to 64")
-        check_float("lora_alpha", self.lora_alpha, low=0, low_open=True, allow_none=True,
-                    hint="peft's default is 8; unset means alpha = rank")
-        check_float("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
-        if self.lora_targets is not None:
-            if isinstance(self.lora_targets, str) or not all(isinstance(t, str) and t for t in self.lora_targets):
-                raise ConfigError(f"lora_targets must be a list of Linear-layer names such as ['qkv', 'fc1'], got "
-                                  f"{self.lora_targets!r}")
-            self.lora_targets = list(self.lora_targets)
-            if not self.lora_targets:
-                raise ConfigError("lora_targets is empty; name at least one Linear layer (e.g. qkv) or leave it unset")
+        self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets = check_lora_settings(
+            self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, allow_no_rank=True)
         if self.lora_rank is None and (self.lora_alpha is not None or self.lora_targets is not None
                                        or self.lora_dropout != 0):
             raise ConfigError("lora_alpha, lora_dropout and lora_targets configure LoRA: also pass lora_rank (e.g. 8)")

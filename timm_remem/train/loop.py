@@ -7,6 +7,11 @@ per epoch, resumable training checkpoints (every epoch and every ``checkpoint_ev
 ``save_at`` epochs. Under torchrun every rank runs it: metrics are reduced over ranks and rank 0 alone writes files
 while the others wait at a barrier.
 
+Around it: the run holds the lock of its output folder (:mod:`~timm_remem.train.lock`), says what it does on the
+console (:mod:`~timm_remem.train.console`), stops with one clear error on a non-finite loss, broken teacher logits
+or bad labels (:mod:`~timm_remem.train.guards`) and logs to TensorBoard / wandb when asked
+(:mod:`~timm_remem.train.trackers`).
+
 Example:
     >>> import torch
     >>> from timm_remem.train.loop import evaluate
@@ -33,11 +38,10 @@ import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import distributed
 from .._io import atomic_replace_dir
-from ..checkpoint import get_rng_state, latest_checkpoint, save_checkpoint
+from ..checkpoint import get_rng_state, save_checkpoint
 from ..errors import ConfigError, TrainingError
 from ..sam import SAM
 from .builders import (
@@ -50,9 +54,14 @@ from .builders import (
     seed_everything,
 )
 from .config import TrainConfig
-from .resume import EXPORT_DIR, METRICS_FILE, STATE_DIR, LoopState, prepare_output, restore
+from .console import EpochProgress, epoch_line, log, resumed_line, startup_line
+from .guards import TeacherWatch, check_finite, check_labels, checked_loss, label_fix, stop_on_bad_batch
+from .lock import OutputLock
+from .resume import EXPORT_DIR, METRICS_FILE, STATE_DIR, LoopState, prepare_output, restore, resumed_epoch
+from .trackers import Trackers
 
-__all__ = ["fit", "train_step", "evaluate", "accuracy", "check_finite", "checked_loss", "write_metrics"]
+__all__ = ["fit", "train_step", "evaluate", "accuracy", "check_finite", "checked_loss", "check_labels",
+           "write_metrics"]
 
 Compute = Callable[..., tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
 
@@ -68,43 +77,44 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> tuple[float, float]:
-    """Mean loss and accuracy; under torchrun the sums of every rank's shard are reduced (same result everywhere)."""
+    """Mean loss and accuracy; under torchrun the sums of every rank's shard are reduced (same result everywhere).
+
+    Raises:
+        ConfigError: A batch with labels outside the model's classes or no sample, or no sample at all.
+        TrainingError: A non-finite loss: the model's outputs hold NaN or inf.
+    """
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for x, y, _ in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    loss_sum, correct, count, problem = 0.0, 0, 0, None
+    for i, (x, y, _) in enumerate(loader):
+        x = x.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
+        problem = check_labels(y, logits.shape[-1])
+        if problem is not None:
+            problem = f"validation batch {i + 1} {problem}: {label_fix(problem, logits.shape[-1])}"
+            break
+        y = y.to(device, non_blocking=True)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
         correct += accuracy(logits, y)
         count += y.numel()
     model.train(was_training)
+    bad = 1.0 if problem is not None else 0.0
     if distributed.is_distributed():
-        loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, count])
-    return loss_sum / max(count, 1), correct / max(count, 1)
-
-
-def check_finite(loss: torch.Tensor, *, epoch: int, step: int, state_dir: Path | None) -> float:
-    """The loss as a float; a NaN/inf loss stops training with a :class:`TrainingError` naming the last checkpoint."""
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        last = latest_checkpoint(state_dir) if state_dir is not None else None
-        where = f"the last good checkpoint is {str(last)!r}" if last else "no checkpoint was written yet"
+        loss_sum, correct, count, bad = distributed.all_reduce_sum([loss_sum, correct, count, bad])
+    if bad:
+        raise ConfigError(problem or "another rank's validation batch has labels outside the model's classes or no "
+                                     "sample; see rank 0's message")
+    if count == 0:
+        raise ConfigError("the validation data holds no sample: an empty validation split (check the dataset and "
+                          "its val split) would report accuracy 0")
+    if not math.isfinite(loss_sum):
         raise TrainingError(
-            f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}; training stopped and nothing was "
-            f"saved after it ({where}). Resume with gradient clipping (--resume --clip-grad 1.0), or start a new run "
-            "with a lower learning rate or without amp"
+            f"evaluation gave a non-finite loss ({loss_sum}): the model's outputs hold NaN or inf (a diverged or "
+            "broken checkpoint, or float16 overflow under amp). Check the weights (timm-remem inspect), or run "
+            "without amp"
         )
-    return value
-
-
-def checked_loss(loss: torch.Tensor, *, epoch: int, step: int, state_dir: Path | None) -> float:
-    """The step's loss, averaged over ranks under torchrun, checked finite: every rank stops on the same step."""
-    if distributed.is_distributed():
-        mean = distributed.all_reduce_sum([float(loss.detach())])[0] / distributed.get_world_size()
-        loss = torch.tensor(mean, dtype=torch.float64)
-    return check_finite(loss, epoch=epoch, step=step, state_dir=state_dir)
+    return loss_sum / count, correct / count
 
 
 def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
@@ -229,10 +239,11 @@ class _Checkpointer:
 class _Exporter:
     """Exports ``checkpoints/epoch-NNN`` after the ``save_at`` epochs (written aside, then swapped in)."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, write_export: Callable[..., Any], resumed: bool):
+    def __init__(self, cfg: TrainConfig, out: Path, write_export: Callable[..., Any], resumed: bool, desc: str):
         self.save_at = [cfg.epochs] if cfg.save_at is None else list(cfg.save_at)
         self.folder = out / EXPORT_DIR
         self.write_export = write_export
+        self.desc = desc
         self.exports = sorted(p for p in self.folder.glob("epoch-*") if p.is_dir()) if resumed else []
 
     def after_epoch(self, epoch: int, model: nn.Module, record: Mapping[str, Any]) -> None:
@@ -241,33 +252,9 @@ class _Exporter:
         exported = self.folder / f"epoch-{epoch:03d}"
         if distributed.get_rank() == 0:
             atomic_replace_dir(partial(self.write_export, model, record=record), exported)
+            log.info("%s epoch %d: exported %s", self.desc, epoch, exported)
         distributed.barrier()
         self.exports = [p for p in self.exports if p != exported] + [exported]
-
-
-class _Progress:
-    """The tqdm bar of one epoch (rank 0 only) with the running loss, accuracy and throughput."""
-
-    def __init__(self, cfg: TrainConfig, desc: str, state: LoopState, steps_per_epoch: int):
-        self.enabled = cfg.progress and distributed.get_rank() == 0
-        self.bar = tqdm(total=steps_per_epoch, initial=state.batch, desc=f"{desc} {state.epoch + 1}/{cfg.epochs}",
-                        disable=not self.enabled, leave=False, dynamic_ncols=True)
-
-    def update(self, running: Mapping[str, Any]) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{running['loss'] / running['count']:.3f}",
-                             acc=f"{running['correct'] / running['count']:.3f}",
-                             img_s=f"{running['count'] / max(running['time'], 1e-9):.0f}", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _report_epoch(cfg: TrainConfig, desc: str, record: Mapping[str, Any]) -> None:
-    if cfg.progress and distributed.get_rank() == 0:
-        tqdm.write(f"{desc} epoch {record['epoch']}/{cfg.epochs}: loss {record['train_loss']:.4f} "
-                   f"train acc {record['train_acc']:.4f} val acc {record['val_acc']:.4f} "
-                   f"({record['samples_per_s']:.0f} img/s)")
 
 
 def _steps_per_epoch(cfg: TrainConfig, train_loader) -> int:
@@ -277,6 +264,20 @@ def _steps_per_epoch(cfg: TrainConfig, train_loader) -> int:
     if steps == 0:
         raise ConfigError("the training loader yields no batch; lower batch_size or check the dataset")
     return steps
+
+
+def _sizes(train_loader, val_loader) -> tuple[int | None, int | None]:
+    """The training and validation set sizes (every rank's validation shard counted once)."""
+    def size(loader) -> int | None:
+        if hasattr(loader, "dataset"):
+            return len(loader.dataset)
+        return 0 if isinstance(loader, (list, tuple)) and not loader else None
+
+    n_train, n_val = size(train_loader), size(val_loader)
+    if distributed.get_world_size() > 1:
+        total, unknown = distributed.all_reduce_sum([n_val or 0, 1.0 if n_val is None else 0.0])
+        n_val = None if unknown else int(total)
+    return n_train, n_val
 
 
 def _count(running: dict[str, Any], loss_value: float, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -328,6 +329,8 @@ class _Run:
     mixup: Any
     step: Callable[..., tuple[float, torch.Tensor]]
     saver: _Checkpointer
+    watch: TeacherWatch
+    num_classes: int | None
 
 
 def _train_epoch(run: _Run, state: LoopState, train_loader) -> None:
@@ -336,29 +339,38 @@ def _train_epoch(run: _Run, state: LoopState, train_loader) -> None:
     run.model.train()
     train_loader.sampler.set_epoch(state.epoch, start_index=state.batch * cfg.batch_size)
     remaining = run.steps_per_epoch - state.batch
-    progress = _Progress(cfg, run.desc, state, run.steps_per_epoch)
+    progress = EpochProgress(run.desc, state.epoch + 1, cfg.epochs, steps=run.steps_per_epoch, start=state.batch,
+                             enabled=cfg.progress and distributed.get_rank() == 0)
     t0, time_before = time.perf_counter(), state.running["time"]
-    for i, (x, y, idx) in enumerate(train_loader):
-        if i >= remaining:
-            break
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        target = y
-        if run.mixup is not None:
-            x, target = run.mixup(x, y)
-        loss_value, logits = run.step(x, target, idx, check=partial(checked_loss, epoch=state.epoch, step=state.step,
-                                                                    state_dir=run.state_dir))
-        state.step += 1
-        state.batch += 1
-        if run.scheduler is not None:
-            run.scheduler.step_update(num_updates=state.step)
-        if run.ema is not None:
-            run.ema.update(run.model, step=state.step)
-        _count(state.running, loss_value, logits, y)
-        state.running["time"] = time_before + time.perf_counter() - t0
-        progress.update(state.running)
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < run.steps_per_epoch:
-            run.saver.save(state, {})
-    progress.close()
+    try:
+        for i, (x, y, idx) in enumerate(train_loader):
+            if i >= remaining:
+                break
+            stop_on_bad_batch(check_labels(y, run.num_classes), epoch=state.epoch, batch=state.batch,
+                              num_classes=run.num_classes, state_dir=run.state_dir)
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            target = y
+            if run.mixup is not None:
+                x, target = run.mixup(x, y)
+
+            def check(loss, epoch=state.epoch, step=state.step):
+                return checked_loss(loss, epoch=epoch, step=step, state_dir=run.state_dir,
+                                    teacher_finite=run.watch.take())
+
+            loss_value, logits = run.step(x, target, idx, check=check)
+            state.step += 1
+            state.batch += 1
+            if run.scheduler is not None:
+                run.scheduler.step_update(num_updates=state.step)
+            if run.ema is not None:
+                run.ema.update(run.model, step=state.step)
+            _count(state.running, loss_value, logits, y)
+            state.running["time"] = time_before + time.perf_counter() - t0
+            progress.update(state.batch, state.running)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.batch < run.steps_per_epoch:
+                run.saver.save(state, {})
+    finally:
+        progress.close()
 
 
 def _evaluate_epoch(run: _Run, state: LoopState, val_loader, extra_metrics) -> dict[str, Any]:
@@ -393,12 +405,41 @@ def fit(
     wrapper under torchrun (SAM's first pass then runs under its ``no_sync``). The optimizer, EMA, checkpoints and
     exports use the plain ``model``. ``write_export(model, folder, record=...)`` writes one export.
 
+    The run holds the lock of ``cfg.output`` (see :mod:`timm_remem.train.lock`; rank 0 takes it) from before it
+    looks at the folder until it returns, and logs its console lines (see :mod:`timm_remem.train.console`).
+
     Returns:
         ``(history, exports, val_acc)``: the per-epoch metrics, the export folders and the final validation accuracy
         (of the EMA weights when ``ema=True``).
+
+    Raises:
+        TrainingError: Another run holds the output folder; a non-finite loss or teacher logits (checkpoints
+            already written are kept).
+        ConfigError: A batch with no sample or with labels outside the model's classes (checkpoints kept).
     """
-    train_model = model if train_model is None else train_model
     out = Path(cfg.output)
+    lock = OutputLock(out) if distributed.is_main_process() else None
+    distributed.run_on_main(lambda: lock.acquire())  # every rank refuses when the folder is another run's
+    try:
+        return _fit(cfg, model, out, train_loader=train_loader, val_loader=val_loader, device=device,
+                    compute=compute, desc=desc, write_export=write_export, extra_metrics=extra_metrics,
+                    train_model=model if train_model is None else train_model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _open_trackers(cfg: TrainConfig, out: Path, resumed_step: int | None) -> Trackers | None:
+    """The run's trackers on rank 0 (None elsewhere, or when none is asked for); a failure stops every rank."""
+    if not cfg.log:
+        return None
+    opened: list[Trackers] = []
+    distributed.run_on_main(lambda: opened.append(Trackers(cfg, out, resumed_step)))
+    return opened[0] if opened else None
+
+
+def _fit(cfg: TrainConfig, model: nn.Module, out: Path, *, train_loader, val_loader, device, compute, desc,
+         write_export, extra_metrics, train_model):
     state_dir = out / STATE_DIR if cfg.save_state else None
     steps_per_epoch = _steps_per_epoch(cfg, train_loader)
     if distributed.get_world_size() > 1:  # identical initial weights (DDP broadcasts them); per-rank dropout
@@ -410,27 +451,44 @@ def fit(
     autocast = autocast_factory(cfg, device)
     ema = create_ema(cfg, model)
     mixup = create_mixup(cfg, model.num_classes)
-    state, resumed = restore(cfg, out, state_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                             scaler=scaler, ema=ema)
-    prepare_output(cfg, out, resumed)
-    exporter = _Exporter(cfg, out, write_export, resumed)
+    state, resumed_from = restore(cfg, out, state_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=scaler, ema=ema)
+    prepare_output(cfg, out, resumed_from)
+    n_train, n_val = _sizes(train_loader, val_loader)
+    if distributed.get_rank() == 0:
+        log.info(startup_line(desc, cfg, model, n_train=n_train, n_val=n_val, device=device,
+                              world=distributed.get_world_size(), steps_per_epoch=steps_per_epoch))
+        if resumed_from is not None:
+            log.info(resumed_line(resumed_from, resumed_epoch(state), state.step))
+    exporter = _Exporter(cfg, out, write_export, resumed_from is not None, desc)
+    watch = TeacherWatch(compute)
     run = _Run(cfg, model, device, desc, steps_per_epoch, state_dir, optimizer, scheduler, autocast, ema, mixup,
-               step=partial(train_step, train_model, optimizer, compute, scaler=scaler, autocast=autocast,
+               step=partial(train_step, train_model, optimizer, watch, scaler=scaler, autocast=autocast,
                             clip_grad=cfg.clip_grad),
                saver=_Checkpointer(cfg, state_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   scaler=scaler, ema=ema))
+                                   scaler=scaler, ema=ema),
+               watch=watch, num_classes=getattr(model, "num_classes", None) or None)
 
-    while state.epoch < cfg.epochs:
-        _train_epoch(run, state, train_loader)
-        record = _evaluate_epoch(run, state, val_loader, extra_metrics)
-        _report_epoch(cfg, desc, record)
-        state.history.append(record)
-        if distributed.get_rank() == 0:
-            write_metrics(out / METRICS_FILE, record)
-        state.end_epoch()
-        # export first: a crash before the training checkpoint redoes (and re-exports) the epoch
-        exporter.after_epoch(state.epoch, ema.module if ema is not None else model, record)
-        run.saver.save(state, record)
+    trackers = _open_trackers(cfg, out, state.step if resumed_from is not None else None)
+    failed = True
+    try:
+        while state.epoch < cfg.epochs:
+            _train_epoch(run, state, train_loader)
+            record = _evaluate_epoch(run, state, val_loader, extra_metrics)
+            state.history.append(record)
+            if distributed.get_rank() == 0:
+                log.info(epoch_line(desc, cfg.epochs, record))
+                write_metrics(out / METRICS_FILE, record)
+                if trackers is not None:
+                    trackers.log(record)
+            state.end_epoch()
+            # export first: a crash before the training checkpoint redoes (and re-exports) the epoch
+            exporter.after_epoch(state.epoch, ema.module if ema is not None else model, record)
+            run.saver.save(state, record)
+        failed = False
+    finally:
+        if trackers is not None:
+            trackers.close(failed=failed)
 
     final = state.history[-1] if state.history else {}
     val_acc = final.get("ema_val_acc", final.get("val_acc", 0.0))

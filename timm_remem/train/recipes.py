@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,10 +28,12 @@ from torch import nn
 from .. import distributed
 from ..distill import DistillationLoss, RememDistillationTask, Teacher, TeacherLogitCache, task_loss
 from ..hub import save_pretrained
-from ..reweighting import reweight
+from ..lora import is_lora, merge_lora, trainable_parameters
 from ..teachers import load_teacher_model
 from .builders import (
+    adapt_teacher,
     autocast_factory,
+    base_model_name,
     build_data,
     create_model,
     dataset_classes,
@@ -66,21 +69,26 @@ def load_distill_teacher(cfg: DistillConfig, num_classes: int, device: torch.dev
 
 
 def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> TrainResult:
-    """Fine-tune a teacher, optionally with ReMem's reweighting (``alpha``) and SAM (``rho``).
+    """Fine-tune a teacher, optionally with ReMem's reweighting (``alpha``), SAM (``rho``) and LoRA (``lora_rank``).
 
-    The model is reweighted before training (its factors are trained too with ``learnable=True``); every export
-    (``save_at`` epochs) is merged into plain timm weights, so ``timm.create_model("local-dir:<export>",
-    pretrained=True)`` loads it.
+    The model is reweighted before training (its factors are trained too with ``learnable=True``). With
+    ``lora_rank`` peft LoRA adapters go on the ``lora_targets`` Linear layers first and only the adapters, the head
+    and learnable factors train (SAM then perturbs only those; see :func:`timm_remem.lora.apply_lora`). Every
+    export (``save_at`` epochs) is merged into plain timm weights (LoRA folded by peft, then the factors), so
+    ``timm.create_model("local-dir:<export>", pretrained=True)`` loads it; the export names a base model only when
+    ``pretrained=True`` loaded one (else it says the teacher was trained from random initialisation).
 
     Args:
         config: A :class:`~timm_remem.train.FinetuneConfig`; keyword arguments override its fields (or build one).
         **kwargs: Any :class:`~timm_remem.train.FinetuneConfig` field.
 
     Returns:
-        A :class:`~timm_remem.train.TrainResult`.
+        A :class:`~timm_remem.train.TrainResult` (its model stays reweighted and adapted, not merged).
 
     Raises:
-        ConfigError: Bad settings, unknown model/dataset, an output folder that already holds a run.
+        ConfigError: Bad settings, unknown model/dataset, LoRA targets that match no layer, peft missing for
+            ``lora_rank`` (``pip install timm-remem[lora]``), an output folder that already holds a run.
+        UnsupportedModelError: ``alpha`` or ``lora_rank`` on a model without transformer MLP branches.
         CheckpointError: A resume checkpoint that is damaged or was written with other settings.
         RememError: The loss became NaN or infinite (checkpoints already written are kept).
 
@@ -94,8 +102,8 @@ def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> 
     cfg = make_config(FinetuneConfig, config, kwargs)
     t0 = time.perf_counter()
     device, _, _, model, (_, _, train_loader, val_loader) = start_run(cfg)
-    if cfg.alpha is not None:
-        reweight(model, cfg.alpha, schedule=cfg.schedule, top_k=cfg.top_k, learnable=cfg.learnable)
+    adapt_teacher(cfg, model)  # LoRA adapters (lora_rank), then the reweighting (alpha)
+    base_model = base_model_name(cfg, model)
     model.to(device)
     train_model = wrap_ddp(model, device)  # under torchrun: DistributedDataParallel
 
@@ -105,15 +113,18 @@ def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> 
 
     def write_export(src: nn.Module, folder: Path, record: Mapping[str, Any]) -> None:
         acc = record.get("ema_val_acc", record["val_acc"])
-        save_pretrained(src, folder, merge=True, dataset=cfg.dataset, rho=cfg.rho, adaptive=cfg.adaptive,
-                        epochs=int(record["epoch"]), teacher_accuracy=100.0 * acc)
+        if is_lora(src):  # fold the adapters (and the factors) into a copy: the run goes on with src
+            src = merge_lora(copy.deepcopy(src))
+        save_pretrained(src, folder, merge=True, base_model=base_model, dataset=cfg.dataset, rho=cfg.rho,
+                        adaptive=cfg.adaptive, epochs=int(record["epoch"]), teacher_accuracy=100.0 * acc)
 
     history, exports, val_acc = fit(
         cfg, model, train_loader=train_loader, val_loader=val_loader, device=device, compute=compute,
         desc="finetune", write_export=write_export, train_model=train_model,
     )
     model.eval()
-    return TrainResult(Path(cfg.output), model, history, exports, val_acc, wall_time=time.perf_counter() - t0)
+    return TrainResult(Path(cfg.output), model, history, exports, val_acc, wall_time=time.perf_counter() - t0,
+                       trainable_params=trainable_parameters(model))
 
 
 class _ForwardCounter:
@@ -215,4 +226,5 @@ def distill_student(
         counter.remove()
     student.eval()
     return TrainResult(Path(cfg.output), student, history, exports, val_acc, teacher_acc=teacher_acc,
-                       wall_time=time.perf_counter() - t0, teacher_forwards=counter.total())
+                       wall_time=time.perf_counter() - t0, teacher_forwards=counter.total(),
+                       trainable_params=trainable_parameters(student))

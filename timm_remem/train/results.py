@@ -4,8 +4,8 @@ Example:
     >>> import torch
     >>> from timm_remem.train import TrainResult
     >>> r = TrainResult(output="runs/x", model=torch.nn.Identity(), history=[], checkpoints=[], val_acc=0.5)
-    >>> r.teacher_acc is None, r.teacher_forwards
-    (True, 0)
+    >>> r.teacher_acc is None, r.teacher_forwards, r.trainable_params
+    (True, 0, 0)
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class TrainResult:
         teacher_acc: The teacher's validation accuracy (distillation only).
         wall_time: Seconds spent in this call.
         teacher_forwards: Teacher forward passes run during training (distillation only; cache hits not counted).
+        trainable_params: Parameter elements the run trained (with LoRA: the adapters, the head and learnable
+            factors; otherwise every parameter).
     """
 
     output: Path
@@ -42,6 +44,7 @@ class TrainResult:
     teacher_acc: float | None = None
     wall_time: float = 0.0
     teacher_forwards: int = 0
+    trainable_params: int = 0
 
 
 @dataclass

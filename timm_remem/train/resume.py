@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -42,20 +42,20 @@ __all__ = [
     "LoopState",
     "restore",
     "resume_path",
+    "config_differences",
     "check_resume_config",
     "truncate_metrics",
     "remove_stale_exports",
+    "resumed_epoch",
     "prepare_output",
 ]
-
-_log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 STATE_DIR = "train-state"
 # Configuration fields that may change between a run and its resumption.
 RESUME_FREE = frozenset(
     {"resume", "progress", "output", "num_workers", "device", "save_at", "keep_last", "checkpoint_every",
-     "save_state", "clip_grad", "version"}
+     "save_state", "clip_grad", "log", "download", "version"}
 )
 
 
@@ -89,32 +89,56 @@ class LoopState:
 
 def resume_path(src: Path) -> Path:
     """The checkpoint to resume from (``src`` or its newest valid one), chosen on rank 0 and sent to every rank."""
-    found: str | None = None
-    error: str | None = None
-    if distributed.is_main_process():
-        try:
-            found = str(resolve_checkpoint(src))
-        except CheckpointError as e:
-            error = str(e)
-    found, error = distributed.broadcast_object((found, error))
-    if error is not None:
-        raise CheckpointError(error)
-    return Path(found)
+    return Path(distributed.run_on_main(lambda: str(resolve_checkpoint(src))))
+
+
+def _as_saved(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # as a checkpoint holds it: tuples become lists
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value, sort_keys=True)
+
+
+def config_differences(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """The settings (outside :data:`RESUME_FREE`) that differ between a checkpoint's config and ``cfg``, as
+    ``name: saved -> now`` lines; a setting the checkpoint predates counts as its default.
+
+    Example:
+        >>> from timm_remem.train import FinetuneConfig
+        >>> cfg = FinetuneConfig(model="test_vit", lr=0.01)
+        >>> saved = FinetuneConfig(model="test_vit", alpha=0.8).to_dict()
+        >>> config_differences(saved, cfg)
+        ['alpha: 0.8 -> unset', 'lr: 0.001 -> 0.01']
+    """
+    current = _as_saved(cfg.to_dict())
+    defaults = _as_saved({
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cfg)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    })
+    return [
+        f"{k}: {_shown(saved.get(k, defaults.get(k)))} -> {_shown(current.get(k))}"
+        for k in sorted(set(saved) | set(current))
+        if k not in RESUME_FREE and saved.get(k, defaults.get(k)) != current.get(k)
+    ]
+
+
+def _mismatch(path: Path, diffs: list[str]) -> CheckpointError:
+    # one setting a line, punctuated so that the message still reads as one line (the command line prints it so)
+    lines = "".join(f"\n  {d}{';' if i < len(diffs) - 1 else '.'}" for i, d in enumerate(diffs))
+    return CheckpointError(
+        f"checkpoint {str(path)!r} was written by a run with other settings (saved -> now):{lines}\nResume with "
+        "the same settings, or start a fresh run in another output folder"
+    )
 
 
 def check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> None:
-    """Refuse to resume with settings other than the saved ones (except those in :data:`RESUME_FREE`)."""
-    current = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples become lists
-    diffs = [
-        f"{k}={saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)"
-        for k in sorted(set(saved) | set(current))
-        if k not in RESUME_FREE and saved.get(k) != current.get(k)
-    ]
+    """Refuse to resume with settings other than the saved ones (except those in :data:`RESUME_FREE`), listing
+    every difference as a ``name: saved -> now`` line."""
+    diffs = config_differences(saved, cfg)
     if diffs:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} was written by a run with other settings: {'; '.join(diffs)}. Resume with the "
-            "same settings, or start a fresh run in another output folder"
-        )
+        raise _mismatch(path, diffs)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -157,11 +181,12 @@ def _wants_resume(cfg: TrainConfig, state_dir: Path | None) -> bool | str | None
 
 def restore(
     cfg: TrainConfig, out: Path, state_dir: Path | None, *, model, optimizer, scheduler, scaler, ema,
-) -> tuple[LoopState, bool]:
+) -> tuple[LoopState, Path | None]:
     """Resume the run if asked to, else make sure ``out`` holds no run that would be overwritten.
 
     Loads the checkpoint into ``model``/``optimizer``/``scheduler``/``scaler``/``ema`` (and this rank's random
-    state under torchrun). Returns the loop position and whether the run was resumed.
+    state under torchrun). Returns the loop position and the checkpoint it resumed from (None: a fresh start).
+    Settings that differ from the checkpoint's are the first thing reported, before any weight mismatch.
 
     Raises:
         ConfigError: Resuming without a train-state folder, or a fresh start in a folder that holds checkpoints.
@@ -176,12 +201,18 @@ def restore(
                 f"{str(out)!r} already holds training checkpoints; resume it (resume=True / --resume) or choose "
                 "another output folder"
             )
-        return LoopState(), False
+        return LoopState(), None
     src = state_dir if resume is True else Path(resume)
     if src is None:
         raise ConfigError("resume=True needs save_state=True (the run's own train-state folder)")
     path = resume_path(src)  # chosen by rank 0: every rank loads the very same checkpoint
-    info = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
+    try:
+        info = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
+    except CheckpointError as e:  # other settings explain a key or shape mismatch better than the keys do
+        diffs = config_differences(_saved_config(path), cfg)
+        if diffs:
+            raise _mismatch(path, diffs) from e
+        raise
     check_resume_config(info.config, cfg, info.path)
     saved_world = int(info.extra.get("world_size", 1))
     if saved_world != world:
@@ -199,12 +230,28 @@ def restore(
     if rank == 0:
         truncate_metrics(metrics_path, state.step)
         remove_stale_exports(out / EXPORT_DIR)
-        _log.info("resumed from %s at epoch %d, batch %d, step %d", info.path, state.epoch + 1, state.batch,
-                  state.step)
-    return state, True
+    return state, info.path
 
 
-def prepare_output(cfg: TrainConfig, out: Path, resumed: bool) -> None:
+def _saved_config(path: Path) -> dict[str, Any]:
+    """The configuration a checkpoint was written with ({} when even that cannot be read)."""
+    try:
+        return dict(load_checkpoint(path, restore_rng=False, verify=False).config)
+    except CheckpointError:
+        return {}
+
+
+def resumed_epoch(state: LoopState) -> int:
+    """The 1-based epoch a checkpoint was written in: the one in progress, or the one it ends.
+
+    Example:
+        >>> resumed_epoch(LoopState(epoch=0, batch=4, step=4)), resumed_epoch(LoopState(epoch=1, batch=0, step=12))
+        (1, 1)
+    """
+    return state.epoch if state.batch == 0 and state.epoch > 0 else state.epoch + 1
+
+
+def prepare_output(cfg: TrainConfig, out: Path, resumed: bool | Path | None) -> None:
     """Write ``config.json`` (rank 0, after every rank has looked at the folder); a fresh run drops old metrics."""
     distributed.barrier()  # every rank has looked at the output folder before rank 0 writes into it
     if distributed.get_rank() == 0:

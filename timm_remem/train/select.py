@@ -35,12 +35,19 @@ from ..teachers import list_exports, load_teacher_model
 from ._table import format_table
 from .builders import dataset_classes, default_img_size
 from .config import DistillConfig, make_config
+from .console import install_console
 from .recipes import distill_student
 from .results import SelectResult
 
-__all__ = ["select_teacher", "spearman", "average_ranks"]
+__all__ = ["select_teacher", "spearman", "spearman_missing", "average_ranks"]
 
 _log = logging.getLogger(__name__)
+
+
+def _say(text: str) -> None:
+    """A line for the user (INFO on the ``timm_remem.train`` logger, shown on stderr whatever ``progress`` says)."""
+    install_console()
+    _log.info(text)
 
 
 def average_ranks(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -88,6 +95,26 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     return max(-1.0, min(1.0, value)) if math.isfinite(value) else None
 
 
+def spearman_missing(a: Sequence[float], b: Sequence[float], *, what: tuple[str, str] = ("MI score", "student acc"),
+                     items: str = "checkpoints") -> str | None:
+    """Why :func:`spearman` gives no correlation for ``a`` and ``b`` (None when it gives one).
+
+    Example:
+        >>> spearman_missing([1.0, 2.0], [0.5, 0.6])
+        'fewer than 3 checkpoints (2): a rank correlation needs at least 3'
+        >>> spearman_missing([1.0, 1.0, 1.0], [0.5, 0.6, 0.7])
+        'every MI score is the same (1.0000): a constant has no rank correlation'
+    """
+    if len(a) < 3:
+        return f"fewer than 3 {items} ({len(a)}): a rank correlation needs at least 3"
+    for name, values in zip(what, (a, b), strict=True):
+        if any(math.isnan(float(v)) for v in values):
+            return f"a {name} is NaN"
+        if len({float(v) for v in values}) == 1:
+            return f"every {name} is the same ({float(values[0]):.4f}): a constant has no rank correlation"
+    return None if spearman(a, b) is not None else "undefined (the ranks do not vary)"
+
+
 def _unique_names(dirs: Sequence[Path]) -> list[str]:
     """Folder names, qualified by their parents where two checkpoints share a name (``run/checkpoints/epoch-005``)."""
     names = [d.name for d in dirs]
@@ -109,22 +136,31 @@ def _mi_scores(dirs: Sequence[Path], names: Sequence[str], cfg: DistillConfig) -
     size = default_img_size(cfg) or int(dc["input_size"][-1])
     val = create_dataset(cfg.dataset, cfg.data_dir, "val", img_size=size, mean=dc["mean"], std=dc["std"])
     loader = [(x, y) for x, y, _ in create_loader(val, cfg.eval_batch_size)]
-    ranking = rank_checkpoints(teachers, loader, progress=False)
+    # the loader holds images normalised for the first checkpoint; every other one gets them re-normalised to its own
+    ranking = rank_checkpoints(teachers, loader, progress=False, data_mean=dc["mean"], data_std=dc["std"])
     by_name = {r.name: r.score for r in ranking}
     return [float(by_name[name]) for name in names]
 
 
-def _table(rows: list[dict[str, Any]], best_i: int, mi_score: bool, spearman_value: float | None) -> str:
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table(rows: list[dict[str, Any]], best_i: int, mi_score: bool, spearman_value: float | None,
+           missing: str | None) -> str:
+    """The table: accuracies and scores with 4 decimals, times with 1, whatever their size."""
     headers = ["checkpoint", "teacher acc", "student acc", "time (s)"] + (["MI score"] if mi_score else [])
     table_rows = [
-        [("* " if i == best_i else "  ") + r["checkpoint"], r["teacher_acc"], r["student_acc"], r["time_s"]]
-        + ([r["mi_score"]] if mi_score else [])
+        [("* " if i == best_i else "  ") + r["checkpoint"], _num(r["teacher_acc"]), _num(r["student_acc"]),
+         _num(r["time_s"], 1)] + ([_num(r["mi_score"])] if mi_score else [])
         for i, r in enumerate(rows)
     ]
     table = format_table(headers, table_rows)
     table += f"\n\nbest: {rows[best_i]['checkpoint']} (student acc {rows[best_i]['student_acc']:.4f})"
     if spearman_value is not None:
-        table += f"\nSpearman(MI score, student acc) = {spearman_value:.3f} over {len(rows)} checkpoints"
+        table += f"\nSpearman(MI score, student acc) = {spearman_value:.4f} over {len(rows)} checkpoints"
+    elif mi_score:
+        table += f"\nSpearman(MI score, student acc): not computed, {missing}"
     return table
 
 
@@ -178,27 +214,35 @@ def select_teacher(
     out = Path(base.output)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for d, name in zip(dirs, names, strict=True):
+    main = distributed.is_main_process()
+    for i, (d, name) in enumerate(zip(dirs, names, strict=True)):
+        if main:
+            _say(f"select [{i + 1}/{len(dirs)}]: distilling a student from {name} ({d})")
         t0 = time.perf_counter()
         sub = dataclasses.replace(base, teacher=str(d), output=str(out / name.replace("/", "__")), resume=None)
         result = distill_student(sub)
         rows.append({"checkpoint": name, "path": str(d), "teacher_acc": result.teacher_acc,
                      "student_acc": result.val_acc, "time_s": time.perf_counter() - t0})
-    rho = None
+    rho, missing = None, None
     if mi_score:
+        if main:
+            _say(f"select: scoring {len(dirs)} checkpoints by mutual information")
         for row, s in zip(rows, _mi_scores(dirs, names, base), strict=True):
             row["mi_score"] = s
-        rho = spearman([r["mi_score"] for r in rows], [r["student_acc"] for r in rows])
+        scores, accs = [r["mi_score"] for r in rows], [r["student_acc"] for r in rows]
+        rho, missing = spearman(scores, accs), spearman_missing(scores, accs)
     best_i = max(range(len(rows)), key=lambda i: (rows[i]["student_acc"], -i))
-    table = _table(rows, best_i, mi_score, rho)
+    table = _table(rows, best_i, mi_score, rho, missing)
     plot: Path | None = out / "select.png"
     if distributed.is_main_process():  # under torchrun, rank 0 writes the summary
         plot = plot_select(rows, plot)
         atomic_write_text(out / "select.md", table + "\n")
         atomic_write_text(out / "select.json", json.dumps(
-            {"rows": rows, "best": rows[best_i]["path"], "spearman": rho, "config": base.to_dict()},
-            indent=2, sort_keys=True) + "\n")
+            {"rows": rows, "best": rows[best_i]["path"], "spearman": rho, "spearman_missing": missing,
+             "config": base.to_dict()}, indent=2, sort_keys=True) + "\n")
+        written = [out / "select.json", out / "select.md"] + ([plot] if plot is not None else [])
         if base.progress:
             print(table)
+        _say("select: wrote " + ", ".join(str(p) for p in written))
     distributed.barrier()
     return SelectResult(rows, Path(rows[best_i]["path"]), table, plot, rho)

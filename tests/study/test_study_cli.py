@@ -1,0 +1,76 @@
+"""``timm-remem study``: its flags (registered on our own parser), the config file under them, and --quick end to
+end with intervals a test recomputes from the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import scipy.stats
+
+from timm_remem.cli import study as study_cmd
+from timm_remem.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="timm-remem")
+    study_cmd.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"teacher": "vit_small_patch16_224", "student": "resnet18", "seeds": 5,
+                                "finetune": {"lr": 0.01, "epochs": 9}}))
+    args = _parser().parse_args(["study", "--config", str(path), "--seeds", "4", "--finetune", "lr=1e-4",
+                                 "--epochs", "2", "--schedule", "exponential", "constant", "--no-mi",
+                                 "--confidence", "0.9", "--device", "cpu", "--amp"])
+    opts = study_cmd.options(args)
+    assert opts == {"teacher": "vit_small_patch16_224", "student": "resnet18", "seeds": 4,
+                    "finetune": {"lr": 1e-4, "epochs": 2}, "distill": {"epochs": 2}, "mi": None,
+                    "schedule": ["exponential", "constant"], "confidence": 0.9, "device": "cpu", "amp": True}
+
+
+def test_a_flag_left_out_is_not_passed():
+    assert study_cmd.options(_parser().parse_args(["study", "--quick"])) == {"quick": True}
+
+
+def test_confidence_none_turns_intervals_off():
+    args = _parser().parse_args(["study", "--quick", "--seeds", "1", "--confidence", "none"])
+    assert study_cmd.options(args)["confidence"] is None
+
+
+def test_bad_key_value_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["study", "--finetune", "lr"])
+    assert "--finetune takes KEY=VALUE items such as lr=1e-3, got 'lr'" in capsys.readouterr().err
+
+
+def test_quick_end_to_end_prints_the_table_and_writes_recomputable_intervals(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = _parser().parse_args(["study", "--quick", "--no-progress", "--output", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "| arm " in text and f"wrote: {out / 'study.json'}" in text
+    data = json.loads((out / "study.json").read_text())
+    assert [a["arm"] for a in data["arms"]] == ["plain", "reweight", "sam", "remem", "student"]
+    for arm in data["arms"]:
+        values = [r["student_acc"] for r in data["runs"] if r["arm"] == arm["arm"]]
+        assert len(values) == 2
+        iv = arm["student_acc"]
+        if values[0] == values[1]:
+            assert iv["low"] == iv["high"] == values[0]
+        else:
+            low, high = scipy.stats.t.interval(0.95, 1, loc=sum(values) / 2, scale=scipy.stats.sem(values))
+            assert (iv["low"], iv["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert set(data["stage_times_s"]) == {"teacher", "mi", "student"}
+
+
+def test_run_refuses_unknown_arms_before_anything_runs(tmp_path):
+    args = _parser().parse_args(["study", "--quick", "--arms", "plain", "distilled", "--output", str(tmp_path / "s")])
+    with pytest.raises(ConfigError, match=r"unknown arm\(s\) \['distilled'\]"):
+        args.func(args)
+    assert not (tmp_path / "s").exists()

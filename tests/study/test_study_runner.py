@@ -1,0 +1,134 @@
+"""run_study on tiny models: per-seed rows whose intervals scipy recomputes, resuming a killed study, growing a
+study, sweeps, device/AMP pass-through and config files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import scipy.stats
+
+import timm_remem.study.runner as runner
+from timm_remem.errors import TrainingError
+from timm_remem.study import StudyConfig, load_config, plan_arms, run_folder, run_settings, run_study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUICK = dict(quick=True, progress=False, mi={"max_samples": 64})
+
+
+def _t_interval(values, confidence=0.95):
+    n = len(values)
+    return scipy.stats.t.interval(confidence, n - 1, loc=sum(values) / n, scale=scipy.stats.sem(values))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return run_study(**QUICK, arms=["plain", "reweight", "student"], output=str(out)), out
+
+
+def test_json_per_seed_rows_give_the_intervals_scipy_computes(study):
+    _, out = study
+    data = json.loads((out / "study.json").read_text())
+    runs = {(r["arm"], r["seed"]): r for r in data["runs"]}
+    assert sorted(runs) == [(a, s) for a in ("plain", "reweight", "student") for s in (0, 1)]
+    for arm in data["arms"]:
+        for metric in ("teacher_acc", "student_acc", "mi"):
+            values = [runs[(arm["arm"], s)][metric] for s in (0, 1)]
+            if arm["arm"] == "student" and metric != "student_acc":
+                assert arm[metric] is None and values == [None, None]
+                continue
+            low, high = _t_interval(values)
+            assert arm[metric]["low"] == pytest.approx(low, abs=1e-9)
+            assert arm[metric]["high"] == pytest.approx(high, abs=1e-9)
+        if arm["arm"] == "plain":
+            assert arm["vs_plain"] is None
+            continue
+        diffs = [runs[(arm["arm"], s)]["student_acc"] - runs[("plain", s)]["student_acc"] for s in (0, 1)]
+        d = arm["vs_plain"]["student_acc"]
+        if len(set(diffs)) == 1:  # no spread: the interval is the point itself
+            assert d["low"] == d["high"] == pytest.approx(diffs[0])
+        else:
+            low, high = _t_interval(diffs)
+            assert (d["low"], d["high"]) == (pytest.approx(low, abs=1e-9), pytest.approx(high, abs=1e-9))
+        expected = "better" if d["low"] > 0 else "worse" if d["high"] < 0 else "no detectable difference at this N"
+        assert arm["vs_plain"]["verdict"] == expected
+
+
+def test_table_plot_and_files(study):
+    res, out = study
+    assert res.files == [out / "study.json", out / "study.md", out / "study.png"]
+    assert (out / "study.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "study.md").read_text()
+    assert md.startswith("| arm ") and "95% Student-t intervals over seeds [0, 1]" in md
+    assert "± " in res.table and "reweight" in res.table
+
+
+def test_a_finished_study_is_skipped_and_a_grown_one_runs_only_the_new_runs(study, monkeypatch, tmp_path):
+    res, out = study
+    calls = []
+    real_finetune, real_distill = runner.finetune_teacher, runner.distill_student
+    monkeypatch.setattr(runner, "finetune_teacher", lambda cfg: calls.append(cfg.output) or real_finetune(cfg))
+    monkeypatch.setattr(runner, "distill_student", lambda cfg: calls.append(cfg.output) or real_distill(cfg))
+    again = run_study(**QUICK, arms=["plain", "reweight", "student"], output=str(out))
+    assert calls == [] and again.runs == res.runs
+    grown = run_study(**QUICK, arms=["plain", "student"], seeds=3, output=str(out))
+    assert sorted(calls) == sorted([str(run_folder(out, "plain", 2) / "teacher"),
+                                    str(run_folder(out, "plain", 2) / "student"),
+                                    str(run_folder(out, "student", 2) / "student")])
+    assert [a["n"] for a in grown.arms] == [3, 3]
+
+
+def test_a_killed_study_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
+    real_finetune, real_distill = runner.finetune_teacher, runner.distill_student
+    calls = []
+
+    def dies_on_seed_1(cfg):
+        if "seed-1" in cfg.output:
+            raise TrainingError("killed")
+        return real_distill(cfg)
+
+    monkeypatch.setattr(runner, "distill_student", dies_on_seed_1)
+    with pytest.raises(TrainingError, match="killed"):
+        run_study(**QUICK, arms=["plain"], output=str(tmp_path))
+    assert (run_folder(tmp_path, "plain", 0) / "result.json").is_file()
+    assert not (run_folder(tmp_path, "plain", 1) / "result.json").exists()
+    monkeypatch.setattr(runner, "finetune_teacher", lambda cfg: calls.append(cfg.output) or real_finetune(cfg))
+    monkeypatch.setattr(runner, "distill_student", lambda cfg: calls.append(cfg.output) or real_distill(cfg))
+    res = run_study(**QUICK, arms=["plain"], output=str(tmp_path))
+    assert calls == [str(run_folder(tmp_path, "plain", 1) / "student")]  # seed 0 skipped, seed 1's teacher kept
+    assert len(res.runs) == 2 and all(r["student_acc"] is not None for r in res.runs)
+
+
+def test_sweeps_add_arms_with_their_own_settings():
+    cfg = StudyConfig(teacher="test_vit", student="test_resnet", alpha=[0.7, 0.95],
+                      schedule=["exponential", "constant"], arms=["plain", "remem", "sam"], rho=0.1)
+    arms = plan_arms(cfg)
+    assert [a.name for a in arms] == ["plain", "sam", "remem-a0.7-exponential", "remem-a0.7-constant",
+                                      "remem-a0.95-exponential", "remem-a0.95-constant"]
+    remem = run_settings(cfg, arms[3], 1)["finetune"]
+    assert (remem["alpha"], remem["schedule"], remem["rho"], remem["seed"]) == (0.7, "constant", 0.1, 1)
+    assert run_settings(cfg, arms[1], 0)["finetune"]["alpha"] is None
+
+
+def test_device_and_amp_reach_every_stage(tmp_path):
+    cfg = StudyConfig(teacher="test_vit", student="test_resnet", device="cpu", amp=True)
+    for arm in plan_arms(cfg):
+        s = run_settings(cfg, arm, 0)
+        for stage in ("finetune", "distill"):
+            if stage in s:
+                assert (s[stage]["device"], s[stage]["amp"]) == ("cpu", True)
+    res = run_study(**QUICK, arms=["remem"], device="cpu", amp=True, output=str(tmp_path))  # bfloat16 autocast
+    assert all(0.0 <= r["student_acc"] <= 1.0 for r in res.runs)
+    saved = json.loads((run_folder(tmp_path, "remem", 0) / "student" / "config.json").read_text())
+    assert (saved["amp"], saved["device"]) == (True, "cpu")
+
+
+def test_select_picks_the_checkpoint_and_a_yaml_config_drives_the_study(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("quick: true\narms: [plain]\nselect: true\nprogress: false\n"
+                    "finetune: {epochs: 2}\nmi: null\n")
+    res = run_study(load_config(path), output=str(tmp_path / "out"))
+    assert all(r["checkpoint"] in ("epoch-001", "epoch-002") and r["mi"] is None for r in res.runs)
+    assert (run_folder(tmp_path / "out", "plain", 0) / "select" / "select.json").is_file()

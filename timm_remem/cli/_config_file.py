@@ -1,0 +1,213 @@
+"""``--config FILE``: training settings read from a YAML or JSON file, the way timm's ``train.py --config`` works.
+
+The file's values take the place of the defaults and the flags given on the command line override them. Keys are
+config field names (``batch_size``, not ``--batch-size``), values are config values (``cache_teacher: null``,
+``save_at: [1, 3]``, ``model_kwargs: {depth: 6}``). A run's own ``OUTPUT/config.json`` is such a file (its
+``version`` key is ignored), so ``timm-remem finetune --config runs/a/config.json --output runs/b`` repeats run a.
+
+Like argparse with timm's YAML defaults, a string where the flag takes a number, a JSON object, a list of names or
+one of its words is read as the flag would read it: ``lr: 1e-3`` (YAML 1.1, PyYAML's dialect, reads ``1e-3`` as a
+string), ``model_kwargs: '{"depth": 6}'``, ``lora_targets: qkv,fc1``, ``cache_teacher: auto``. Every other value
+must have the field's type; range checks are the config class's own.
+
+Example:
+    >>> import json, pathlib, tempfile
+    >>> from timm_remem.train.config import FinetuneConfig
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "run.json"
+    >>> _ = path.write_text(json.dumps({"model": "test_vit", "lr": "1e-3", "save_at": [2], "version": "0.1.0"}))
+    >>> file_options(str(path), FinetuneConfig)
+    {'model': 'test_vit', 'lr': 0.001, 'save_at': [2]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["read_config_file", "file_options", "IGNORED_KEYS", "YamlMissingError"]
+
+# Keys a run's config.json carries that are no setting.
+IGNORED_KEYS = ("version",)
+_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+
+
+class YamlMissingError(ConfigError, ImportError):
+    """A YAML ``--config`` file without PyYAML installed (like ``PeftMissingError``: a usage error, exit 2)."""
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping in the YAML (``.yaml``/``.yml``, needs PyYAML) or JSON (``.json``) file ``path``.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, of another kind, malformed, or not a mapping.
+        YamlMissingError: A YAML file without PyYAML installed (``pip install timm-remem[config]``); also a
+            ``ConfigError`` and an ``ImportError``.
+    """
+    file = Path(path)
+    kind = _SUFFIXES.get(file.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"--config {path}: expected a .yaml, .yml or .json file, got {file.suffix or 'no suffix'!r}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a folder; pass a .yaml or .json file (e.g. RUN/config.json)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path}: cannot be read ({error})") from None
+    data = _parse_yaml(path, text) if kind == "yaml" else _parse_json(path, text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings (batch_size: 32, ...), got "
+                          f"{type(data).__name__} {_short(data)}")
+    return data
+
+
+def file_options(
+    path: str, cls: type, *, exclude: Collection[str] = (), command: str = "this command",
+    convert: Mapping[str, Callable[[str], Any]] | None = None,
+) -> dict[str, Any]:
+    """The settings of config file ``path`` for config class ``cls``, checked against the fields' types.
+
+    Args:
+        path: The ``--config`` file.
+        cls: The config dataclass (``FinetuneConfig``, ``DistillConfig``).
+        exclude: Fields that ``command`` sets itself (an error if the file names them).
+        command: The command's name, for the error about an excluded field.
+        convert: Per field, how its flag reads a word (used for string values); by default ``int``/``float`` and
+            JSON for dict fields.
+
+    Raises:
+        ConfigError: As :func:`read_config_file`; an unknown or excluded key; a value of the wrong type.
+    """
+    data = read_config_file(path)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names and k not in IGNORED_KEYS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        others = f" and {len(unknown) - 1} more ({', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
+        raise ConfigError(f"--config {path}: unknown key {key!r}{hint}{others}; valid keys are config field names: "
+                          f"{', '.join(sorted(n for n in names if n not in exclude))}")
+    refused = [k for k in data if k in exclude]
+    if refused:
+        one = len(refused) == 1
+        raise ConfigError(f"--config {path}: {', '.join(map(repr, refused))} {'does' if one else 'do'} not apply to "
+                          f"{command} ({command} sets {'it' if one else 'them'} itself); remove "
+                          f"{'it' if one else 'them'} from the file")
+    hints = typing.get_type_hints(cls)
+    convert = dict(convert or {})
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in IGNORED_KEYS:
+            continue
+        hint = hints[key]
+        if isinstance(value, str) and not _matches(value, hint):
+            value = _from_word(path, key, value, hint, convert.get(key))
+        if not _matches(value, hint):
+            raise ConfigError(f"--config {path}: {key} must be {_describe(hint)}, got {_short(value)}")
+        out[key] = value
+    return out
+
+
+def _parse_yaml(path: str, text: str) -> Any:
+    try:
+        import yaml
+    except ImportError as error:
+        raise YamlMissingError(f"--config {path}: reading YAML needs PyYAML: pip install timm-remem[config] (or pass a "
+                          ".json file)") from error
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"--config {path}: not valid YAML{where} ({' '.join(str(problem).split())})") from None
+
+
+def _parse_json(path: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config {path}: not valid JSON at line {error.lineno}, column {error.colno} "
+                          f"({error.msg})") from None
+
+
+def _options(hint: Any) -> list[Any]:
+    """The alternatives of a union annotation (``int | None`` -> ``[int, NoneType]``), else ``[hint]``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    for option in _options(hint):
+        origin = typing.get_origin(option) or option
+        if option is type(None):
+            ok = value is None
+        elif option is bool:
+            ok = isinstance(value, bool)
+        elif option is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif option is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif origin is list:
+            args = typing.get_args(option)
+            ok = isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+        elif isinstance(origin, type):
+            ok = isinstance(value, origin)
+        else:  # pragma: no cover - an annotation without a rule: the config class checks it
+            ok = True
+        if ok:
+            return True
+    return False
+
+
+def _describe(hint: Any) -> str:
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             type(None): "null"}
+    parts = []
+    for option in _options(hint):
+        if typing.get_origin(option) is list:
+            inner = typing.get_args(option)[0] if typing.get_args(option) else None
+            parts.append("a list" + (f" of {words[inner].removeprefix('an ').removeprefix('a ')}s" if inner in
+                                     (int, float, str) else ""))
+        else:
+            parts.append(words.get(typing.get_origin(option) or option, str(option)))
+    return " or ".join(parts)
+
+
+def _from_word(path: str, key: str, text: str, hint: Any, convert: Callable[[str], Any] | None) -> Any:
+    """A string value read as the field's flag reads it (``"1e-3"`` -> 0.001); unchanged when no reading applies."""
+    options = [o for o in _options(hint) if o is not type(None)]
+    if convert is None and len(options) == 1 and (typing.get_origin(options[0]) or options[0]) in (int, float, dict):
+        base = typing.get_origin(options[0]) or options[0]
+        convert = _json_object if base is dict else base
+    if convert is None:
+        return text
+    try:
+        return convert(text)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        why = "" if convert in (int, float) else f" ({error})"  # int()'s own words add nothing
+        raise ConfigError(f"--config {path}: {key} must be {_describe(hint)}, got {_short(text)}{why}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

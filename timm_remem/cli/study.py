@@ -1,0 +1,163 @@
+"""``timm-remem study``: the ReMem ablation over seeds, with confidence intervals (see :mod:`timm_remem.study`).
+
+Settings come from, in increasing priority: ``--quick`` (tiny test models on digits), ``--config FILE`` (YAML or
+JSON, the :class:`~timm_remem.study.StudyConfig` fields), then the flags typed. Stage settings go through
+``--finetune KEY=VALUE ...``, ``--distill KEY=VALUE ...`` and ``--select-options KEY=VALUE ...`` (values are read as
+JSON where they parse, e.g. ``lr=1e-3 save_at=[2,4]``); ``--epochs``, ``--img-size``, ``--batch-size`` and
+``--limit-train-batches`` set both the teacher's and the student's.
+
+Example:
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="timm-remem")
+    >>> register(parser.add_subparsers(dest="command"))
+    >>> args = parser.parse_args(["study", "--teacher", "test_vit", "--student", "test_resnet", "--alpha", "0.7",
+    ...                           "0.9", "--finetune", "lr=1e-3", "--epochs", "2"])
+    >>> opts = options(args)
+    >>> opts["alpha"], opts["finetune"], opts["distill"]
+    ([0.7, 0.9], {'lr': 0.001, 'epochs': 2}, {'epochs': 2})
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..study.config import ARMS, load_config, study_config
+from ._args import deferred_module, json_dict
+
+_runner = deferred_module("timm_remem.study.runner")  # the torch-heavy body, executed when the command runs
+
+__all__ = ["register", "options", "run", "key_values"]
+
+_BOTH = ("epochs", "img_size", "batch_size", "limit_train_batches")  # flags that set both training stages
+
+
+def key_values(flag: str):
+    """An argparse ``type`` for ``KEY=VALUE`` (VALUE read as JSON when it parses, else kept as a string).
+
+    Example:
+        >>> key_values("--finetune")("lr=1e-3"), key_values("--finetune")("sched=step")
+        (('lr', 0.001), ('sched', 'step'))
+    """
+
+    def parse(text: str) -> tuple[str, Any]:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"{flag} takes KEY=VALUE items such as lr=1e-3, got {text!r}")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        return key.strip().replace("-", "_"), parsed
+
+    parse.__name__ = "KEY=VALUE"
+    return parse
+
+
+def _confidence(text: str) -> float | None:
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--confidence takes a level such as 0.95, or 'none'; got {text!r}") from err
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``study`` sub-command."""
+    p = subparsers.add_parser(
+        "study", help="the ReMem ablation (plain, reweight, sam, remem, student) over seeds, with intervals",
+        description="For every arm and seed: fine-tune the teacher, optionally pick its checkpoint (select), "
+        "measure I(X; F_T) and distill the student; then per-arm means with Student-t intervals, paired "
+        "differences against plain and a verdict. Each (arm, seed) is a resumable run folder; rerunning a killed "
+        "study resumes it and skips finished runs.",
+    )
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--config", metavar="FILE", default=S, help="study settings from a YAML or JSON file; flags "
+                   "override it (default: unset)")
+    g.add_argument("--quick", action="store_true", default=S, help="tiny test models on digits, 2 seeds, 1 epoch "
+                   "(seconds; a smoke test) (default: off)")
+    g.add_argument("--teacher", default=S, help="teacher: a timm name (required unless --quick or --config)")
+    g.add_argument("--student", default=S, help="student: a timm name (required unless --quick or --config)")
+    g.add_argument("--teacher-kwargs", dest="teacher_kwargs", type=json_dict("--teacher-kwargs"), metavar="JSON",
+                   default=S, help="timm.create_model arguments of the teacher (default: {})")
+    g.add_argument("--student-kwargs", dest="student_kwargs", type=json_dict("--student-kwargs"), metavar="JSON",
+                   default=S, help="timm.create_model arguments of the student (default: {})")
+    g.add_argument("--pretrained", action="store_true", default=S,
+                   help="start the teachers from their pretrained weights (default: off)")
+    g.add_argument("--dataset", default=S, help="dataset, as finetune and distill take it (default: digits)")
+    g.add_argument("--data-dir", dest="data_dir", default=S, help="dataset root folder (default: unset)")
+    g.add_argument("--arms", nargs="+", metavar="ARM", default=S,
+                   help=f"arms to run, from {', '.join(ARMS)} (default: all)")
+    g.add_argument("--seeds", type=int, default=S, help="seeds per arm (default: 3)")
+    g.add_argument("--first-seed", dest="first_seed", type=int, default=S, help="first seed (default: 0)")
+    g.add_argument("--alpha", type=float, nargs="+", default=S,
+                   help="reweighting factor(s); several add arms (a sweep) (default: 0.85)")
+    g.add_argument("--schedule", nargs="+", choices=["exponential", "constant"], default=S,
+                   help="reweighting schedule(s); several add arms (default: exponential)")
+    g.add_argument("--rho", type=float, default=S, help="SAM radius of the sam and remem arms (default: 0.05)")
+    g.add_argument("--select", action="store_true", default=S,
+                   help="pick each teacher's checkpoint with ReMem's protocol (default: off, the last one)")
+    s = p.add_argument_group("stage settings")
+    s.add_argument("--finetune", nargs="+", type=key_values("--finetune"), metavar="KEY=VALUE", default=S,
+                   help="FinetuneConfig settings of the teachers, e.g. lr=1e-3 warmup_epochs=1 (default: none)")
+    s.add_argument("--distill", nargs="+", type=key_values("--distill"), metavar="KEY=VALUE", default=S,
+                   help="DistillConfig settings of the students, e.g. method=dist temperature=2 (default: none)")
+    s.add_argument("--select-options", dest="select_options", nargs="+", type=key_values("--select-options"),
+                   metavar="KEY=VALUE", default=S, help="settings of the short select distillations (default: "
+                   "epochs=2)")
+    s.add_argument("--epochs", type=int, default=S, help="epochs of teachers and students (default: 10)")
+    s.add_argument("--img-size", dest="img_size", type=int, default=S,
+                   help="input size of both stages (default: 32 for digits, else the model's)")
+    s.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="batch size of both stages "
+                   "(default: 64)")
+    s.add_argument("--limit-train-batches", dest="limit_train_batches", type=int, default=S,
+                   help="batches per epoch in both stages (default: all)")
+    s.add_argument("--mi", nargs="+", type=key_values("--mi"), metavar="KEY=VALUE", default=S,
+                   help="teacher_information options, e.g. method=ksg max_samples=1000 (default: gaussian, logits, "
+                   "2000 samples)")
+    s.add_argument("--no-mi", dest="no_mi", action="store_true", default=S, help="skip the MI measurement "
+                   "(default: measured)")
+    r = p.add_argument_group("running")
+    r.add_argument("--confidence", type=_confidence, default=S,
+                   help="confidence level of the intervals, or 'none' (allows one seed) (default: 0.95)")
+    r.add_argument("--device", default=S, help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1' (default: auto)")
+    r.add_argument("--amp", action="store_true", default=S, help="mixed precision in every stage: bfloat16 on CPU, "
+                   "float16 with a GradScaler on CUDA (default: off)")
+    r.add_argument("--output", default=S, help="the study folder (default: runs/study)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", default=S,
+                   help="no progress bars (default: on)")
+    p.set_defaults(func=run)
+
+
+def options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~timm_remem.study.StudyConfig` settings given on the command line (the file's under them)."""
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    out: dict[str, Any] = load_config(given.pop("config")) if "config" in given else {}
+    for key in ("finetune", "distill", "select_options", "mi"):
+        if key in given:
+            base = out.get(key) if isinstance(out.get(key), dict) else {}
+            out[key] = {**base, **dict(given.pop(key))}
+    both = {k: given.pop(k) for k in _BOTH if k in given}
+    for key in ("finetune", "distill"):
+        if both:
+            out[key] = {**(out.get(key) or {}), **both}
+    if given.pop("no_mi", False):
+        out["mi"] = None
+    out.update(given)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study and print its table (``run_study`` printed it already with progress on); returns the exit code."""
+    opts = options(args)
+    run_study = _runner.run_study  # loads torch and timm now
+
+    cfg = study_config(**opts)
+    result = run_study(cfg)
+    if not cfg.progress:
+        print(result.table)
+        print("wrote: " + ", ".join(str(p) for p in result.files))
+    return 0

@@ -1,0 +1,344 @@
+"""Bounded Hub traffic: every request timm-remem makes has timeouts, a minimum speed and a total retry budget.
+
+huggingface_hub sends its requests through one shared ``httpx2.Client`` made by the factory given to
+``huggingface_hub.set_client_factory``; its default client has no timeout at all (``timeout=None``), and its retry
+helper (``http_backoff``) retries timeouts, network errors and 5xx answers five times. At its first Hub call,
+timm-remem installs a factory whose client keeps huggingface_hub's event hooks (offline mode, request ids) and adds
+a transport that bounds each request:
+
+- ``timeout``: connect, read, write and pool timeout of every request (no byte for this long is a failure);
+- ``min_speed``: once an answer has started, it must keep an average of at least this many bytes per second
+  after its first ``timeout`` seconds (a server that trickles bytes is cut off);
+- ``retry_budget``: once a request of an operation (a push, a download) has failed, the operation's retries stop
+  after this many seconds: the next failure, or the next attempt, ends it.
+
+A dead server therefore ends an operation after at most about ``timeout + retry_budget`` seconds (55 s by
+default). Each limit is a function argument, else an environment variable read at each call
+(``TIMM_REMEM_HUB_TIMEOUT``, ``TIMM_REMEM_HUB_RETRY_BUDGET``, ``TIMM_REMEM_HUB_MIN_SPEED``), else the default.
+
+Example:
+    >>> from timm_remem.hub._network import HubLimits
+    >>> HubLimits.resolve(timeout=2.0)
+    HubLimits(timeout=2.0, retry_budget=45.0, min_speed=1024.0)
+    >>> HubLimits.resolve(retry_budget=-1)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    timm_remem.errors.ConfigError: retry_budget must be a finite number of seconds >= 0 ..., got -1.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpcore2
+import httpx2
+from huggingface_hub import get_session, set_client_factory
+
+from ..errors import ConfigError
+
+__all__ = ["HubLimits", "ENV_TIMEOUT", "ENV_RETRY_BUDGET", "ENV_MIN_SPEED", "Operation", "bounded",
+           "RetryBudgetExhausted", "TrickleTimeout", "NoAnswerTimeout", "ClosedWithoutAnswer", "RETRY_STATUSES"]
+
+ENV_TIMEOUT = "TIMM_REMEM_HUB_TIMEOUT"
+ENV_RETRY_BUDGET = "TIMM_REMEM_HUB_RETRY_BUDGET"
+ENV_MIN_SPEED = "TIMM_REMEM_HUB_MIN_SPEED"
+# The status codes huggingface_hub's http_backoff retries (a server that is down or overloaded).
+RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+
+
+@dataclass(frozen=True)
+class HubLimits:
+    """The bounds of every Hub request (see the module docstring).
+
+    Attributes:
+        timeout: Seconds without a byte (connecting, sending, waiting for or reading an answer) before a request
+            fails.
+        retry_budget: Seconds an operation keeps retrying after its first failed request.
+        min_speed: Bytes per second an answer must average after its first ``timeout`` seconds.
+    """
+
+    timeout: float = 10.0
+    retry_budget: float = 45.0
+    min_speed: float = 1024.0
+
+    @classmethod
+    def resolve(cls, timeout: float | None = None, retry_budget: float | None = None,
+                min_speed: float | None = None) -> HubLimits:
+        """The limits from the arguments, else the environment variables, else the defaults; checked."""
+        values = {}
+        for name, value, env, low in (("timeout", timeout, ENV_TIMEOUT, 0.0),
+                                      ("retry_budget", retry_budget, ENV_RETRY_BUDGET, None),
+                                      ("min_speed", min_speed, ENV_MIN_SPEED, None)):
+            source = name
+            if value is None and os.environ.get(env, "").strip():
+                value, source = os.environ[env].strip(), f"the environment variable {env}"
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if value is None:
+                continue
+            unit = "bytes per second" if name == "min_speed" else "seconds"
+            strict = low is not None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                value <= 0 if strict else value < 0
+            ):
+                raise ConfigError(f"{source if source != name else name} must be a finite number of {unit} "
+                                  f"{'> 0' if strict else '>= 0'} (see docs/hub.md, 'Timeouts'), got {value!r}.")
+            values[name] = float(value)
+        return cls(**values)
+
+
+class RetryBudgetExhausted(httpx2.TransportError):
+    """The operation failed for longer than its retry budget (not retried by huggingface_hub's http_backoff)."""
+
+
+class TrickleTimeout(httpcore2.ReadTimeout):
+    """An answer that started but arrives slower than the minimum speed."""
+
+
+class NoAnswerTimeout(httpcore2.ReadTimeout):
+    """A request was sent and nothing at all came back within the timeout."""
+
+
+class ClosedWithoutAnswer(httpcore2.ReadError):
+    """The server closed the connection before sending a single byte of its answer (it died, or dropped us)."""
+
+
+@dataclass
+class Operation:
+    """What happened to the requests of one operation: the first failure's time and the last failure."""
+
+    limits: HubLimits
+    failing_since: float | None = None
+    failures: int = 0
+    last_failure: str | None = None  # "connect", "no answer", "trickle", "protocol", "status <code>"
+    last_status: int | None = None
+    content_types: list[str] = field(default_factory=list)  # of the answers received, the last few
+
+    def failed(self, what: str, status: int | None = None) -> bool:
+        """Record a failure; ``True`` when the retry budget is spent (the operation must stop now)."""
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        self.failures += 1
+        self.last_failure, self.last_status = what, status
+        return now - self.failing_since >= self.limits.retry_budget
+
+    def left(self) -> float | None:
+        """Seconds of retry budget left (``None`` while nothing has failed)."""
+        if self.failing_since is None:
+            return None
+        return self.failing_since + self.limits.retry_budget - time.monotonic()
+
+    def spent(self) -> str:
+        return (f"{self.failures} failed attempt{'s' if self.failures != 1 else ''} within the retry budget of "
+                f"{self.limits.retry_budget:g} s ({ENV_RETRY_BUDGET})")
+
+
+_OPERATION: contextvars.ContextVar[Operation | None] = contextvars.ContextVar("timm_remem_hub_operation",
+                                                                              default=None)
+_INSTALL_LOCK = threading.Lock()
+_installed = False
+
+
+@contextmanager
+def bounded(limits: HubLimits) -> Iterator[Operation]:
+    """Run the Hub calls of one operation under ``limits``; yields the :class:`Operation` record."""
+    _install()
+    operation = Operation(limits)
+    token = _OPERATION.set(operation)
+    try:
+        yield operation
+    finally:
+        _OPERATION.reset(token)
+
+
+def _install() -> None:
+    """Install the bounded client factory once per process (a factory set later by the user replaces it)."""
+    global _installed
+    with _INSTALL_LOCK:
+        if _installed:
+            return
+        current = get_session()
+        hooks = {name: list(items) for name, items in current.event_hooks.items()}
+        follow = current.follow_redirects
+
+        def factory() -> httpx2.Client:
+            return httpx2.Client(event_hooks=hooks, follow_redirects=follow,
+                                 timeout=HubLimits.resolve().timeout, transport=BoundedTransport())
+
+        set_client_factory(factory)
+        _installed = True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The transport: an httpcore2 connection pool whose sockets watch the speed of each answer
+
+
+class _WatchedStream(httpcore2.NetworkStream):
+    """A socket stream that fails an answer that never starts, or that trickles."""
+
+    def __init__(self, inner: httpcore2.NetworkStream) -> None:
+        self._inner = inner
+        self._first_byte: float | None = None
+        self._received = 0
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._first_byte, self._received = None, 0  # a new request: its answer is watched from scratch
+        self._inner.write(buffer, timeout)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            data = self._inner.read(max_bytes, timeout)
+        except httpcore2.ReadTimeout as err:
+            if self._received == 0:
+                raise NoAnswerTimeout(f"the server accepted the connection but sent no answer within "
+                                      f"{timeout:g} s") from err
+            raise
+        if not data and self._received == 0:
+            raise ClosedWithoutAnswer("the server closed the connection without answering")
+        now = time.monotonic()
+        if self._first_byte is None:
+            self._first_byte = now
+        self._received += len(data)
+        limits = (_OPERATION.get() or Operation(HubLimits.resolve())).limits
+        elapsed = now - self._first_byte
+        if elapsed > limits.timeout and self._received < limits.min_speed * elapsed:
+            raise TrickleTimeout(f"the server sent {self._received} bytes in {elapsed:.1f} s, below the minimum of "
+                                 f"{limits.min_speed:g} bytes/s ({ENV_MIN_SPEED})")
+        return data
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore2.NetworkStream:
+        return _WatchedStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _WatchedBackend(httpcore2.NetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore2.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore2.NetworkStream:
+        return _WatchedStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore2.NetworkStream:
+        return _WatchedStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+# httpcore2's exceptions and the httpx2 ones the client expects, most specific first.
+_EXCEPTIONS = (
+    (httpcore2.ConnectTimeout, httpx2.ConnectTimeout), (httpcore2.ReadTimeout, httpx2.ReadTimeout),
+    (httpcore2.WriteTimeout, httpx2.WriteTimeout), (httpcore2.PoolTimeout, httpx2.PoolTimeout),
+    (httpcore2.ConnectError, httpx2.ConnectError), (httpcore2.ReadError, httpx2.ReadError),
+    (httpcore2.WriteError, httpx2.WriteError), (httpcore2.RemoteProtocolError, httpx2.RemoteProtocolError),
+    (httpcore2.LocalProtocolError, httpx2.LocalProtocolError), (httpcore2.UnsupportedProtocol,
+                                                                 httpx2.UnsupportedProtocol),
+    (httpcore2.ProxyError, httpx2.ProxyError), (httpcore2.TimeoutException, httpx2.TimeoutException),
+    (httpcore2.NetworkError, httpx2.NetworkError), (httpcore2.ProtocolError, httpx2.ProtocolError),
+)
+
+
+@contextmanager
+def _mapped() -> Iterator[None]:
+    try:
+        yield
+    except tuple(core for core, _ in _EXCEPTIONS) as err:
+        mapped = next(ours for core, ours in _EXCEPTIONS if isinstance(err, core))
+        raise mapped(str(err)) from err
+
+
+def _kind(err: BaseException) -> str:
+    """What a failed request ran into, in words (the cause of the httpx2 error tells no answer from a trickle)."""
+    cause = err.__cause__
+    if isinstance(cause, TrickleTimeout):
+        return "trickle"
+    if isinstance(cause, NoAnswerTimeout):
+        return "no answer"
+    if isinstance(err, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+        return "connect"
+    if isinstance(err, httpx2.ProtocolError):
+        return "protocol"
+    return "network"
+
+
+class _ResponseStream(httpx2.SyncByteStream):
+    def __init__(self, inner: Any, operation: Operation | None) -> None:
+        self._inner, self._operation = inner, operation
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            with _mapped():
+                yield from self._inner
+        except httpx2.TransportError as err:
+            if self._operation is not None and self._operation.failed(_kind(err)):
+                raise RetryBudgetExhausted(self._operation.spent()) from err
+            raise
+
+    def close(self) -> None:
+        if hasattr(self._inner, "close"):
+            self._inner.close()
+
+
+class BoundedTransport(httpx2.BaseTransport):
+    """An httpx2 transport whose requests obey the :class:`HubLimits` of the current operation."""
+
+    def __init__(self) -> None:
+        self._pool = httpcore2.ConnectionPool(ssl_context=httpx2.create_ssl_context(),
+                                              network_backend=_WatchedBackend())
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        operation = _OPERATION.get()
+        limits = operation.limits if operation is not None else HubLimits.resolve()
+        timeout = limits.timeout
+        left = operation.left() if operation is not None else None
+        if left is not None:
+            if left <= 0:
+                raise RetryBudgetExhausted(operation.spent())
+            timeout = min(timeout, left)
+        request.extensions["timeout"] = httpx2.Timeout(timeout).as_dict()
+        core = httpcore2.Request(
+            method=request.method,
+            url=httpcore2.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port,
+                              target=request.url.raw_path),
+            headers=request.headers.raw, content=request.stream, extensions=request.extensions,
+        )
+        try:
+            with _mapped():
+                answer = self._pool.handle_request(core)
+        except httpx2.TransportError as err:
+            if operation is not None and operation.failed(_kind(err)):
+                raise RetryBudgetExhausted(operation.spent()) from err
+            raise
+        response = httpx2.Response(status_code=answer.status, headers=answer.headers,
+                                   stream=_ResponseStream(answer.stream, operation), extensions=answer.extensions)
+        if operation is not None:
+            operation.content_types = [*operation.content_types[-3:], response.headers.get("content-type", "")]
+            if answer.status in RETRY_STATUSES:
+                if operation.failed(f"status {answer.status}", answer.status):
+                    response.close()
+                    raise RetryBudgetExhausted(operation.spent())
+            elif answer.status < 500:
+                operation.failing_since = None  # the server answers: a later failure gets a fresh budget
+        return response
+
+    def close(self) -> None:
+        self._pool.close()

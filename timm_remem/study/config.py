@@ -1,0 +1,319 @@
+"""The settings of a study: :class:`StudyConfig`, its arms (:func:`plan_arms`) and config files (:func:`load_config`).
+
+A study is the ReMem ablation over seeds: for every arm and seed, fine-tune the teacher, optionally pick its
+checkpoint with ReMem's protocol (``select``), measure its ``I(X; F_T)`` and distill the student. The arms:
+
+- ``plain``: the teacher fine-tuned as it is (no reweighting, no SAM);
+- ``reweight``: reweighted (``alpha``, ``schedule``), no SAM;
+- ``sam``: SAM (``rho``), no reweighting;
+- ``remem``: both;
+- ``student``: the student trained alone (no teacher).
+
+Several ``alpha`` values or schedules (a sweep) give one ``reweight`` and one ``remem`` arm per combination, named
+``reweight-a0.7``, ``remem-a0.7-constant``, ... (a part appears in the name only when it is swept).
+
+Example:
+    >>> cfg = StudyConfig(teacher="test_vit", student="test_resnet", alpha=[0.7, 0.85], arms=["plain", "remem"])
+    >>> [a.name for a in plan_arms(cfg)]
+    ['plain', 'remem-a0.7', 'remem-a0.85']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._serialization import dataclass_from_dict, dataclass_to_dict
+from .._validation import check_bool, check_float, check_int
+from ..errors import ConfigError
+from ..train.config import DistillConfig, FinetuneConfig
+
+__all__ = ["ARMS", "REWEIGHT_ARMS", "QUICK", "Arm", "StudyConfig", "plan_arms", "load_config", "study_config"]
+
+#: Every arm a study knows, in the order reports list them.
+ARMS = ("plain", "reweight", "sam", "remem", "student")
+#: The arms whose teacher is reweighted (they need a teacher with transformer MLP branches).
+REWEIGHT_ARMS = ("reweight", "remem")
+#: What ``quick=True`` (``--quick``) sets: tiny timm test models on digits, 2 seeds, 1 epoch of 2 batches.
+QUICK: dict[str, Any] = {
+    "teacher": "test_vit", "student": "test_resnet", "dataset": "digits", "seeds": 2, "teacher_kwargs": {},
+    "student_kwargs": {}, "finetune": {"epochs": 1, "img_size": 16, "limit_train_batches": 2},
+    "distill": {"epochs": 1, "img_size": 16, "limit_train_batches": 2}, "select_options": {"epochs": 1},
+    "mi": {"max_samples": 200},
+}
+# Stage fields the study sets itself (per arm and seed, or once for every stage).
+_STUDY_OWNED = ("model", "model_kwargs", "pretrained", "dataset", "data_dir", "seed", "output", "resume",
+                "progress", "device", "amp", "alpha", "schedule", "rho", "teacher", "teacher_kwargs",
+                "teacher_pretrained")
+_MI_OPTIONS = ("features", "method", "noise", "conditional", "max_dim", "max_samples", "seed")
+# Fields that may change between two invocations of one study (they do not change what a run computes).
+_FREE = ("arms", "seeds", "first_seed", "output", "progress", "confidence", "quick")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a study: its name and what its teacher gets.
+
+    Attributes:
+        name: The arm's name (also its folder name).
+        kind: ``"plain"``, ``"reweight"``, ``"sam"``, ``"remem"`` or ``"student"``.
+        alpha: Reweighting factor (reweight / remem), else None.
+        schedule: Reweighting schedule (reweight / remem), else None.
+        rho: SAM radius (sam / remem), else 0.
+    """
+
+    name: str
+    kind: str
+    alpha: float | None = None
+    schedule: str | None = None
+    rho: float = 0.0
+
+    @property
+    def has_teacher(self) -> bool:
+        """Whether the arm trains a teacher (every arm but ``student``)."""
+        return self.kind != "student"
+
+
+@dataclass
+class StudyConfig:
+    """Settings of a study (see the module docstring). Stage settings are :class:`~timm_remem.train.FinetuneConfig`
+    / :class:`~timm_remem.train.DistillConfig` fields, given as dicts; the study sets model, data, seed, output,
+    device and the arm's ReMem settings itself.
+
+    Attributes:
+        teacher: The teacher's timm name (``hf-hub:`` and ``local-dir:`` included).
+        student: The student's timm name.
+        dataset: Any dataset ``finetune``/``distill`` accept (``digits``, ``folder``, ``torch/cifar100``, ...).
+        data_dir: Dataset root folder.
+        teacher_kwargs: ``timm.create_model`` arguments of the teacher.
+        student_kwargs: ``timm.create_model`` arguments of the student.
+        pretrained: Start the teacher from its pretrained weights (the paper's setting).
+        arms: Arms to run (from :data:`ARMS`).
+        seeds: Number of seeds per arm.
+        first_seed: The seeds are ``first_seed .. first_seed + seeds - 1``.
+        alpha: Reweighting factors; more than one adds arms (a sweep).
+        schedule: Reweighting schedules; more than one adds arms.
+        rho: SAM radius of the ``sam`` and ``remem`` arms.
+        select: Pick each teacher's checkpoint with ReMem's protocol (:func:`~timm_remem.train.select_teacher`)
+            instead of taking the last one.
+        finetune: :class:`~timm_remem.train.FinetuneConfig` fields of the teachers (``epochs``, ``lr``, ...).
+        distill: :class:`~timm_remem.train.DistillConfig` fields of the students.
+        select_options: :class:`~timm_remem.train.DistillConfig` fields of the short ``select`` distillations.
+        mi: :func:`~timm_remem.analysis.teacher_information` options (``method``, ``features``, ``noise``,
+            ``max_samples``, ...); None: no MI measurement.
+        confidence: Confidence level of the intervals; None: no intervals (allows one seed).
+        device: Device of every stage (``auto``, ``cpu``, ``cuda``, ``cuda:1``).
+        amp: Mixed precision in every stage.
+        output: The study folder.
+        progress: Show progress bars and stage lines.
+        quick: The settings came from :data:`QUICK` (recorded only).
+    """
+
+    teacher: str = ""
+    student: str = ""
+    dataset: str = "digits"
+    data_dir: str | None = None
+    teacher_kwargs: dict = field(default_factory=dict)
+    student_kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    seeds: int = 3
+    first_seed: int = 0
+    alpha: list[float] = field(default_factory=lambda: [0.85])
+    schedule: list[str] = field(default_factory=lambda: ["exponential"])
+    rho: float = 0.05
+    select: bool = False
+    finetune: dict = field(default_factory=dict)
+    distill: dict = field(default_factory=dict)
+    select_options: dict = field(default_factory=dict)
+    mi: dict | None = field(default_factory=dict)
+    confidence: float | None = 0.95
+    device: str = "auto"
+    amp: bool = False
+    output: str = "runs/study"
+    progress: bool = True
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("teacher", "student"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"{name} must be a timm model name such as 'vit_tiny_patch16_224', got "
+                                  f"{getattr(self, name)!r} (or pass quick=True / --quick for tiny test models)")
+        for name in ("dataset", "device", "output"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("teacher_kwargs", "student_kwargs", "finetune", "distill", "select_options"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ConfigError(f"{name} must be a mapping of settings, got {getattr(self, name)!r}")
+            setattr(self, name, dict(getattr(self, name)))
+        self.arms = _name_list("arms", self.arms)
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ConfigError(f"unknown arm(s) {unknown}; a study's arms are {', '.join(ARMS)}")
+        if not self.arms:
+            raise ConfigError(f"arms is empty; name at least one of {', '.join(ARMS)}")
+        self.arms = [a for a in ARMS if a in self.arms]  # report order, duplicates dropped
+        check_int("seeds", self.seeds, low=1)
+        check_int("first_seed", self.first_seed, low=0)
+        if not isinstance(self.alpha, (list, tuple)) or not self.alpha:
+            raise ConfigError(f"alpha must be a non-empty list of reweighting factors such as [0.85], got "
+                              f"{self.alpha!r}")
+        self.alpha = list(dict.fromkeys(float(check_float("alpha", a, low=0, low_open=True,
+                                                          hint="ReMem uses (0, 1], e.g. 0.85")) for a in self.alpha))
+        self.schedule = _name_list("schedule", self.schedule)
+        bad = [s for s in self.schedule if s not in ("exponential", "constant")]
+        if bad or not self.schedule:
+            raise ConfigError(f"schedule must list 'exponential' and/or 'constant', got {self.schedule!r}")
+        check_float("rho", self.rho, low=0, low_open=True, hint="the sam and remem arms need a SAM radius, e.g. 0.05")
+        check_bool("select", self.select)
+        check_bool("pretrained", self.pretrained)
+        check_bool("amp", self.amp)
+        if self.mi is not None:
+            if not isinstance(self.mi, Mapping):
+                raise ConfigError(f"mi must be a mapping of teacher_information options or None, got {self.mi!r}")
+            self.mi = dict(self.mi)
+            extra = sorted(set(self.mi) - set(_MI_OPTIONS))
+            if extra:
+                raise ConfigError(f"unknown mi option(s) {extra}; valid: {list(_MI_OPTIONS)}")
+        if self.confidence is not None:
+            check_float("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True,
+                        hint="0.95 is usual; None turns intervals off")
+            if self.seeds < 2:
+                raise ConfigError(
+                    f"seeds={self.seeds}: a confidence interval needs at least 2 seeds per arm; pass seeds=2 or more "
+                    "(--seeds 3 is the default), or confidence=None (--confidence none) for a run without intervals"
+                )
+        for name, cls, options in (("finetune", FinetuneConfig, self.finetune), ("distill", DistillConfig,
+                                                                                self.distill),
+                                   ("select_options", DistillConfig, self.select_options)):
+            _check_stage(name, cls, options)
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds every arm runs."""
+        return list(range(self.first_seed, self.first_seed + self.seeds))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Sorted JSON-ready dict, stamped with the timm-remem version."""
+        return dataclass_to_dict(self, stamp_version=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
+        """Build from a dict; unknown keys are dropped with a warning."""
+        return dataclass_from_dict(cls, data, ignore=("version",))
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings two invocations of one study must share (everything but arms, seeds, output, progress and
+        the confidence level, which may change between invocations: a study can gain arms and seeds)."""
+        return {k: v for k, v in json.loads(json.dumps(self.to_dict())).items() if k not in _FREE + ("version",)}
+
+
+def _name_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{name} must be a list of names, got {value!r}")
+    return list(dict.fromkeys(value))
+
+
+def _check_stage(name: str, cls: type, options: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown {name} setting(s) {unknown}; valid: {sorted(known - set(_STUDY_OWNED))}")
+    owned = sorted(set(options) & set(_STUDY_OWNED))
+    if owned:
+        raise ConfigError(f"{name} setting(s) {owned} are set by the study itself (per arm and seed, or once for "
+                          "every stage: teacher, student, dataset, data_dir, device, amp, alpha, schedule, rho); set "
+                          "them at the study level")
+
+
+def plan_arms(cfg: StudyConfig) -> list[Arm]:
+    """The arms of ``cfg``, sweeps expanded (see the module docstring).
+
+    Example:
+        >>> cfg = StudyConfig(teacher="t", student="s", schedule=["exponential", "constant"], arms=["reweight"])
+        >>> [(a.name, a.schedule) for a in plan_arms(cfg)]
+        [('reweight-exponential', 'exponential'), ('reweight-constant', 'constant')]
+    """
+    arms: list[Arm] = []
+    for kind in cfg.arms:
+        if kind in REWEIGHT_ARMS:
+            for alpha in cfg.alpha:
+                for schedule in cfg.schedule:
+                    name = kind + (f"-a{alpha:g}" if len(cfg.alpha) > 1 else "") + (
+                        f"-{schedule}" if len(cfg.schedule) > 1 else "")
+                    arms.append(Arm(name, kind, alpha, schedule, cfg.rho if kind == "remem" else 0.0))
+        else:
+            arms.append(Arm(kind, kind, rho=cfg.rho if kind == "sam" else 0.0))
+    return arms
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Study settings from a YAML (``.yaml``/``.yml``) or JSON file: a mapping of :class:`StudyConfig` fields.
+
+    Raises:
+        ConfigError: A missing file, a file that does not parse, or one that is not a mapping.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "study.yaml"
+        >>> _ = p.write_text("teacher: test_vit\\nstudent: test_resnet\\nseeds: 2\\n")
+        >>> load_config(p)["seeds"]
+        2
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study config file {str(p)!r} does not exist; pass a .yaml or .json file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as err:  # pragma: no cover - timm depends on pyyaml
+            raise ImportError("YAML study configs need PyYAML: pip install pyyaml") from err
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"study config {str(p)!r} is not valid YAML: {err}") from err
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"study config {str(p)!r} is not valid JSON ({err}); YAML files end in .yaml") from err
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"study config {str(p)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return dict(data)
+
+
+def study_config(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwargs: Any) -> StudyConfig:
+    """A :class:`StudyConfig` from a config (or a mapping, e.g. :func:`load_config`'s) updated with ``kwargs``;
+    ``quick=True`` starts from :data:`QUICK`. Unknown names are refused.
+
+    Example:
+        >>> study_config(quick=True).seeds, study_config({"teacher": "a", "student": "b"}, seeds=5).seeds
+        (2, 5)
+    """
+    if isinstance(config, StudyConfig):
+        base: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(StudyConfig)}
+    elif config is None or isinstance(config, Mapping):
+        base = dict(config or {})
+        base.pop("version", None)
+    else:
+        raise ConfigError(f"config must be a StudyConfig or a mapping, got {type(config).__name__}")
+    merged = {**base, **kwargs}
+    known = {f.name for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"unknown study setting(s) {unknown}; valid: {sorted(known)}")
+    if merged.get("quick"):
+        preset = dict(QUICK)
+        for key in ("finetune", "distill", "select_options", "mi"):  # stage dicts merge key by key
+            if isinstance(merged.get(key), Mapping):
+                merged[key] = {**QUICK[key], **merged[key]}
+        merged = {**preset, **merged}
+    return StudyConfig(**merged)

@@ -1,0 +1,278 @@
+"""Running a study: every (arm, seed) in its own resumable run folder, finished runs skipped.
+
+Layout of a study folder::
+
+    study-settings.json            the settings every invocation of this study must share
+    runs/<arm>/seed-<s>/
+        teacher/                   finetune_teacher's run folder (resumable: resume="auto")
+        select/                    select_teacher's folder (with select=True)
+        student/                   distill_student's run folder (resumable)
+        stages.json                the stages finished so far (a killed run restarts at the first missing one)
+        result.json                the run's numbers and settings: the run is finished when it exists and matches
+    study.json, study.md, study.png
+
+Example:
+    >>> run_folder("runs/study", "student", 0).as_posix()
+    'runs/study/runs/student/seed-0'
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import distributed
+from .._io import atomic_write_json
+from .._models import create_timm_model, data_config
+from ..analysis import teacher_information
+from ..data import create_dataset, create_loader
+from ..errors import ConfigError, RememError
+from ..reweighting import find_branches
+from ..teachers import load_teacher_model
+from ..train.builders import dataset_classes, default_img_size, resolve_device
+from ..train.config import DistillConfig, FinetuneConfig
+from ..train.recipes import distill_student, finetune_teacher
+from ..train.select import select_teacher
+from .config import REWEIGHT_ARMS, Arm, StudyConfig, plan_arms, study_config
+from .report import StudyResult, summarise, write_report
+
+__all__ = ["run_study", "run_folder", "run_settings", "SETTINGS_FILE", "RESULT_FILE"]
+
+SETTINGS_FILE = "study-settings.json"
+RESULT_FILE = "result.json"
+_STAGES_FILE = "stages.json"
+_LEFT_OUT = ("output", "resume", "progress", "teacher", "version")  # not part of what a stage computes
+
+
+def run_folder(output: str | Path, arm: str, seed: int) -> Path:
+    """The folder of one run of a study.
+
+    Example:
+        >>> run_folder("runs/study", "remem", 2).as_posix()
+        'runs/study/runs/remem/seed-2'
+    """
+    return Path(output) / "runs" / arm / f"seed-{seed}"
+
+
+def _stage_dict(cfg: Any) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in _LEFT_OUT}
+
+
+def _resume(options: Mapping[str, Any]) -> str | None:
+    """A stage resumes its own killed run (``"auto"``) unless it writes no training state."""
+    return "auto" if options.get("save_state", True) else None
+
+
+def _teacher_config(cfg: StudyConfig, arm: Arm, seed: int, folder: Path) -> FinetuneConfig:
+    options = dict(cfg.finetune)
+    if cfg.select and "save_at" not in options:  # ReMem's protocol picks among several checkpoints
+        epochs = int(options.get("epochs", FinetuneConfig.epochs))
+        options["save_at"] = sorted({max(1, epochs // 3), max(1, 2 * epochs // 3), epochs})
+    return FinetuneConfig(
+        **options, model=cfg.teacher, model_kwargs=dict(cfg.teacher_kwargs), pretrained=cfg.pretrained,
+        dataset=cfg.dataset, data_dir=cfg.data_dir, seed=seed, device=cfg.device, amp=cfg.amp, alpha=arm.alpha,
+        schedule=arm.schedule or "exponential", rho=arm.rho, output=str(folder / "teacher"), resume=_resume(options),
+        progress=cfg.progress,
+    )
+
+
+def _student_config(cfg: StudyConfig, seed: int, folder: Path, teacher: str | None) -> DistillConfig:
+    return DistillConfig(
+        **cfg.distill, model=cfg.student, model_kwargs=dict(cfg.student_kwargs), dataset=cfg.dataset,
+        data_dir=cfg.data_dir, seed=seed, device=cfg.device, amp=cfg.amp, teacher=teacher,
+        output=str(folder / "student"), resume=_resume(cfg.distill), progress=cfg.progress,
+    )
+
+
+def _select_options(cfg: StudyConfig, seed: int, folder: Path) -> dict[str, Any]:
+    return {"epochs": 2, **cfg.select_options, "model": cfg.student, "model_kwargs": dict(cfg.student_kwargs),
+            "dataset": cfg.dataset, "data_dir": cfg.data_dir, "seed": seed, "device": cfg.device, "amp": cfg.amp,
+            "output": str(folder / "select"), "progress": cfg.progress}
+
+
+def run_settings(cfg: StudyConfig, arm: Arm, seed: int) -> dict[str, Any]:
+    """What one run computes (its result must match it to count as finished): the arm, the seed and every stage's
+    settings, paths left out (a study folder can be moved)."""
+    here = Path(".")
+    out: dict[str, Any] = {"arm": arm.name, "kind": arm.kind, "alpha": arm.alpha, "schedule": arm.schedule,
+                           "rho": arm.rho, "seed": seed,
+                           "distill": _stage_dict(_student_config(cfg, seed, here, None))}
+    if arm.has_teacher:
+        out["finetune"] = _stage_dict(_teacher_config(cfg, arm, seed, here))
+        out["select"] = ({k: v for k, v in _select_options(cfg, seed, here).items() if k not in _LEFT_OUT}
+                         if cfg.select else None)
+        out["mi"] = cfg.mi
+    return json.loads(json.dumps(out))
+
+
+def _check_reweightable(cfg: StudyConfig, arms: list[Arm]) -> None:
+    """Refuse, before anything runs, a teacher without MLP branches when reweight/remem arms are asked for."""
+    wanted = [a.name for a in arms if a.kind in REWEIGHT_ARMS]
+    if not wanted:
+        return
+    probe = FinetuneConfig(model=cfg.teacher, model_kwargs=dict(cfg.teacher_kwargs), dataset=cfg.dataset,
+                           data_dir=cfg.data_dir, **{k: v for k, v in cfg.finetune.items() if k == "img_size"})
+    model = create_timm_model(cfg.teacher, pretrained=False, num_classes=2, img_size=default_img_size(probe),
+                              kwargs=cfg.teacher_kwargs)
+    try:
+        find_branches(model)
+    except RememError as err:
+        others = [a for a in cfg.arms if a not in REWEIGHT_ARMS]
+        raise ConfigError(
+            f"teacher {cfg.teacher!r} cannot be reweighted, so arm(s) {wanted} cannot run: {err} Arms that can "
+            f"still run with this teacher: {', '.join(others) or 'plain, sam, student'} (e.g. --arms "
+            f"{' '.join(others) or 'plain sam student'}), or pick a ViT-style teacher"
+        ) from err
+
+
+def _check_folder(cfg: StudyConfig, out: Path) -> None:
+    """A study folder belongs to one study: refuse one that holds another study's settings (nothing written)."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ConfigError(f"{str(path)!r} is damaged ({err}); move the folder away or choose another "
+                              "output folder") from err
+        mine = cfg.fingerprint()
+        diffs = [f"{k}={saved.get(k)!r} (folder) vs {mine.get(k)!r} (now)" for k in sorted(set(saved) | set(mine))
+                 if k != "version" and saved.get(k) != mine.get(k)]
+        if diffs:
+            raise ConfigError(
+                f"study folder {str(out)!r} holds another study's settings: {'; '.join(diffs)}. Rerun with the same "
+                "settings to resume it (arms and seeds may change), or choose another output folder"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{str(out)!r} is not empty and holds no study ({SETTINGS_FILE} is missing); choose "
+                          "another output folder")
+
+
+def _measure_mi(cfg: StudyConfig, tcfg: FinetuneConfig, checkpoint: str) -> float:
+    """The teacher's I(X; F_T) on the validation split, images normalised as the checkpoint expects."""
+    num_classes = dataset_classes(tcfg)
+    device = resolve_device(cfg.device)
+    model = load_teacher_model(checkpoint, num_classes=num_classes).to(device).eval()
+    dc = data_config(model)
+    size = default_img_size(tcfg) or int(dc["input_size"][-1])
+    val = create_dataset(cfg.dataset, cfg.data_dir, "val", img_size=size, mean=dc["mean"], std=dc["std"])
+    loader = ((x, y) for x, y, _ in create_loader(val, tcfg.eval_batch_size))
+    options = {"max_samples": 2000, **(cfg.mi or {})}
+    return float(teacher_information(model, loader, device=device, progress=False, **options).i_xf)
+
+
+def _run_one(cfg: StudyConfig, arm: Arm, seed: int, folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    settings = run_settings(cfg, arm, seed)
+    result_path = folder / RESULT_FILE
+    if result_path.is_file():
+        saved = json.loads(result_path.read_text(encoding="utf-8"))
+        if saved.get("settings") == settings:
+            say(f"{arm.name} seed {seed}: finished earlier, skipped")
+            return saved
+        raise ConfigError(f"run folder {str(folder)!r} holds a result computed with other settings; delete that "
+                          "folder to recompute it, or choose another study output folder")
+    stages_path = folder / _STAGES_FILE
+    stages: dict[str, Any] = {}
+    if stages_path.is_file():
+        saved = json.loads(stages_path.read_text(encoding="utf-8"))
+        stages = saved.get("stages", {}) if saved.get("settings") == settings else {}
+
+    def done(name: str, value: dict[str, Any]) -> None:
+        stages[name] = value
+        atomic_write_json(stages_path, {"settings": settings, "stages": stages})
+
+    folder.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"arm": arm.name, "kind": arm.kind, "seed": seed, "teacher_acc": None, "mi": None,
+                           "checkpoint": None, "times": {}}
+    teacher_path = None
+    if arm.has_teacher:
+        tcfg = _teacher_config(cfg, arm, seed, folder)
+        if "teacher" not in stages:
+            say(f"{arm.name} seed {seed}: fine-tuning the teacher")
+            res = finetune_teacher(tcfg)
+            done("teacher", {"val_acc": res.val_acc, "checkpoints": [p.name for p in res.checkpoints],
+                             "time_s": res.wall_time})
+        teacher_stage = stages["teacher"]
+        ckpts = folder / "teacher" / "checkpoints"
+        teacher_path = str(ckpts / teacher_stage["checkpoints"][-1])
+        row["times"]["teacher"] = teacher_stage["time_s"]
+        if cfg.select:
+            if "select" not in stages:
+                say(f"{arm.name} seed {seed}: choosing the teacher checkpoint (select)")
+                t0 = time.perf_counter()
+                sel = select_teacher(ckpts, **_select_options(cfg, seed, folder))
+                done("select", {"best": sel.best.name, "time_s": time.perf_counter() - t0})
+            teacher_path = str(ckpts / stages["select"]["best"])
+            row["times"]["select"] = stages["select"]["time_s"]
+        row["checkpoint"] = Path(teacher_path).name
+        if cfg.mi is not None:
+            if "mi" not in stages:
+                t0 = time.perf_counter()
+                done("mi", {"i_xf": _measure_mi(cfg, tcfg, teacher_path), "time_s": time.perf_counter() - t0})
+            row["mi"] = stages["mi"]["i_xf"]
+            row["times"]["mi"] = stages["mi"]["time_s"]
+    if "student" not in stages:
+        say(f"{arm.name} seed {seed}: " + ("distilling the student" if teacher_path else "training the student alone"))
+        res = distill_student(_student_config(cfg, seed, folder, teacher_path))
+        done("student", {"val_acc": res.val_acc, "teacher_acc": res.teacher_acc, "time_s": res.wall_time})
+    row["student_acc"] = stages["student"]["val_acc"]
+    row["teacher_acc"] = stages["student"]["teacher_acc"]  # the chosen checkpoint's accuracy, as distilled
+    row["times"]["student"] = stages["student"]["time_s"]
+    row["settings"] = settings
+    atomic_write_json(result_path, row)
+    return row
+
+
+def run_study(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwargs: Any) -> StudyResult:
+    """Run the ReMem ablation: every arm over every seed, then the statistics, the table and the plot.
+
+    Each (arm, seed) is its own run folder (see the module docstring); a study that was killed resumes where it
+    stopped when called again with the same settings, and finished runs are skipped. Adding arms or seeds to a
+    finished study runs only the new ones.
+
+    Args:
+        config: A :class:`~timm_remem.study.StudyConfig`, or a mapping of its fields (e.g. from
+            :func:`~timm_remem.study.load_config`); keyword arguments override it.
+        **kwargs: Any :class:`~timm_remem.study.StudyConfig` field (``quick=True`` starts from tiny test models).
+
+    Returns:
+        A :class:`~timm_remem.study.StudyResult` (also written: ``study.json``, ``study.md``, ``study.png``).
+
+    Raises:
+        ConfigError: Unknown arms, fewer than 2 seeds with intervals, a teacher that cannot be reweighted in the
+            reweight/remem arms, or a study folder that holds another study's settings (nothing is written then).
+
+    Example:
+        >>> import tempfile
+        >>> res = run_study(quick=True, arms=["plain", "sam"], output=tempfile.mkdtemp(), progress=False)
+        >>> [a["arm"] for a in res.arms], res.arms[1]["vs_plain"]["verdict"] in res.verdicts
+        (['plain', 'sam'], True)
+    """
+    cfg = study_config(config, **kwargs)
+    if distributed.env_world_size() > 1:
+        raise ConfigError("a study runs in one process (it runs many short trainings); run it without torchrun")
+    arms = plan_arms(cfg)
+    out = Path(cfg.output)
+    _check_folder(cfg, out)
+    _check_reweightable(cfg, arms)
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / SETTINGS_FILE, cfg.fingerprint())
+
+    def say(text: str) -> None:
+        if cfg.progress:
+            print(f"== study: {text}", flush=True)
+
+    runs = []
+    for arm in arms:
+        for seed in cfg.seed_list:
+            runs.append(_run_one(cfg, arm, seed, run_folder(out, arm.name, seed), say))
+    summary = summarise(cfg, [a.name for a in arms], runs)
+    result = write_report(cfg, summary, runs, out, wall_time=time.perf_counter() - t_start)
+    if cfg.progress:
+        print(result.table)
+        print("wrote: " + ", ".join(str(p) for p in result.files))
+    return result
+
