@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
 from timm.data import create_dataset as timm_create_dataset
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ._image_folder import folder_dataset
 from ._validation import check_float, check_int
@@ -404,7 +404,9 @@ def dataset_num_classes(dataset: Dataset) -> int:
         >>> dataset_num_classes(create_dataset("digits", split="val", img_size=8))
         10
     """
-    ds = dataset.dataset if isinstance(dataset, IndexedDataset) else dataset
+    ds = dataset
+    while isinstance(ds, (IndexedDataset, Subset)):  # a training subset keeps its parent's classes
+        ds = ds.dataset
     n = getattr(ds, "num_classes", None)
     if isinstance(n, int):
         return n

@@ -18,6 +18,8 @@ from PIL import Image
 
 from timm_remem.data import create_dataset, create_loader
 from timm_remem.errors import ConfigError
+from timm_remem.subsets import training_subset
+from timm_remem.train import DistillConfig
 
 RAW = dict(img_size=4, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -157,6 +159,16 @@ DATA_CASES = [
                  r"sample\); add data or use fewer processes", id="training-set-of-one-sample"),
     pytest.param(lambda r: create_loader(_Points(4), batch_size=2, min_last_batch=0),
                  r"min_last_batch must be a positive integer or None, got 0", id="min-last-batch-zero"),
+    pytest.param(lambda r: training_subset(create_dataset("digits", img_size=8), per_class=200),
+                 r"train_per_class=200 exceeds the training images of 10 class\(es\) \(class 0: 142, class 1: 146, "
+                 r".*\); use train_per_class <= 139", id="subset-larger-than-a-class"),
+    pytest.param(lambda r: training_subset(create_dataset("digits", img_size=8), imbalance=0.1),
+                 r"train_imbalance must be .*got 0\.1", id="subset-imbalance-below-one"),
+    pytest.param(lambda r: training_subset([(0.0, "cat"), (1.0, "dog")], per_class=1),
+                 r"training subsets need integer class labels; list has a label 'cat'", id="subset-string-labels"),
+    pytest.param(lambda r: DistillConfig(model="test_resnet", labels_per_class=5, mixup=0.8),
+                 r"labels_per_class=5 masks the label loss per image, but mixup/cutmix blend labelled with "
+                 r"unlabelled images; turn mixup and cutmix off", id="labels-per-class-with-mixup"),
 ]
 
 

@@ -22,11 +22,13 @@ def test_distillation_flags_reach_the_config():
     args = parse(["--model", "test_resnet", "--teacher", "runs/t/checkpoints/epoch-002", "--teacher-kwargs",
                   '{"img_size": 16}', "--no-teacher-pretrained", "--method", "dist", "--temperature", "2",
                   "--task-weight", "0.5", "--distill-weight", "3", "--cache-teacher", "on", "--epochs", "2",
-                  "--opt", "sgd", "--smoothing", "0.1", "--workers", "1", "--save-at", "1", "--no-progress"])
+                  "--opt", "sgd", "--smoothing", "0.1", "--workers", "1", "--save-at", "1", "--no-progress",
+                  "--labels-per-class", "4"])
     expected = DistillConfig(model="test_resnet", teacher="runs/t/checkpoints/epoch-002",
                              teacher_kwargs={"img_size": 16}, teacher_pretrained=False, method="dist",
                              temperature=2.0, task_weight=0.5, distill_weight=3.0, cache_teacher=True, epochs=2,
-                             optimizer="sgd", label_smoothing=0.1, num_workers=1, save_at=[1], progress=False)
+                             optimizer="sgd", label_smoothing=0.1, num_workers=1, save_at=[1], progress=False,
+                             labels_per_class=4)
     assert DistillConfig(**distill.options(args)) == expected
 
 

@@ -31,7 +31,8 @@ def test_every_flag_reaches_the_config():
         "--workers", "2", "--limit-train-batches", "5", "--save-at", "4", "2", "--checkpoint-every", "10",
         "--keep-last", "3", "--resume", "auto", "--no-progress", "--alpha", "0.85", "--schedule", "constant",
         "--top-k", "2", "--learnable", "--log", "tensorboard", "wandb", "--lora-rank", "4", "--lora-alpha", "8",
-        "--lora-dropout", "0.1", "--lora-targets", "qkv,fc1",
+        "--lora-dropout", "0.1", "--lora-targets", "qkv,fc1", "--train-per-class", "5", "--train-imbalance", "10",
+        "--subset-seed", "2",
     ])
     expected = FinetuneConfig(
         model="test_vit", model_kwargs={"depth": 2}, pretrained=True, dataset="folder", data_dir="data",
@@ -41,7 +42,7 @@ def test_every_flag_reaches_the_config():
         ema=True, ema_decay=0.99, seed=3, device="cpu", num_workers=2, limit_train_batches=5, save_at=[2, 4],
         checkpoint_every=10, keep_last=3, resume="auto", progress=False, alpha=0.85, schedule="constant", top_k=2,
         learnable=True, log=["tensorboard", "wandb"], lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
-        lora_targets=["qkv", "fc1"],
+        lora_targets=["qkv", "fc1"], train_per_class=5, train_imbalance=10.0, subset_seed=2,
     )
     assert FinetuneConfig(**finetune.options(args)) == expected
     default = FinetuneConfig(model="other")

@@ -22,11 +22,11 @@ COMMON = [
     "--num-classes", "--output", "--epochs", "--batch-size", "--eval-batch-size", "--opt", "--lr", "--weight-decay",
     "--momentum", "--sched", "--warmup-epochs", "--min-lr", "--smoothing", "--augment", "--mixup", "--cutmix", "--rho",
     "--adaptive", "--amp", "--clip-grad", "--seed", "--device", "--workers", "--limit-train-batches", "--no-progress",
-    "--log", "--config", "--debug",
+    "--log", "--config", "--debug", "--train-per-class", "--train-imbalance", "--subset-seed",
 ]
 RUN_ONLY = ["--ema", "--ema-decay", "--save-at", "--checkpoint-every", "--keep-last", "--resume"]
 DISTILLATION = ["--teacher-kwargs", "--no-teacher-pretrained", "--method", "--temperature", "--task-weight",
-                "--distill-weight", "--cache-teacher"]
+                "--distill-weight", "--cache-teacher", "--labels-per-class"]
 FLAGS = {
     "finetune": COMMON + RUN_ONLY + ["--alpha", "--schedule", "--top-k", "--learnable", "--lora-rank", "--lora-alpha",
                                      "--lora-dropout", "--lora-targets"],

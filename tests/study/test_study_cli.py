@@ -9,6 +9,7 @@ import json
 import pytest
 import scipy.stats
 
+from timm_remem.cli import build_parser, main
 from timm_remem.cli import study as study_cmd
 from timm_remem.errors import ConfigError
 
@@ -49,10 +50,15 @@ def test_bad_key_value_is_an_argparse_error(capsys):
     assert "--finetune takes KEY=VALUE items such as lr=1e-3, got 'lr'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("debug", [[], ["--debug"]], ids=["plain", "with-debug"])
+def test_a_setting_of_the_main_parser_is_not_a_study_setting(debug):
+    args = build_parser().parse_args([*debug, "study", "--quick", "--seeds", "2"])
+    assert study_cmd.options(args) == {"quick": True, "seeds": 2}
+
+
 def test_quick_end_to_end_prints_the_table_and_writes_recomputable_intervals(tmp_path, capsys):
     out = tmp_path / "study"
-    args = _parser().parse_args(["study", "--quick", "--no-progress", "--output", str(out)])
-    assert args.func(args) == 0
+    assert main(["study", "--quick", "--no-progress", "--output", str(out)]) == 0  # the real entry point
     text = capsys.readouterr().out
     assert "| arm " in text and f"wrote: {out / 'study.json'}" in text
     data = json.loads((out / "study.json").read_text())

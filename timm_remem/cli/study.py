@@ -134,7 +134,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~timm_remem.study.StudyConfig` settings given on the command line (the file's under them)."""
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    # the top-level parser's own options (--debug) are not study settings
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
     out: dict[str, Any] = load_config(given.pop("config")) if "config" in given else {}
     for key in ("finetune", "distill", "select_options", "mi"):
         if key in given:

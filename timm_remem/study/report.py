@@ -124,8 +124,11 @@ def format_study_table(cfg: StudyConfig, arms: Sequence[dict[str, Any]]) -> str:
         vs = a.get("vs_plain") or {}
         rows.append([a["arm"], str(a["n"]), _cell(a["teacher_acc"]), _cell(a["mi"]), _cell(a["student_acc"]),
                      _cell(vs.get("student_acc"), signed=True), vs.get("verdict") or "-"])
-    level = f"{100 * cfg.confidence:g}% Student-t intervals" if cfg.confidence else "no intervals (confidence off)"
-    return markdown_table(headers, rows) + f"\n\nmean ± half-width of the {level} over seeds {cfg.seed_list}."
+    if cfg.confidence:
+        caption = f"mean ± half-width of the {100 * cfg.confidence:g}% Student-t intervals over seeds {cfg.seed_list}."
+    else:
+        caption = f"means over seeds {cfg.seed_list}; no intervals (confidence off)."
+    return markdown_table(headers, rows) + f"\n\n{caption}"
 
 
 def write_report(cfg: StudyConfig, arms: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, *,

@@ -37,6 +37,7 @@ from ..errors import ConfigError
 from ..lora import apply_lora
 from ..reweighting import reweight
 from ..sam import register_with_timm
+from ..subsets import training_subset
 from .config import SAM_BASES, FinetuneConfig, TrainConfig
 
 __all__ = [
@@ -189,6 +190,8 @@ def build_data(cfg: TrainConfig, model: nn.Module, img_size: int):
     dc = data_config(model)
     common = dict(img_size=img_size, mean=dc["mean"], std=dc["std"], download=cfg.download)
     train = create_dataset(cfg.dataset, cfg.data_dir, "train", augment=cfg.augment, **common)
+    train = training_subset(train, per_class=cfg.train_per_class, imbalance=cfg.train_imbalance,
+                            seed=cfg.subset_seed)
     val = create_dataset(cfg.dataset, cfg.data_dir, "val", **common)
     drop_last = cfg.mixup > 0 or cfg.cutmix > 0  # Mixup needs even batches
     if drop_last and len(train) < cfg.batch_size:

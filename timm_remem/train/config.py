@@ -97,6 +97,9 @@ class TrainConfig:
             restarted after a crash or pre-emption, e.g. ``torchrun --max-restarts``); None starts afresh.
         progress: Show tqdm progress bars.
         limit_train_batches: Stop each epoch after this many batches (quick runs, benchmarks).
+        train_per_class: Train on a seeded subset of this many images per class (:mod:`timm_remem.subsets`).
+        train_imbalance: Long-tailed training subset: ratio of the largest class to the smallest (>= 1).
+        subset_seed: Seed of the training subset (independent of ``seed``, so every run sees the same images).
         log: Experiment trackers that receive the metrics beside ``metrics.jsonl``: ``"tensorboard"``, ``"wandb"``.
     """
 
@@ -144,6 +147,11 @@ class TrainConfig:
                                            "'auto' when output/train-state holds one (else start afresh)")
     progress: bool = _opt(True, "show tqdm progress bars")
     limit_train_batches: int | None = _opt(None, "stop each epoch after this many batches (quick runs, benchmarks)")
+    train_per_class: int | None = _opt(None, "train on a seeded subset of this many images per class (few-label "
+                                             "runs); the validation split is never cut")
+    train_imbalance: float | None = _opt(None, "long-tailed training subset: the largest class keeps this many times "
+                                               "the images of the smallest (e.g. 10; see timm_remem.subsets)")
+    subset_seed: int = _opt(0, "seed of the training subset's images (independent of seed, so runs share them)")
     log: list[str] = field(default_factory=list, metadata={
         "help": "experiment trackers beside metrics.jsonl: tensorboard, wandb (each an optional extra)",
         "choices": TRACKERS})
@@ -165,8 +173,11 @@ class TrainConfig:
         check_float("label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
         check_float("ema_decay", self.ema_decay, low=0, high=1, high_open=True, hint="0.998 is a common choice")
         check_float("clip_grad", self.clip_grad, low=0, low_open=True, allow_none=True)
-        for name in ("img_size", "num_classes", "limit_train_batches"):
+        for name in ("img_size", "num_classes", "limit_train_batches", "train_per_class"):
             check_int(name, getattr(self, name), low=1, allow_none=True)
+        check_float("train_imbalance", self.train_imbalance, low=1, allow_none=True,
+                    hint="the ratio of the largest class to the smallest, e.g. 10")
+        check_int("subset_seed", self.subset_seed)
         if not isinstance(self.log, (list, tuple)) or isinstance(self.log, str):
             raise ConfigError(f"log must be a list of tracker names such as ['tensorboard'], got {self.log!r}")
         self.log = list(dict.fromkeys(self.log))
@@ -255,6 +266,10 @@ class DistillConfig(TrainConfig):
         distill_weight: Weight of the distillation loss.
         cache_teacher: Cache teacher logits by sample index (None: automatic, when inputs are deterministic: no
             augmentation and no mixup/cutmix).
+        labels_per_class: Semi-supervised distillation: the label loss sees the labels of only this many training
+            images per class (a seeded subset, ``subset_seed``; the mean over the batch's labelled images, 0 in a
+            batch without one), the distillation loss sees every training image. Without a teacher the student
+            then learns from those labelled images alone, step for step the same label loss (the baseline).
     """
 
     output: str = _opt("runs/student", "output folder of the run")
@@ -268,10 +283,19 @@ class DistillConfig(TrainConfig):
     distill_weight: float = _opt(1.0, "weight of the distillation loss")
     cache_teacher: bool | None = _opt(None, "cache teacher logits by sample index; automatic when unset (on when "
                                             "inputs are deterministic: no augmentation, mixup or cutmix)")
+    labels_per_class: int | None = _opt(None, "semi-supervised: the label loss sees only this many labelled "
+                                              "training images per class, the distillation loss every image")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("method", self.method, ("kd", "hard", "dist"))
+        check_int("labels_per_class", self.labels_per_class, low=1, allow_none=True)
+        if self.labels_per_class is not None and (self.mixup > 0 or self.cutmix > 0):
+            raise ConfigError(
+                f"labels_per_class={self.labels_per_class} masks the label loss per image, but mixup/cutmix blend "
+                "labelled with unlabelled images; turn mixup and cutmix off (mixup=0 cutmix=0) or unset "
+                "labels_per_class"
+            )
         check_float("temperature", self.temperature, low=0, low_open=True)
         _non_negative("task_weight", self.task_weight)
         _non_negative("distill_weight", self.distill_weight)

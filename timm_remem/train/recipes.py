@@ -29,6 +29,7 @@ from .. import distributed
 from ..distill import DistillationLoss, RememDistillationTask, Teacher, TeacherLogitCache, task_loss
 from ..hub import save_pretrained
 from ..lora import is_lora, merge_lora, trainable_parameters
+from ..subsets import training_subset
 from ..teachers import load_teacher_model
 from .builders import (
     adapt_teacher,
@@ -42,6 +43,7 @@ from .builders import (
     wrap_ddp,
 )
 from .config import DistillConfig, FinetuneConfig, TrainConfig, make_config
+from .console import log
 from .loop import evaluate, fit
 from .results import TrainResult
 
@@ -145,6 +147,28 @@ class _ForwardCounter:
             self._handle.remove()
 
 
+def _labelled_mask(cfg: DistillConfig, train) -> torch.Tensor | None:
+    """Which training images keep their label (``labels_per_class``), by dataset index; None: every image."""
+    if cfg.labels_per_class is None:
+        return None
+    chosen = training_subset(train, per_class=cfg.labels_per_class, seed=cfg.subset_seed).indices
+    mask = torch.zeros(len(train), dtype=torch.bool)
+    mask[torch.as_tensor(chosen, dtype=torch.long)] = True
+    if distributed.is_main_process():
+        log.info("semi-supervised: the labels of %d of %d training images (%d per class); the rest are seen "
+                 "through the teacher only", len(chosen), len(train), cfg.labels_per_class)
+    return mask
+
+
+def _labelled_task_loss(cfg: DistillConfig, logits: torch.Tensor, target: torch.Tensor, idx: torch.Tensor,
+                        labelled: torch.Tensor) -> torch.Tensor:
+    """The label loss over the batch's labelled images (mean), 0 (with a graph) in a batch without one."""
+    keep = labelled[idx.cpu()].to(logits.device)
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    return task_loss(logits[keep], target[keep], cfg.label_smoothing)
+
+
 def distill_student(
     config: DistillConfig | None = None, /, *, teacher_model: nn.Module | None = None, **kwargs: Any
 ) -> TrainResult:
@@ -185,11 +209,14 @@ def distill_student(
         teacher_net = load_distill_teacher(cfg, num_classes, device)
     teacher_acc = None
     counter = _ForwardCounter(None)
+    labelled = _labelled_mask(cfg, train)
     if teacher_net is None:
         train_model = wrap_ddp(student, device)  # under torchrun: DistributedDataParallel
 
         def compute(x, target, idx, teacher_logits):
             logits = train_model(x)
+            if labelled is not None:
+                return _labelled_task_loss(cfg, logits, target, idx, labelled), logits, None
             return task_loss(logits, target, cfg.label_smoothing), logits, None
     else:
         teacher_net = teacher_net.to(device)
@@ -198,16 +225,22 @@ def distill_student(
         teacher = Teacher(teacher_net, student, cache=cache)
         teacher_acc = evaluate(teacher, val_loader, device, autocast)[1]  # without indices: never cached
         counter = _ForwardCounter(teacher_net)  # training forwards only (cache hits run none)
-        loss_fn = DistillationLoss(cfg.method, task_weight=cfg.task_weight, distill_weight=cfg.distill_weight,
-                                   temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
+        # semi-supervised: the loss gets no labels; the label term over the labelled images is added in compute
+        loss_fn = DistillationLoss(cfg.method, task_weight=cfg.task_weight if labelled is None else 0.0,
+                                   distill_weight=cfg.distill_weight, temperature=cfg.temperature,
+                                   label_smoothing=cfg.label_smoothing)
         task = RememDistillationTask(student, teacher, loss_fn, device=device, verbose=False)
         if distributed.is_distributed():  # the student in DDP; the frozen teacher (eval, no_grad) stays unwrapped
             task.prepare_distributed(device_ids=[device.index] if device.type == "cuda" else None)
         train_model = task.trainable_module
 
         def compute(x, target, idx, teacher_logits):
-            res = task(x, target, teacher_logits=teacher_logits, indices=idx if cache is not None else None)
-            return res["loss"], res["output"], res["teacher_logits"]
+            res = task(x, target if labelled is None else None, teacher_logits=teacher_logits,
+                       indices=idx if cache is not None else None)
+            loss = res["loss"]
+            if labelled is not None and cfg.task_weight > 0:
+                loss = loss + cfg.task_weight * _labelled_task_loss(cfg, res["output"], target, idx, labelled)
+            return loss, res["output"], res["teacher_logits"]
 
     def write_export(src: nn.Module, folder: Path, record: Mapping[str, Any]) -> None:
         acc = record.get("ema_val_acc", record["val_acc"])
