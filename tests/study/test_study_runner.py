@@ -4,6 +4,8 @@ study, sweeps, device/AMP pass-through and config files."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 import scipy.stats
@@ -11,6 +13,7 @@ import scipy.stats
 import timm_remem.study.runner as runner
 from timm_remem.errors import TrainingError
 from timm_remem.study import StudyConfig, load_config, plan_arms, run_folder, run_settings, run_study
+from timm_remem.train import finetune_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,3 +135,19 @@ def test_select_picks_the_checkpoint_and_a_yaml_config_drives_the_study(tmp_path
     res = run_study(load_config(path), output=str(tmp_path / "out"))
     assert all(r["checkpoint"] in ("epoch-001", "epoch-002") and r["mi"] is None for r in res.runs)
     assert (run_folder(tmp_path / "out", "plain", 0) / "select" / "select.json").is_file()
+
+
+def test_without_progress_a_study_logs_one_line_per_run_and_no_epoch_lines(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run_study(quick=True, arms=["plain", "student"], output=str(tmp_path / "s"), progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("timm_remem.train")]
+    runs = [m for m in lines if m.startswith("study [")]
+    assert [m.split(":")[0] for m in runs] == ["study [1/4] plain seed 0", "study [2/4] plain seed 1",
+                                               "study [3/4] student seed 0", "study [4/4] student seed 1"]
+    assert re.fullmatch(r"study \[1/4\] plain seed 0: teacher \d\.\d{4}, student \d\.\d{4} \(\d+ s\)", runs[0])
+    assert re.fullmatch(r"study \[3/4\] student seed 0: student \d\.\d{4} \(\d+ s\)", runs[2])
+    assert runs == lines  # no stage line (start-up, epoch, export) came through
+    caplog.clear()  # and once the study is over, a run shows its own lines again
+    finetune_teacher(model="test_vit", img_size=16, epochs=1, limit_train_batches=1, output=str(tmp_path / "t"),
+                     progress=False, save_state=False)
+    assert any("epoch 1/1" in r.getMessage() for r in caplog.records)

@@ -128,7 +128,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "float16 with a GradScaler on CUDA (default: off)")
     r.add_argument("--output", default=S, help="the study folder (default: runs/study)")
     r.add_argument("--no-progress", dest="progress", action="store_false", default=S,
-                   help="no progress bars (default: on)")
+                   help="no progress bars or stage lines, one line per run (default: on)")
     p.set_defaults(func=run)
 
 

@@ -110,7 +110,7 @@ class StudyConfig:
         device: Device of every stage (``auto``, ``cpu``, ``cuda``, ``cuda:1``).
         amp: Mixed precision in every stage.
         output: The study folder.
-        progress: Show progress bars and stage lines.
+        progress: Show progress bars and every stage's lines; without, one line per finished run.
         quick: The settings came from :data:`QUICK` (recorded only).
     """
 
