@@ -117,3 +117,20 @@ def test_train_config_checks_the_subset_settings():
         FinetuneConfig(model="m", train_imbalance=0.9)
     with pytest.raises(ConfigError, match=r"train_per_class must be a positive integer or None, got -1"):
         FinetuneConfig(model="m", train_per_class=-1)
+
+
+def test_multi_column_targets_fall_back_to_the_label_each_sample_yields():
+    class _QMNISTLike(_Labelled):  # torchvision's QMNIST keeps [N, 8] targets but yields target[0]
+        @property
+        def targets(self):
+            return torch.tensor([[y, 7, 7, 7] for y in self.labels])
+
+    ds = _QMNISTLike([3, 2])
+    assert dataset_targets(ds) == [0, 0, 0, 1, 1]
+    assert sorted(dataset_targets(training_subset(ds, per_class=2))) == [0, 0, 1, 1]
+
+
+def test_the_error_names_the_setting_that_asked_for_the_subset():
+    with pytest.raises(ConfigError, match=r"labels_per_class=2 exceeds the training images of 1 class\(es\) "
+                                          r"\(class 1: 1\); use labels_per_class <= 1"):
+        training_subset(_Labelled([4, 1]), per_class=2, option="labels_per_class")

@@ -58,6 +58,8 @@ def dataset_targets(dataset: Dataset) -> list[int]:
         parent = dataset_targets(dataset.dataset)
         return [parent[int(i)] for i in dataset.indices]
     found = getattr(dataset, "targets", None)
+    if isinstance(found, torch.Tensor) and found.dim() != 1:
+        found = None  # e.g. QMNIST's [N, 8] targets: the label a sample yields is what counts
     if found is None:
         samples = getattr(getattr(dataset, "reader", None), "samples", None)
         if isinstance(samples, Sequence) and samples and isinstance(samples[0], (tuple, list)):
@@ -82,8 +84,11 @@ def dataset_targets(dataset: Dataset) -> list[int]:
     return labels
 
 
-def subset_counts(counts: Sequence[int], *, per_class: int | None = None, imbalance: float | None = None) -> list[int]:
+def subset_counts(counts: Sequence[int], *, per_class: int | None = None, imbalance: float | None = None,
+                  option: str = "train_per_class") -> list[int]:
     """How many images of each class a subset keeps, given the class sizes ``counts`` (see the module docstring).
+
+    ``option`` is the setting's name in error messages (``"labels_per_class"`` for semi-supervised runs).
 
     Raises:
         ConfigError: Bad ``per_class``/``imbalance``, or a class with fewer images than ``per_class``.
@@ -92,7 +97,7 @@ def subset_counts(counts: Sequence[int], *, per_class: int | None = None, imbala
         >>> subset_counts([50, 40, 30], imbalance=4)
         [30, 15, 7]
     """
-    check_int("train_per_class", per_class, low=1, allow_none=True)
+    check_int(option, per_class, low=1, allow_none=True)
     check_float("train_imbalance", imbalance, low=1, allow_none=True,
                 hint="the ratio of the largest class to the smallest, e.g. 10 or 100")
     present = [c for c, n in enumerate(counts) if n > 0]
@@ -100,8 +105,8 @@ def subset_counts(counts: Sequence[int], *, per_class: int | None = None, imbala
         short = {c: counts[c] for c in present if counts[c] < per_class}
         if short:
             shown = ", ".join(f"class {c}: {n}" for c, n in list(short.items())[:5])
-            raise ConfigError(f"train_per_class={per_class} exceeds the training images of {len(short)} class(es) "
-                              f"({shown}); use train_per_class <= {min(counts[c] for c in present)}")
+            raise ConfigError(f"{option}={per_class} exceeds the training images of {len(short)} class(es) "
+                              f"({shown}); use {option} <= {min(counts[c] for c in present)}")
     base = per_class if per_class is not None else min(counts[c] for c in present)
     if imbalance is None or len(present) < 2:
         return [base if n > 0 else 0 for n in counts]
@@ -114,7 +119,7 @@ def subset_counts(counts: Sequence[int], *, per_class: int | None = None, imbala
 
 
 def training_subset(dataset: Dataset, *, per_class: int | None = None, imbalance: float | None = None,
-                    seed: int = 0) -> Dataset:
+                    seed: int = 0, option: str = "train_per_class") -> Dataset:
     """A seeded subset of a training set with ``per_class`` images per class and/or a long-tailed ``imbalance``.
 
     Returns ``dataset`` itself when both are None. See the module docstring for the profile.
@@ -124,6 +129,12 @@ def training_subset(dataset: Dataset, *, per_class: int | None = None, imbalance
         per_class: Images kept per class (every class must have that many).
         imbalance: Ratio (>= 1) of the most frequent class's kept images to the rarest's.
         seed: Seed of the choice of images (independent of the training seed).
+        option: The setting's name in error messages.
+
+    The choice is made over the positions of ``dataset``: the same dataset, labels and seed always give the same
+    images, and a larger ``per_class`` keeps those of a smaller one; a subset taken from a subset (say a student's
+    ``labels_per_class`` inside a ``train_per_class`` split) is drawn afresh inside it, not nested in a subset taken
+    from the whole set.
 
     Raises:
         ConfigError: Bad settings, non-integer labels, or a class smaller than ``per_class``.
@@ -145,7 +156,7 @@ def training_subset(dataset: Dataset, *, per_class: int | None = None, imbalance
     by_class: list[list[int]] = [[] for _ in range(max(labels) + 1)]
     for i, y in enumerate(labels):
         by_class[y].append(i)
-    keep = subset_counts([len(ix) for ix in by_class], per_class=per_class, imbalance=imbalance)
+    keep = subset_counts([len(ix) for ix in by_class], per_class=per_class, imbalance=imbalance, option=option)
     chosen: list[int] = []
     for c, ix in enumerate(by_class):
         if not ix:

@@ -139,15 +139,33 @@ def test_select_picks_the_checkpoint_and_a_yaml_config_drives_the_study(tmp_path
 
 def test_without_progress_a_study_logs_one_line_per_run_and_no_epoch_lines(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    run_study(quick=True, arms=["plain", "student"], output=str(tmp_path / "s"), progress=False)
+    run_study(quick=True, arms=["plain", "student"], select=True, output=str(tmp_path / "s"), progress=False)
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("timm_remem.train")]
     runs = [m for m in lines if m.startswith("study [")]
     assert [m.split(":")[0] for m in runs] == ["study [1/4] plain seed 0", "study [2/4] plain seed 1",
                                                "study [3/4] student seed 0", "study [4/4] student seed 1"]
     assert re.fullmatch(r"study \[1/4\] plain seed 0: teacher \d\.\d{4}, student \d\.\d{4} \(\d+ s\)", runs[0])
     assert re.fullmatch(r"study \[3/4\] student seed 0: student \d\.\d{4} \(\d+ s\)", runs[2])
-    assert runs == lines  # no stage line (start-up, epoch, export) came through
+    assert runs == lines  # no stage line (start-up, epoch, export, select's own lines) came through
     caplog.clear()  # and once the study is over, a run shows its own lines again
     finetune_teacher(model="test_vit", img_size=16, epochs=1, limit_train_batches=1, output=str(tmp_path / "t"),
                      progress=False, save_state=False)
     assert any("epoch 1/1" in r.getMessage() for r in caplog.records)
+
+
+def test_a_study_is_silent_when_the_application_silenced_the_training_logger(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="timm_remem.train")
+    run_study(quick=True, arms=["student"], output=str(tmp_path / "s"), progress=False)
+    assert not [r for r in caplog.records if r.levelno < logging.WARNING]
+    assert logging.getLogger("timm_remem.train").level == logging.WARNING  # given back as it was
+
+
+def test_select_distillations_inherit_the_students_data_settings():
+    cfg = StudyConfig(teacher="test_vit", student="test_resnet", select=True, arms=["plain"],
+                      distill={"labels_per_class": 3, "train_per_class": 20, "subset_seed": 4, "epochs": 5},
+                      select_options={"epochs": 1})
+    select = run_settings(cfg, plan_arms(cfg)[0], 0)["select"]
+    assert (select["labels_per_class"], select["train_per_class"], select["subset_seed"]) == (3, 20, 4)
+    assert select["epochs"] == 1  # select's own settings still win
+    cfg.select_options = {"labels_per_class": 10}
+    assert run_settings(cfg, plan_arms(cfg)[0], 0)["select"]["labels_per_class"] == 10

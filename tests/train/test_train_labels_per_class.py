@@ -77,6 +77,7 @@ def test_bad_settings_are_refused(kwargs, match):
 
 
 def test_more_labels_than_a_class_holds_is_refused_before_training(tmp_path):
-    with pytest.raises(ConfigError, match=r"train_per_class=500 exceeds the training images of 10 class\(es\)"):
+    with pytest.raises(ConfigError, match=r"labels_per_class=500 exceeds the training images of 10 class\(es\).*"
+                                          r"use labels_per_class <= 139"):
         distill_student(**RUN, labels_per_class=500, output=str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints").exists()

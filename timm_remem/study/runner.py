@@ -48,7 +48,7 @@ SETTINGS_FILE = "study-settings.json"
 RESULT_FILE = "result.json"
 _STAGES_FILE = "stages.json"
 _LEFT_OUT = ("output", "resume", "progress", "teacher", "version")  # not part of what a stage computes
-_run_log = logging.getLogger(f"{LOGGER}.study")  # one line per run; a child, so the stage filter lets it pass
+_run_log = logging.getLogger(f"{LOGGER}.study")  # one line per run, through the stages' console handler
 
 
 def run_folder(output: str | Path, arm: str, seed: int) -> Path:
@@ -91,8 +91,15 @@ def _student_config(cfg: StudyConfig, seed: int, folder: Path, teacher: str | No
     )
 
 
+# The data settings of the students that the short select distillations inherit (unless select_options sets them):
+# a few-label study must not pick its teachers with labels its students never see.
+_SELECT_INHERITS = ("train_per_class", "train_imbalance", "subset_seed", "labels_per_class", "img_size")
+
+
 def _select_options(cfg: StudyConfig, seed: int, folder: Path) -> dict[str, Any]:
-    return {"epochs": 2, **cfg.select_options, "model": cfg.student, "model_kwargs": dict(cfg.student_kwargs),
+    inherited = {k: cfg.distill[k] for k in _SELECT_INHERITS if k in cfg.distill}
+    return {"epochs": 2, **inherited, **cfg.select_options, "model": cfg.student,
+            "model_kwargs": dict(cfg.student_kwargs),
             "dataset": cfg.dataset, "data_dir": cfg.data_dir, "seed": seed, "device": cfg.device, "amp": cfg.amp,
             "output": str(folder / "select"), "progress": cfg.progress}
 
@@ -167,27 +174,21 @@ def _measure_mi(cfg: StudyConfig, tcfg: FinetuneConfig, checkpoint: str) -> floa
     return float(teacher_information(model, loader, device=device, progress=False, **options).i_xf)
 
 
-class _DropInfo(logging.Filter):
-    """Drops the stages' own INFO lines (epoch lines, start-up lines); warnings and errors pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
-
-
 @contextlib.contextmanager
 def _stage_lines(shown: bool):
-    """Without progress, a study shows one line per run (``_run_log``) instead of every stage's epoch lines: a
-    filter on the ``timm_remem.train`` logger (records of its child ``timm_remem.train.study`` pass) for the
-    duration of the study, removed afterwards, the logger's level untouched."""
-    if shown:
-        yield
-        return
-    stage_logger, dropper = logging.getLogger(LOGGER), _DropInfo()
-    stage_logger.addFilter(dropper)
+    """Without progress, a study shows one line per run (``_run_log``) instead of every stage's lines: for the
+    duration of the study the ``timm_remem.train`` logger (and so every child without a level of its own: select,
+    lock, ...) drops records below WARNING, then gets its level back. The run lines follow the level the application
+    had set, so ``logging.getLogger("timm_remem.train").setLevel(logging.WARNING)`` silences a study too."""
+    stage_logger = logging.getLogger(LOGGER)
+    previous = stage_logger.level
+    _run_log.setLevel(stage_logger.getEffectiveLevel())  # its own level: a quiet parent does not drop it
+    if not shown:
+        stage_logger.setLevel(max(stage_logger.getEffectiveLevel(), logging.WARNING))
     try:
         yield
     finally:
-        stage_logger.removeFilter(dropper)
+        stage_logger.setLevel(previous)
 
 
 def _run_line(row: Mapping[str, Any], done: int, total: int, seconds: float) -> str:

@@ -151,7 +151,8 @@ def _labelled_mask(cfg: DistillConfig, train) -> torch.Tensor | None:
     """Which training images keep their label (``labels_per_class``), by dataset index; None: every image."""
     if cfg.labels_per_class is None:
         return None
-    chosen = training_subset(train, per_class=cfg.labels_per_class, seed=cfg.subset_seed).indices
+    chosen = training_subset(train, per_class=cfg.labels_per_class, seed=cfg.subset_seed,
+                             option="labels_per_class").indices
     mask = torch.zeros(len(train), dtype=torch.bool)
     mask[torch.as_tensor(chosen, dtype=torch.long)] = True
     if distributed.is_main_process():
