@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hub_server import no_retry_waits, serving
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +17,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A Hub-compatible server on loopback (tests/hub_server.py), the client pointed at it."""
+    with serving(tmp_path / "hf_home", monkeypatch) as server:
+        yield server
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+    """The client's retries without their waits (a test of an unreachable Hub takes no back-off time)."""
+    no_retry_waits(monkeypatch)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from hub_server import ALICE_WRITE, no_retry_waits, serving, use_hub
+from hub_server import ALICE_WRITE, no_retry_waits, use_hub
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -375,12 +375,6 @@ def test_losses_reject(call, error, match):
 # ============================================================================================== hub
 
 hub_mark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's own call
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with serving(tmp_path / "hf_home", monkeypatch) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -7,58 +7,23 @@ reference teacher with forward hooks (the same perturbed ``test_vit`` scaled wit
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 
 import pytest
 import timm
 import torch
-from hub_server import ALICE_WRITE, MisbehavingServer, no_retry_waits, serving, use_hub
+from hub_server import ALICE_WRITE, MisbehavingServer, use_hub
+from hub_teachers import make_teacher, out
 
-import timm_remem
 from timm_remem.cli import push as push_cli
 from timm_remem.hub import save_pretrained
-from timm_remem.reweighting import ScaledBranch
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")  # huggingface_hub's own call
-
-FACTORS = [0.9, 0.8, 0.65, 0.5, 0.4, 0.3]
-X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with serving(tmp_path / "hf_home", monkeypatch) as server:
-        yield server
-
-
-@pytest.fixture
-def no_retry_wait(monkeypatch):
-    no_retry_waits(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    """A reweighted test_vit with perturbed weights and factors, and an independent reference of its forward."""
-    torch.manual_seed(0)
-    base = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=5)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    reference = copy.deepcopy(base).eval()
-    for block, factor in zip(reference.blocks, FACTORS, strict=True):
-        block.mlp.register_forward_hook(lambda mod, args, out, f=factor: out * f)
-    model = timm_remem.reweight(base, alpha=0.8, learnable=True)
-    with torch.no_grad():
-        for wrapper in model.modules():
-            if isinstance(wrapper, ScaledBranch):
-                wrapper.remem_scale.fill_(FACTORS[wrapper.index])
-    return model.eval(), reference
-
-
-@torch.no_grad()
-def _out(model):
-    return model.eval()(X)
+    return make_teacher()
 
 
 def _cli(argv: list[str]) -> int:
@@ -77,7 +42,7 @@ def test_cli_push_keeps_saved_metadata_and_applies_overrides(hub, teacher, tmp_p
     remem = json.loads(hub.files("alice/vit-remem")["config.json"])["remem"]
     assert (remem["dataset"], remem["rho"], remem["student_accuracies"], remem["merged"]) == (
         "cifar100", 0.2, {"resnet18": 78.5}, True)
-    torch.testing.assert_close(_out(timm.create_model("hf-hub:alice/vit-remem", pretrained=True)), _out(teacher[1]),
+    torch.testing.assert_close(out(timm.create_model("hf-hub:alice/vit-remem", pretrained=True)), out(teacher[1]),
                                atol=1e-5, rtol=1e-5)
 
 

@@ -3,19 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hub_server import no_retry_waits, serving
 from hub_teachers import FACTORS, make_teacher
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with serving(tmp_path / "hf_home", monkeypatch) as server:
-        yield server
-
-
-@pytest.fixture
-def no_retry_wait(monkeypatch):
-    no_retry_waits(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import hashlib
 
 import httpx2
 import pytest
-from hub_server import ALICE_READ, ALICE_WRITE, BOB_WRITE, serving
+from hub_server import ALICE_READ, ALICE_WRITE, BOB_WRITE
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -24,12 +24,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 REPO = "alice/demo"
 CONFIG = b'{"architecture": "test_vit"}\n'
 WEIGHTS = bytes(range(256)) * 40  # binary (NUL bytes): must go through LFS
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with serving(tmp_path / "hf_home", monkeypatch) as server:
-        yield server
 
 
 def _upload(api: HfApi, repo_id: str = REPO, weights: bytes = WEIGHTS, **kwargs):

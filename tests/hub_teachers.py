@@ -1,4 +1,4 @@
-"""Teachers for the hub tests, and an independent reference of their outputs.
+"""Teachers for the hub and push tests, and an independent reference of their outputs.
 
 The reference is written here, independently of the reweighting module: the same perturbed ``test_vit`` without
 wrappers, with forward hooks multiplying each block's MLP output by its factor. Plain timm
