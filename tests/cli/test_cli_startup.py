@@ -82,8 +82,8 @@ import sys
 {ORDERS[order]}
 import torch
 opt = timm.optim.create_optimizer_v2(torch.nn.Linear(2, 2), "samsgd", lr=0.1, rho=0.07)
-from timm_remem.sam import SAM
-assert type(opt) is SAM and opt.param_groups[0]["rho"] == 0.07, opt
+from timm_remem.sam import OnePassSAMSGD
+assert type(opt) is OnePassSAMSGD and opt.param_groups[0]["rho"] == 0.07, opt
 assert type(timm.__spec__.loader).__name__ == type(timm.__loader__).__name__ == "SourceFileLoader"
 assert not [f for f in sys.meta_path if type(f).__module__ == "timm_remem"], sys.meta_path
 print("ok")

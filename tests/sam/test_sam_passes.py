@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sam_reference import batches, loss_fn, make_closure, mlp
 from torch import nn
 
-from timm_remem.sam import SAM
+from timm_remem.sam import SAM, create_sam
 
 
 def convnet(seed: int = 0) -> nn.Module:
@@ -130,7 +130,7 @@ def test_drop_path_masks_are_replayed_in_vit():
                               drop_rate=0.3)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0])
-    opt = timm.optim.create_optimizer_v2(model, "samadamw", lr=1e-3, rho=0.0)
+    opt = create_sam(model, "adamw", lr=1e-3, rho=0.0)
 
     def closure():
         loss = F.cross_entropy(model(x), y)

@@ -1,25 +1,37 @@
-"""SAM in timm's optimizer factory: ``create_optimizer_v2(model, "samsgd" | "sammomentum" | "samadam" | ...)``.
+"""SAM in timm's optimizer factory: one-pass names for timm's loops, and ``create_sam`` for the exact SAM.
 
-``register_with_timm()`` adds five names to timm's registry; ``import timm_remem`` (or ``timm_remem.sam``) calls it
-once, and calling it again changes nothing. Everything timm's factory does for its own optimizers applies: weight
-decay left off norms and biases, ``layer_decay`` groups, ``momentum`` and ``betas`` defaults. SAM's own keywords
-(``rho``, ``adaptive``, ``eta``, ``every``, ...) pass through the factory.
+A name in timm's registry is a promise that timm's own loop (``train.py``: ``loss.backward(); optimizer.step()``,
+never a closure) and timm's optimizer tests can drive it. So every name timm-remem registers builds the one-pass
+``OnePassSAM`` (Momentum-SAM: one forward/backward per step), around the base optimizer its name gives:
 
-======================  ================================================================
-name                    SAM around
-======================  ================================================================
-``sam``, ``samsgd``     ``torch.optim.SGD`` with Nesterov momentum (timm's ``sgd``)
-``sammomentum``         ``torch.optim.SGD`` with classical momentum (timm's ``momentum``)
-``samadam``             ``torch.optim.Adam``
-``samadamw``            ``torch.optim.AdamW``
-======================  ================================================================
+======================  =====================================  ======================================
+name                    class                                  base optimizer
+======================  =====================================  ======================================
+``sam``, ``samsgd``     ``OnePassSAMSGD`` (``nesterov=True``)  ``torch.optim.SGD``, Nesterov (timm's ``sgd``)
+``sammomentum``         ``OnePassSAMSGD``                      ``torch.optim.SGD``, classical momentum
+``samadam``             ``OnePassSAMAdam``                     ``torch.optim.Adam``
+``samadamw``            ``OnePassSAMAdamW``                    ``torch.optim.AdamW``
+======================  =====================================  ======================================
+
+Each class spells out its base optimizer's keywords, so timm's factory forwards ``momentum`` / ``betas`` / ``eps``
+exactly as for ``sgd`` / ``adamw`` (its ``OptimInfo`` flags say which). ``rho`` passes through the factory
+(``--opt-kwargs rho=0.1`` in ``train.py``).
+
+The exact, two-pass SAM is not in the registry, since a name there must survive ``step()`` without a closure;
+``create_sam(model, "adamw", rho=...)`` builds it around any timm optimizer, with timm's parameter groups (weight
+decay left off norms and biases, ``layer_decay``), by the factory's own code.
+
+``register_with_timm()`` adds the names; ``import timm_remem`` calls it once, and calling it again changes nothing.
 
 Example:
     >>> import torch, timm.optim
-    >>> from timm_remem.sam import register_with_timm
+    >>> from timm_remem.sam import create_sam, register_with_timm
     >>> register_with_timm()  # already done by the import; idempotent
-    >>> opt = timm.optim.create_optimizer_v2(torch.nn.Linear(4, 2), "samadamw", lr=1e-3, rho=0.1)
-    >>> type(opt).__name__, type(opt.base_optimizer).__name__
+    >>> model = torch.nn.Linear(4, 2)
+    >>> type(timm.optim.create_optimizer_v2(model, "samadamw", lr=1e-3, rho=0.1)).__name__
+    'OnePassSAMAdamW'
+    >>> exact = create_sam(model, "adamw", lr=1e-3, rho=0.1)
+    >>> type(exact).__name__, type(exact.base_optimizer).__name__
     ('SAM', 'AdamW')
 """
 
@@ -29,9 +41,13 @@ import logging
 import warnings
 from typing import Any
 
+import timm.optim
 import torch
 from timm.optim import OptimInfo, get_optimizer_info
+from torch import nn
 
+from ..errors import ConfigError
+from .onepass import OnePassSAM
 from .optimizer import SAM
 
 try:  # timm has no public way to register an optimizer; its factory reads this registry
@@ -39,10 +55,67 @@ try:  # timm has no public way to register an optimizer; its factory reads this 
 except ImportError:  # pragma: no cover - a timm without the optimizer registry
     default_registry = None
 
-__all__ = ["register_with_timm", "sam_optimizer_infos"]
+__all__ = ["register_with_timm", "sam_optimizer_infos", "create_sam", "OnePassSAMSGD", "OnePassSAMAdam",
+           "OnePassSAMAdamW"]
 
 # The logger of timm's registry, which warns "Optimizer ... already registered, overwriting".
 _TIMM_REGISTRY_LOGGER = "timm.optim._optim_factory"
+
+
+class OnePassSAMSGD(OnePassSAM):
+    """``OnePassSAM`` around ``torch.optim.SGD``, with SGD's keywords (timm's ``sam``, ``samsgd``, ``sammomentum``).
+
+    Example:
+        >>> import torch
+        >>> opt = OnePassSAMSGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9, rho=0.05)
+        >>> type(opt.base_optimizer).__name__, opt.param_groups[0]["momentum"]
+        ('SGD', 0.9)
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, rho: float = 0.05, maximize: bool = False,
+                 foreach: bool | None = None, model: nn.Module | None = None) -> None:
+        super().__init__(params, torch.optim.SGD, rho=rho, model=model, lr=lr, momentum=momentum,
+                         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                         foreach=foreach)
+
+
+class OnePassSAMAdam(OnePassSAM):
+    """``OnePassSAM`` around ``torch.optim.Adam``, with Adam's keywords (timm's ``samadam``).
+
+    Example:
+        >>> import torch
+        >>> opt = OnePassSAMAdam(torch.nn.Linear(2, 2).parameters(), lr=1e-3, betas=(0.9, 0.99))
+        >>> opt.param_groups[0]["betas"]
+        (0.9, 0.99)
+    """
+
+    _base: Any = torch.optim.Adam
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, rho: float = 0.05, maximize: bool = False,
+                 foreach: bool | None = None, model: nn.Module | None = None) -> None:
+        super().__init__(params, self._base, rho=rho, model=model, lr=lr, betas=betas, eps=eps,
+                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach)
+
+
+class OnePassSAMAdamW(OnePassSAMAdam):
+    """``OnePassSAM`` around ``torch.optim.AdamW``, with AdamW's keywords (timm's ``samadamw``).
+
+    Example:
+        >>> import torch
+        >>> opt = OnePassSAMAdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-3)
+        >>> type(opt.base_optimizer).__name__, opt.param_groups[0]["weight_decay"]
+        ('AdamW', 0.01)
+    """
+
+    _base = torch.optim.AdamW
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, rho: float = 0.05, maximize: bool = False,
+                 foreach: bool | None = None, model: nn.Module | None = None) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, rho=rho,
+                         maximize=maximize, foreach=foreach, model=model)
 
 
 def sam_optimizer_infos() -> list[OptimInfo]:
@@ -55,47 +128,72 @@ def sam_optimizer_infos() -> list[OptimInfo]:
         >>> [info.name for info in sam_optimizer_infos()]
         ['sam', 'samsgd', 'sammomentum', 'samadam', 'samadamw']
     """
-    sgd = {"base_optimizer": torch.optim.SGD, "nesterov": True}
+    one_pass = "one-pass SAM (timm_remem, Momentum-SAM; rho= passes through) around"
+    sgd = {"has_momentum": True, "has_eps": False, "has_betas": False}
+    adam = {"has_momentum": False, "has_eps": True, "has_betas": True}
     return [
-        OptimInfo(
-            name="sam",
-            opt_class=SAM,
-            description="SAM (timm_remem) around SGD with Nesterov momentum; rho=, adaptive= pass through",
-            has_eps=False,
-            has_momentum=True,
-            defaults=sgd,
-        ),
-        OptimInfo(
-            name="samsgd",
-            opt_class=SAM,
-            description="SAM (timm_remem) around SGD with Nesterov momentum (same as 'sam')",
-            has_eps=False,
-            has_momentum=True,
-            defaults=dict(sgd),
-        ),
-        OptimInfo(
-            name="sammomentum",
-            opt_class=SAM,
-            description="SAM (timm_remem) around SGD with classical (non-Nesterov) momentum",
-            has_eps=False,
-            has_momentum=True,
-            defaults={"base_optimizer": torch.optim.SGD, "nesterov": False},
-        ),
-        OptimInfo(
-            name="samadam",
-            opt_class=SAM,
-            description="SAM (timm_remem) around torch.optim.Adam",
-            has_betas=True,
-            defaults={"base_optimizer": torch.optim.Adam},
-        ),
-        OptimInfo(
-            name="samadamw",
-            opt_class=SAM,
-            description="SAM (timm_remem) around torch.optim.AdamW",
-            has_betas=True,
-            defaults={"base_optimizer": torch.optim.AdamW},
-        ),
+        OptimInfo(name="sam", opt_class=OnePassSAMSGD, description=f"{one_pass} SGD with Nesterov momentum",
+                  defaults={"nesterov": True}, **sgd),
+        OptimInfo(name="samsgd", opt_class=OnePassSAMSGD, description=f"{one_pass} SGD with Nesterov momentum",
+                  defaults={"nesterov": True}, **sgd),
+        OptimInfo(name="sammomentum", opt_class=OnePassSAMSGD, description=f"{one_pass} SGD with classical momentum",
+                  defaults={"nesterov": False}, **sgd),
+        OptimInfo(name="samadam", opt_class=OnePassSAMAdam, description=f"{one_pass} Adam", **adam),
+        OptimInfo(name="samadamw", opt_class=OnePassSAMAdamW, description=f"{one_pass} AdamW", **adam),
     ]
+
+
+def create_sam(
+    model_or_params: nn.Module | Any,
+    opt: str = "sgd",
+    *,
+    rho: float = 0.05,
+    one_pass: bool = False,
+    adaptive: bool = False,
+    sam_kwargs: dict[str, Any] | None = None,
+    **timm_kwargs: Any,
+) -> SAM | OnePassSAM:
+    """SAM around any timm optimizer, with the parameter groups timm's factory builds for it.
+
+    ``timm.optim.create_optimizer_v2(model_or_params, opt, **timm_kwargs)`` builds the base optimizer exactly as
+    for plain training (weight decay off norms and biases, ``layer_decay``, ``momentum``/``betas`` defaults); the
+    exact ``SAM`` (default) or the one-pass ``OnePassSAM`` then wraps it, sharing its groups and state.
+
+    Args:
+        model_or_params: The model (recommended: the one-pass SAM then hooks it directly) or parameters.
+        opt: A timm optimizer name (``sgd``, ``momentum``, ``adamw``, ``lamb``, ...), not a SAM name.
+        rho: SAM's radius.
+        one_pass: Build ``OnePassSAM`` (loops that call ``step()`` alone) instead of the exact ``SAM``.
+        adaptive: ASAM (exact SAM only).
+        sam_kwargs: More keywords of the exact ``SAM`` (``eta``, ``every``, ``sync_perturbation``, ...).
+        **timm_kwargs: ``create_optimizer_v2``'s keywords (``lr``, ``weight_decay``, ``layer_decay``, ...).
+
+    Returns:
+        The optimizer; ``.base_optimizer`` is the one timm built.
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
+        >>> opt = create_sam(model, "adamw", lr=1e-3, weight_decay=0.05, rho=0.1)
+        >>> [g["weight_decay"] for g in opt.param_groups], opt.param_groups[0]["rho"]
+        ([0.0, 0.05], 0.1)
+    """
+    name = str(opt).lower()
+    if name.split("_")[-1] in {info.name for info in sam_optimizer_infos()}:
+        raise ConfigError(f"create_sam wraps a base optimizer: got opt={opt!r}, a SAM name. Use the base's name, "
+                          f"e.g. create_sam(model, {name.split('_')[-1].removeprefix('sam') or 'sgd'!r}, rho=...).")
+    try:
+        base = timm.optim.create_optimizer_v2(model_or_params, opt, **timm_kwargs)
+    except (ValueError, KeyError, AssertionError) as error:
+        raise ConfigError(f"create_sam: timm cannot create optimizer {opt!r} ({error}); use a timm optimizer name "
+                          "such as 'sgd', 'momentum' or 'adamw'.") from error
+    model = model_or_params if isinstance(model_or_params, nn.Module) else None
+    if one_pass:
+        if adaptive or sam_kwargs:
+            raise ConfigError("create_sam(one_pass=True) takes neither adaptive nor sam_kwargs: those are options of "
+                              "the exact SAM. Drop them, or use one_pass=False.")
+        return OnePassSAM(base.param_groups, lambda groups, **_: base, rho=rho, model=model)
+    return SAM(base.param_groups, lambda groups, **_: base, rho=rho, adaptive=adaptive, **(sam_kwargs or {}))
 
 
 class _DropOverwriteWarning(logging.Filter):
@@ -104,17 +202,16 @@ class _DropOverwriteWarning(logging.Filter):
 
 
 def _is_ours(opt_class: Any) -> bool:
-    """Our SAM, also a stale copy of it left by ``importlib.reload`` of the optimizer module."""
-    return opt_class is SAM or (
-        getattr(opt_class, "__module__", None) == SAM.__module__ and getattr(opt_class, "__qualname__", None) == "SAM"
-    )
+    """One of our classes, also a stale copy left by ``importlib.reload`` (today's or an older release's)."""
+    module = getattr(opt_class, "__module__", "") or ""
+    return module.startswith("timm_remem.sam.")
 
 
 def register_with_timm() -> None:
     """Register SAM in timm's optimizer factory; safe to run more than once.
 
     A name timm already gives to another optimizer is left to it, with a warning. A name that holds a stale copy of
-    this SAM (after ``importlib.reload``) is pointed at the current class.
+    one of our classes (after ``importlib.reload``) is pointed at the current class.
 
     Example:
         >>> import timm.optim
@@ -132,12 +229,13 @@ def register_with_timm() -> None:
         except ValueError:
             existing = None
         if existing is not None:
-            if existing.opt_class is SAM:
+            if existing.opt_class is info.opt_class:
                 continue
             if not _is_ours(existing.opt_class):
                 warnings.warn(
                     f"timm already has an optimizer named {info.name!r} ({existing.opt_class!r}); timm_remem leaves "
-                    f"it in place. Create timm_remem's with timm_remem.SAM(...) directly.",
+                    f"it in place. Create timm_remem's directly: "
+                    f"timm_remem.sam.{info.opt_class.__name__}(params, ...).",
                     stacklevel=2,
                 )
                 continue

@@ -2,8 +2,8 @@
 learning-rate schedule, mixed precision, the weight EMA and Mixup/CutMix.
 
 Each builder reads a :class:`~timm_remem.train.TrainConfig` and leans on timm (``create_optimizer_v2``,
-``create_scheduler_v2``, ``ModelEmaV3``, ``Mixup``); with ``rho > 0`` the optimizer is timm_remem's SAM around
-the named base optimizer (registered in timm's factory by :mod:`timm_remem.sam`).
+``create_scheduler_v2``, ``ModelEmaV3``, ``Mixup``); with ``rho > 0`` the optimizer is timm_remem's SAM (exact or
+one-pass) around the named base optimizer, on the parameter groups timm's factory builds for it.
 
 Example:
     >>> import torch
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from timm.data import Mixup
@@ -36,9 +35,9 @@ from ..data import create_dataset, create_loader, dataset_num_classes
 from ..errors import ConfigError
 from ..lora import apply_lora
 from ..reweighting import reweight
-from ..sam import register_with_timm
+from ..sam import create_sam
 from ..subsets import training_subset
-from .config import SAM_BASES, FinetuneConfig, TrainConfig
+from .config import FinetuneConfig, TrainConfig
 
 __all__ = [
     "resolve_device",
@@ -51,7 +50,6 @@ __all__ = [
     "adapt_teacher",
     "base_model_name",
     "build_data",
-    "optimizer_name",
     "create_optimizer",
     "create_scheduler",
     "create_scaler",
@@ -211,28 +209,23 @@ def build_data(cfg: TrainConfig, model: nn.Module, img_size: int):
     return train, val, train_loader, val_loader
 
 
-def optimizer_name(cfg: TrainConfig) -> str:
-    """The timm optimizer name a config asks for: the SAM variant of the base optimizer when ``rho > 0``.
-
-    Example:
-        >>> optimizer_name(TrainConfig(model="m", optimizer="momentum", rho=0.05))
-        'sammomentum'
-        >>> optimizer_name(TrainConfig(model="m", optimizer="AdamW"))
-        'adamw'
-    """
-    name = cfg.optimizer.lower()
-    return SAM_BASES[name] if cfg.rho > 0 else name
-
-
 def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """``timm.optim.create_optimizer_v2`` with the config's settings (SAM with ``rho``/``adaptive`` when rho > 0)."""
-    extra: dict[str, Any] = {"rho": cfg.rho, "adaptive": cfg.adaptive} if cfg.rho > 0 else {}
-    if cfg.rho > 0:
-        register_with_timm()  # idempotent: the SAM names are in timm's factory even if a user reset its registry
+    """``timm.optim.create_optimizer_v2`` with the config's settings; with rho > 0, SAM around that optimizer.
+
+    SAM is built by ``timm_remem.sam.create_sam`` on the groups timm's factory builds for the base optimizer: the
+    exact two-pass ``SAM`` (``cfg.sam == "exact"``) or the one-pass ``OnePassSAM`` (``"onepass"``), which hooks
+    ``model`` directly.
+    """
+    base = cfg.optimizer.lower()
     try:
-        return create_optimizer_v2(model, opt=optimizer_name(cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                   momentum=cfg.momentum, **extra)
+        if cfg.rho > 0:
+            return create_sam(model, "sgd" if base == "nesterov" else base, rho=cfg.rho,
+                              one_pass=cfg.sam == "onepass", adaptive=cfg.adaptive, lr=cfg.lr,
+                              weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        return create_optimizer_v2(model, opt=base, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     except (ValueError, KeyError, AssertionError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"cannot create optimizer {cfg.optimizer!r} ({e}); use a timm optimizer name such as "
                           "'adamw' or 'sgd'") from e
 

@@ -26,13 +26,16 @@ from .._serialization import dataclass_from_dict, dataclass_to_dict
 from .._validation import check_choice, check_float, check_int
 from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "TRACKERS", "LORA_TARGETS", "make_config"]
+__all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "SAM_MODES", "TRACKERS", "LORA_TARGETS",
+           "make_config"]
 
 # Base optimizer name -> the timm_remem SAM optimizer registered in timm's factory (see timm_remem.sam).
 # "sgd" and "nesterov" are Nesterov SGD (timm's "sgd" is Nesterov too); "momentum" is classical momentum.
 TRACKERS = ("tensorboard", "wandb")
 SAM_BASES = {"sgd": "samsgd", "momentum": "sammomentum", "nesterov": "samsgd", "adam": "samadam",
              "adamw": "samadamw"}
+# The SAM algorithms a run can use (timm_remem.sam): the exact two-pass SAM, or the one-pass Momentum-SAM.
+SAM_MODES = ("exact", "onepass")
 
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the argparse word
@@ -81,6 +84,8 @@ class TrainConfig:
         cutmix: CutMix alpha (0 disables).
         rho: SAM radius; 0 trains without SAM.
         adaptive: ASAM (scale-invariant SAM).
+        sam: The SAM algorithm when ``rho > 0``: ``"exact"`` (two forward/backward passes per step) or
+            ``"onepass"`` (Momentum-SAM, one pass, the base optimizer's cost; see ``timm_remem.sam.OnePassSAM``).
         amp: Mixed precision: bfloat16 autocast on CPU, float16 autocast with a GradScaler on CUDA.
         clip_grad: Clip the global gradient norm to this value (None: off).
         ema: Keep an EMA of the weights (``timm.utils.ModelEmaV3``); exports then hold the EMA weights.
@@ -129,6 +134,9 @@ class TrainConfig:
     cutmix: float = _opt(0.0, "CutMix alpha (0 disables)")
     rho: float = _opt(0.0, "SAM radius; 0 trains without SAM")
     adaptive: bool = _opt(False, "ASAM: scale-invariant SAM (needs rho > 0)")
+    sam: str = field(default="exact", metadata={
+        "help": "SAM algorithm with rho > 0: exact (two forward/backward passes per step) or onepass (Momentum-SAM: "
+                "one pass, the base optimizer's cost)", "choices": SAM_MODES})
     amp: bool = _opt(False, "mixed precision: bfloat16 autocast on CPU, float16 with a GradScaler on CUDA")
     clip_grad: float | None = _opt(None, "clip the global gradient norm to this value (off when unset)")
     ema: bool = _opt(False, "keep an EMA of the weights; exports then hold the EMA weights")
@@ -188,6 +196,10 @@ class TrainConfig:
             bad = [e for e in self.save_at if not 1 <= e <= self.epochs]
             if bad:
                 raise ConfigError(f"save_at epochs {bad} are outside 1..epochs={self.epochs}; pick epochs in range")
+        check_choice("sam", self.sam, SAM_MODES)
+        if self.adaptive and self.sam == "onepass":
+            raise ConfigError("adaptive=True (ASAM) needs the exact SAM: set sam='exact', or adaptive=False for the "
+                              "one-pass SAM")
         if self.adaptive and self.rho == 0:
             raise ConfigError("adaptive=True (ASAM) needs rho > 0 (ASAM uses a larger radius, e.g. rho=0.5)")
         if self.rho > 0 and self.optimizer.lower() not in SAM_BASES:

@@ -111,7 +111,8 @@ def count_text(n: int) -> str:
 def _sam(cfg: TrainConfig) -> str:
     if cfg.rho <= 0:
         return "SAM off"
-    return f"{'ASAM' if cfg.adaptive else 'SAM'} rho={cfg.rho:g}"
+    kind = "one-pass SAM" if cfg.sam == "onepass" else "ASAM" if cfg.adaptive else "SAM"
+    return f"{kind} rho={cfg.rho:g}"
 
 
 def _reweighting(cfg: TrainConfig) -> str | None:

@@ -1,0 +1,188 @@
+"""Private: the hooks through which a one-pass SAM sees the training loop, without the loop's help.
+
+A one-pass SAM must perturb the weights just before each training forward and put them back as soon as the backward
+that follows is done, so that nothing outside the training forward/backward ever sees them perturbed. Loops that
+only call ``step()`` (timm's ``train.py``, HF's Trainer) say neither, so the optimizer watches for both itself:
+
+- **roots**: the outermost modules whose forward uses the optimizer's parameters. A root's forward pre-hook
+  perturbs in a training forward (module in training mode, gradients enabled) and restores otherwise (eval, no_grad,
+  inference mode); its forward hook (``always_call=True``) restores when the forward raised; a state-dict pre-hook
+  on the root and on every module that owns one of the parameters restores before anything is read out.
+- **parameters**: a post-accumulate-grad hook on each trainable parameter restores that parameter the moment its
+  gradient is complete in backward (autograd no longer needs its value then), so a finished backward leaves the
+  weights clean, also under gradient checkpointing.
+- **discovery**: when the optimizer was given parameters only (as timm's factory does), the roots are found by a
+  process-wide forward pre-hook (``register_module_forward_pre_hook``) that lives from the optimizer's construction
+  until the end of the first ``step()`` after a root was found, ignores every module call that is not a training
+  forward, looks at each module once and acts only on modules that hold this optimizer's own parameters.
+
+Every hook holds the optimizer weakly: a collected optimizer's hooks do nothing, and its handles are removed.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+__all__ = ["Attachment"]
+
+
+class _Owner(Protocol):  # what the attachment calls back (OnePassSAM)
+    def _on_training_forward(self) -> None: ...
+    def _restore(self) -> None: ...
+    def _on_grad_ready(self, param: torch.Tensor) -> None: ...
+
+
+def _is_training_forward(module: nn.Module) -> bool:
+    return module.training and torch.is_grad_enabled()
+
+
+class Attachment:
+    """The hooks of one optimizer: its roots, its parameters' hooks and, until the roots are known, discovery.
+
+    Args:
+        owner: The optimizer (held weakly).
+        params: Its trainable parameters.
+        model: The model, when the user gave it (no discovery then).
+    """
+
+    def __init__(self, owner: _Owner, params: Iterable[torch.Tensor], model: nn.Module | None) -> None:
+        self._owner = weakref.ref(owner)
+        self._params: set[torch.Tensor] = set(params)
+        self._handles: list[Any] = []  # every handle but discovery's
+        self._hooked_params: set[torch.Tensor] = set()
+        self._covered: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # roots and everything inside them
+        self._foreign: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # seen, and none of our parameters inside
+        self.roots: list[weakref.ReferenceType[nn.Module]] = []
+        self._discovery: Any = None
+        self._finalizer = weakref.finalize(owner, _remove_handles, self._handles)
+        if model is not None:
+            self.add_root(model)
+        else:
+            self._discovery = nn.modules.module.register_module_forward_pre_hook(self._make_discovery_hook())
+            self._handles.append(self._discovery)
+
+    @property
+    def discovering(self) -> bool:
+        """Whether the process-wide discovery hook is still installed."""
+        return self._discovery is not None
+
+    def add_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Parameters added to the optimizer later (``add_param_group``)."""
+        new = [p for p in params if p not in self._params]
+        self._params.update(new)
+        if self.roots:
+            self._hook_params(new)
+
+    def add_root(self, module: nn.Module) -> None:
+        """Watch ``module`` as a root: perturb before its training forwards, restore around everything else."""
+        if module in self._covered:
+            return
+        self.roots.append(weakref.ref(module))
+        owner = self._owner
+        self._handles.append(module.register_forward_pre_hook(_Hook(owner, _before_forward)))
+        self._handles.append(module.register_forward_hook(_Hook(owner, _after_forward), always_call=True))
+        restore_before_reading = _Hook(owner, _restore)
+        self._handles.append(module.register_state_dict_pre_hook(restore_before_reading))
+        for sub in module.modules():
+            self._covered.add(sub)
+            if sub is not module and any(p in self._params for p in sub.parameters(recurse=False)):
+                self._handles.append(sub.register_state_dict_pre_hook(restore_before_reading))
+        self._hook_params(self._params)
+
+    def _hook_params(self, params: Iterable[torch.Tensor]) -> None:
+        grad_ready = _Hook(self._owner, _grad_ready)
+        for p in params:
+            if p not in self._hooked_params and p.requires_grad:
+                self._hooked_params.add(p)
+                self._handles.append(p.register_post_accumulate_grad_hook(grad_ready))
+
+    def end_discovery(self) -> None:
+        """Remove the process-wide hook, once a full step has run with the roots known."""
+        if self._discovery is not None and self.roots:
+            self._discovery.remove()
+            self._discovery = None
+
+    def _make_discovery_hook(self) -> Callable[[nn.Module, Any], None]:
+        attachment_ref = weakref.ref(self)
+
+        def discover(module: nn.Module, args: Any) -> None:
+            attachment = attachment_ref()
+            if attachment is None or not _is_training_forward(module):
+                return
+            if module in attachment._covered or module in attachment._foreign:
+                return
+            if not any(p in attachment._params for p in module.parameters()):
+                attachment._foreign.add(module)
+                return
+            # The first training forward that reaches our parameters runs here before any of its children, so this
+            # is the outermost such module. Its own pre-hook, added now, starts with its next call: act for this one.
+            attachment.add_root(module)
+            owner = attachment._owner()
+            if owner is not None:
+                owner._on_training_forward()
+
+        return discover
+
+    def remove(self) -> None:
+        """Remove every hook (the optimizer stops watching the loop)."""
+        _remove_handles(self._handles)
+        self._discovery = None
+        self.roots.clear()
+        self._hooked_params.clear()
+        self._covered = weakref.WeakSet()
+
+
+class _Hook:
+    """A hook that calls ``fn(optimizer, *args)`` while its optimizer lives (held weakly).
+
+    A model deep-copied (``ModelEmaV3``) or pickled (``torch.save(model)``) takes its hooks along: their copies are
+    inert, so a copy never acts on the optimizer of the original (a copied optimizer finds its model by itself).
+    """
+
+    __slots__ = ("_owner", "_fn")
+
+    def __init__(self, owner: weakref.ReferenceType | None, fn: Callable[..., None] | None) -> None:
+        self._owner, self._fn = owner, fn
+
+    def __call__(self, *args: Any) -> None:
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            self._fn(owner, *args)
+
+    def __deepcopy__(self, memo: dict) -> _Hook:
+        return _Hook(None, None)
+
+    def __reduce__(self) -> tuple:
+        return _Hook, (None, None)
+
+
+def _before_forward(owner: _Owner, module: nn.Module, args: Any) -> None:
+    if _is_training_forward(module):
+        owner._on_training_forward()
+    else:
+        owner._restore()
+
+
+def _after_forward(owner: _Owner, module: nn.Module, args: Any, output: Any) -> None:
+    if sys.exc_info()[0] is not None:  # the forward raised: no backward will come
+        owner._restore()
+
+
+def _restore(owner: _Owner, *args: Any) -> None:
+    owner._restore()
+
+
+def _grad_ready(owner: _Owner, param: torch.Tensor) -> None:
+    owner._on_grad_ready(param)
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()

@@ -1,0 +1,456 @@
+"""One-pass SAM: sharpness-aware training in any loop that calls ``step()``, at the cost of the base optimizer.
+
+Exact SAM (``timm_remem.SAM``) needs a second forward/backward on the same batch, which only the training loop can
+run, so it needs a closure or the two-step API. ``OnePassSAM`` needs nothing but gradients: it is Momentum-SAM
+(Becker et al., 2024, arXiv 2401.12033). The gradient of each step is taken at ``w - rho v / ||v||``, where ``v``
+is the base optimizer's first moment (SGD's momentum buffer, Adam's ``exp_avg``; the last gradient when the base
+keeps none), and the base optimizer applies it at ``w``::
+
+    w_{t+1} = base_step(w_t, grad L(w_t - rho v_t / ||v_t||))
+
+The direction is the *negative* momentum, as in the reference: ``v`` points uphill (the base steps along ``-v``),
+so the perturbation moves along the recent descent path, where MSAM's analysis finds the sharpness worth
+penalising. The norm is global over all groups; each group's ``rho`` scales its share. The first step has no ``v``
+and is a plain base step.
+
+Unlike the reference code, the weights are never left perturbed: the perturbation is applied just before each
+training forward and undone, exactly (a saved copy, not a subtraction), as each parameter's gradient is complete
+in backward. So eval-mode forwards, ``state_dict()``, checkpoints, ``ModelEmaV3.update`` after ``step()``, a step
+that ``GradScaler`` skips, and the end of training all see the weights ``w``. How the optimizer sees the loop
+(hooks on the model and on its parameters, found by itself when only parameters are given) is in ``_attach.py``.
+
+Example:
+    >>> import torch
+    >>> from timm_remem.sam import OnePassSAM
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, model=model)
+    >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    >>> for _ in range(3):
+    ...     torch.nn.functional.mse_loss(model(x), y).backward()
+    ...     opt.step()
+    ...     opt.zero_grad()
+    >>> opt.stats.perturbed, round(opt.stats.perturbation_norm, 6)
+    (True, 0.05)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..errors import ConfigError
+from . import _checks, _tensors
+from ._attach import Attachment
+
+__all__ = ["OnePassSAM", "OnePassStats", "MOMENTUM_KEYS"]
+
+# Where base optimizers keep their first moment: torch's SGD, Adam/AdamW/NAdam/RAdam and most of timm's optimizers.
+MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+_DIRECTION_EPS = 1e-12
+# Keywords of the exact SAM that mean nothing here; refused with the fix instead of passed to the base optimizer.
+_EXACT_ONLY = ("adaptive", "eta", "every", "sync_perturbation", "replay_rng", "freeze_bn")
+
+
+@dataclass
+class OnePassStats:
+    """Diagnostics of the latest step of a ``OnePassSAM`` (plain Python numbers).
+
+    Attributes:
+        step: Index of the latest ``step()`` (0 for the first).
+        perturbed: Whether the training forward(s) of that step ran at perturbed weights.
+        direction_norm: ``||v||``, the global norm of the direction (None before the first perturbation).
+        perturbation_norm: ``||e||`` over all groups (equals rho for one group; None when not perturbed).
+    """
+
+    step: int = 0
+    perturbed: bool = False
+    direction_norm: float | None = None
+    perturbation_norm: float | None = None
+
+
+class OnePassSAM(Optimizer):
+    """Momentum-SAM around any base optimizer: one forward/backward per step, weights clean outside it.
+
+    Use it where the training loop calls ``optimizer.step()`` without a closure (timm's ``train.py``, HF's
+    Trainer, Accelerate); in your own loop, the exact ``SAM`` (two passes) is the faithful algorithm. timm's
+    optimizer factory builds this class for ``sam``, ``samsgd``, ``sammomentum``, ``samadam`` and ``samadamw``.
+
+    How it finds the training forward: with ``model=`` it hooks that model at once. Given parameters only (timm's
+    factory passes parameter groups, never the model), it installs a process-wide forward pre-hook that finds the
+    outermost module whose training forward uses these parameters (the model, its DDP wrapper or timm's task),
+    hooks it, and removes itself at the end of the first ``step()`` after that; until then, and forever if no such
+    module ever runs (parameters used outside any module), each module call pays one set lookup. Without a module
+    forward, ``step(closure)`` still perturbs around the closure; a loop with neither trains as the base optimizer.
+
+    What it guarantees: the weights are ``w`` whenever anything outside a training forward/backward can see them.
+    A training-mode forward with gradients enabled perturbs; the weights go back to ``w`` as each parameter's
+    gradient is complete in backward, and in ``step()``, ``zero_grad()`` after a backward, an eval / no_grad
+    forward of the hooked module, ``state_dict()`` of it or of any module holding the parameters, and when its
+    forward raises. Reading the parameters directly between a training forward and its backward shows ``w + e``;
+    ``restore()`` (or ``eval()``, which HF's Trainer calls) puts ``w`` back at any time. What it does not do: BatchNorm
+    running statistics are gathered at the perturbed weights (as in the reference); a second backward through a
+    graph whose parameters were already restored fails with autograd's in-place error rather than use wrong values;
+    ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``) is not supported (the perturbation is in place).
+
+    Args:
+        params: Parameters or parameter groups (a group may set its own ``rho``).
+        base_optimizer: Optimizer class (or factory) applying the update, e.g. ``torch.optim.AdamW``.
+        rho: Radius of the perturbation (a group field, so ``RhoScheduler`` can drive it). Momentum-SAM's paper
+            uses larger radii than SAM (0.3 for SGD on CIFAR, up to 3 for AdamW on ImageNet); 0 trains as the base.
+        model: The model (or its DDP wrapper) whose forward uses ``params``; None to find it.
+        **base_kwargs: Passed to the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    Attributes:
+        base_optimizer: The base optimizer (it shares ``param_groups`` and ``state`` with this one).
+        stats: ``OnePassStats`` of the latest step.
+
+    Example:
+        >>> import timm, timm.optim, torch, timm_remem
+        >>> model = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10)
+        >>> opt = timm.optim.create_optimizer_v2(model, "samadamw", lr=1e-3, rho=0.05)
+        >>> type(opt).__name__, type(opt.base_optimizer).__name__
+        ('OnePassSAMAdamW', 'AdamW')
+        >>> x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        >>> for _ in range(2):
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+        >>> opt.stats.perturbed  # the second step's forward ran at w - rho v / ||v||
+        True
+    """
+
+    # Per-step buffers and hooks: never pickled or deep-copied; a copy finds its model again by itself.
+    _TRANSIENT = ("_attachment", "_saved", "_live", "_scales", "_grad_seen", "_n_perturbed", "_current")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: Callable[..., Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        *,
+        model: nn.Module | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        _checks.check_base_optimizer_class(base_optimizer)
+        exact_only = sorted(set(base_kwargs) & set(_EXACT_ONLY))
+        if exact_only:
+            raise ConfigError(
+                f"OnePassSAM does not take {', '.join(exact_only)} (keywords of the exact, two-pass SAM). For ASAM "
+                "or the other options use timm_remem.SAM in your own loop, or timm_remem.sam.create_sam(model, "
+                "'sgd', rho=..., adaptive=True) to build it with timm's parameter groups."
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be the torch.nn.Module that uses the parameters, got "
+                              f"{type(model).__name__}.")
+        rho = _checks.check_rho(rho, "OnePassSAM")
+        self.base_optimizer: Optimizer | None = None
+        super().__init__(_checks.check_params_given(params), {"rho": rho})
+        base = _checks.build_base_optimizer(base_optimizer, self.param_groups, base_kwargs)
+        self.base_optimizer = base
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.defaults = {**base.defaults, "rho": rho}
+        self._model = model
+        self._direction: dict[torch.Tensor, torch.Tensor] = {}  # the last gradient, for params with no momentum
+        self._step_index = 0
+        self.stats = OnePassStats()
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}
+        self._live: set[torch.Tensor] = set()  # parameters at w + e right now
+        self._scales: list[float] | None = None  # per group, for the current step; None: not computed yet
+        self._grad_seen = False  # a gradient was completed since the latest perturbation
+        self._n_perturbed = 0
+        self._current = OnePassStats(step=self._step_index)  # the step under way; ``stats`` is the latest one
+        self._attachment = Attachment(self, self._trainable(), self._model)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._restore()
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset_transient()
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to this optimizer and to the base optimizer (they share it); it may set ``rho``.
+
+        Example:
+            >>> import torch
+            >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+            >>> opt = OnePassSAM(a.parameters(), lr=0.1, rho=0.1)
+            >>> opt.add_param_group({"params": b.parameters(), "lr": 0.01})
+            >>> opt.param_groups[1]["rho"], opt.param_groups[1]["lr"]
+            (0.1, 0.01)
+        """
+        if not isinstance(param_group, dict):
+            raise ConfigError(f"param_group must be a dict with a 'params' key, got {type(param_group).__name__}.")
+        if "rho" in param_group:
+            param_group["rho"] = _checks.check_rho(param_group["rho"], "param group")
+        if self.base_optimizer is None:  # during Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        self._restore()
+        param_group.setdefault("rho", self.defaults["rho"])
+        self.base_optimizer.add_param_group(param_group)
+        self._attachment.add_params(p for p in param_group["params"] if p.requires_grad)
+
+    # ------------------------------------------------------------------ perturbation
+    def _directions(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+        """``(group, params, v)`` per group: each trainable parameter's first moment (or last gradient)."""
+        out = []
+        for group in self.param_groups:
+            params, dirs = [], []
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                state = self.state.get(p)
+                v = None
+                if state:
+                    v = next((state[k] for k in MOMENTUM_KEYS if isinstance(state.get(k), torch.Tensor)), None)
+                if v is None:
+                    v = self._direction.get(p)
+                if v is not None and v.shape == p.shape:
+                    params.append(p)
+                    dirs.append(v)
+            if params:
+                out.append((group, params, dirs))
+        return out
+
+    @torch.no_grad()
+    def _on_training_forward(self) -> None:
+        """A training forward starts: perturb (once; again after a partial restore)."""
+        if self._live and len(self._live) == self._n_perturbed:
+            return
+        self._restore()
+        directions = self._directions()
+        if not directions:
+            return
+        if self._scales is None:  # once per step: every micro-batch of an accumulated step gets the same e
+            group_sq = _tensors.to_floats([_tensors.sq_sum(dirs) for _, _, dirs in directions])
+            norm = math.sqrt(sum(group_sq))
+            self._current.direction_norm = norm
+            if not math.isfinite(norm) or norm == 0.0:
+                self._scales = [0.0] * len(directions)
+            else:
+                self._scales = [-float(group["rho"]) / (norm + _DIRECTION_EPS) for group, _, _ in directions]
+            self._current.perturbation_norm = math.sqrt(sum(s * s * sq for s, sq in zip(self._scales, group_sq,
+                                                                                         strict=True)))
+        if len(self._scales) != len(directions):  # a direction appeared mid-step (a new group): wait for step()
+            return
+        n = 0
+        for (_, params, dirs), scale in zip(directions, self._scales, strict=True):
+            if scale == 0.0:
+                continue
+            saved = _tensors.reused_buffers(self._saved, params)
+            torch._foreach_copy_(saved, params)
+            self._live.update(params)  # from here on, a restore covers this group too
+            torch._foreach_add_(params, dirs, alpha=scale)
+            n += len(params)
+        self._n_perturbed = n
+        self._grad_seen = False
+        if n:
+            self._current.perturbed = True
+
+    @torch.no_grad()
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        """Backward completed ``param``'s gradient: autograd no longer needs its value, so put ``w`` back."""
+        self._grad_seen = True
+        if param in self._live:
+            param.copy_(self._saved[param])
+            self._live.discard(param)
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        if not self._live:
+            return
+        params = list(self._live)
+        torch._foreach_copy_(params, [self._saved[p] for p in params])
+        self._live.clear()
+
+    def restore(self) -> None:
+        """Put the weights back at ``w`` now (they are already, except between a training forward and its backward).
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = OnePassSAM(model.parameters(), lr=0.1, model=model)
+            >>> opt.restore()
+        """
+        self._restore()
+
+    def eval(self) -> OnePassSAM:
+        """``restore()``; HF's Trainer calls ``optimizer.eval()`` before evaluating, when the optimizer has one."""
+        self._restore()
+        return self
+
+    def train(self) -> OnePassSAM:
+        """Nothing to do: the next training forward perturbs by itself (HF's Trainer calls this before each one)."""
+        return self
+
+    @property
+    def is_perturbed(self) -> bool:
+        """Whether any parameter is at ``w + e`` right now."""
+        return bool(self._live)
+
+    @property
+    def buffer_nbytes(self) -> int:
+        """Bytes of this optimizer's own buffers: the saved ``w`` and, for parameters whose base keeps no moment,
+        the last gradient.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(4, 4)
+            >>> opt = OnePassSAM(model.parameters(), lr=0.1, momentum=0.9, model=model)
+            >>> for _ in range(2):
+            ...     model(torch.ones(1, 4)).sum().backward(); opt.step(); opt.zero_grad()
+            >>> opt.buffer_nbytes == sum(p.numel() * 4 for p in model.parameters())  # the saved w only
+            True
+        """
+        return sum(b.numel() * b.element_size() for cache in (self._saved, self._direction) for b in cache.values())
+
+    # ------------------------------------------------------------------ step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients; after a backward, also put back any weight its backward did not reach.
+
+        Between a training forward and its backward (``out = model(x); opt.zero_grad(); loss.backward()``), the
+        perturbation stays for that backward.
+        """
+        if self._live and self._grad_seen:
+            self._restore()
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Put ``w`` back, apply the base optimizer and set the direction of the next step's perturbation.
+
+        With a closure (forward and backward, returning the loss), the closure runs at the perturbed weights, as the
+        training forward of a hooked model would. A step with no gradients changes nothing.
+
+        Args:
+            closure: Optional; re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        if closure is not None and not callable(closure):
+            raise ConfigError(f"OnePassSAM.step() got a closure that is not callable: {closure!r}.")
+        self._restore()
+        loss = None
+        if closure is not None:
+            self._on_training_forward()
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self._restore()
+        grads_present = any(p.grad is not None for group in self.param_groups for p in group["params"])
+        if grads_present:
+            _refuse_sparse(self.param_groups)
+            self.base_optimizer.step()
+            self._keep_last_gradients()
+        self.stats = self._current
+        self._step_index += 1
+        self._current = OnePassStats(step=self._step_index)
+        self._scales = None  # the next step's direction is the state this step left
+        self._attachment.end_discovery()
+        return loss
+
+    @torch.no_grad()
+    def _keep_last_gradients(self) -> None:
+        """For parameters whose base optimizer keeps no first moment (SGD without momentum), keep the gradient."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or not p.requires_grad:
+                    continue
+                state = self.state.get(p)
+                if state and any(isinstance(state.get(k), torch.Tensor) for k in MOMENTUM_KEYS):
+                    self._direction.pop(p, None)
+                    continue
+                buf = self._direction.get(p)
+                if buf is None or buf.shape != p.shape or buf.dtype != p.grad.dtype or buf.device != p.device:
+                    self._direction[p] = p.grad.detach().clone()
+                else:
+                    buf.copy_(p.grad)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict plus a ``"sam"`` entry (the step count and kept gradients, by index).
+
+        Example:
+            >>> import torch
+            >>> opt = OnePassSAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
+            >>> sorted(opt.state_dict())
+            ['param_groups', 'sam', 'state']
+        """
+        state = self.base_optimizer.state_dict()
+        index = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        state["sam"] = {
+            "one_pass": True,
+            "step": self._step_index,
+            "last_gradient": {index[p]: v for p, v in self._direction.items() if p in index},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict).
+
+        Example:
+            >>> import torch
+            >>> opt = OnePassSAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
+            >>> opt.load_state_dict(opt.state_dict())
+        """
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ConfigError(
+                "load_state_dict() expects the dict returned by OnePassSAM.state_dict() (or the base optimizer's), "
+                f"got {type(state_dict).__name__}{' without param_groups' if isinstance(state_dict, dict) else ''}."
+            )
+        self._restore()
+        sam_state = state_dict.get("sam") or {}
+        self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sam"})
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            group.setdefault("rho", self.defaults["rho"])
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._direction = {}
+        for i, v in dict(sam_state.get("last_gradient", {})).items():
+            p = params[int(i)]
+            self._direction[p] = v.detach().to(device=p.device, dtype=p.dtype).clone()
+        self._step_index = int(sam_state.get("step", self._step_index))
+        self._scales = None
+
+    # ------------------------------------------------------------------ the exact SAM's API, refused
+    def first_step(self, *args: Any, **kwargs: Any) -> None:
+        """Not available: the two-step API belongs to the exact ``SAM``."""
+        raise ConfigError(_TWO_STEP)
+
+    def second_step(self, *args: Any, **kwargs: Any) -> None:
+        """Not available: the two-step API belongs to the exact ``SAM``."""
+        raise ConfigError(_TWO_STEP)
+
+
+_TWO_STEP = (
+    "first_step()/second_step() belong to the exact, two-pass SAM; this is the one-pass OnePassSAM (what timm's "
+    "'sam*' names build), which needs only loss.backward(); optimizer.step(). For exact SAM in your own loop use "
+    "timm_remem.SAM(...), or timm_remem.sam.create_sam(model, 'sgd', rho=...) to build it with timm's parameter "
+    "groups."
+)
+
+
+def _refuse_sparse(param_groups: list[dict[str, Any]]) -> None:
+    for group in param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.is_sparse:
+                raise ConfigError("OnePassSAM does not support sparse gradients; use dense embeddings "
+                                  "(sparse=False).")
