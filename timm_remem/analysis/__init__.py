@@ -6,6 +6,8 @@
 - :mod:`~timm_remem.analysis.expertness`: ``mlp_expertness``.
 - :mod:`~timm_remem.analysis.pruning`: ``pruning_diagnostic``.
 - :mod:`~timm_remem.analysis.dynamics`: ``layer_dynamics``, ``channel_spectrum``, ``token_entropy``.
+- :mod:`~timm_remem.analysis.sharpness`: ``measure_sharpness``, ``sam_sharpness``, ``hessian_top_eigenvalue`` (did
+  SAM flatten the teacher?).
 - :mod:`~timm_remem.analysis.plots`: matplotlib figures through the Figure API (matplotlib is imported only when
   plotting), including ``plot_select`` and ``plot_demo`` for ``timm-remem select`` and ``timm-remem demo``.
 
@@ -47,6 +49,14 @@ from .plots import (
     plot_select,
 )
 from .pruning import PruningResult, pruning_diagnostic, zero_branches
+from .sharpness import (
+    SAMSharpness,
+    Sharpness,
+    TopEigenvalue,
+    hessian_top_eigenvalue,
+    measure_sharpness,
+    sam_sharpness,
+)
 
 __all__ = [
     "MI_METHODS",
@@ -70,6 +80,12 @@ __all__ = [
     "frequency_intensity",
     "token_entropy",
     "activation_magnitude",
+    "Sharpness",
+    "SAMSharpness",
+    "TopEigenvalue",
+    "measure_sharpness",
+    "sam_sharpness",
+    "hessian_top_eigenvalue",
     "plot_information_plane",
     "plot_layer_dynamics",
     "plot_pruning",
