@@ -2,7 +2,9 @@
 
 Each rank trains a DDP-wrapped MLP (with BatchNorm and dropout) on its own data and, side by side, a plain copy with
 a reference SAM written here: per-replica perturbation from the rank's own gradient (or from the averaged gradient
-with ``sync_perturbation=True``), then the averaged gradient at ``w + e``.
+with ``sync_perturbation=True``), then the averaged gradient at ``w + e``. The one-pass SAM (given the parameters
+only, as timm's factory does: it finds the DDP wrapper by itself) is checked against a reference Momentum-SAM: the
+averaged gradient at ``w - rho v / ||v||`` with ``v`` the (identical) momentum buffers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from timm_remem.sam import SAM
+from timm_remem.sam import SAM, OnePassSAM
 
 STEPS = 3
 RHO = 0.2
@@ -101,9 +103,45 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             "ref_norms": ref_norms,
             "num_batches_tracked": int(ddp.module[1].num_batches_tracked),
         }
+    results["onepass"] = _onepass_run(rank, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _onepass_run(rank: int, world: int) -> dict:
+    ddp = DistributedDataParallel(_model())
+    ref = _model()
+    opt = OnePassSAM(ddp.parameters(), torch.optim.SGD, rho=RHO, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    ref_params = list(ref.parameters())
+    perturbed = []
+    for step in range(STEPS + 1):
+        x, y = _data(rank, step)
+        seed = 1000 * rank + step
+        torch.manual_seed(seed)
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        perturbed.append(opt.stats.perturbed)
+        # reference: perturb by hand along -v / ||v||, average the gradient, restore, step
+        saved = [p.detach().clone() for p in ref_params]
+        bufs = [ref_opt.state[p].get("momentum_buffer") for p in ref_params]
+        with torch.no_grad():
+            if bufs[0] is not None:
+                norm = torch.sqrt(sum((b**2).sum() for b in bufs))
+                for p, b in zip(ref_params, bufs, strict=True):
+                    p.sub_(RHO * b / (norm + 1e-12))
+        ref_opt.zero_grad()
+        torch.manual_seed(seed)
+        F.cross_entropy(ref(x), y).backward()
+        _average_grads(ref_params, world)
+        with torch.no_grad():
+            for p, w in zip(ref_params, saved, strict=True):
+                p.copy_(w)
+        ref_opt.step()
+    return {"params": [p.detach().clone() for p in ddp.module.parameters()],
+            "ref_params": [p.detach().clone() for p in ref_params], "perturbed": perturbed}
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +180,13 @@ def test_first_pass_is_per_replica_by_default_and_synced_on_request(ddp_results)
 @pytest.mark.distributed
 def test_batchnorm_counts_one_update_per_step_under_ddp(ddp_results):
     assert all(r[c]["num_batches_tracked"] == STEPS for r in ddp_results for c in CONFIGS)
+
+
+@pytest.mark.distributed
+def test_one_pass_replicas_stay_identical_and_match_the_reference(ddp_results):
+    a, b = (r["onepass"]["params"] for r in ddp_results)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a, b, strict=True))
+    for r in ddp_results:
+        assert r["onepass"]["perturbed"] == [False] + [True] * STEPS  # the first step has no direction yet
+        for p, q in zip(r["onepass"]["params"], r["onepass"]["ref_params"], strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
