@@ -38,7 +38,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            run = timm_remem.finetune_teacher(model="test_vit", img_size=16, epochs=3, save_at=[1, 2, 3], lr=3e-3,
+            run = timm_remem.train.finetune_teacher(model="test_vit", img_size=16, epochs=3, save_at=[1, 2, 3], lr=3e-3,
                                               alpha=0.85, limit_train_batches=6, output=f"{tmp}/teacher",
                                               device="cpu", progress=False)
             args.checkpoints, args.out, args.dataset, args.images = run.output / "checkpoints", tmp, "digits", 128
@@ -48,9 +48,9 @@ def main() -> None:
         # Held-out data as the checkpoints expect it (their resolution and normalisation), no augmentation.
         names = sorted(Path(args.checkpoints).iterdir(), key=lambda p: timm.utils.natural_key(p.name))
         cfg = timm.data.resolve_model_data_config(timm_remem.load_teacher(names[0]))
-        data = timm_remem.create_dataset(args.dataset, root=args.data_dir, split="val", download=not args.smoke,
+        data = timm_remem.data.create_dataset(args.dataset, root=args.data_dir, split="val", download=not args.smoke,
                                          img_size=cfg["input_size"][-1], mean=cfg["mean"], std=cfg["std"])
-        loader = timm_remem.create_loader(data, 64)
+        loader = timm_remem.data.create_loader(data, 64)
         small = list(itertools.islice(loader, max(1, args.images // 64)))   # a fixed list of batches
 
         # 1. Information plane over all checkpoints, and the ranking built on it.

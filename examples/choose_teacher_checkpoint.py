@@ -36,9 +36,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             # Three exported checkpoints (epoch-001..003) of a tiny ReMem teacher.
-            run = timm_remem.finetune_teacher(model="test_vit", img_size=16, epochs=3, save_at=[1, 2, 3], alpha=0.85,
-                                              rho=0.05, lr=3e-3, limit_train_batches=6, output=f"{tmp}/teacher",
-                                              device="cpu", progress=False)
+            run = timm_remem.train.finetune_teacher(
+                model="test_vit", img_size=16, epochs=3, save_at=[1, 2, 3], alpha=0.85, rho=0.05, lr=3e-3,
+                limit_train_batches=6, output=f"{tmp}/teacher", device="cpu", progress=False)
             args.checkpoints, args.output = str(run.output / "checkpoints"), f"{tmp}/select"
             short = dict(model="test_resnet", dataset="digits", img_size=16, epochs=1, lr=3e-3,
                          limit_train_batches=6, device="cpu", progress=False)
@@ -47,7 +47,7 @@ def main() -> None:
                          epochs=10, lr=0.05, optimizer="sgd")
 
         # 1. Distill-and-compare (DistillConfig fields as keyword arguments).
-        sel = timm_remem.select_teacher(args.checkpoints, mi_score=True, output=args.output, **short)
+        sel = timm_remem.train.select_teacher(args.checkpoints, mi_score=True, output=args.output, **short)
         print(sel.table)
         print(f"best by student accuracy: {sel.best.name}")
 
@@ -55,11 +55,11 @@ def main() -> None:
         #    the images as they expect them: their own resolution and normalisation, read from one of them.
         first = timm_remem.load_teacher(sorted(Path(args.checkpoints).iterdir())[0])
         cfg = timm.data.resolve_model_data_config(first)
-        rank_data = timm_remem.create_dataset("digits" if args.smoke else args.dataset, root=args.data_dir,
+        rank_data = timm_remem.data.create_dataset("digits" if args.smoke else args.dataset, root=args.data_dir,
                                               split="val", img_size=cfg["input_size"][-1], mean=cfg["mean"],
                                               std=cfg["std"])
-        loader = timm_remem.create_loader(rank_data, 256)
-        ranking = timm_remem.rank_checkpoints(args.checkpoints, loader, score="combined", progress=False,
+        loader = timm_remem.data.create_loader(rank_data, 256)
+        ranking = timm_remem.analysis.rank_checkpoints(args.checkpoints, loader, score="combined", progress=False,
                                               max_samples=1024)
         for r in ranking:
             print(f"  rank {r.rank}: {r.name}  score {r.score:+.3f}  acc {r.info.accuracy:.3f}  "

@@ -1,4 +1,4 @@
-"""A hand-written distillation loop around ``timm_remem.RememDistillationTask``.
+"""A hand-written distillation loop around ``timm_remem.distill.RememDistillationTask``.
 
 What it shows:
     * ``RememDistillationTask(student, teacher, DistillationLoss(...))``: ``task(x, y)`` returns the loss, the student
@@ -41,15 +41,15 @@ def main() -> None:
 
     if args.smoke:
         # 256 training images so that two short epochs see the same samples (the second one all from the cache).
-        train_set = torch.utils.data.Subset(timm_remem.create_dataset("digits", split="train", img_size=32),
+        train_set = torch.utils.data.Subset(timm_remem.data.create_dataset("digits", split="train", img_size=32),
                                             range(256))
-        val_set = timm_remem.create_dataset("digits", split="val", img_size=32)
+        val_set = timm_remem.data.create_dataset("digits", split="val", img_size=32)
         teacher_model = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10)
         args.epochs, student_name, batch_size = 2, "test_resnet", 64
     else:
         kw = {"root": args.data_dir, "img_size": 32, "download": True}
-        train_set = timm_remem.create_dataset(args.dataset, split="train", **kw)
-        val_set = timm_remem.create_dataset(args.dataset, split="val", **kw)
+        train_set = timm_remem.data.create_dataset(args.dataset, split="train", **kw)
+        val_set = timm_remem.data.create_dataset(args.dataset, split="val", **kw)
         teacher_model = timm_remem.load_teacher(args.teacher, merge=True)    # eval mode, strict key check
     num_classes = teacher_model.num_classes
     student = timm.create_model(student_name, pretrained=False, num_classes=num_classes).to(device)
@@ -59,10 +59,10 @@ def main() -> None:
     teacher_model.register_forward_hook(lambda *_: calls.append(1))
 
     # No random augmentation here, so the teacher's view of each sample is the same every epoch: cache its logits.
-    cache = timm_remem.TeacherLogitCache(len(train_set))
+    cache = timm_remem.distill.TeacherLogitCache(len(train_set))
     teacher = timm_remem.Teacher(teacher_model.to(device), student, cache=cache)
     loss_fn = timm_remem.DistillationLoss("kd", task_weight=0.5, distill_weight=0.5, temperature=4.0)
-    task = timm_remem.RememDistillationTask(student, teacher, loss_fn, verbose=False)
+    task = timm_remem.distill.RememDistillationTask(student, teacher, loss_fn, verbose=False)
     task.setup_ema(decay=0.99)
 
     params = task.get_trainable_module().parameters()    # the student (+ feature projectors, if any)
@@ -70,7 +70,7 @@ def main() -> None:
         opt = timm_remem.SAM(params, torch.optim.SGD, rho=args.rho, lr=0.05, momentum=0.9, weight_decay=5e-4)
     else:
         opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
-    loader = timm_remem.create_loader(train_set, batch_size, shuffle=True)
+    loader = timm_remem.data.create_loader(train_set, batch_size, shuffle=True)
 
     step = 0
     for epoch in range(args.epochs):
@@ -100,7 +100,7 @@ def main() -> None:
     model = task.get_eval_model(ema=True).eval()
     correct = total = 0
     with torch.no_grad():
-        for x, y, _ in timm_remem.create_loader(val_set, 256):
+        for x, y, _ in timm_remem.data.create_loader(val_set, 256):
             correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
             total += len(y)
     print(f"EMA student val acc {correct / total:.3f}; teacher cache complete: {cache.complete}")

@@ -1,4 +1,4 @@
-"""Fine-tune a teacher with ReMem (MLP reweighting + SAM) using ``timm_remem.finetune_teacher``.
+"""Fine-tune a teacher with ReMem (MLP reweighting + SAM) using ``timm_remem.train.finetune_teacher``.
 
 What it shows:
     * the Python twin of ``timm-remem finetune``: one ``FinetuneConfig`` (or its fields as keyword arguments);
@@ -24,9 +24,9 @@ import torch
 import timm_remem
 
 
-def recipe(args: argparse.Namespace) -> timm_remem.FinetuneConfig:
+def recipe(args: argparse.Namespace) -> timm_remem.train.FinetuneConfig:
     """The CIFAR-100 recipe of README.md / docs/pipeline.md (hyper-parameters are ours, not the paper's)."""
-    return timm_remem.FinetuneConfig(
+    return timm_remem.train.FinetuneConfig(
         model="vit_base_patch16_224.augreg_in21k", pretrained=True,
         dataset="torch/cifar100", data_dir=args.data_dir, download=True, img_size=224, augment=True,
         epochs=30, batch_size=64, optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_epochs=2,
@@ -36,9 +36,9 @@ def recipe(args: argparse.Namespace) -> timm_remem.FinetuneConfig:
     )
 
 
-def smoke(output: str) -> timm_remem.FinetuneConfig:
+def smoke(output: str) -> timm_remem.train.FinetuneConfig:
     """The same job on scikit-learn's digits (shipped with scikit-learn) with timm's tiny test ViT."""
-    return timm_remem.FinetuneConfig(
+    return timm_remem.train.FinetuneConfig(
         model="test_vit", dataset="digits", img_size=16, epochs=1, batch_size=64, lr=1e-3,
         alpha=0.85, rho=0.05, save_at=[1], output=output, device="cpu", progress=False,
     )
@@ -56,7 +56,7 @@ def main() -> None:
         config = smoke(f"{tmp}/teacher") if args.smoke else recipe(args)
         print("settings:", json.dumps({k: v for k, v in config.to_dict().items()
                                       if k in ("model", "dataset", "epochs", "alpha", "rho", "lr")}))
-        result = timm_remem.finetune_teacher(config)
+        result = timm_remem.train.finetune_teacher(config)
 
         # The returned model stays reweighted (keep training it); the exports are merged.
         print(f"val acc {result.val_acc:.3f} in {result.wall_time:.1f}s; reweighted: "

@@ -26,14 +26,14 @@ import timm_remem
 from timm_remem.lora import apply_lora, merge_lora, trainable_parameters
 
 
-def teacher_config(args: argparse.Namespace, output: str) -> timm_remem.FinetuneConfig:
+def teacher_config(args: argparse.Namespace, output: str) -> timm_remem.train.FinetuneConfig:
     if args.smoke:
-        return timm_remem.FinetuneConfig(
+        return timm_remem.train.FinetuneConfig(
             model="test_vit", dataset="digits", img_size=16, epochs=1, batch_size=64, lr=5e-3,
             alpha=0.85, rho=0.05, lora_rank=8, save_at=[1], output=output, device="cpu", progress=False,
             limit_train_batches=12,
         )
-    return timm_remem.FinetuneConfig(   # a big teacher: LoRA keeps SAM's extra memory to the adapters
+    return timm_remem.train.FinetuneConfig(   # a big teacher: LoRA keeps SAM's extra memory to the adapters
         model="vit_large_patch16_224.augreg_in21k", pretrained=True, dataset="torch/cifar100",
         data_dir=args.data_dir, download=True, img_size=224, augment=True, epochs=10, batch_size=64,
         optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1, amp=True, clip_grad=1.0,
@@ -68,7 +68,7 @@ def main() -> None:
         out = f"{tmp}/teacher" if args.smoke else args.output
         # 2. The pipeline: a LoRA teacher with reweighting and SAM; exports are merged plain timm checkpoints.
         cfg = teacher_config(args, out)
-        result = timm_remem.finetune_teacher(cfg)
+        result = timm_remem.train.finetune_teacher(cfg)
         print(f"LoRA teacher: val acc {result.val_acc:.3f}, {result.trainable_params:,} trained parameters")
         export = result.checkpoints[-1]
         reloaded = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
@@ -79,7 +79,7 @@ def main() -> None:
         print(f"{export.name} loads with plain timm (local-dir:) and matches the adapted, reweighted teacher")
 
         # 3. Distill a student from the export, like any teacher.
-        student = timm_remem.distill_student(
+        student = timm_remem.train.distill_student(
             model="test_resnet" if args.smoke else "resnet18", dataset=cfg.dataset, data_dir=cfg.data_dir,
             img_size=size if args.smoke else 224, epochs=1 if args.smoke else 30, teacher=str(export),
             save_at=[], output=f"{tmp}/student" if args.smoke else f"{args.output}-student",

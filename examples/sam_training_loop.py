@@ -83,8 +83,8 @@ def train(form: str, args: argparse.Namespace, device: torch.device) -> torch.nn
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=10, **args.model_kwargs).to(device)
     norm = {k: v for k, v in timm.data.resolve_model_data_config(model).items() if k in ("mean", "std")}
-    train_set = timm_remem.create_dataset("digits", split="train", img_size=args.img_size, **norm)
-    loader = timm_remem.create_loader(train_set, args.batch_size, shuffle=True, drop_last=True)
+    train_set = timm_remem.data.create_dataset("digits", split="train", img_size=args.img_size, **norm)
+    loader = timm_remem.data.create_loader(train_set, args.batch_size, shuffle=True, drop_last=True)
     steps = min(len(loader), args.max_batches or len(loader))
 
     if form == "one-pass":  # timm's registry name: the one-pass SAM, driven by step() alone
@@ -123,8 +123,8 @@ def train(form: str, args: argparse.Namespace, device: torch.device) -> torch.nn
                       + (f" loss_increase {increase:.4f}" if increase is not None else ""))
 
     model.eval()
-    val = timm_remem.create_loader(timm_remem.create_dataset("digits", split="val", img_size=args.img_size, **norm),
-                                   256)
+    val_set = timm_remem.data.create_dataset("digits", split="val", img_size=args.img_size, **norm)
+    val = timm_remem.data.create_loader(val_set, 256)
     correct = total = 0
     with torch.no_grad():
         for x, y, _index in val:

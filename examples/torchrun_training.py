@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
                       batch_size=args.batch_size, optimizer="sgd", lr=0.01 * world, weight_decay=0.0, warmup_epochs=2,
                       alpha=0.85, rho=0.1, amp=True, clip_grad=1.0, save_at=[5, 10, 15, 20, 25, 30],
                       checkpoint_every=500, resume=True if args.resume else None)
-    result = timm_remem.finetune_teacher(output=args.output, **config)
+    result = timm_remem.train.finetune_teacher(output=args.output, **config)
 
     # Every rank holds the same weights (DDP + exact SAM restore) and the same all-reduced history.
     digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()

@@ -71,7 +71,7 @@ def test_zeroing_all_mlps_changes_outputs_exactly_as_removing_them(model, data):
     x = data[0][0]
     with torch.no_grad():
         plain = model(x)
-        with zero_branches(timm_remem.find_branches(model, "mlp")):
+        with zero_branches(timm_remem.reweighting.find_branches(model, "mlp")):
             pruned = model(x)
         ref = manual_forward(model, x, skip_mlp=set(range(6)))
         after = model(x)

@@ -26,7 +26,7 @@ def test_every_flag_reaches_the_config():
         "--data-dir", "data", "--download", "--img-size", "16", "--num-classes", "7", "--output", "out",
         "--epochs", "4", "--batch-size", "8", "--eval-batch-size", "9", "--opt", "sgd", "--lr", "0.1",
         "--weight-decay", "0", "--momentum", "0.8", "--sched", "step", "--warmup-epochs", "1", "--min-lr", "1e-5",
-        "--smoothing", "0.1", "--augment", "--mixup", "0.2", "--cutmix", "0.3", "--rho", "0.05", "--adaptive",
+        "--smoothing", "0.1", "--augment", "--mixup", "0.2", "--cutmix", "0.3", "--rho", "0.05", "--sam", "onepass",
         "--amp", "--clip-grad", "1.5", "--ema", "--ema-decay", "0.99", "--seed", "3", "--device", "cpu",
         "--workers", "2", "--limit-train-batches", "5", "--save-at", "4", "2", "--checkpoint-every", "10",
         "--keep-last", "3", "--resume", "auto", "--no-progress", "--alpha", "0.85", "--schedule", "constant",
@@ -38,7 +38,7 @@ def test_every_flag_reaches_the_config():
         model="test_vit", model_kwargs={"depth": 2}, pretrained=True, dataset="folder", data_dir="data",
         download=True, img_size=16, num_classes=7, output="out", epochs=4, batch_size=8, eval_batch_size=9,
         optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.8, sched="step", warmup_epochs=1, min_lr=1e-5,
-        label_smoothing=0.1, augment=True, mixup=0.2, cutmix=0.3, rho=0.05, adaptive=True, amp=True, clip_grad=1.5,
+        label_smoothing=0.1, augment=True, mixup=0.2, cutmix=0.3, rho=0.05, sam="onepass", amp=True, clip_grad=1.5,
         ema=True, ema_decay=0.99, seed=3, device="cpu", num_workers=2, limit_train_batches=5, save_at=[2, 4],
         checkpoint_every=10, keep_last=3, resume="auto", progress=False, alpha=0.85, schedule="constant", top_k=2,
         learnable=True, log=["tensorboard", "wandb"], lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
@@ -48,7 +48,9 @@ def test_every_flag_reaches_the_config():
     default = FinetuneConfig(model="other")
     untouched = [f.name for f in dataclasses.fields(FinetuneConfig)
                  if getattr(expected, f.name) == getattr(default, f.name)]
-    assert untouched == ["save_state"]  # the command line covers every other field
+    # the command line covers every other field (adaptive is ASAM, the exact SAM's: it cannot go with --sam onepass)
+    assert untouched == ["adaptive", "save_state"]
+    assert finetune.options(parse(["--model", "m", "--rho", "0.5", "--adaptive"]))["adaptive"] is True
 
 
 def test_flags_left_out_keep_the_library_default():

@@ -67,7 +67,8 @@ def test_adapters_leave_factors_and_branch_placement_unchanged(family, order):
     else:
         apply_lora(timm_remem.reweight(model, alpha=0.7), rank=2)
     assert timm_remem.get_scales(model) == timm_remem.get_scales(reference)
-    assert [b.path for b in timm_remem.find_branches(model)] == [b.path for b in timm_remem.find_branches(reference)]
+    find_branches = timm_remem.reweighting.find_branches
+    assert [b.path for b in find_branches(model)] == [b.path for b in find_branches(reference)]
 
 
 def test_learnable_factors_made_before_the_adapters_keep_training():

@@ -58,7 +58,7 @@ def test_exponential_schedule_gives_alpha_power_bottom_up():
 def test_top_k_reweights_only_the_top_blocks_and_top_gets_alpha_power_k():
     model = timm_remem.reweight(make_vit(), alpha=0.5, top_k=2)
     assert timm_remem.get_scales(model) == pytest.approx({"blocks.2.mlp": 0.5, "blocks.3.mlp": 0.25})
-    assert not isinstance(model.blocks[0].mlp, timm_remem.ScaledBranch)
+    assert not isinstance(model.blocks[0].mlp, timm_remem.reweighting.ScaledBranch)
 
 
 def test_constant_schedule():
@@ -181,7 +181,7 @@ def test_reweighted_state_dict_restores_factors():
 
 def test_learnable_factors_receive_gradients_and_are_parameters(x):
     model = timm_remem.reweight(make_vit(), alpha=0.8, learnable=True)
-    scales = [m.remem_scale for m in model.modules() if isinstance(m, timm_remem.ScaledBranch)]
+    scales = [m.remem_scale for m in model.modules() if isinstance(m, timm_remem.reweighting.ScaledBranch)]
     assert all(isinstance(s, torch.nn.Parameter) for s in scales)
     model(x).square().sum().backward()
     assert all(s.grad is not None and s.grad.abs() > 0 for s in scales)
@@ -195,7 +195,7 @@ def test_buffer_factors_are_not_parameters():
 def test_learnable_factors_go_to_timm_no_weight_decay_group():
     model = timm_remem.reweight(make_vit(), alpha=0.8, learnable=True)
     opt = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, weight_decay=0.05)
-    scale_ids = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.ScaledBranch)}
+    scale_ids = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.reweighting.ScaledBranch)}
     groups = [g for g in opt.param_groups if any(id(p) in scale_ids for p in g["params"])]
     assert groups and all(g["weight_decay"] == 0.0 for g in groups)
 
@@ -318,7 +318,7 @@ def test_inference_scales_in_place_without_touching_an_aliased_input(x):
         def forward(self, t):
             return t
 
-    wrapper = timm_remem.ScaledBranch(Echo(), 0.5)
+    wrapper = timm_remem.reweighting.ScaledBranch(Echo(), 0.5)
     t = torch.ones(3)
     with torch.no_grad():
         out = wrapper(t)

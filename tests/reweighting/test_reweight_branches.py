@@ -29,7 +29,7 @@ def expected_kind(case, path: str) -> str:
 
 @pytest.mark.parametrize("case", MATRIX, ids=[c.id for c in MATRIX])
 def test_branch_kind_matches_the_table(case):
-    branches = timm_remem.find_branches(create(case))
+    branches = timm_remem.reweighting.find_branches(create(case))
     assert {b.path: b.kind for b in branches} == {p: expected_kind(case, p) for p in case.all_paths}
 
 
@@ -41,7 +41,7 @@ def test_the_matrix_covers_every_kind():
 def test_kind_is_the_same_on_a_reweighted_model():
     case = next(c for c in MATRIX if c.id == "vit_rpn")
     model = create(case)
-    before = [(b.path, b.kind) for b in timm_remem.find_branches(model)]
+    before = [(b.path, b.kind) for b in timm_remem.reweighting.find_branches(model)]
     timm_remem.reweight(model, alpha=0.7)
-    assert [(b.path, b.kind) for b in timm_remem.find_branches(model)] == before
+    assert [(b.path, b.kind) for b in timm_remem.reweighting.find_branches(model)] == before
     assert {kind for _, kind in before} == {"post-norm"}

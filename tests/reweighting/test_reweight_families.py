@@ -89,7 +89,7 @@ def test_family_matrix(case):
     # learnable factors all receive a gradient
     timm_remem.reweight(model, schedule=list(factors), learnable=True)
     model(x).float().square().mean().backward()
-    scales = {id(m): m.remem_scale for m in model.modules() if isinstance(m, timm_remem.ScaledBranch)}
+    scales = {id(m): m.remem_scale for m in model.modules() if isinstance(m, timm_remem.reweighting.ScaledBranch)}
     assert scales and all(s.grad is not None and s.grad.abs() > 0 for s in scales.values())
 
 
@@ -114,9 +114,9 @@ def test_reweighting_a_reweighted_model_replaces_factors(case_id):
         assert _relative(model(x), reference(x)) <= 1e-6
     # learnable factors are set in place: the same Parameter objects, now holding the new factors
     timm_remem.reweight(model, alpha=0.5, learnable=True)
-    before = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.ScaledBranch)}
+    before = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.reweighting.ScaledBranch)}
     timm_remem.reweight(model, schedule=list(factors), learnable=True)
-    after = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.ScaledBranch)}
+    after = {id(m.remem_scale) for m in model.modules() if isinstance(m, timm_remem.reweighting.ScaledBranch)}
     assert after == before
     with torch.no_grad():
         assert _relative(model(x), reference(x)) <= 1e-6

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import timm_remem
-from timm_remem import ConfigError, ScaledBranch, UnsupportedModelError
-from timm_remem.reweighting import unscale
+from timm_remem import ConfigError, UnsupportedModelError
+from timm_remem.reweighting import ScaledBranch, unscale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

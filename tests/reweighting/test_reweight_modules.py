@@ -57,8 +57,8 @@ def _mixed_modes(model: nn.Module) -> dict[str, bool]:
 
 @pytest.mark.parametrize("call", [
     pytest.param(lambda m: timm_remem.reweight(m, alpha=0.7, top_k=2), id="reweight"),
-    pytest.param(lambda m: timm_remem.find_branches(m), id="find-branches"),
-    pytest.param(lambda m: timm_remem.find_branches(m, "attn"), id="find-attn-branches"),
+    pytest.param(lambda m: timm_remem.reweighting.find_branches(m), id="find-branches"),
+    pytest.param(lambda m: timm_remem.reweighting.find_branches(m, "attn"), id="find-attn-branches"),
 ])
 def test_submodule_modes_are_kept(call):
     model = make_vit()

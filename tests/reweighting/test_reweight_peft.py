@@ -43,7 +43,7 @@ def _timm(model: nn.Module) -> nn.Module:
 
 
 def _placement(model: nn.Module) -> list[tuple]:
-    return [(b.index, b.path, b.kind, b.columns, b.fold_path) for b in timm_remem.find_branches(model)]
+    return [(b.index, b.path, b.kind, b.columns, b.fold_path) for b in timm_remem.reweighting.find_branches(model)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -289,8 +289,8 @@ def mlp_expertness(
 ) -> list[BlockExpertness]:
     """Per-block firing statistics of the MLP neurons over a data loader (definitions in the module docstring).
 
-    MLP blocks are found with :func:`timm_remem.find_branches` (forward order, reweighted models included); a
-    forward pre-hook on each MLP's last linear layer records its input. The model runs in eval mode under
+    MLP blocks are found with :func:`~timm_remem.reweighting.find_branches` (forward order, reweighted models
+    included); a forward pre-hook on each MLP's last linear layer records its input. The model runs in eval mode under
     ``no_grad``; hooks are removed and the mode restored afterwards.
 
     Args:

@@ -6,10 +6,10 @@ any timm vision transformer: for ``k = 0..L`` it zeroes the residual contributio
 attention) branches, then measures accuracy and the information quantities of
 :func:`~timm_remem.analysis.information.teacher_information` on the same data.
 
-Branches come from :func:`timm_remem.find_branches` (so post-norm blocks are cut after their norm, where the branch
-enters the residual add). A branch is removed with a forward hook that replaces its module's output by zeros (for a
-fused attention+MLP projection, a pre-hook that zeroes the MLP's input columns); every hook is removed afterwards,
-so the model is left exactly as it was.
+Branches come from :func:`~timm_remem.reweighting.find_branches` (so post-norm blocks are cut after their norm,
+where the branch enters the residual add). A branch is removed with a forward hook that replaces its module's output
+by zeros (for a fused attention+MLP projection, a pre-hook that zeroes the MLP's input columns); every hook is
+removed afterwards, so the model is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -79,13 +79,13 @@ def _zero_columns(columns: tuple[int, int]):
 
 @contextlib.contextmanager
 def zero_branches(branches: Sequence[Any]) -> Iterator[None]:
-    """Context manager: zero the residual contribution of the given :func:`timm_remem.find_branches` branches.
+    """Context manager: zero the residual contribution of the given branches (``find_branches``).
 
     Example:
         >>> import timm, torch, timm_remem
         >>> model = timm.create_model("test_vit", pretrained=False, img_size=32).eval()
         >>> x = torch.randn(1, 3, 32, 32)
-        >>> with zero_branches(timm_remem.find_branches(model, "mlp")[-2:]):
+        >>> with zero_branches(timm_remem.reweighting.find_branches(model, "mlp")[-2:]):
         ...     pruned = model(x)
         >>> torch.equal(model(x), pruned)  # hooks are gone after the block
         False

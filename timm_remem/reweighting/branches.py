@@ -139,7 +139,7 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
     Example:
         >>> import timm, timm_remem
         >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
-        >>> [b.path for b in timm_remem.find_branches(model)][:2]
+        >>> [b.path for b in timm_remem.reweighting.find_branches(model)][:2]
         ['blocks.0.mlp', 'blocks.1.mlp']
     """
     if kind not in ("mlp", "attn"):

@@ -12,8 +12,9 @@ Two optimizers, for two kinds of training loop:
   statistics once per step, replays dropout masks in the perturbed pass, runs the first pass under DDP's
   ``no_sync``, restores the weights in place and allocates its buffers once.
 - ``OnePassSAM`` (Momentum-SAM, one pass, the base optimizer's cost) for loops that only call ``step()``: timm's
-  ``train.py``, HF's Trainer. Importing the package registers it in timm's optimizer factory as ``sam``,
-  ``samsgd``, ``sammomentum``, ``samadam`` and ``samadamw``; ``create_sam`` builds either around any timm optimizer.
+  ``train.py``, HF's Trainer. ``import timm_remem`` registers it in timm's optimizer factory as ``sam``,
+  ``samsgd``, ``sammomentum``, ``samadam`` and ``samadamw`` (``register_with_timm``); ``create_sam`` builds either
+  around any timm optimizer.
 
 The files:
 
@@ -49,5 +50,3 @@ from .stats import SAMStats
 
 __all__ = ["SAM", "SAMStats", "OnePassSAM", "OnePassStats", "OnePassSAMSGD", "OnePassSAMAdam", "OnePassSAMAdamW",
            "create_sam", "RhoScheduler", "RHO_SCHEDULES", "register_with_timm"]
-
-register_with_timm()
