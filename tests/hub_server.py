@@ -10,6 +10,8 @@ README metadata validation, repository info, trees, paths-info, branches and com
 A commit is applied atomically: files uploaded through LFS are invisible until the commit that references them is
 applied, and ``crash_on`` makes the server die on a chosen route (dropping every connection and refusing new ones)
 to test that an interrupted upload leaves nothing published. ``restart`` brings it back with its state.
+``lie`` makes ``resolve`` send hostile headers (an ``ETag``, ``X-Linked-Etag`` or commit id holding ``../``),
+``delay`` slows every answer down and ``all_lfs`` makes pre-upload send every file through LFS.
 
 The server uses the standard library only; the test helpers at the end patch huggingface_hub.
 """
@@ -187,6 +189,11 @@ class HubServer:
         self._counter = itertools.count()
         self._httpd: _HTTPServer | None = None
         self._dying: threading.Thread | None = None  # closes the listening socket of a crashed server
+        # A hostile server: headers that ``resolve`` sends instead of the true ones, for the files whose path
+        # matches the key's pattern (e.g. {"config.json": {"ETag": '"../../../escaped"'}}); see ``lie``.
+        self.lies: dict[str, dict[str, str]] = {}
+        self.delay = 0.0  # seconds every answer waits (a slow but working Hub)
+        self.all_lfs = False  # pre-upload answers "lfs" for every file (a server with unusual LFS rules)
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     @property
@@ -232,6 +239,14 @@ class HubServer:
         connection without answering and stops listening, like a killed process. Nothing of that request is applied.
         """
         self._crash = (method.upper(), re.compile(path_pattern), after_bytes)
+
+    def lie(self, path_pattern: str, **headers: str) -> None:
+        """Make ``resolve`` answer ``headers`` (``ETag``, ``X_Linked_Etag``, ``X_Repo_Commit``: ``_`` for ``-``)
+        instead of the true ones for the files matching the regex ``path_pattern``, like a hostile server would.
+
+        The body is still the true content, so only what the client makes of the headers is tested.
+        """
+        self.lies[path_pattern] = {name.replace("_", "-"): value for name, value in headers.items()}
 
     def _die(self) -> None:
         httpd, self._httpd = self._httpd, None
@@ -309,6 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.hub._die()
                 raise _Crash
             self._read_body()  # always consume the body, so that an early error keeps the connection usable
+            if self.hub.delay:
+                time.sleep(self.hub.delay)
             for route_method, pattern, handler in _ROUTES:
                 if route_method == method or (route_method == "GET" and method == "HEAD"):
                     match = pattern.fullmatch(split.path)
@@ -614,7 +631,7 @@ class _Handler(BaseHTTPRequestHandler):
         for item in self._json_body().get("files", []):
             path, size = item["path"], int(item["size"])
             sample = base64.b64decode(item.get("sample", ""))
-            lfs = size > _LFS_SIZE_THRESHOLD or b"\0" in sample or any(
+            lfs = self.hub.all_lfs or size > _LFS_SIZE_THRESHOLD or b"\0" in sample or any(
                 fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path.rsplit("/", 1)[-1], p) for p in patterns
             )
             existing = commit.files.get(path)
@@ -720,13 +737,16 @@ class _Handler(BaseHTTPRequestHandler):
         repo, _, _ = self._readable(_REPO_TYPES.get(prefix or "models", "model"), f"{ns}/{name}")
         commit = self._resolve(repo, rev)
         f = commit.files.get(path)
+        lies = {k: v for pattern, told in self.hub.lies.items() if re.search(pattern, path) for k, v in told.items()}
         if f is None:
-            raise HubHTTPError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": commit.id})
+            raise HubHTTPError(404, f"Entry not found: {path}", "EntryNotFound",
+                               {"X-Repo-Commit": commit.id, **{k: v for k, v in lies.items() if k == "X-Repo-Commit"}})
         data = repo.lfs[f.sha256] if f.sha256 else f.data
         headers = {"X-Repo-Commit": commit.id, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes",
                    "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
         if f.sha256:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)})
+        headers.update(lies)
         status = 200
         range_header = self.headers.get("Range")
         if range_header:

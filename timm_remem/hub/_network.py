@@ -1,20 +1,24 @@
 """Bounded Hub traffic: every request timm-remem makes has timeouts, a minimum speed and a total retry budget.
 
-huggingface_hub sends its requests through one shared ``httpx2.Client`` made by the factory given to
-``huggingface_hub.set_client_factory``; its default client has no timeout at all (``timeout=None``), and its retry
-helper (``http_backoff``) retries timeouts, network errors and 5xx answers five times. At its first Hub call,
-timm-remem installs a factory whose client keeps huggingface_hub's event hooks (offline mode, request ids) and adds
-a transport that bounds each request:
+huggingface_hub sends its requests through one shared ``httpx2.Client`` (``get_session()``), made by the factory
+given to ``huggingface_hub.set_client_factory``; its default client has no timeout at all (``timeout=None``), its
+API offers none for most calls (``HfApi.create_repo``, ``upload_folder``...), a per-read timeout cannot stop a
+server that trickles, and its retry helper (``http_backoff``) retries timeouts, network errors and 5xx answers five
+times (a download retries its metadata request with a 60 s timeout). So each timm-remem operation (a push, a
+download) runs its requests through a client of its own whose transport bounds each request:
 
 - ``timeout``: connect, read, write and pool timeout of every request (no byte for this long is a failure);
 - ``min_speed``: once an answer has started, it must keep an average of at least this many bytes per second
   after its first ``timeout`` seconds (a server that trickles bytes is cut off);
-- ``retry_budget``: once a request of an operation (a push, a download) has failed, the operation's retries stop
-  after this many seconds: the next failure, or the next attempt, ends it.
+- ``retry_budget``: once a request of an operation has failed, the operation's retries stop after this many
+  seconds: the next failure, or the next attempt, ends it.
 
 A dead server therefore ends an operation after at most about ``timeout + retry_budget`` seconds (55 s by
 default). Each limit is a function argument, else an environment variable read at each call
-(``TIMM_REMEM_HUB_TIMEOUT``, ``TIMM_REMEM_HUB_RETRY_BUDGET``, ``TIMM_REMEM_HUB_MIN_SPEED``), else the default.
+(``TIMM_REMEM_HUB_TIMEOUT``, ``TIMM_REMEM_HUB_RETRY_BUDGET``, ``TIMM_REMEM_HUB_MIN_SPEED``), else the default
+(the timeout is huggingface_hub's own default, ``constants.DEFAULT_REQUEST_TIMEOUT``).
+
+Only timm-remem's own requests are bounded: nothing changes for the rest of the process (see :func:`bounded`).
 
 Example:
     >>> from timm_remem.hub._network import HubLimits
@@ -29,20 +33,23 @@ Example:
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpcore2
 import httpx2
-from huggingface_hub import get_session, set_client_factory
+from huggingface_hub import __version__ as _HF_VERSION
+from huggingface_hub import constants, get_session
+from huggingface_hub.utils import _http as _hf_http  # the shared client's internals: see bounded()
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HubError
 
 __all__ = ["HubLimits", "ENV_TIMEOUT", "ENV_RETRY_BUDGET", "ENV_MIN_SPEED", "Operation", "bounded",
            "RetryBudgetExhausted", "TrickleTimeout", "NoAnswerTimeout", "ClosedWithoutAnswer", "RETRY_STATUSES"]
@@ -50,8 +57,9 @@ __all__ = ["HubLimits", "ENV_TIMEOUT", "ENV_RETRY_BUDGET", "ENV_MIN_SPEED", "Ope
 ENV_TIMEOUT = "TIMM_REMEM_HUB_TIMEOUT"
 ENV_RETRY_BUDGET = "TIMM_REMEM_HUB_RETRY_BUDGET"
 ENV_MIN_SPEED = "TIMM_REMEM_HUB_MIN_SPEED"
-# The status codes huggingface_hub's http_backoff retries (a server that is down or overloaded).
-RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
+# The status codes huggingface_hub's http_backoff retries (a server that is down or overloaded), read from it.
+RETRY_STATUSES: tuple[int, ...] = tuple(getattr(_hf_http, "_DEFAULT_RETRY_ON_STATUS_CODES",
+                                                (408, 429, 500, 502, 503, 504)))
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class HubLimits:
         min_speed: Bytes per second an answer must average after its first ``timeout`` seconds.
     """
 
-    timeout: float = 10.0
+    timeout: float = float(constants.DEFAULT_REQUEST_TIMEOUT)
     retry_budget: float = 45.0
     min_speed: float = 1024.0
 
@@ -115,7 +123,7 @@ class ClosedWithoutAnswer(httpcore2.ReadError):
 
 @dataclass
 class Operation:
-    """What happened to the requests of one operation: the first failure's time and the last failure."""
+    """One timm-remem operation: its limits, its own bounded client, and what happened to its requests."""
 
     limits: HubLimits
     failing_since: float | None = None
@@ -123,6 +131,7 @@ class Operation:
     last_failure: str | None = None  # "connect", "no answer", "trickle", "protocol", "status <code>"
     last_status: int | None = None
     content_types: list[str] = field(default_factory=list)  # of the answers received, the last few
+    client: httpx2.Client | None = field(default=None, repr=False)  # made at the first request, closed at the end
 
     def failed(self, what: str, status: int | None = None) -> bool:
         """Record a failure; ``True`` when the retry budget is spent (the operation must stop now)."""
@@ -143,41 +152,149 @@ class Operation:
         return (f"{self.failures} failed attempt{'s' if self.failures != 1 else ''} within the retry budget of "
                 f"{self.limits.retry_budget:g} s ({ENV_RETRY_BUDGET})")
 
+    def session(self) -> httpx2.Client:
+        """This operation's client: huggingface_hub's default one (its request hook: offline mode, request ids),
+        with the bounded transport."""
+        if self.client is None:
+            self.client = httpx2.Client(event_hooks={"request": [_hf_http.hf_request_event_hook]},
+                                        follow_redirects=True, timeout=self.limits.timeout,
+                                        transport=BoundedTransport(self))
+        return self.client
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+
 
 _OPERATION: contextvars.ContextVar[Operation | None] = contextvars.ContextVar("timm_remem_hub_operation",
                                                                               default=None)
-_INSTALL_LOCK = threading.Lock()
-_installed = False
 
 
 @contextmanager
 def bounded(limits: HubLimits) -> Iterator[Operation]:
-    """Run the Hub calls of one operation under ``limits``; yields the :class:`Operation` record."""
-    _install()
+    """Run the Hub calls of one operation under ``limits``; yields the :class:`Operation` record.
+
+    huggingface_hub takes its client from ``get_session()`` and offers no per-call client, so while at least one
+    timm-remem operation runs (on any thread), the shared client slot holds a stand-in (:class:`_Session`) that
+    hands each attribute to the operation's own bounded client on a thread running the operation (a context
+    variable), and to the client of the user's own factory everywhere else. When the last operation ends, the
+    user's factory and the user's client (the same object, never closed by us) are put back.
+
+    What is guaranteed:
+
+    - the user's Hub calls, before, during (on other threads) and after ours, go through the user's own client,
+      made by the user's own factory, with its timeouts, hooks and connection pool: none of our limits apply;
+    - afterwards the factory in effect is the user's, including one the user set while ours ran;
+    - ``close_session()`` (huggingface_hub calls it after a connection error) closes the client of whoever
+      called it: ours inside an operation, the user's elsewhere.
+
+    What is not:
+
+    - while ours runs, ``get_session()`` on another thread returns the stand-in, which forwards every attribute
+      to the user's client but is not that object (``is`` and ``isinstance`` see the difference);
+    - if the user calls ``set_client_factory`` while an operation runs, their factory takes effect at once and
+      the rest of that operation runs through their client, without our limits;
+    - requests that huggingface_hub makes from worker threads of its own do not see the operation and go to the
+      user's client: our calls avoid them (downloads are one ``hf_hub_download`` per file, a push pre-uploads
+      one file at a time, see ``push.py``); Xet transfers (``hf_xet``) bypass httpx2 and are not bounded.
+    """
+    _start()
     operation = Operation(limits)
     token = _OPERATION.set(operation)
     try:
         yield operation
     finally:
         _OPERATION.reset(token)
+        operation.close()
+        _finish()
 
 
-def _install() -> None:
-    """Install the bounded client factory once per process (a factory set later by the user replaces it)."""
-    global _installed
-    with _INSTALL_LOCK:
-        if _installed:
+class _Installation:
+    """The user's factory and client, kept while our operations run (see :func:`bounded`)."""
+
+    def __init__(self) -> None:
+        self.user_factory: Callable[[], httpx2.Client] = _hf_http._GLOBAL_CLIENT_FACTORY
+        self.client: httpx2.Client | None = _hf_http._GLOBAL_CLIENT  # the user's live client, if made yet
+        self.lock = threading.Lock()
+        self.factory = functools.partial(_Session, self)  # what stands in for the user's factory meanwhile
+        self.finished = False  # the user's factory and client are back in huggingface_hub's slots
+
+    def user_client(self) -> Any:
+        with self.lock:
+            if not self.finished:
+                if self.client is None:
+                    self.client = self.user_factory()
+                return self.client
+        return get_session()  # a stand-in still held by a user's call after our last operation ended
+
+    def close_user_client(self) -> None:
+        with self.lock:
+            client, self.client = self.client, None
+        if client is not None:
+            client.close()
+
+
+class _Session:
+    """What ``get_session()`` returns while an operation runs: the operation's client or the user's, by thread."""
+
+    def __init__(self, installation: _Installation) -> None:
+        self._installation = installation
+
+    def _client(self) -> httpx2.Client:
+        operation = _OPERATION.get()
+        return operation.session() if operation is not None else self._installation.user_client()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client(), name)
+
+    def close(self) -> None:  # huggingface_hub's close_session(): close the caller's client only
+        operation = _OPERATION.get()
+        if operation is not None:
+            operation.close()
+        else:
+            self._installation.close_user_client()
+
+
+_LOCK = threading.Lock()
+_installation: _Installation | None = None
+_running = 0  # operations in progress, on all threads
+_NEEDED = ("_CLIENT_LOCK", "_GLOBAL_CLIENT_FACTORY", "_GLOBAL_CLIENT", "hf_request_event_hook")
+
+
+def _start() -> None:
+    global _installation, _running
+    missing = [name for name in _NEEDED if not hasattr(_hf_http, name)]
+    if missing:
+        raise HubError(f"timm-remem cannot bound its Hub requests with huggingface_hub {_HF_VERSION}: its shared "
+                       f"client works differently (no {', '.join(missing)} in huggingface_hub.utils._http); "
+                       "install a huggingface_hub 2.x release that timm-remem supports (pip install "
+                       "'huggingface_hub>=2,<3').")
+    with _LOCK:
+        if _running == 0:
+            with _hf_http._CLIENT_LOCK:
+                _installation = _Installation()
+                _hf_http._GLOBAL_CLIENT_FACTORY = _installation.factory
+                _hf_http._GLOBAL_CLIENT = _installation.factory()
+        _running += 1
+
+
+def _finish() -> None:
+    global _installation, _running
+    with _LOCK:
+        _running -= 1
+        if _running:
             return
-        current = get_session()
-        hooks = {name: list(items) for name, items in current.event_hooks.items()}
-        follow = current.follow_redirects
-
-        def factory() -> httpx2.Client:
-            return httpx2.Client(event_hooks=hooks, follow_redirects=follow,
-                                 timeout=HubLimits.resolve().timeout, transport=BoundedTransport())
-
-        set_client_factory(factory)
-        _installed = True
+        installation, _installation = _installation, None
+        with _hf_http._CLIENT_LOCK, installation.lock:
+            installation.finished = True
+            client, installation.client = installation.client, None  # huggingface_hub's slot owns it again
+            if _hf_http._GLOBAL_CLIENT_FACTORY is installation.factory:
+                _hf_http._GLOBAL_CLIENT_FACTORY = installation.user_factory
+                _hf_http._GLOBAL_CLIENT = client
+                return
+    if client is not None:  # the user set a factory meanwhile: their old client is unreachable now
+        client.close()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,8 +304,8 @@ def _install() -> None:
 class _WatchedStream(httpcore2.NetworkStream):
     """A socket stream that fails an answer that never starts, or that trickles."""
 
-    def __init__(self, inner: httpcore2.NetworkStream) -> None:
-        self._inner = inner
+    def __init__(self, inner: httpcore2.NetworkStream, limits: HubLimits) -> None:
+        self._inner, self._limits = inner, limits
         self._first_byte: float | None = None
         self._received = 0
 
@@ -210,7 +327,7 @@ class _WatchedStream(httpcore2.NetworkStream):
         if self._first_byte is None:
             self._first_byte = now
         self._received += len(data)
-        limits = (_OPERATION.get() or Operation(HubLimits.resolve())).limits
+        limits = self._limits
         elapsed = now - self._first_byte
         if elapsed > limits.timeout and self._received < limits.min_speed * elapsed:
             raise TrickleTimeout(f"the server sent {self._received} bytes in {elapsed:.1f} s, below the minimum of "
@@ -222,23 +339,24 @@ class _WatchedStream(httpcore2.NetworkStream):
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore2.NetworkStream:
-        return _WatchedStream(self._inner.start_tls(ssl_context, server_hostname, timeout))
+        return _WatchedStream(self._inner.start_tls(ssl_context, server_hostname, timeout), self._limits)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
 
 class _WatchedBackend(httpcore2.NetworkBackend):
-    def __init__(self) -> None:
-        self._inner = httpcore2.SyncBackend()
+    def __init__(self, limits: HubLimits) -> None:
+        self._inner, self._limits = httpcore2.SyncBackend(), limits
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Any = None) -> httpcore2.NetworkStream:
-        return _WatchedStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+        return _WatchedStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options),
+                              self._limits)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: Any = None) -> httpcore2.NetworkStream:
-        return _WatchedStream(self._inner.connect_unix_socket(path, timeout, socket_options))
+        return _WatchedStream(self._inner.connect_unix_socket(path, timeout, socket_options), self._limits)
 
     def sleep(self, seconds: float) -> None:
         self._inner.sleep(seconds)
@@ -281,7 +399,7 @@ def _kind(err: BaseException) -> str:
 
 
 class _ResponseStream(httpx2.SyncByteStream):
-    def __init__(self, inner: Any, operation: Operation | None) -> None:
+    def __init__(self, inner: Any, operation: Operation) -> None:
         self._inner, self._operation = inner, operation
 
     def __iter__(self) -> Iterator[bytes]:
@@ -289,7 +407,7 @@ class _ResponseStream(httpx2.SyncByteStream):
             with _mapped():
                 yield from self._inner
         except httpx2.TransportError as err:
-            if self._operation is not None and self._operation.failed(_kind(err)):
+            if self._operation.failed(_kind(err)):
                 raise RetryBudgetExhausted(self._operation.spent()) from err
             raise
 
@@ -299,17 +417,17 @@ class _ResponseStream(httpx2.SyncByteStream):
 
 
 class BoundedTransport(httpx2.BaseTransport):
-    """An httpx2 transport whose requests obey the :class:`HubLimits` of the current operation."""
+    """An httpx2 transport whose requests obey the :class:`HubLimits` of one :class:`Operation`."""
 
-    def __init__(self) -> None:
+    def __init__(self, operation: Operation) -> None:
+        self._operation = operation
         self._pool = httpcore2.ConnectionPool(ssl_context=httpx2.create_ssl_context(),
-                                              network_backend=_WatchedBackend())
+                                              network_backend=_WatchedBackend(operation.limits))
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        operation = _OPERATION.get()
-        limits = operation.limits if operation is not None else HubLimits.resolve()
-        timeout = limits.timeout
-        left = operation.left() if operation is not None else None
+        operation = self._operation
+        timeout = operation.limits.timeout
+        left = operation.left()
         if left is not None:
             if left <= 0:
                 raise RetryBudgetExhausted(operation.spent())
@@ -325,19 +443,18 @@ class BoundedTransport(httpx2.BaseTransport):
             with _mapped():
                 answer = self._pool.handle_request(core)
         except httpx2.TransportError as err:
-            if operation is not None and operation.failed(_kind(err)):
+            if operation.failed(_kind(err)):
                 raise RetryBudgetExhausted(operation.spent()) from err
             raise
         response = httpx2.Response(status_code=answer.status, headers=answer.headers,
                                    stream=_ResponseStream(answer.stream, operation), extensions=answer.extensions)
-        if operation is not None:
-            operation.content_types = [*operation.content_types[-3:], response.headers.get("content-type", "")]
-            if answer.status in RETRY_STATUSES:
-                if operation.failed(f"status {answer.status}", answer.status):
-                    response.close()
-                    raise RetryBudgetExhausted(operation.spent())
-            elif answer.status < 500:
-                operation.failing_since = None  # the server answers: a later failure gets a fresh budget
+        operation.content_types = [*operation.content_types[-3:], response.headers.get("content-type", "")]
+        if answer.status in RETRY_STATUSES:
+            if operation.failed(f"status {answer.status}", answer.status):
+                response.close()
+                raise RetryBudgetExhausted(operation.spent())
+        elif answer.status < 500:
+            operation.failing_since = None  # the server answers: a later failure gets a fresh budget
         return response
 
     def close(self) -> None:

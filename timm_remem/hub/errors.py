@@ -21,13 +21,13 @@ from contextlib import contextmanager
 import httpx2
 from huggingface_hub import constants
 from huggingface_hub.errors import (
-    EntryNotFoundError,
     FileMetadataError,
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     LocalTokenNotFoundError,
     OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -140,7 +140,7 @@ def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: s
         return (f"repository {where} was not found, or it is private and "
                 + ("no token was sent" if status == 401 else "your token cannot see it")
                 + f": check the name; for a private repository {TOKEN_HELP} with access to it.")
-    if find_in_chain(err, EntryNotFoundError) and not find_in_chain(err, LocalEntryNotFoundError):
+    if find_in_chain(err, RemoteEntryNotFoundError):
         return (f"{where} has no {CONFIG_NAME}: it is not a timm model repository (publish teachers with "
                 "timm_remem.push_to_hub).")
     if status == 401:
@@ -174,7 +174,15 @@ def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: s
                 f"{network}). Check the network connection, HF_ENDPOINT and proxy settings.{undone}")
     if http is not None and status is not None:
         return f"the Hub answered {status} when trying to {action} {where}{server}.{undone}"
+    if any(isinstance(e, ValueError) and str(e).startswith(_OUTSIDE_CACHE) for e in _chain(err)):
+        return (f"cannot {action} {where}: the server sent a commit id that would place files outside the Hub "
+                "cache (huggingface_hub refused it; nothing was read). Point HF_ENDPOINT at a Hugging Face Hub you "
+                "trust.")
     return None
+
+
+# What huggingface_hub (2.x) says when the commit id a server sent would lead out of the cache's snapshots folder.
+_OUTSIDE_CACHE = "Invalid pointer path"
 
 
 _SLOW_HELP = (f"check the network, HF_ENDPOINT and proxy settings, or raise {ENV_TIMEOUT} (seconds, now {{t:g}}) "

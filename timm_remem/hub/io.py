@@ -20,7 +20,7 @@ from typing import Any
 import timm
 import torch
 from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models import save_for_hf
@@ -33,7 +33,7 @@ from .._version import __version__
 from ..errors import CheckpointError, ConfigError, HubError
 from ..reweighting import get_scales, is_reweighted, reweight
 from ..reweighting import merge as merge_factors
-from ._common import CARD_NAME, CONFIG_NAME, REMEM_NAME, WEIGHTS_NAME, check_repo_id, check_timm_model
+from ._common import CARD_NAME, CONFIG_NAME, REMEM_NAME, WEIGHTS_NAME, check_repo_id, check_revision, check_timm_model
 from ._lora import has_adapters, merged_copy, save_adapter, timm_model_of
 from ._network import HubLimits
 from .card import model_card
@@ -205,8 +205,10 @@ def fetch_teacher_files(
         The folder (for ``hf-hub:``, the snapshot in the Hub cache).
 
     Raises:
-        ConfigError: ``name_or_path`` is not one of the accepted forms, or two revisions are given.
-        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason).
+        ConfigError: ``name_or_path`` is not one of the accepted forms, two revisions are given, or the revision
+            is not a branch, tag or commit id (checked before any request or file access).
+        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason), or a file that
+            huggingface_hub hands back lies outside the Hub cache (nothing is read then).
         CheckpointError: ``model.safetensors`` is missing.
 
     Example:
@@ -225,11 +227,15 @@ def _resolve(name_or_path: Any, revision: str | None, token: str | None, cache_d
     text = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
     if text is None:
         raise ConfigError(f"name_or_path must be a string or a path, got {type(name_or_path).__name__}.")
+    if revision is not None:
+        check_revision(revision)
     if text.startswith(_HUB_PREFIXES):
-        repo_id, _, at = text.split(":", 1)[1].partition("@")
-        if at and revision is not None and at != revision:
-            raise ConfigError(f"two revisions given: {at!r} in {text!r} and revision={revision!r}; keep one.")
-        revision = revision or at or None
+        repo_id, marked, at = text.split(":", 1)[1].partition("@")
+        if marked:
+            check_revision(at, f"the revision after '@' in {text!r}")
+            if revision is not None and at != revision:
+                raise ConfigError(f"two revisions given: {at!r} in {text!r} and revision={revision!r}; keep one.")
+            revision = at
         check_repo_id(repo_id)
         return _download(repo_id, revision, token, cache_dir, limits), repo_id, revision
     folder = Path(text[len(_LOCAL_PREFIX):] if text.startswith(_LOCAL_PREFIX) else text).expanduser()
@@ -253,13 +259,12 @@ def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: 
     with hub_errors("download", repo_id, revision, constants.ENDPOINT, limits=limits):
         for filename in (CONFIG_NAME, WEIGHTS_NAME):
             try:
-                paths[filename] = Path(hf_hub_download(
+                paths[filename] = _inside_cache(hf_hub_download(
                     repo_id, filename, revision=revision, token=token, cache_dir=cache_dir,
                     library_name="timm-remem", library_version=__version__,
-                ))
+                ), cache_dir, repo_id)
             except Exception as err:
-                if (filename == WEIGHTS_NAME and find_in_chain(err, EntryNotFoundError)
-                        and not find_in_chain(err, LocalEntryNotFoundError)):
+                if filename == WEIGHTS_NAME and find_in_chain(err, RemoteEntryNotFoundError):
                     raise CheckpointError(
                         f"the Hub repository {repo_id!r} has no {WEIGHTS_NAME}: timm-remem loads safetensors "
                         "weights only (never pickle files such as pytorch_model.bin); re-publish it with "
@@ -271,6 +276,25 @@ def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: 
         raise CheckpointError(f"{CONFIG_NAME} and {WEIGHTS_NAME} of {repo_id!r} resolved to different revisions; "
                               "pass an explicit revision (a commit id).")
     return folder
+
+
+def _inside_cache(path: str, cache_dir: Any, repo_id: str) -> Path:
+    """``path`` (handed back by huggingface_hub) once it is known to lie in the Hub cache, symlinks resolved.
+
+    The cache's file names come from the server (the commit id, the ``ETag`` of each file): a hostile server can
+    make huggingface_hub write and link a file outside the cache, so nothing is read before this check.
+    """
+    cache = Path(constants.HF_HUB_CACHE if cache_dir is None else cache_dir).expanduser().resolve()
+    given = Path(os.path.abspath(path))
+    target = given.resolve()
+    if not (given.is_relative_to(cache) and target.is_relative_to(cache)):
+        raise HubError(
+            f"huggingface_hub handed back {str(given)!r} for {repo_id!r}, which leads to {str(target)!r}, outside "
+            f"the Hub cache {str(cache)!r}: the server at {constants.ENDPOINT} sent a file tag or commit id that "
+            "points out of the cache, so nothing was read. Point HF_ENDPOINT at a Hugging Face Hub you trust, and "
+            f"delete {str(target)!r} unless you put it there."
+        )
+    return given
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,8 +334,10 @@ def load_teacher(
         The teacher in eval mode, with ``pretrained_cfg`` describing its preprocessing.
 
     Raises:
-        ConfigError: ``name_or_path`` is not one of the accepted forms.
-        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason).
+        ConfigError: ``name_or_path`` is not one of the accepted forms, or the revision is not a branch, tag or
+            commit id (checked before any request or file access).
+        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason), or a file that
+            huggingface_hub hands back lies outside the Hub cache (nothing is read then).
         CheckpointError: ``model.safetensors`` is missing or unreadable, or its keys or shapes do not match.
 
     Example:

@@ -11,14 +11,15 @@ Example:
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from torch import nn
 
 from .._version import __version__
 from ..errors import HubError
-from ._common import check_repo_id
+from ._common import check_repo_id, check_revision
 from ._network import HubLimits
 from .errors import TOKEN_HELP, hub_errors
 from .io import save_pretrained
@@ -72,13 +73,15 @@ def push_to_hub(
     Raises:
         HubError: No token, a token the Hub rejects or that cannot write to ``repo_id``'s namespace, or the Hub
             cannot be reached.
-        ConfigError: Malformed ``repo_id`` or metadata.
+        ConfigError: Malformed ``repo_id``, ``revision`` or metadata (checked before anything is sent).
 
     Example:
         >>> url = timm_remem.push_to_hub(teacher, "me/vit-b-remem-cifar100", dataset="cifar100")  # doctest: +SKIP
         >>> timm.create_model("hf-hub:me/vit-b-remem-cifar100", pretrained=True)  # doctest: +SKIP
     """
     check_repo_id(repo_id)
+    if revision is not None:
+        check_revision(revision)
     limits = HubLimits.resolve(timeout, retry_budget)
     token = token or get_token()
     if not token:
@@ -89,9 +92,15 @@ def push_to_hub(
         what = "LoRA adapter of ReMem teacher" if adapter_only else "ReMem teacher"
         message = commit_message or f"Upload {what} {model.pretrained_cfg.get('architecture') or ''}".strip()
         api = HfApi(token=token, library_name="timm-remem", library_version=__version__)
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+        additions = [CommitOperationAdd(p.relative_to(folder).as_posix(), str(p)) for p in files]
         with hub_errors("push to", repo_id, revision, api.endpoint, pushing=True, limits=limits):
             api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision is not None and revision != "main":
+            if revision is not None and revision != constants.DEFAULT_REVISION:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message, revision=revision)
+            # What upload_folder does, but one file at a time: with two or more large (LFS) files huggingface_hub
+            # uploads from worker threads of its own, which would not run under this push's limits (_network.py).
+            for addition in additions:
+                api.preupload_lfs_files(repo_id, additions=[addition], revision=revision)
+            info = api.create_commit(repo_id, additions, commit_message=message, revision=revision)
     return info.commit_url
