@@ -1,32 +1,37 @@
-"""Benchmark: cost of SAM's own work (norm, save, perturb, restore) against two references, side by side.
+"""Benchmark: SAM and ASAM against two references, side by side in one run: own work, buffers, whole step.
 
-Implementations (all around the same base optimizer, SGD with momentum 0.9):
+Implementations (all around the same base optimizer, SGD with momentum 0.9; ASAM with rho 0.5):
 
 - ``ours``: ``timm_remem.SAM``.
 - ``davda54``: a straightforward implementation of the davda54/sam algorithm written below (clone the weights,
-  build ``e_w`` per tensor, rebind ``p.data`` to restore).
+  build ``e_w`` per tensor, rebind ``p.data`` to restore; its ASAM has no ``eta``).
 - ``pytorch_optimizer``: ``pytorch_optimizer.SAM`` when importable (``pip install pytorch_optimizer``, the
   ``bench`` extra).
 
-Measured:
+Measured for SAM and for ASAM on ``vit_tiny_patch16_224`` at img_size 64, batch 16:
 
-1. ``vit_tiny_patch16_224`` at img_size 64, batch 16. SAM-only cost = time(first_step) + time(second_step) -
-   time(base step), on the gradients of two real passes (set before each call, so many interleaved repeats are
-   cheap), shown in ms, as % of one forward+backward, and as a ratio to each reference. Whole real iterations are
-   compared with the floor (two forward+backward passes and one base step).
-2. ``vit_base_patch16_224`` with synthetic gradients (no forward): SAM-only cost on 86M parameters.
+1. SAM's own work = time(first_step) + time(second_step) - time(base step), on the gradients of two real passes
+   (set before each call, so many interleaved repeats are cheap): ms, and ours / each reference.
+2. Buffers, as multiples of the trainable parameters' bytes: what SAM holds while the perturbed pass runs, and the
+   peak inside ``first_step`` (its persistent buffers plus what it allocates, from torch.profiler's memory events).
+3. The whole step (two forward+backward passes, SAM's work, the base step; ours through
+   ``step(closure, model=model)``, the references through their two-step API) / one plain step (forward+backward,
+   base step, zero_grad). The floor is 2.0.
+
+Optionally (default on) ``vit_base_patch16_224`` with synthetic gradients (no forward): 1 and 2 on 86M parameters.
 
 Numbers are the fastest of interleaved repeats (the implementations take turns), so load from other processes
-skews them least. Nothing is asserted about time.
+skews them least; the load average is printed before and after. Nothing is asserted about time.
 
 Usage:
-    python benchmarks/bench_sam.py [--repeats 3] [--sam-repeats 30] [--base-repeats 6] [--skip-vit-base]
-        [--adaptive] [--device cpu] [--threads N] [--clock wall|cpu]
+    python benchmarks/bench_sam.py [--modes sam asam] [--repeats 5] [--sam-repeats 30] [--base-repeats 6]
+        [--skip-vit-base] [--device cpu] [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import sys
@@ -36,6 +41,7 @@ from collections.abc import Callable
 import timm
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from timm_remem.sam import SAM  # noqa: E402
@@ -89,6 +95,9 @@ class DavdaSAM(torch.optim.Optimizer):
         )
 
 
+MODES = {"sam": False, "asam": True}
+
+
 def implementations(adaptive: bool) -> dict[str, Callable]:
     kw = dict(rho=0.5 if adaptive else 0.05, adaptive=adaptive, lr=0.01, momentum=0.9)
     impls = {
@@ -122,41 +131,87 @@ def _best_ms(values: list[float]) -> float:
     return 1000.0 * min(values)
 
 
+def _set_grads(params, grads):
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
 def _time_sam_only(params, impls, g1, g2, repeats, device):
     """Interleaved timing of first_step + second_step on fixed gradients, and of a plain base step."""
     opts = {name: make(params) for name, make in impls.items()}
     base = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     sam_t: dict[str, list[float]] = {n: [] for n in impls}
     base_t: list[float] = []
-
-    def set_grads(grads):
-        for p, g in zip(params, grads, strict=True):
-            p.grad = g
-
     for r in range(repeats + 1):  # round 0 warms up (buffers, momentum, allocator)
-        set_grads(g2)
+        _set_grads(params, g2)
         t0 = _clock(device)
         base.step()
         t1 = _clock(device)
         if r:
             base_t.append(t1 - t0)
         for name, opt in opts.items():
-            set_grads(g1)
+            _set_grads(params, g1)
             t0 = _clock(device)
             opt.first_step(zero_grad=True)
             t1 = _clock(device)
-            set_grads(g2)
+            _set_grads(params, g2)
             t2 = _clock(device)
             opt.second_step(zero_grad=True)
             t3 = _clock(device)
             if r:
                 sam_t[name].append((t1 - t0) + (t3 - t2))
-    set_grads([None] * len(params))
+    _set_grads(params, [None] * len(params))
     return sam_t, _best_ms(base_t)
 
 
-def bench_vit_tiny(repeats: int, sam_repeats: int, adaptive: bool, device: torch.device) -> None:
-    print("\n== vit_tiny_patch16_224, img_size 64, batch 16 ==")
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _buffers(params, impls, g1, g2) -> dict[str, tuple[float, float]]:
+    """Per implementation: (bytes held while the perturbed pass runs, peak inside first_step) / parameter bytes.
+
+    Held = SAM's persistent buffers (ours: ``buffer_nbytes``; the references keep none between steps beyond the
+    weights themselves) plus what ``first_step`` allocated and did not free; the peak adds the highest running total
+    of first_step's allocations (the profiler attributes each allocation to the op that made it, each free to a
+    ``[memory]`` event). Measured on the second step, after the first allocated what is allocated once.
+    """
+    param_bytes = _nbytes(params)
+    out = {}
+    for name, make in impls.items():
+        opt = make(params)
+        for step in range(2):
+            _set_grads(params, g1)
+            if step:
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    opt.first_step(zero_grad=True)
+                events = sorted(prof.events(), key=lambda e: e.time_range.start)
+                total = peak = 0
+                for e in events:
+                    total += e.self_cpu_memory_usage
+                    peak = max(peak, total)
+                persistent = opt.buffer_nbytes if isinstance(opt, SAM) else 0
+                out[name] = ((persistent + total) / param_bytes, (persistent + peak) / param_bytes)
+            else:
+                opt.first_step(zero_grad=True)
+            _set_grads(params, g2)
+            opt.second_step(zero_grad=True)
+    _set_grads(params, [None] * len(params))
+    return out
+
+
+def _vit_tiny_grads(model, x, y, params):
+    grads = []
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.detach().clone() for p in params])
+        _set_grads(params, [None] * len(params))
+    return grads
+
+
+def bench_vit_tiny(mode: str, repeats: int, sam_repeats: int, device: torch.device) -> None:
+    adaptive = MODES[mode]
+    print(f"\n== {mode.upper()}: vit_tiny_patch16_224, img_size 64, batch 16 ==")
     impls = implementations(adaptive)
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=10)
@@ -165,84 +220,82 @@ def bench_vit_tiny(repeats: int, sam_repeats: int, adaptive: bool, device: torch
     x = torch.randn(16, 3, 64, 64, device=device)
     y = torch.randint(0, 10, (16,), device=device)
 
+    g1, g2 = _vit_tiny_grads(model, x, y, params)
+    sam_t, base_ms = _time_sam_only(params, impls, g1, g2, sam_repeats, device)
+    buffers = _buffers(params, impls, g1, g2) if device.type == "cpu" else {}
+
     def fwd_bwd():
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
 
-    # Real gradients of two passes, reused for the interleaved SAM-only timing.
-    grads = []
-    for _ in range(2):
-        fwd_bwd()
-        grads.append([p.grad.detach().clone() for p in params])
-        for p in params:
-            p.grad = None
-    sam_t, base_ms = _time_sam_only(params, impls, grads[0], grads[1], sam_repeats, device)
-
-    # Whole iterations: the floor (two forward+backward passes and a base step) and each implementation.
-    floor_opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    # Whole steps, interleaved: one plain step, then one SAM step of each implementation.
+    plain = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     opts = {name: make(params) for name, make in impls.items()}
-    fb_t, floor_t = [], []
-    iter_t: dict[str, list[float]] = {n: [] for n in impls}
+    plain_t: list[float] = []
+    step_t: dict[str, list[float]] = {n: [] for n in impls}
     for r in range(repeats + 1):
         t0 = _clock(device)
         fwd_bwd()
+        plain.step()
+        plain.zero_grad()
         t1 = _clock(device)
-        floor_opt.zero_grad()
-        fwd_bwd()
-        floor_opt.step()
-        t2 = _clock(device)
-        floor_opt.zero_grad()
         if r:
-            fb_t.append(t1 - t0)
-            floor_t.append(t2 - t0)
+            plain_t.append(t1 - t0)
         for name, opt in opts.items():
             t0 = _clock(device)
-            fwd_bwd()
-            opt.first_step(zero_grad=True)
-            fwd_bwd()
-            opt.second_step(zero_grad=True)
+            if isinstance(opt, SAM):
+                opt.step(fwd_bwd, model=model)
+                opt.zero_grad()
+            else:
+                fwd_bwd()
+                opt.first_step(zero_grad=True)
+                fwd_bwd()
+                opt.second_step(zero_grad=True)
             t1 = _clock(device)
             if r:
-                iter_t[name].append(t1 - t0)
-    fb, floor = _best_ms(fb_t), _best_ms(floor_t)
+                step_t[name].append(t1 - t0)
+    plain_ms = _best_ms(plain_t)
     print(
-        f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters; one forward+backward {fb:.1f} ms, "
-        f"base SGD step {base_ms:.2f} ms, floor iteration {floor:.1f} ms (best of {repeats}); "
-        f"SAM-only: best of {sam_repeats}"
+        f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters; base SGD step {base_ms:.2f} ms "
+        f"(best of {sam_repeats}); plain step (fwd+bwd+step) {plain_ms:.1f} ms (best of {repeats})"
     )
-    extra = {
-        "iter/floor": {n: f"{_best_ms(iter_t[n]) / floor:.3f}" for n in impls},
-        "derived": {n: f"{(floor + _best_ms(sam_t[n]) - base_ms) / floor:.3f}" for n in impls},
-    }
-    _report(sam_t, base_ms, fb, extra)
-    print("iter/floor: measured whole iterations; derived: (floor + SAM-only) / floor, steadier on a busy machine")
+    extra = {"step / plain step": {n: f"{_best_ms(step_t[n]) / plain_ms:.3f}" for n in impls}}
+    _report(sam_t, base_ms, buffers, extra)
+    print("step / plain step: two forward+backward passes, SAM's work and the base step, over one plain step "
+          "(floor 2.0)")
 
 
-def bench_vit_base_synthetic(repeats: int, adaptive: bool, device: torch.device) -> None:
-    print("\n== vit_base_patch16_224, synthetic gradients (no forward) ==")
+def bench_vit_base_synthetic(mode: str, repeats: int, device: torch.device) -> None:
+    adaptive = MODES[mode]
+    print(f"\n== {mode.upper()}: vit_base_patch16_224, synthetic gradients (no forward) ==")
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     g1 = [torch.randn_like(p) * 1e-3 for p in params]
     g2 = [torch.randn_like(p) * 1e-3 for p in params]
-    sam_t, base_ms = _time_sam_only(params, implementations(adaptive), g1, g2, repeats, device)
+    impls = implementations(adaptive)
+    sam_t, base_ms = _time_sam_only(params, impls, g1, g2, repeats, device)
+    buffers = _buffers(params, impls, g1, g2) if device.type == "cpu" else {}
     print(f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters, base SGD step {base_ms:.1f} ms, best of {repeats}")
-    _report(sam_t, base_ms, None)
+    _report(sam_t, base_ms, buffers)
 
 
-def _report(sam_t, base_ms, fb_ms, extra=None):
+def _report(sam_t, base_ms, buffers, extra=None):
     cost = {n: _best_ms(v) - base_ms for n, v in sam_t.items()}
     refs = [n for n in cost if n != "ours"]
     extra = extra or {}
-    cols = ["impl", "first+second ms", "SAM-only ms", "x base step"]
-    if fb_ms:
-        cols.append("% of fwd+bwd")
-    cols += [f"ours / {n}" for n in refs] + list(extra)
+    cols = ["impl", "first+second ms", "SAM's work ms"] + [f"ours / {n}" for n in refs]
+    if buffers:
+        cols += ["held / params", "peak / params"]
+    cols += list(extra)
     rows = []
     for name, c in cost.items():
-        row = [name, f"{_best_ms(sam_t[name]):.1f}", f"{c:.1f}", f"{c / base_ms:.2f}"]
-        if fb_ms:
-            row.append(f"{100 * c / fb_ms:.1f}%")
+        row = [name, f"{_best_ms(sam_t[name]):.2f}", f"{c:.2f}"]
         row += [f"{cost['ours'] / cost[n]:.2f}" if name == "ours" else "" for n in refs]
+        if buffers:
+            held, peak = buffers[name]
+            row += [f"{held:.2f}x", f"{peak:.2f}x"]
         row += [values[name] for values in extra.values()]
         rows.append(row)
     widths = [max(len(r[i]) for r in [cols, *rows]) + 2 for i in range(len(cols))]
@@ -250,13 +303,32 @@ def _report(sam_t, base_ms, fb_ms, extra=None):
         print("".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="whole ViT-Ti iterations per implementation")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="SAM, ASAM or both")
+    parser.add_argument("--adaptive", action="store_true", help="ASAM only (the same as --modes asam)")
+    parser.add_argument("--repeats", type=int, default=5, help="whole ViT-Ti steps per implementation")
     parser.add_argument("--sam-repeats", type=int, default=30, help="SAM-only repeats on ViT-Ti gradients")
     parser.add_argument("--base-repeats", type=int, default=6, help="repeats for the ViT-B synthetic benchmark")
     parser.add_argument("--skip-vit-base", action="store_true")
-    parser.add_argument("--adaptive", action="store_true", help="ASAM (rho 0.5) instead of SAM")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -266,18 +338,23 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu: process CPU time, robust on an oversubscribed machine (use with --threads 1)",
     )
     args = parser.parse_args(argv)
+    modes = ["asam"] if args.adaptive else args.modes
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     global _TIMER
     _TIMER = time.process_time if args.clock == "cpu" else time.perf_counter
     print(
-        f"torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, {args.clock} clock, device {device}, {'ASAM' if args.adaptive else 'SAM'}"
+        f"{datetime.date.today()}; torch {torch.__version__}, timm {timm.__version__}; {_cpu_model()}, "
+        f"{os.cpu_count()} CPUs; {torch.get_num_threads()} threads, {args.clock} clock, device {device}; "
+        f"load average {_load()}"
     )
-    bench_vit_tiny(args.repeats, args.sam_repeats, args.adaptive, device)
+    for mode in modes:
+        bench_vit_tiny(mode, args.repeats, args.sam_repeats, device)
     if not args.skip_vit_base:
-        bench_vit_base_synthetic(args.base_repeats, args.adaptive, device)
+        for mode in modes:
+            bench_vit_base_synthetic(mode, args.base_repeats, device)
+    print(f"\nload average at the end: {_load()}")
     return 0
 
 

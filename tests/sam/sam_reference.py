@@ -14,7 +14,6 @@ from torch import nn
 EPS = 1e-12
 
 
-
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float64, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)
     layers = [nn.Linear(6, 16), nn.Tanh()]
@@ -71,6 +70,23 @@ def reference_sam_step(model, base, groups, x, y, *, max_grad_norm=None):
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     base.step()
     return loss.item(), loss2.item(), norm.item()
+
+
+def reference_perturbation(groups) -> list[torch.Tensor]:
+    """``e`` for every parameter of ``groups`` (dicts with params, rho, adaptive, eta), in float64, from ``p.grad``.
+
+    ``e = rho T^2 g / ||T g||`` with ``T = |w| + eta`` in adaptive groups and ``T = 1`` otherwise; one global norm.
+    """
+    with torch.no_grad():
+        ts, sq = [], torch.zeros((), dtype=torch.float64)
+        for g in groups:
+            for p in g["params"]:
+                w, grad = p.detach().double(), p.grad.double()
+                t = (w.abs() + g["eta"]) if g["adaptive"] else torch.ones_like(w)
+                ts.append((g["rho"], t, grad))
+                sq = sq + ((t * grad) ** 2).sum()
+        norm = torch.sqrt(sq)
+        return [rho * t * t * grad / (norm + EPS) for rho, t, grad in ts]
 
 
 def ref_groups(model: nn.Module, rho_a=0.05, rho_b=0.3, adaptive=False, eta=0.01) -> list[dict]:

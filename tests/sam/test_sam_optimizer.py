@@ -22,6 +22,7 @@ from sam_reference import (
     make_closure,
     mlp,
     ref_groups,
+    reference_perturbation,
     reference_sam_step,
     sam_two_step,
     two_groups,
@@ -31,7 +32,7 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from timm_remem.errors import ConfigError, RememError
-from timm_remem.sam import SAM
+from timm_remem.sam import SAM, _tensors
 
 
 # ---------------------------------------------------------------------- update == reference
@@ -696,4 +697,174 @@ def test_base_step_raising_half_way_leaves_w():
     opt.base_optimizer.fail = False
     opt.step(make_closure(model, x, y))
     twin_opt.step(make_closure(twin, x, y))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------- one buffer, the perturbation, exact restore
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["asam", "sam"])
+def test_buffers_are_one_copy_of_the_trainable_weights(adaptive):
+    model = mlp(dtype=torch.float32)
+    model[0].bias.requires_grad_(False)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, adaptive=adaptive, lr=0.1, momentum=0.9)
+    for x, y in batches(2, dtype=torch.float32):
+        opt.step(make_closure(model, x, y))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert opt.buffer_nbytes == _nbytes(trainable)  # 1.00x, ASAM included
+
+
+def test_mixed_adaptive_and_plain_groups_hold_one_copy_of_the_weights():
+    model = mlp()
+    params = list(model.parameters())
+    opt = SAM([{"params": params[:2], "adaptive": True, "rho": 1.0}, {"params": params[2:]}], torch.optim.AdamW,
+              lr=1e-3)
+    x, y = batches(1)[0]
+    opt.step(make_closure(model, x, y))
+    assert opt.buffer_nbytes == _nbytes(params)
+
+
+def _asam_model_and_groups(eta):
+    model = mlp()
+    params = list(model.parameters())
+    groups = [
+        {"params": params[:2], "rho": 0.5, "adaptive": True, "eta": eta},
+        {"params": params[2:3], "rho": 1.5, "adaptive": True, "eta": 0.1},
+        {"params": params[3:], "rho": 0.05, "adaptive": False, "eta": eta},  # in the same global norm
+    ]
+    return model, params, groups
+
+
+@pytest.mark.parametrize("runs", ["one_run", "run_per_tensor"])
+@pytest.mark.parametrize("eta", [0.01, 0.0])
+def test_adaptive_perturbation_equals_float64_reference(eta, runs, monkeypatch):
+    if runs == "run_per_tensor":  # the CPU passes run over runs of tensors: one tensor per run here
+        monkeypatch.setattr(_tensors, "CPU_RUN_BYTES", 1)
+    model, params, groups = _asam_model_and_groups(eta)
+    opt = SAM([dict(g) for g in groups], torch.optim.SGD, lr=0.1)
+    x, y = batches(1)[0]
+    loss_fn(model, x, y).backward()
+    w = [p.detach().clone() for p in params]
+    e = reference_perturbation(groups)  # rho T^2 g / ||T g||, T = |w| + eta, written independently
+    assert opt.first_step()
+    for p, w0, e0 in zip(params, w, e, strict=True):
+        torch.testing.assert_close(p.detach(), w0 + e0, rtol=1e-13, atol=1e-16)
+    norm_e = math.sqrt(sum(float((t**2).sum()) for t in e))
+    loss_fn(model, x, y).backward()
+    opt.second_step()
+    assert opt.stats.perturbation_norm == pytest.approx(norm_e, rel=1e-12)
+
+
+@pytest.mark.parametrize("usage", ["closure", "two_step"])
+@pytest.mark.parametrize("adaptive", [True, False], ids=["asam", "sam"])
+def test_base_step_starts_from_w_bit_exactly(adaptive, usage):
+    seen = []
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+            return super().step(closure)
+
+    model = mlp(dtype=torch.float32)
+    opt = SAM(two_groups(model, 0.5, 1.5), RecordingSGD, adaptive=adaptive, lr=0.1, momentum=0.9)
+    for x, y in batches(3, dtype=torch.float32):
+        w = [p.detach().clone() for p in model.parameters()]
+        if usage == "closure":
+            opt.step(make_closure(model, x, y))
+        else:
+            sam_two_step(model, opt, x, y)
+        assert opt.stats.sam_step
+        assert all(torch.equal(a, b) for a, b in zip(seen[-1], w, strict=True))  # restored bit-exactly
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["asam", "sam"])
+def test_weights_are_w_bit_exactly_after_second_step_with_a_zero_learning_rate(adaptive):
+    model = mlp(dtype=torch.float32)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=2.0, adaptive=adaptive, lr=0.0)
+    w = [p.detach().clone() for p in model.parameters()]
+    for x, y in batches(3, dtype=torch.float32):
+        loss_fn(model, x, y).backward()
+        assert opt.first_step(zero_grad=True)
+        assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), w, strict=True))  # at w + e
+        with opt.second_pass(model):
+            loss_fn(model, x, y).backward()
+        opt.second_step(zero_grad=True)
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), w, strict=True))
+
+
+@pytest.mark.parametrize("where", ["closure", "context"])
+def test_adaptive_error_in_the_second_pass_leaves_w_bit_exactly(where):
+    model = mlp()
+    opt = SAM(two_groups(model, 0.5, 1.5), torch.optim.SGD, adaptive=True, lr=0.1, momentum=0.9)
+    x, y = batches(1)[0]
+    opt.step(make_closure(model, x, y))
+    before = _snapshot(model, opt)
+    with pytest.raises(_Boom):
+        if where == "closure":
+            opt.step(_failing_closure(model, x, y, fail_at=2))
+        else:
+            loss_fn(model, x, y).backward()
+            assert opt.first_step(zero_grad=True)
+            with opt.second_pass(model):
+                raise _Boom("perturbed pass failed")
+    _assert_unchanged(model, opt, before)
+    opt.zero_grad()
+    opt.step(make_closure(model, x, y))  # ready for the next step
+    assert opt.stats.sam_step
+
+
+@pytest.mark.parametrize("fail_at_run", [0, 2])
+def test_adaptive_error_while_building_the_direction_leaves_w_bit_exactly(fail_at_run, monkeypatch):
+    # The direction is built in the weights themselves, run by run: an error half-way puts every saved run back.
+    monkeypatch.setattr(_tensors, "CPU_RUN_BYTES", 1)
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=1.0, adaptive=True, lr=0.1)
+    x, y = batches(1)[0]
+    opt.step(make_closure(model, x, y))
+    before = _snapshot(model, opt)
+    calls, dots = [], _tensors.dots
+
+    def failing_dots(a, b):
+        calls.append(1)
+        if len(calls) > fail_at_run:
+            raise _Boom("interrupted")
+        return dots(a, b)
+
+    monkeypatch.setattr(_tensors, "dots", failing_dots)
+    loss_fn(model, x, y).backward()
+    with pytest.raises(_Boom):
+        opt.first_step(zero_grad=True)
+    _assert_unchanged(model, opt, before)
+    monkeypatch.setattr(_tensors, "dots", dots)
+    opt.zero_grad()
+    opt.step(make_closure(model, x, y))
+    assert opt.stats.sam_step
+
+
+def test_adaptive_non_finite_gradient_leaves_w_bit_exactly():
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=1.0, adaptive=True, lr=0.1, momentum=0.9)
+    x, y = batches(1)[0]
+    opt.step(make_closure(model, x, y))
+    before = _snapshot(model, opt)
+    (loss_fn(model, x, y) * float("inf")).backward()
+    assert opt.first_step(zero_grad=True) is False  # the direction was built, then w put back
+    _assert_unchanged(model, opt, before)
+    opt.second_step(zero_grad=True)
+    assert opt.stats.skipped
+    _assert_unchanged(model, opt, before)
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["asam", "sam"])
+def test_splitting_the_passes_into_runs_changes_no_bit(adaptive, monkeypatch):
+    (model, twin), data = (mlp(dtype=torch.float32), mlp(dtype=torch.float32)), batches(3, dtype=torch.float32)
+    opt = SAM(two_groups(model, 0.5, 1.5), torch.optim.SGD, adaptive=adaptive, lr=0.1, momentum=0.9)
+    twin_opt = SAM(two_groups(twin, 0.5, 1.5), torch.optim.SGD, adaptive=adaptive, lr=0.1, momentum=0.9)
+    for x, y in data:
+        monkeypatch.setattr(_tensors, "CPU_RUN_BYTES", 1)
+        opt.step(make_closure(model, x, y))
+        monkeypatch.setattr(_tensors, "CPU_RUN_BYTES", 1 << 40)
+        twin_opt.step(make_closure(twin, x, y))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))

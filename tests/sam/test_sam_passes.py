@@ -7,6 +7,7 @@ same masks at the same weights (rho = 0), and the RNG stream of a single pass.
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import timm
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from sam_reference import batches, loss_fn, make_closure, mlp
 from torch import nn
 
-from timm_remem.sam import SAM, create_sam
+from timm_remem.sam import SAM, create_sam, passes
 
 
 def convnet(seed: int = 0) -> nn.Module:
@@ -155,3 +156,76 @@ def test_batchnorm_stats_advance_once_when_the_perturbed_pass_raises():
     assert int(model[1].num_batches_tracked) == 1
     assert torch.equal(model[1].running_mean, ref_bn.running_mean)
     assert torch.equal(model[1].running_var, ref_bn.running_var)
+
+
+# ---------------------------------------------------------------------- the per-model BatchNorm cache
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("change", ["insert", "replace_same_count", "nested"])
+def test_batchnorm_added_after_the_first_step_is_frozen_in_the_second_pass(change):
+    model = _bn_model()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    (x, y), (x2, y2) = batches(2, dtype=torch.float32)
+    opt.step(make_closure(model, x, y), model=model)  # the model's modules are scanned (and remembered) here
+    n_modules = len(list(model.modules()))
+    bn = nn.BatchNorm1d(8)
+    if change == "insert":
+        model.insert(1, bn)
+    elif change == "replace_same_count":  # the same number of modules: the cache must notice all the same
+        replaced = model[1]  # kept alive: its id cannot be reused by the new layer
+        model[1] = bn
+        assert len(list(model.modules())) == n_modules and replaced is not None
+    else:
+        replaced = model[2][1]
+        model[2][1] = bn
+        assert replaced is not None
+    with torch.no_grad():  # the reference: the statistics after one forward at w
+        ref = copy.deepcopy(bn)
+        ref(model[0](x2) if change != "nested" else model[2][0](torch.tanh(model[0](x2))))
+    opt.step(make_closure(model, x2, y2), model=model)
+    assert int(bn.num_batches_tracked) == 1  # advanced by the first pass only
+    assert torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var)
+
+
+def test_batchnorm_removed_after_the_first_step_is_left_alone():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(8)
+    model = nn.Sequential(nn.Linear(6, 8), bn, nn.Tanh(), nn.Linear(8, 3))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    (x, y), (x2, y2) = batches(2, dtype=torch.float32)
+    opt.step(make_closure(model, x, y), model=model)
+    assert int(bn.num_batches_tracked) == 1
+    del model[1]
+    opt.step(make_closure(model, x2, y2), model=model)  # no error; the removed layer did not run
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_the_scan_is_reused_while_the_tree_is_unchanged_and_redone_when_it_changes():
+    model = convnet()
+    assert passes.modules_with_running_stats(model) == [model[1]]
+    scan = passes._SCANS[model]
+    assert passes.modules_with_running_stats(model) == [model[1]]
+    assert passes._SCANS[model] is scan  # unchanged tree: no new walk over the modules' attributes
+    replaced = model[6]  # kept alive, so only the tree's signature can tell
+    model[6] = nn.BatchNorm1d(3)  # replaces the Linear: the same module count
+    assert {id(m) for m in passes.modules_with_running_stats(model)} == {id(model[1]), id(model[6])}
+    model[6].register_buffer("running_mean", None)  # a buffer registered in place: scanned again
+    model[6].track_running_stats = False
+    assert passes.modules_with_running_stats(model)[0] is model[1]
+    assert isinstance(replaced, nn.Linear)
+
+
+def test_a_collected_module_marks_the_scan_stale():
+    # Its id could be taken by a new module at the same place, with the same buffer count: the scan must not trust it.
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    passes.modules_with_running_stats(model)
+    scan = passes._SCANS[model]
+    assert scan.valid
+    del model[1]
+    gc.collect()
+    assert not scan.valid
+    passes.modules_with_running_stats(model)
+    assert passes._SCANS[model] is not scan and passes._SCANS[model].valid

@@ -31,6 +31,56 @@ _PERTURB_EPS = 1e-12
 _IDLE, _PERTURBED, _PLAIN, _SKIP = "idle", "perturbed", "plain", "skip"
 
 
+class _Pending:
+    """The weights of the step in progress and their saved copies, flat, so that one fused copy restores ``w``.
+
+    A run of parameters is added right after its copy was taken: from then on, an error anywhere puts it back.
+    """
+
+    __slots__ = ("params", "saved")
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.saved: list[torch.Tensor] = []
+
+    def add(self, params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+        self.params.extend(params)
+        self.saved.extend(saved)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Every pending weight back to its saved value, exactly and in place; nothing pending afterwards."""
+        if self.params:
+            torch._foreach_copy_(self.params, self.saved)
+        self.params, self.saved = [], []
+
+
+def _adaptive_direction_(
+    params: list[torch.Tensor], saved: list[torch.Tensor], grads: list[torch.Tensor], eta: float, pending: _Pending
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Save ``w`` into ``saved`` and overwrite the weights with ASAM's direction ``T^2 g`` (``T = |w| + eta``).
+
+    Returns ``||T g||^2 = <T^2 g, g>`` and ``||T^2 g||^2`` (0-dim tensors). Each run of tensors joins ``pending``
+    as soon as it is saved, so an error from then on puts it back at ``w``.
+    """
+    dots: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    dtype = torch.promote_types(params[0].dtype, torch.float32)
+    for run in _tensors.runs(params):
+        p, g = params[run], grads[run]
+        torch._foreach_copy_(saved[run], p)
+        pending.add(p, saved[run])
+        if eta:
+            torch._foreach_abs_(p)
+            torch._foreach_add_(p, eta)  # T = |w| + eta
+        torch._foreach_mul_(p, p)  # T^2 (w * w when eta = 0: the same numbers, two passes fewer)
+        torch._foreach_mul_(p, g)  # T^2 g, the direction of e
+        dots.extend(_tensors.dots(p, g))
+        norms.extend(torch._foreach_norm(p, 2, dtype=dtype))
+    device = params[0].device
+    return torch.stack([d.to(device) for d in dots]).sum(), torch.stack([n.to(device) for n in norms]).square().sum()
+
+
 class _SecondStepCall(NamedTuple):
     """Internal request routed through ``SAM.step`` so LR schedulers and step hooks see exactly one step."""
 
@@ -53,8 +103,8 @@ class SAM(Optimizer):
             parameters (``requires_grad=False``) may be included: they are never perturbed, stepped or buffered.
         base_optimizer: Optimizer class (or factory) applying the update, e.g. ``torch.optim.AdamW``.
         rho: Radius of the neighbourhood. A group field, so a scheduler can drive it (``RhoScheduler``).
-        adaptive: ASAM: perturb by ``rho * T^2 g / ||T g||`` with ``T = |w| + eta``. Needs a larger rho. Uses one
-            more buffer the size of the adaptive groups' parameters.
+        adaptive: ASAM: perturb by ``rho * T^2 g / ||T g||`` with ``T = |w| + eta``. Needs a larger rho. Uses no
+            buffer beyond the saved ``w``: the direction is built in the weights themselves once they are saved.
         **base_kwargs: Passed to the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...), except these
             SAM keywords: ``eta`` (float, 0.01: ASAM's offset in ``T``, a group field), ``every`` (int, 1: SAM on
             every k-th step, plain base steps in between), ``sync_perturbation`` (bool, False: under DDP, all-reduce
@@ -86,7 +136,7 @@ class SAM(Optimizer):
     _step_supports_amp_scaling = True
 
     # Per-step buffers and handles: never pickled or deep-copied, rebuilt empty by __setstate__.
-    _TRANSIENT = ("_saved", "_scratch", "_bn_saved", "_pending", "_pert_sq_tensors", "_rng_state", "_scaler")
+    _TRANSIENT = ("_saved", "_scratch", "_bn_saved", "_pending", "_rng_state", "_scaler")
 
     def __init__(
         self,
@@ -122,9 +172,10 @@ class SAM(Optimizer):
 
     def _reset_transient(self) -> None:
         self._scaler: torch.amp.GradScaler | None = None
-        self._pending: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (params, saved w) per group
-        self._pert_sq_tensors: list[torch.Tensor] = []
-        self._saved: dict[torch.Tensor, torch.Tensor] = {}
+        self._pending = _Pending()
+        self._saved: dict[torch.Tensor, torch.Tensor] = {}  # the saved w, SAM's only per-parameter buffer
+        # Held ASAM's direction until it was built in the weights themselves; stays empty, kept so that code
+        # reading SAM's buffers under both names (tests/sam/test_sam_optimizer_frozen.py) still works.
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}
         self._bn_saved: weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]] = weakref.WeakKeyDictionary()
         self._rng_state: RNGState | None = None
@@ -165,11 +216,12 @@ class SAM(Optimizer):
 
     @property
     def buffer_nbytes(self) -> int:
-        """Bytes held by SAM's own per-parameter buffers (the saved ``w``, plus ASAM's scratch).
+        """Bytes held by SAM's own per-parameter buffers: the saved ``w``, one copy of the trainable weights.
 
-        They are allocated at the first SAM step for the parameters that require grad and have a gradient, so they
-        grow with the trainable parameters only; a parameter frozen later (``requires_grad_(False)``) has its
-        buffers released at the next step.
+        ASAM needs nothing more (its direction is built in the weights themselves once they are saved). The buffers
+        are allocated at the first SAM step for the parameters that require grad and have a gradient, so they grow
+        with the trainable parameters only; a parameter frozen later (``requires_grad_(False)``) has its buffer
+        released at the next step.
 
         Example:
             >>> import torch
@@ -181,7 +233,7 @@ class SAM(Optimizer):
             >>> opt.buffer_nbytes == sum(p.numel() * 4 for p in model[1].parameters())
             True
         """
-        return sum(b.numel() * b.element_size() for cache in (self._saved, self._scratch) for b in cache.values())
+        return sum(b.numel() * b.element_size() for b in self._saved.values())
 
     @property
     def is_sam_step(self) -> bool:
@@ -272,7 +324,7 @@ class SAM(Optimizer):
 
         The weights are saved into buffers allocated once; nothing parameter-sized is allocated per step. With a
         ``scaler``, the gradients are unscaled first (through ``scaler.unscale_``). When the gradient norm is not
-        finite, nothing is touched and the step will be skipped.
+        finite, the weights are left exactly at ``w`` and the step will be skipped.
 
         Args:
             zero_grad: Zero the gradients (``set_to_none``) after perturbing, ready for the second pass.
@@ -300,7 +352,7 @@ class SAM(Optimizer):
         scaler = _checks.resolve_scaler(scaler)
         for group in self.param_groups:  # a scheduler may have written these
             _checks.check_rho(group["rho"], "param group")
-        _tensors.drop_frozen(self.param_groups, (self._saved, self._scratch))
+        _tensors.drop_frozen(self.param_groups, (self._saved,))
         groups = _tensors.grads_by_group(self.param_groups)
         if not groups:
             raise _checks.no_gradients_error(self.param_groups)
@@ -321,43 +373,46 @@ class SAM(Optimizer):
         return perturbed
 
     def _perturb(self, groups: list[_tensors.GroupGrads]) -> bool:
-        """``w -> w + e`` with ``e = rho g / ||g||`` (``rho T^2 g / ||T g||`` in adaptive groups), norms global."""
+        """``w -> w + e`` with ``e = rho g / ||g||`` (``rho T^2 g / ||T g||`` in adaptive groups), norms global.
+
+        The saved ``w`` is the only buffer. An adaptive group saves its weights first and builds ``T^2 g`` in them;
+        once the global norm is known, ``w + e`` is formed from the direction and the saved copy. One host
+        synchronisation (the group norms and ASAM's direction norms together).
+        """
+        pending = self._pending = _Pending()
+        self._pert_sq = 0.0
         sq_terms: list[torch.Tensor] = []
-        scratches: list[list[torch.Tensor] | None] = []
+        dir_terms: list[torch.Tensor] = []
+        saved_per_group: list[list[torch.Tensor]] = []
         for group, params, grads in groups:
+            saved = _tensors.reused_buffers(self._saved, params)
+            saved_per_group.append(saved)
             if group["adaptive"]:
-                scratch = _tensors.reused_buffers(self._scratch, params)
-                torch._foreach_copy_(scratch, params)
-                torch._foreach_abs_(scratch)
-                torch._foreach_add_(scratch, float(group["eta"]))  # T = |w| + eta
-                torch._foreach_mul_(scratch, scratch)  # T^2
-                torch._foreach_mul_(scratch, grads)  # T^2 g, the direction of e
-                sq_terms.append(_tensors.dot_sum(scratch, grads))  # ||T g||^2 = <T^2 g, g>
-                scratches.append(scratch)
+                grad_sq, dir_sq = _adaptive_direction_(params, saved, grads, float(group["eta"]), pending)
+                sq_terms.append(grad_sq)
+                dir_terms.append(dir_sq)
             else:
                 sq_terms.append(_tensors.sq_sum(grads))
-                scratches.append(None)
-        group_sq = _tensors.to_floats(sq_terms)  # the one host synchronisation of this call
+        host = _tensors.to_floats(sq_terms + dir_terms)  # the one host synchronisation of this call
+        group_sq, dir_sq = host[: len(sq_terms)], iter(host[len(sq_terms) :])
         total = math.sqrt(sum(group_sq))
         self.stats.grad_norm = total
         if not math.isfinite(total):
+            pending.restore()  # adaptive groups hold their direction: back to w exactly
             self._phase = _SKIP
             return False
 
-        self._pending = []
-        self._pert_sq = 0.0
-        self._pert_sq_tensors = []
-        for (group, params, grads), scratch, gsq in zip(groups, scratches, group_sq, strict=True):
+        for (group, params, grads), saved, gsq in zip(groups, saved_per_group, group_sq, strict=True):
             scale = group["rho"] / (total + _PERTURB_EPS)
-            saved = _tensors.reused_buffers(self._saved, params)
-            torch._foreach_copy_(saved, params)
-            self._pending.append((params, saved))  # from here on, an error restores this group too
-            if scratch is None:
-                torch._foreach_add_(params, grads, alpha=scale)  # w + rho g / ||g||
-                self._pert_sq += scale * scale * gsq
+            if group["adaptive"]:
+                _tensors.scale_and_add_(params, saved, scale)  # w + e, e = rho T^2 g / ||T g||
+                self._pert_sq += scale * scale * next(dir_sq)
             else:
-                torch._foreach_add_(params, scratch, alpha=scale)  # w + rho T^2 g / ||T g||
-                self._pert_sq_tensors.append(_tensors.sq_sum(scratch) * (scale * scale))
+                for run in _tensors.runs(params):
+                    torch._foreach_copy_(saved[run], params[run])
+                    pending.add(params[run], saved[run])  # from here on, an error restores this run too
+                    torch._foreach_add_(params[run], grads[run], alpha=scale)  # w + rho g / ||g||
+                self._pert_sq += scale * scale * gsq
         self.stats.sam_step = True
         self._phase = _PERTURBED
         return True
@@ -397,10 +452,7 @@ class SAM(Optimizer):
     @torch.no_grad()
     def _abandon_step(self) -> None:
         """Back to ``w`` exactly, no base step, the scaler's iteration closed: ready for the next step."""
-        for params, saved in self._pending:
-            torch._foreach_copy_(params, saved)
-        self._pending = []
-        self._pert_sq_tensors = []
+        self._pending.restore()
         self._rng_state = None
         self._phase = _IDLE
         scaler, self._scaler = self._scaler, None
@@ -431,9 +483,8 @@ class SAM(Optimizer):
         to_update = scaler  # the scaler whose update() is still due
         try:
             if phase == _PERTURBED:
-                for params, saved in pending:
-                    torch._foreach_copy_(params, saved)  # exact, in place
-                self._pending = []
+                # Exact and in place: the saved w is copied back (it stays there until the base step is done).
+                torch._foreach_copy_(pending.params, pending.saved)
                 if scaler is not None:
                     # A second optimizer object over the same parameters: GradScaler records this pass's inf
                     # check separately and update() backs off if either pass overflowed.
@@ -441,8 +492,7 @@ class SAM(Optimizer):
             take_step = phase != _SKIP
             if take_step:
                 grads = [g for _, _, gs in _tensors.grads_by_group(self.param_groups) for g in gs]
-                final_norm, perturbation_norm = _tensors.final_norms(grads, self._pert_sq, self._pert_sq_tensors)
-                self._pert_sq_tensors = []
+                final_norm, perturbation_norm = _tensors.final_norms(grads, self._pert_sq, [])
                 stats.final_grad_norm = final_norm
                 if phase == _PERTURBED:
                     stats.perturbation_norm = perturbation_norm
@@ -462,14 +512,12 @@ class SAM(Optimizer):
                 to_update = None
                 scaler.update()
         except BaseException:
-            for params, saved in pending:  # the base step may have moved part of the weights: back to w exactly
-                torch._foreach_copy_(params, saved)
+            pending.restore()  # the base step may have moved part of the weights: back to w exactly
             if to_update is not None:
                 to_update.update()
             raise
         finally:
-            self._pending = []
-            self._pert_sq_tensors = []
+            self._pending = _Pending()
             self._scaler = None
             self._phase = _IDLE
             self._step_index += 1
