@@ -9,17 +9,17 @@ from __future__ import annotations
 import pytest
 
 import timm_remem.cli as cli
-from timm_remem.cli import _analyze_run, _runtime
+from timm_remem.cli import analyze, demo, distill, finetune, inspect, select
 from timm_remem.errors import CheckpointError, ConfigError, HubError, TrainingError, UnsupportedModelError
 
 # command -> (argv that reaches the library call, the module and name of that call)
 COMMANDS = {
-    "finetune": (["finetune", "--model", "test_vit"], _runtime, "finetune_teacher"),
-    "distill": (["distill", "--model", "test_resnet"], _runtime, "distill_student"),
-    "select": (["select", "ckpts", "--model", "test_resnet"], _runtime, "select_teacher"),
-    "demo": (["demo", "--quick"], _runtime, "run_demo"),
-    "inspect": (["inspect", "test_vit"], _runtime, "create_timm_model"),
-    "analyze": (["analyze", "test_vit"], _analyze_run, "run_analyses"),
+    "finetune": (["finetune", "--model", "test_vit"], finetune, "finetune_teacher"),
+    "distill": (["distill", "--model", "test_resnet"], distill, "distill_student"),
+    "select": (["select", "ckpts", "--model", "test_resnet"], select, "select_teacher"),
+    "demo": (["demo", "--quick"], demo, "run_demo"),
+    "inspect": (["inspect", "test_vit"], inspect, "create_timm_model"),
+    "analyze": (["analyze", "test_vit"], analyze, "run_analyses"),
 }
 ERRORS = [
     pytest.param(ConfigError("lr must be a finite number > 0, got 0"), 2, id="ConfigError"),

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 import timm_remem.cli as cli
-from timm_remem.cli import _runtime, finetune
+from timm_remem.cli import finetune
 from timm_remem.train import FinetuneConfig
 
 TINY = ["--img-size", "16", "--epochs", "1", "--limit-train-batches", "1", "--no-progress"]
@@ -74,7 +74,7 @@ def test_run_passes_only_the_given_options(monkeypatch, capsys):
         calls.append(kwargs)
         return type("Result", (), {"val_acc": 0.5, "checkpoints": ["c1", "c2"]})()
 
-    monkeypatch.setattr(_runtime, "finetune_teacher", fake)
+    monkeypatch.setattr(finetune, "finetune_teacher", fake)
     assert cli.main(["finetune", "--model", "test_vit", "--rho", "0.05"]) == 0
     assert calls == [{"model": "test_vit", "rho": 0.05}]
     assert capsys.readouterr().out == "teacher val acc 0.5000; checkpoints: c1, c2\n"

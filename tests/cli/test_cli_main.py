@@ -9,7 +9,7 @@ import sys
 
 import timm_remem
 import timm_remem.cli as cli
-from timm_remem.cli import _runtime
+from timm_remem.cli import distill, finetune
 from timm_remem.errors import ConfigError
 
 COMMANDS = ["finetune", "distill", "select", "demo", "study", "inspect", "analyze", "push"]
@@ -40,7 +40,7 @@ def test_a_library_error_is_one_line_and_exit_2(monkeypatch, capsys):
     def refuse(**kwargs):
         raise ConfigError("lr must be a finite number > 0, got 0")
 
-    monkeypatch.setattr(_runtime, "finetune_teacher", refuse)
+    monkeypatch.setattr(finetune, "finetune_teacher", refuse)
     assert cli.main(["finetune", "--model", "test_vit"]) == 2
     captured = capsys.readouterr()
     assert captured.err == "timm-remem finetune: error: lr must be a finite number > 0, got 0\n"
@@ -51,7 +51,7 @@ def test_interrupt_exits_130(monkeypatch, capsys):
     def interrupted(**kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_runtime, "distill_student", interrupted)
+    monkeypatch.setattr(distill, "distill_student", interrupted)
     assert cli.main(["distill", "--model", "test_resnet"]) == 130
     assert capsys.readouterr().err == "timm-remem distill: interrupted\n"
 

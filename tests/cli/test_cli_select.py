@@ -7,7 +7,7 @@ import json
 import pytest
 
 import timm_remem.cli as cli
-from timm_remem.cli import _runtime, select
+from timm_remem.cli import select
 from timm_remem.train import DistillConfig
 
 TINY = ["--img-size", "16", "--epochs", "1", "--limit-train-batches", "1", "--no-progress"]
@@ -32,7 +32,7 @@ def test_run_passes_only_the_given_options(monkeypatch, capsys):
         calls.append((teachers, kwargs))
         return type("Result", (), {"table": "| checkpoint |", "best": "ckpts/epoch-002"})()
 
-    monkeypatch.setattr(_runtime, "select_teacher", fake)
+    monkeypatch.setattr(select, "select_teacher", fake)
     assert cli.main(["select", "ckpts", "--model", "test_resnet", "--no-progress"]) == 0
     assert calls == [("ckpts", {"mi_score": False, "model": "test_resnet", "progress": False})]
     assert capsys.readouterr().out == "| checkpoint |\nbest teacher checkpoint: ckpts/epoch-002\n"

@@ -11,13 +11,11 @@ Example:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["json_dict", "comma_list", "deferred_module"]
+__all__ = ["json_dict", "comma_list"]
 
 
 def json_dict(flag: str) -> Callable[[str], dict[str, Any]]:
@@ -47,31 +45,3 @@ def comma_list(flag: str) -> Callable[[str], list[str]]:
 
     parse.__name__ = "comma-separated list"
     return parse
-
-
-class _DeferredModule:
-    """Stands for a module that is imported on the first attribute access (see :func:`deferred_module`)."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
-
-    def __repr__(self) -> str:
-        return f"<deferred module {self._name!r}>"
-
-
-def deferred_module(name: str) -> Any:
-    """Module ``name``, imported on its first attribute access (every access reads the real module).
-
-    The command modules hold their torch-heavy bodies this way, so that ``timm-remem --help`` and argument errors
-    answer without importing torch or timm; the body loads when a command runs. (Not a ``LazyLoader`` module in
-    ``sys.modules``: tools that walk ``sys.modules``, such as ``inspect.getmodule``, would trigger it mid-import.)
-
-    Example:
-        >>> runtime = deferred_module("timm_remem.cli._runtime")
-        >>> callable(runtime.run_on_ranks)
-        True
-    """
-    return sys.modules.get(name) or _DeferredModule(name)

@@ -1,7 +1,4 @@
-"""What the commands call when they run: the library (torch, timm and the training stack) and the rank-aware runner.
-
-Imported only inside a command's ``run()`` (one import there), never at start-up, so that ``timm-remem --help``
-and argument errors answer without importing torch or timm (see :mod:`timm_remem.cli`).
+"""The rank-aware runner of the training commands (finetune, distill, select).
 
 Example:
     >>> run_on_ranks(lambda: 41 + 1, lambda answer: f"answer: {answer}")
@@ -14,15 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from timm import is_model
-
 from .. import distributed
-from .._models import create_timm_model
-from ..reweighting import find_branches, get_scales, reweight
-from ..train import distill_student, finetune_teacher, run_demo, select_teacher
 
-__all__ = ["create_timm_model", "distill_student", "finetune_teacher", "find_branches", "get_scales", "is_model",
-           "reweight", "run_demo", "run_on_ranks", "select_teacher"]
+__all__ = ["run_on_ranks"]
 
 
 def run_on_ranks(call: Callable[[], Any], report: Callable[[Any], str]) -> int:

@@ -16,13 +16,36 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import time
+from pathlib import Path
+from typing import Any
 
+import timm
+import torch
+from timm.data import create_dataset, create_transform
+
+from .._io import atomic_write_text
+from .._models import create_timm_model, data_config, model_input_size
 from .._validation import check_int
-from ..errors import ConfigError
-from ._args import deferred_module, json_dict
-
-_analyze_run = deferred_module("timm_remem.cli._analyze_run")  # the torch-heavy body, executed when the command runs
+from .._version import __version__
+from ..analysis import (
+    layer_dynamics,
+    mlp_expertness,
+    plot_expertness,
+    plot_information_plane,
+    plot_layer_dynamics,
+    plot_pruning,
+    pruning_diagnostic,
+    rank_checkpoints,
+    teacher_information,
+)
+from ..data import DigitsDataset
+from ..errors import ConfigError, UnsupportedModelError
+from ..teachers import list_exports, load_teacher_model
+from ._args import json_dict
 
 __all__ = ["ANALYSES", "register", "run"]
 
@@ -82,6 +105,179 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Run the analyses and write ``report.json`` and PNGs; returns the exit code."""
     analyses = _check_args(args)
-    run_analyses = _analyze_run.run_analyses  # loads torch and timm now
-
     return run_analyses(args, analyses)
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Minimal data plumbing (local to this command)
+
+
+def _input_size(model: torch.nn.Module) -> tuple[int, int]:
+    _, h, w = model_input_size(model)
+    return h, w
+
+
+def _digits(model: torch.nn.Module, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out validation split of scikit-learn's digits (the one training never sees), model-ready."""
+    h, w = _input_size(model)
+    if h != w:
+        raise ConfigError(f"--data digits needs a square input size, the model takes {h}x{w}; pass --data PATH.")
+    cfg = data_config(model)
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if len(mean) != 3:
+        raise ConfigError(f"--data digits makes 3-channel images, the model takes {len(mean)}; pass --data PATH.")
+    ds = DigitsDataset("val", img_size=h, mean=mean, std=std)
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_samples]
+    images, labels = zip(*(ds[int(i)] for i in pick), strict=True)
+    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
+
+
+def _folder(model: torch.nn.Module, root: str, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_samples`` images of an image folder (seeded choice), with timm's eval transforms."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"--data {root!r} is neither 'digits' nor an existing image folder (PATH/<class>/<image>).")
+    cfg = data_config(model)
+    cfg["input_size"] = (cfg["input_size"][0], *_input_size(model))
+    ds = create_dataset("", root=root, transform=create_transform(**cfg, is_training=False))
+    if len(ds) == 0:
+        raise ConfigError(f"the image folder {root!r} holds no images; expected PATH/<class>/<image>.")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_samples].tolist()
+    items = [ds[i] for i in idx]
+    return torch.stack([im for im, _ in items]), torch.tensor([int(t) for _, t in items])
+
+
+def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _build_model(args: argparse.Namespace, num_classes: int | None) -> torch.nn.Module:
+    if not args.model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(args.model):
+        raise ConfigError(f"{args.model!r} is neither a folder nor a timm model name: see timm.list_models('*vit*').")
+    return create_timm_model(args.model, pretrained=args.pretrained, num_classes=num_classes, kwargs=args.model_kwargs)
+
+
+def run_analyses(args: argparse.Namespace, analyses: list[str]) -> int:
+    """Run ``analyses`` on ``args.model`` and write ``report.json`` and PNGs; returns the exit code 0."""
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    device = torch.device(args.device)
+    path = Path(args.model)
+    if path.is_dir():
+        dirs = list_exports(path)
+        checkpoints = {d.name: d for d in dirs}
+        first = load_teacher_model(dirs[0])
+    else:
+        checkpoints = None
+        first = _build_model(args, args.num_classes if args.num_classes else (10 if args.data == "digits" else None))
+    first = first.to(device).eval()
+
+    if args.data == "digits":
+        images, labels = _digits(first, args.max_samples, args.seed)
+    else:
+        images, labels = _folder(first, args.data, args.max_samples, args.seed)
+    loader = _batches(images, labels, args.batch_size)
+    info_kw: dict[str, Any] = {"features": args.features, "method": args.mi_method, "noise": args.noise,
+                               "max_dim": args.max_dim or None, "seed": args.seed, "device": device}
+
+    out = Path(args.out or f"analysis-{path.name if path.is_dir() else args.model.replace('/', '_')}")
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "timm_remem_version": __version__,
+        "model": args.model,
+        "data": {"name": args.data, "num_samples": int(len(labels)), "image_size": list(images.shape[-2:])},
+        "settings": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in info_kw.items()},
+        "plots": {},
+        "timings_s": {},
+    }
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        except UnsupportedModelError as err:  # this model lacks what the analysis needs: report it, go on
+            report[name] = {"skipped": str(err)}
+            return None
+        finally:
+            report["timings_s"][name] = round(time.perf_counter() - t0, 3)
+
+    model = first
+    if "information" in analyses:
+        if checkpoints is not None and len(checkpoints) > 1:
+            ranking = timed("information", lambda: rank_checkpoints(
+                checkpoints, loader, score=args.score, progress=progress, **info_kw))
+            if ranking is not None:
+                points = sorted((r.info for r in ranking), key=lambda p: list(checkpoints).index(p.name))
+                report["information_plane"] = [p.to_dict() for p in points]
+                report["ranking"] = [r.to_dict() | {"info": None} for r in ranking]
+                report["best_checkpoint"] = ranking[0].name
+                model = load_teacher_model(checkpoints[ranking[0].name]).to(device).eval()
+                _plot(report, out, "information_plane", plot_information_plane, points)
+        else:
+            info = timed("information", lambda: teacher_information(model, loader, progress=progress, **info_kw))
+            if info is not None:
+                info.name = path.name if checkpoints else args.model
+                report["information"] = info.to_dict()
+                _plot(report, out, "information_plane", plot_information_plane, [info])
+    if checkpoints is not None:
+        report["analyzed_checkpoint"] = report.get("best_checkpoint", next(iter(checkpoints)))
+    if "dynamics" in analyses:
+        batch = images[: args.dynamics_images].to(device)
+        target = labels[: args.dynamics_images].to(device) if args.gradient else None
+        dyn = timed("dynamics", lambda: layer_dynamics(model, batch, entropy_range=args.entropy_range,
+                                                       gradient=args.gradient, target=target))
+        if dyn is not None:
+            report["dynamics"] = dyn.to_dict()
+            _plot(report, out, "layer_dynamics", plot_layer_dynamics, dyn)
+    if "expertness" in analyses:
+        blocks = timed("expertness", lambda: mlp_expertness(model, loader, device=device, progress=progress))
+        if blocks is not None:
+            report["expertness"] = [b.summary() for b in blocks]
+            _plot(report, out, "expertness", plot_expertness, blocks)
+    if "pruning" in analyses:
+        result = timed("pruning", lambda: pruning_diagnostic(model, loader, progress=progress, **info_kw))
+        if result is not None:
+            report["pruning"] = result.to_dict()
+            _plot(report, out, "pruning", plot_pruning, result)
+
+    report_path = atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default))
+    _print_summary(report, report_path)
+    return 0
+
+
+def _plot(report: dict[str, Any], out: Path, name: str, fn, obj: Any) -> None:
+    file = out / f"{name}.png"
+    fn(obj, file)
+    report["plots"][name] = file.name
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _print_summary(report: dict[str, Any], path: Path) -> None:
+    lines = [f"report: {path}"]
+    info = report.get("information")
+    if isinstance(info, dict) and "i_xf" in info:
+        acc = info.get("accuracy")
+        lines.append(
+            f"I(X;F)={info['i_xf']:.3f}  I(F;Y)={info['i_fy'] or 0:.3f}  I(X;F|Y)={info['i_xf_given_y'] or 0:.3f} nats"
+            + (f"  accuracy={acc:.3f}" if acc is not None else "")
+        )
+    for r in report.get("ranking", []):
+        lines.append(f"  #{r['rank']} {r['name']}: score={r['score']:.3f}")
+    for name, file in report["plots"].items():
+        lines.append(f"{name}: {path.parent / file}")
+    for name in ANALYSES:
+        if isinstance(report.get(name), dict) and "skipped" in report[name]:
+            lines.append(f"{name}: skipped ({report[name]['skipped']})")
+    print("\n".join(lines))

@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 
 from .._validation import check_int
-from ._args import deferred_module
-
-_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
+from ..train import run_demo
 
 __all__ = ["register", "run"]
 
@@ -50,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             check_int(flag, value, low=1)
     check_int("--threads", args.threads, low=0, hint="0 keeps torch's default")
-    run_demo = _runtime.run_demo  # loads torch and timm now
 
     result = run_demo(args.output, quick=args.quick, progress=args.progress, seed=args.seed,
                       teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..train import distill_student
 from ..train.config import DistillConfig
-from ._args import deferred_module
 from ._config_flags import add_config_command, command_options
-
-_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
+from ._runtime import run_on_ranks
 
 __all__ = ["register", "options", "run"]
 
@@ -47,7 +46,6 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Distill (or train) the student and print its accuracy; returns the exit code."""
     given = options(args)
-    distill_student, run_on_ranks = _runtime.distill_student, _runtime.run_on_ranks  # loads torch and timm now
 
     return run_on_ranks(lambda: distill_student(**given), _report)
 

@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..train import finetune_teacher
 from ..train.config import FinetuneConfig
-from ._args import deferred_module
 from ._config_flags import add_config_command, command_options
-
-_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
+from ._runtime import run_on_ranks
 
 __all__ = ["register", "options", "run"]
 
@@ -46,8 +45,6 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Fine-tune the teacher and print its accuracy and checkpoints; returns the exit code."""
     given = options(args)
-    finetune_teacher, run_on_ranks = _runtime.finetune_teacher, _runtime.run_on_ranks  # loads torch and timm now
-
     return run_on_ranks(
         lambda: finetune_teacher(**given),
         lambda r: f"teacher val acc {r.val_acc:.4f}; checkpoints: {', '.join(str(p) for p in r.checkpoints)}",

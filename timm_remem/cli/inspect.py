@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import ConfigError
-from ._args import deferred_module, json_dict
+from timm import is_model
 
-_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
+from .._models import create_timm_model
+from ..errors import ConfigError
+from ..reweighting import find_branches, get_scales, reweight
+from ._args import json_dict
 
 # How the table names each ``Branch.kind`` (inspect lists MLP branches only).
 _WHERE = {"output": "mlp-output", "post-norm": "post-norm", "fused-columns": "fused-columns"}
@@ -37,9 +39,6 @@ def run(args: argparse.Namespace) -> int:
         kwargs = json_dict("--model-kwargs")(args.model_kwargs)
     except argparse.ArgumentTypeError as e:
         raise ConfigError(str(e)) from None
-    rt = _runtime  # its first attribute access loads torch and timm
-    create_timm_model, find_branches, get_scales, is_model, reweight = (
-        rt.create_timm_model, rt.find_branches, rt.get_scales, rt.is_model, rt.reweight)
 
     if ":" not in args.model and not is_model(args.model):  # "hf-hub:" / "local-dir:" sources pass through
         raise ConfigError(f"unknown timm model {args.model!r}: see timm.list_models('*vit*') for names.")

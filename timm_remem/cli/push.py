@@ -7,10 +7,14 @@ Exit codes follow the CLI's contract: 0 published, 2 bad input or usage (a flag,
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-from ._args import deferred_module
+from huggingface_hub import get_token
 
-_push_run = deferred_module("timm_remem.cli._push_run")  # the torch-heavy body, executed when the command runs
+from ..errors import ConfigError, HubError, RememError
+from ..hub import CONFIG_NAME, TeacherMetadata, check_repo_id, fetch_teacher_files, load_teacher, push_to_hub
+from ..hub.errors import TOKEN_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,11 +69,57 @@ def _seconds(flag: str, strict: bool = False):
     return parse
 
 
+# The library's advice names the ``token=`` argument; on the command line it is the --token flag.
+CLI_TOKEN_HELP = "pass --token TOKEN, set the HF_TOKEN environment variable or run `hf auth login`"
+
+
+def _students(pairs: list[str]) -> dict[str, float]:
+    students = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            students[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError(f"--student-accuracy expects MODEL=ACCURACY (e.g. resnet18=78.5), got {pair!r}.")
+    return students
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"timm-remem push: error: {message.replace(TOKEN_HELP, CLI_TOKEN_HELP)}", file=sys.stderr)
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
     """Load ``args.source``, push it to ``args.repo_id`` and print the commit URL; returns the exit code.
 
     2 for bad input (flags, source, no token), 1 when the Hub fails (unreachable, refused, commit failed).
     """
-    push = _push_run.push  # loads huggingface_hub, torch and timm now
-
-    return push(args)
+    try:
+        students = _students(args.student_accuracy)
+        check_repo_id(args.repo_id)
+        limits = {"timeout": args.timeout, "retry_budget": args.retry_budget}
+        folder = fetch_teacher_files(args.source, token=args.token, **limits)
+        if not (args.token or get_token()):
+            raise ConfigError(f"pushing to {args.repo_id!r} needs a Hugging Face token with the write role: "
+                              f"{CLI_TOKEN_HELP}.")
+        remem = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get("remem") or {}
+        known = {name: remem[name] for name in TeacherMetadata.__dataclass_fields__ if remem.get(name) is not None}
+        overrides = {
+            "base_model": args.base_model, "dataset": args.dataset, "rho": args.rho, "adaptive": args.adaptive,
+            "epochs": args.epochs, "teacher_accuracy": args.teacher_accuracy, "license": args.license,
+        }
+        known.update({k: v for k, v in overrides.items() if v is not None})
+        if students:
+            known["student_accuracies"] = {**known.get("student_accuracies", {}), **students}
+        teacher = load_teacher(folder)
+        url = push_to_hub(teacher, args.repo_id, merge=args.merge, private=args.private, token=args.token,
+                          revision=args.revision, commit_message=args.commit_message,
+                          metadata=TeacherMetadata(**known), **limits)
+    except HubError as err:  # the Hub failed: a runtime failure
+        return _fail(str(err), 1)
+    except RememError as err:  # a bad flag, source folder or metadata
+        return _fail(str(err), 2)
+    print(url)
+    return 0

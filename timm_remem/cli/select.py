@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..train import select_teacher
 from ..train.config import DistillConfig
-from ._args import deferred_module
 from ._config_flags import add_config_file_flag, add_config_flags, command_options
-
-_runtime = deferred_module("timm_remem.cli._runtime")  # the torch-heavy body, executed when the command runs
+from ._runtime import run_on_ranks
 
 __all__ = ["register", "options", "run", "EXCLUDED"]
 
@@ -59,7 +58,6 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Distill briefly from each checkpoint, print the table and the best checkpoint; returns the exit code."""
     given = options(args)
-    run_on_ranks, select_teacher = _runtime.run_on_ranks, _runtime.select_teacher  # loads torch and timm now
 
     printed = given.get("progress", True)  # select_teacher printed the table itself
 

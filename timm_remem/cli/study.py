@@ -23,10 +23,9 @@ import argparse
 import json
 from typing import Any
 
+from ..study import runner as _runner
 from ..study.config import ARMS, load_config, study_config
-from ._args import deferred_module, json_dict
-
-_runner = deferred_module("timm_remem.study.runner")  # the torch-heavy body, executed when the command runs
+from ._args import json_dict
 
 __all__ = ["register", "options", "run", "key_values"]
 
