@@ -215,8 +215,8 @@ def folder_dataset(root: str | os.PathLike, kind: str, *, val_fraction: float | 
             os.path.join(root, "test")) else ""
         raise ConfigError(
             f"{root!r} has no validation folder (one of {SPLIT_FOLDERS['val']}){test}, so validation would run on "
-            f"the training images: {_FIX_LAYOUT}, or hold out a seeded stratified split with val_fraction=0.2 "
-            "(--val-fraction 0.2)"
+            f"the training images: {_FIX_LAYOUT} (the timm-remem commands read that val/ folder), or, from Python, "
+            "hold out a seeded stratified split with timm_remem.data.create_dataset(..., val_fraction=0.2)"
         )
     held = _hold_out(train, val_fraction, split_seed, train_dir)
     total = len(train.samples)

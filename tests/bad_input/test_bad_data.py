@@ -120,8 +120,9 @@ class _Points(torch.utils.data.Dataset):
 DATA_CASES = [
     pytest.param(_flat, r"'.*' has no validation folder \(one of \('val', 'valid', 'validation', 'eval', "
                  r"'evaluation'\)\), so validation would run on the training images: lay it out as "
-                 r"root/train/<class>/<image> and root/val/<class>/<image>, or hold out a seeded stratified split "
-                 r"with val_fraction=0\.2 \(--val-fraction 0\.2\)", id="folder-without-val-split"),
+                 r"root/train/<class>/<image> and root/val/<class>/<image> \(the timm-remem commands read that val/ "
+                 r"folder\), or, from Python, hold out a seeded stratified split with "
+                 r"timm_remem\.data\.create_dataset\(\.\.\., val_fraction=0\.2\)", id="folder-without-val-split"),
     pytest.param(_train_and_test_only, r"has no validation folder .*\(a test/ folder is not used for validation: "
                  r"rename it to val/\)", id="train-and-test-folders-only"),
     pytest.param(_val_only, r"has a validation folder 'val' but no training folder \(one of \('train', "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ._checks import check_label_smoothing, check_logit_pair, check_temperature, check_weight
-from .functional import dist_loss, kd_loss
+from .functional import check_temperature_range, dist_loss, kd_loss
 
 __all__ = ["task_loss", "DistillationLoss", "DISTILL_METHODS"]
 
@@ -99,13 +99,14 @@ class DistillationLoss(nn.Module):
         method: ``"kd"``, ``"hard"`` or ``"dist"``.
         task_weight: Weight of the task loss (>= 0).
         distill_weight: Weight of the distillation term (>= 0).
-        temperature: Softmax temperature for ``"kd"`` and ``"dist"``.
+        temperature: Softmax temperature for ``"kd"`` and ``"dist"``, in ``[1e-4, 1e8]``.
         label_smoothing: Label smoothing for integer targets, in ``[0, 1)``.
         dist_beta: DIST inter-class weight.
         dist_gamma: DIST intra-class weight.
 
     Raises:
-        ConfigError: Unknown method, bad temperature / weights / smoothing, both weights zero, or bad targets.
+        ConfigError: Unknown method, bad temperature (outside ``[1e-4, 1e8]`` for kd and dist) / weights /
+            smoothing, both weights zero, or bad targets.
 
     Example:
         >>> import torch
@@ -135,7 +136,9 @@ class DistillationLoss(nn.Module):
         self.distill_weight = check_weight("distill_weight", distill_weight)
         if self.task_weight == 0 and self.distill_weight == 0:
             raise ConfigError("task_weight and distill_weight are both 0, so the loss is constant; make one positive.")
-        self.temperature = check_temperature(temperature)
+        # kd and dist refuse temperatures they cannot compute accurately (functional.MIN/MAX_TEMPERATURE) here, at
+        # construction rather than at the first batch; hard distillation has no temperature to compute with
+        self.temperature = check_temperature(temperature) if method == "hard" else check_temperature_range(temperature)
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.dist_beta = check_weight("dist_beta", dist_beta)
         self.dist_gamma = check_weight("dist_gamma", dist_gamma)

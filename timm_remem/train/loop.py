@@ -8,9 +8,9 @@ per epoch, resumable training checkpoints (every epoch and every ``checkpoint_ev
 while the others wait at a barrier.
 
 Around it: the run holds the lock of its output folder (:mod:`~timm_remem.train.lock`), says what it does on the
-console (:mod:`~timm_remem.train.console`), stops with one clear error on a non-finite loss, broken teacher logits
-or bad labels (:mod:`~timm_remem.train.guards`) and logs to TensorBoard / wandb when asked
-(:mod:`~timm_remem.train.trackers`).
+console (:mod:`~timm_remem.train.console`), stops with one clear error on a non-finite loss (either SAM pass), a
+non-finite gradient or weights (the same for the plain optimizers and both SAMs), broken teacher logits or bad labels
+(:mod:`~timm_remem.train.guards`) and logs to TensorBoard / wandb when asked (:mod:`~timm_remem.train.trackers`).
 
 Example:
     >>> import torch
@@ -55,7 +55,7 @@ from .builders import (
 )
 from .config import TrainConfig
 from .console import EpochProgress, epoch_line, log, resumed_line, startup_line
-from .guards import TeacherWatch, check_finite, check_labels, checked_loss, label_fix, stop_on_bad_batch
+from .guards import StepGuard, TeacherWatch, check_finite, check_labels, checked_loss, label_fix, stop_on_bad_batch
 from .lock import OutputLock
 from .resume import EXPORT_DIR, METRICS_FILE, STATE_DIR, LoopState, prepare_output, restore, resumed_epoch
 from .trackers import Trackers
@@ -133,12 +133,18 @@ def _sam_step(model, optimizer: SAM, compute: Compute, x, target, idx, *, scaler
         # perturbed. The second pass's gradient all-reduce needs every rank, so all of them skip it then: the
         # perturbed ranks restore their weights and find no gradient to apply, and the weights stay identical.
         perturbed = distributed.all_reduce_sum([0.0 if perturbed else 1.0])[0] == 0
+    loss2 = None
     if perturbed:
         with optimizer.second_pass(model):
             with autocast():
                 loss2, _, _ = compute(x, target, idx, teacher_logits)
-            _backward(loss2, scaler)
+            _backward(loss2, scaler)  # a non-finite loss2 gives a non-finite gradient: second_step skips the step
     optimizer.second_step(zero_grad=True, scaler=scaler, max_grad_norm=clip_grad)
+    if isinstance(check, StepGuard):
+        # SAM skipped the step when a gradient was not finite: legitimate under a GradScaler (a float16 overflow,
+        # the scale backs off), a diverged run without one, which stops here as the plain optimizers do
+        check.after_step(optimizer, loss_value=value, gradient_finite=scaler is not None or not optimizer.stats.skipped,
+                         perturbed_loss=loss2)
     return value, logits
 
 
@@ -161,6 +167,11 @@ def train_step(
     at most once per step; SAM's own AMP recipe is used (the scaler goes to ``first_step``/``second_step``, which
     unscale, skip on inf/NaN and call ``scaler.update()``).
 
+    When ``check`` is a :class:`~timm_remem.train.guards.StepGuard` (what :func:`fit` passes), every optimizer path
+    stops with the same :class:`~timm_remem.errors.TrainingError` when the step diverged: a non-finite loss in either
+    SAM pass, a non-finite gradient that no GradScaler skipped (a plain optimizer's update is then not applied), or
+    non-finite weights after the update. Any other callable only checks the first pass's loss.
+
     Example:
         >>> import contextlib, torch
         >>> model = torch.nn.Linear(4, 3)
@@ -180,19 +191,24 @@ def train_step(
     with autocast():
         loss, logits, _ = compute(x, target, idx, None)
     value = check(loss)
+    guard = check if isinstance(check, StepGuard) else None
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
         if clip_grad is not None:
             scaler.unscale_(optimizer)
             dispatch_clip_grad(model.parameters(), clip_grad)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skips the update on inf/NaN gradients (a float16 overflow) and backs off
         scaler.update()
     else:
         loss.backward()
         if clip_grad is not None:
             dispatch_clip_grad(model.parameters(), clip_grad)
+        if guard is not None and not guard.gradient(optimizer):  # would turn the weights into NaN: stop first
+            guard.after_step(optimizer, loss_value=value, gradient_finite=False)
         optimizer.step()
+    if guard is not None:
+        guard.after_step(optimizer, loss_value=value)
     return value, logits
 
 
@@ -353,10 +369,8 @@ def _train_epoch(run: _Run, state: LoopState, train_loader) -> None:
             if run.mixup is not None:
                 x, target = run.mixup(x, y)
 
-            def check(loss, epoch=state.epoch, step=state.step):
-                return checked_loss(loss, epoch=epoch, step=step, state_dir=run.state_dir,
-                                    teacher_finite=run.watch.take())
-
+            check = StepGuard(epoch=state.epoch, step=state.step, state_dir=run.state_dir,
+                              teacher_finite=run.watch.take)
             loss_value, logits = run.step(x, target, idx, check=check)
             state.step += 1
             state.batch += 1
