@@ -10,6 +10,10 @@ one of its words is read as the flag would read it: ``lr: 1e-3`` (YAML 1.1, PyYA
 string), ``model_kwargs: '{"depth": 6}'``, ``lora_targets: qkv,fc1``, ``cache_teacher: auto``. Every other value
 must have the field's type; range checks are the config class's own.
 
+The file is untrusted text, so reading it is bounded: at most :data:`MAX_BYTES`, :data:`MAX_DEPTH` levels of
+nesting and :data:`MAX_ALIASES` YAML aliases (a few nested anchors can otherwise stand for billions of values), YAML
+through PyYAML's safe loader only, and every value quoted in an error message is cut to a short, bounded ``repr``.
+
 Example:
     >>> import json, pathlib, tempfile
     >>> from timm_remem.train.config import FinetuneConfig
@@ -25,6 +29,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping
@@ -33,11 +38,18 @@ from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["read_config_file", "file_options", "IGNORED_KEYS", "YamlMissingError"]
+__all__ = ["read_config_file", "file_options", "IGNORED_KEYS", "YamlMissingError", "MAX_BYTES", "MAX_DEPTH",
+           "MAX_ALIASES"]
 
 # Keys a run's config.json carries that are no setting.
 IGNORED_KEYS = ("version",)
 _SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+#: Limits on an untrusted config file: its size, the nesting of its values, and YAML aliases (``*name``).
+MAX_BYTES, MAX_DEPTH, MAX_ALIASES = 1 << 20, 16, 64
+# Error messages quote values through this: a few items per container, a few levels, 80 characters in all.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
 
 
 class YamlMissingError(ConfigError, ImportError):
@@ -57,6 +69,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     if kind is None:
         raise ConfigError(f"--config {path}: expected a .yaml, .yml or .json file, got {file.suffix or 'no suffix'!r}")
     try:
+        size = file.stat().st_size
+        if size > MAX_BYTES and file.is_file():
+            raise ConfigError(f"--config {path}: {size} bytes, more than a settings file needs (at most {MAX_BYTES}); "
+                              "pass the run's settings file (e.g. RUN/config.json)")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
@@ -65,6 +81,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--config {path}: cannot be read ({error})") from None
     data = _parse_yaml(path, text) if kind == "yaml" else _parse_json(path, text)
+    _check_depth(path, data)
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of settings (batch_size: 32, ...), got "
                           f"{type(data).__name__} {_short(data)}")
@@ -125,8 +142,22 @@ def _parse_yaml(path: str, text: str) -> Any:
     except ImportError as error:
         raise YamlMissingError(f"--config {path}: reading YAML needs PyYAML: pip install timm-remem[config] (or pass a "
                           ".json file)") from error
+    class _BoundedLoader(yaml.SafeLoader):  # PyYAML's safe loader, counting aliases as it composes the document
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                type(self).aliases += 1
+                if type(self).aliases > MAX_ALIASES:
+                    raise ConfigError(f"--config {path}: more than {MAX_ALIASES} YAML aliases (*name); a settings "
+                                      "file needs none: write the values out")
+            return super().compose_node(parent, index)
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested more than a settings file can be; at most {MAX_DEPTH} levels") \
+            from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -137,6 +168,9 @@ def _parse_yaml(path: str, text: str) -> Any:
 def _parse_json(path: str, text: str) -> Any:
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested more than a settings file can be; at most {MAX_DEPTH} levels") \
+            from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"--config {path}: not valid JSON at line {error.lineno}, column {error.colno} "
                           f"({error.msg})") from None
@@ -208,6 +242,23 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _check_depth(path: str, data: Any) -> None:
+    """Refuse values nested deeper than :data:`MAX_DEPTH`, visiting each container once (YAML aliases share them)."""
+    seen: set[int] = set()
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if not isinstance(value, (dict, list)) or id(value) in seen:
+            continue
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"--config {path}: values nested {depth} levels deep; a settings file needs at most "
+                              f"{MAX_DEPTH}")
+        seen.add(id(value))
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children)
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
+    """A bounded repr of an untrusted value: its cost and length do not grow with the value."""
+    text = _REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
