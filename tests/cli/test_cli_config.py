@@ -10,6 +10,9 @@ import pytest
 
 import timm_remem.cli as cli
 from timm_remem.cli import distill, finetune, select
+from timm_remem.cli._config_file import file_options
+from timm_remem.errors import ConfigError
+from timm_remem.train import FinetuneConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,3 +123,43 @@ def test_a_distill_run_is_repeated_from_its_config_json(tmp_path, capsys):
     assert cli.main(["distill", "--config", str(first / "config.json"), "--output", str(second)]) == 0
     capsys.readouterr()
     assert metrics_without_times(first) == metrics_without_times(second)
+
+
+# ---------------------------------------------------------------------- untrusted files are read with bounds
+def _bomb(levels: int = 9) -> str:
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\nmodel_kwargs: {{a: *l{levels - 1}}}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb())  # 9 ** 9 = 387 million strings if expanded
+    assert len(path.read_bytes()) < 1000
+    with pytest.raises(ConfigError, match="more than 64 YAML aliases"):
+        file_options(str(path), FinetuneConfig)
+
+
+def test_deep_nesting_and_huge_files_are_refused(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match="nested"):
+        file_options(str(deep), FinetuneConfig)
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"model_kwargs": ' + '{"a": ' * 17 + "1" + "}" * 17 + "}")
+    with pytest.raises(ConfigError, match="nested 17 levels deep; a settings file needs at most 16"):
+        file_options(str(nested), FinetuneConfig)
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"model": "' + "x" * (2 << 20) + '"}')
+    with pytest.raises(ConfigError, match="more than a settings file needs"):
+        file_options(str(huge), FinetuneConfig)
+
+
+def test_error_messages_quote_values_briefly(tmp_path):
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps({"epochs": [list(range(300))] * 300}))
+    with pytest.raises(ConfigError) as info:
+        file_options(str(path), FinetuneConfig)
+    assert "epochs must be an integer" in str(info.value) and len(str(info.value)) < 300
