@@ -1,4 +1,5 @@
-"""Bad input to reweighting (factor range, learnable factors, torch tools, peft adapters): one clear error each.
+"""Bad input to reweighting (factor range, learnable factors, torch tools, peft adapters, one source of truth for the
+factors): one clear error each.
 
 Each case checks the exception's exact type and the quoted part of its message; "kept" cases also check that the
 factors (the same Parameter objects), the weights and the outputs are what they were before the failure.
@@ -11,11 +12,12 @@ import copy
 import pytest
 import timm
 import torch
+from reweighting.dist_wrappers import WRAPPERS, process_group  # tests/reweighting/dist_wrappers.py
 from reweighting.reweight_cases import create, get_case, perturb  # tests/reweighting/reweight_cases.py
 
 import timm_remem
-from timm_remem import ConfigError, UnsupportedModelError
-from timm_remem.reweighting import ScaledBranch
+from timm_remem import ConfigError, ReweightConfig, TrainingError, UnsupportedModelError
+from timm_remem.reweighting import ScaledBranch, restore_reweight_config, unscale
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,3 +161,134 @@ def test_reweighting_merge_rejects_dora_and_keeps_the_model():
     assert timm_remem.is_reweighted(model)
     with torch.no_grad():
         assert torch.equal(model(X), before)
+
+
+# ----------------------------------------------------------------------------- one source of truth (issue 20)
+def _merged(m):
+    return timm_remem.merge(timm_remem.reweight(m, alpha=0.5, top_k=2))
+
+
+def _tied(m):
+    m.blocks[5].mlp.fc2.weight = m.blocks[4].mlp.fc2.weight
+    return m
+
+
+def _shared_mlp(m):
+    m.blocks[5].mlp = m.blocks[4].mlp
+    return m
+
+
+def _learnable(m, value=None, weight=None):
+    timm_remem.reweight(m, alpha=0.8, learnable=True)
+    with torch.no_grad():
+        if value is not None:
+            m.blocks[5].mlp.remem_scale.fill_(value)
+        if weight is not None:
+            m.blocks[5].mlp.fc2.weight[0, 0] = weight
+    return m
+
+
+def _diverged_parallel(_):
+    model = perturb(create(get_case("parallel_things")), seed=1).eval()
+    timm_remem.reweight(model, alpha=0.8, learnable=True)
+    with torch.no_grad():
+        model.blocks[1].ffns[0].mlp.remem_scale.fill_(0.3)
+    return model
+
+
+def _unscaled_by_hand(m):
+    timm_remem.reweight(m, alpha=0.8)
+    unscale(m.blocks[1].mlp)
+    return m
+
+
+_UNMERGED_RECORD = ReweightConfig(alpha=0.8, top_k=2, factors=[0.8, 0.64], num_blocks=6)
+_TRUTH = [
+    pytest.param(_merged, lambda m, tmp: timm_remem.reweight(m, alpha=0.9), ConfigError,
+                 r"VisionTransformer was reweighted and merged before: its weights already hold the factors "
+                 r"\[1, 1, 1, 1, 0\.5, 0\.25\].*Pass compose=True to reweight to do that on purpose.*"
+                 r"timm_remem\.unreweight\(model\) before merging gives them back", id="reweight-after-merge"),
+    pytest.param(None, lambda m, tmp: timm_remem.reweight(m, compose="yes"), ConfigError,
+                 r"compose must be True or False, got 'yes'", id="compose-string"),
+    pytest.param(_tied, lambda m, tmp: timm_remem.reweight(m, alpha=0.8), ConfigError,
+                 r"blocks\.4\.mlp\.fc2\.weight is also blocks\.5\.mlp\.fc2\.weight \(one tensor shared by two "
+                 r"layers\).*Give each layer its own copy before reweighting", id="tied-fc2-weight"),
+    pytest.param(_shared_mlp, lambda m, tmp: timm_remem.reweight(m, alpha=0.8, top_k=2), ConfigError,
+                 r"the MLP branch blocks\.4\.mlp \(Mlp\) is one module registered in 2 blocks \(blocks\.4\.mlp, "
+                 r"blocks\.5\.mlp\): it would be counted as one block.*copy\.deepcopy", id="shared-mlp-module"),
+    pytest.param(lambda m: _tied(timm_remem.reweight(m, alpha=0.8)), lambda m, tmp: timm_remem.merge(m), ConfigError,
+                 r"blocks\.4\.mlp\.fc2\.weight is also blocks\.5\.mlp\.fc2\.weight", id="merge-tied-after-reweight"),
+    pytest.param(lambda m: _learnable(m, value=float("nan")), lambda m, tmp: timm_remem.merge(m), TrainingError,
+                 r"the factor of the MLP branch blocks\.5\.mlp \(block 5\) is nan: non-finite factors are never "
+                 r"merged, exported or reported, and nothing was changed.*resume from an earlier checkpoint",
+                 id="merge-nan-factor"),
+    pytest.param(lambda m: _learnable(m, weight=float("inf")), lambda m, tmp: timm_remem.merge(m), TrainingError,
+                 r"the MLP branch blocks\.5\.mlp \(block 5\) holds NaN or infinite weights "
+                 r"\(blocks\.5\.mlp\.fc2\.weight\)", id="merge-inf-branch-weight"),
+    pytest.param(lambda m: _learnable(m, value=float("inf")),
+                 lambda m, tmp: timm_remem.save_pretrained(m, tmp / "teacher", merge=False), TrainingError,
+                 r"the factor of the MLP branch blocks\.5\.mlp \(block 5\) is inf", id="export-inf-factor"),
+    pytest.param(_diverged_parallel, lambda m, tmp: timm_remem.merge(m), ConfigError,
+                 r"the parallel MLP branches of block 1 of VisionTransformer hold different factors "
+                 r"\(blocks\.1\.ffns\.0\.mlp=0\.3, blocks\.1\.ffns\.1\.mlp=0\.64\).*"
+                 r"reweight\(model, schedule=\[\.\.\.\], learnable=True\)", id="parallel-branches-disagree"),
+    pytest.param(_unscaled_by_hand, lambda m, tmp: timm_remem.get_reweight_config(m), ConfigError,
+                 r"the reweighting record of VisionTransformer says blocks \[0, 1, 2, 3, 4, 5\] are reweighted "
+                 r"\(top_k=None, 6 blocks\), but its wrappers are on blocks \[0, 2, 3, 4, 5\]",
+                 id="wrapper-removed-by-hand"),
+    pytest.param(None, lambda m, tmp: restore_reweight_config(m, _UNMERGED_RECORD), ConfigError,
+                 r"the reweighting record says the factors of VisionTransformer are kept separate \(merged=False\), "
+                 r"but it holds no ScaledBranch: reweight it as recorded", id="restore-unmerged-record-on-plain-model"),
+    pytest.param(None, lambda m, tmp: ReweightConfig(alpha=0.8, top_k=2, factors=[0.8], num_blocks=6), ConfigError,
+                 r"ReweightConfig has 1 factors, but top_k=2 and num_blocks=6 say 2 blocks are reweighted: the record "
+                 r"is inconsistent", id="record-lengths-disagree"),
+]
+
+
+@pytest.mark.parametrize(("prepare", "call", "error", "match"), _TRUTH)
+def test_reweighting_keeps_one_truth(prepare, call, error, match, tmp_path):
+    model = _vit() if prepare is None else prepare(_vit())
+    before = copy.deepcopy(model.state_dict())
+    wrapped = timm_remem.is_reweighted(model)
+    _raises(error, match, call, model, tmp_path)
+    after = model.state_dict()  # nothing changed: same wrappers, same tensors (NaN compared as NaN)
+    assert timm_remem.is_reweighted(model) == wrapped and list(after) == list(before)
+    assert all(torch.equal(after[k].nan_to_num(), v.nan_to_num()) for k, v in before.items())
+    assert not (tmp_path / "teacher").exists()
+
+
+@pytest.mark.parametrize(("kind", "action"), [
+    pytest.param("ddp", "reweight", id="ddp"),
+    pytest.param("ddp-in-a-module", "reweight", id="ddp-nested-in-module-chain"),
+    pytest.param("compiled-ddp", "reweight", id="torch-compile-of-ddp"),
+    pytest.param("fsdp", "reweight", id="fsdp"),
+    pytest.param("fully-shard", "reweight", id="fully-shard"),
+    pytest.param("fully-shard", "merge", id="merge-fully-shard"),
+])
+def test_reweighting_refuses_distributed_wrappers(kind, action):
+    wrap, path = WRAPPERS[kind]
+    where = "it is" if not path else f"its submodule '{path}' is"
+    with process_group():
+        model = wrap(_vit() if action == "reweight" else timm_remem.reweight(_vit(), alpha=0.8))
+        wrapped = timm_remem.is_reweighted(model)
+        if action == "reweight":
+            _raises(ConfigError, rf"cannot reweight {type(model).__name__}: {where} wrapped for distributed "
+                    r"training \(\w+\), and the wrapper fixed the parameters it synchronises or shards when it was "
+                    r"built.*Reweight before wrapping: timm_remem\.reweight\(model, \.\.\.\), then "
+                    r"DistributedDataParallel\(model\)", timm_remem.reweight, model, alpha=0.8, learnable=True)
+        else:
+            _raises(ConfigError, rf"cannot merge {type(model).__name__}: {where} wrapped for distributed training "
+                    r"\(fully_shard\), whose parameters are sharded or flattened.*full_state_dict=True",
+                    timm_remem.merge, model)
+        assert timm_remem.is_reweighted(model) == wrapped
+
+
+def test_reweighting_warns_when_an_edited_record_disagrees_with_the_model():
+    model = timm_remem.reweight(_vit(), alpha=0.8, top_k=2)
+    edited = ReweightConfig(alpha=0.8, top_k=2, factors=[0.1, 0.2], num_blocks=6)  # as if config.json was edited
+    with pytest.warns(UserWarning, match=r"the reweighting record read for VisionTransformer disagrees with the "
+                                         r"model: factors \[0\.1, 0\.2\] in the record, \[0\.8, 0\.64\] in the model\. "
+                                         r"The record \(the remem block of config\.json\) is what was saved, not an "
+                                         r"instruction"):
+        report = restore_reweight_config(model, edited)
+    assert report.factors == pytest.approx([0.8, 0.64])

@@ -114,3 +114,18 @@ def test_non_finite_adapters_are_refused_and_nothing_is_folded():
     assert after.keys() == before.keys() and all(torch.equal(after[k], v, ) or k.endswith("lora_B.default.weight")
                                                  and torch.equal(after[k].nan_to_num(), v.nan_to_num())
                                                  for k, v in before.items())
+
+
+@pytest.mark.parametrize("order", ["lora-then-reweight", "reweight-then-lora"])
+def test_a_non_finite_factor_is_refused_before_peft_folds_anything(order):
+    teacher = _adapted_teacher("vit", order)
+    with torch.no_grad():
+        teacher.blocks[1].mlp.remem_scale.fill_(float("inf"))
+    before = copy.deepcopy(teacher.state_dict())
+    with pytest.raises(TrainingError, match=r"the factor of the MLP branch blocks\.1\.mlp \(block 1\) is inf: "
+                                            r"non-finite factors are never merged"):
+        merge_lora(teacher)
+    assert is_lora(teacher) and timm_remem.is_reweighted(teacher)  # the adapters were not folded either
+    after = teacher.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert merge_lora(teacher, factors=False) is teacher  # folding the adapters alone stays possible

@@ -8,15 +8,23 @@ untouched copy of the model.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
+import json
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import timm.optim
 import torch
+from dist_wrappers import WRAPPERS, process_group
+from reweight_cases import create, get_case, perturb
+from torch.nn.parallel import DistributedDataParallel
 
 import timm_remem
-from timm_remem import ConfigError, NotReweightedError, UnsupportedModelError
+from timm_remem import ConfigError, NotReweightedError, TrainingError, UnsupportedModelError
+from timm_remem.reweighting import ScaledBranch, unscale
 
 DEPTH = 4
 
@@ -330,3 +338,335 @@ def test_inference_scales_in_place_without_touching_an_aliased_input(x):
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
     out = model(x)
     out.sum().backward()  # the training path keeps an out-of-place multiply (autograd-safe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One source of truth for the factors (issue 20): every report is read from the modules when it is asked for; a
+# merged model remembers its factors and refuses to stack new ones silently; what is reported is what is computed.
+
+
+def _wrappers(model: torch.nn.Module) -> list[ScaledBranch]:
+    """Every scaled branch once, bottom-up."""
+    unique = {id(m): m for m in model.modules() if isinstance(m, ScaledBranch)}
+    return sorted(unique.values(), key=lambda w: w.remem_index)
+
+
+def _train_like(model: torch.nn.Module, values: list[float]) -> None:
+    """Move the learnable factors away from their schedule, as an optimizer would."""
+    with torch.no_grad():
+        for w, v in zip(_wrappers(model), values, strict=True):
+            w.remem_scale.fill_(v)
+
+
+def _scaled_by_hand(factors: list[float]) -> torch.nn.Module:
+    """The un-reweighted model with block ``i``'s MLP output multiplied by ``factors[i]`` (forward hooks)."""
+    return hooked_reference(make_vit(), dict(enumerate(factors)))
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+TRAINED = [0.9, 0.6, 0.45, 0.3]
+
+
+def test_reports_are_read_from_the_modules_at_the_time_of_the_call(x):
+    model = timm_remem.reweight(make_vit(), alpha=0.8, learnable=True)
+    _train_like(model, TRAINED)
+    config = timm_remem.get_reweight_config(model)
+    assert config.factors == pytest.approx(TRAINED) and config.alpha == 0.8 and config.learnable
+    assert list(timm_remem.get_scales(model).values()) == pytest.approx(TRAINED)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _scaled_by_hand(config.total_factors())(x), rtol=0, atol=0)
+    config.factors[3], config.alpha = 0.01, 0.01  # a report is a copy: changing it changes nothing
+    assert timm_remem.get_reweight_config(model).factors == pytest.approx(TRAINED)
+    assert timm_remem.get_reweight_config(model).alpha == 0.8
+
+
+def test_export_writes_the_factors_the_model_computes_with(tmp_path, x):
+    model = timm_remem.reweight(make_vit(), alpha=0.8, learnable=True)
+    _train_like(model, TRAINED)
+    folder = timm_remem.save_pretrained(model, tmp_path / "teacher")
+    remem = json.loads((folder / "config.json").read_text())["remem"]
+    assert remem["factors"] == pytest.approx(TRAINED) and remem["merged"] is True
+    loaded = timm_remem.load_teacher(folder)
+    assert timm_remem.get_reweight_config(loaded).total_factors() == pytest.approx(TRAINED)
+    with torch.no_grad():
+        assert _relative(loaded(x), _scaled_by_hand(TRAINED)(x)) <= 1e-5
+
+
+def test_a_wrapper_removed_by_hand_makes_the_record_disagree_and_it_is_refused():
+    model = timm_remem.reweight(make_vit(), alpha=0.8)
+    unscale(model.blocks[1].mlp)
+    with pytest.raises(ConfigError, match=r"record of VisionTransformer says blocks \[0, 1, 2, 3\] are reweighted "
+                                          r"\(top_k=None, 4 blocks\), but its wrappers are on blocks \[0, 2, 3\]"):
+        timm_remem.get_reweight_config(model)
+
+
+def test_parallel_branches_of_one_block_with_different_factors_are_refused_not_misreported(x):
+    model = perturb(create(get_case("parallel_things")), seed=0).eval()
+    timm_remem.reweight(model, alpha=0.8, learnable=True)
+    with torch.no_grad():
+        model.blocks[1].ffns[0].mlp.remem_scale.fill_(0.3)  # as if training had moved one branch only
+        before = model(x)
+    state = copy.deepcopy(model.state_dict())
+    match = r"the parallel MLP branches of block 1 of VisionTransformer hold different factors \(blocks\.1\.ffns\.0" \
+            r"\.mlp=0\.3, blocks\.1\.ffns\.1\.mlp=0\.64\)"
+    with pytest.raises(ConfigError, match=match):
+        timm_remem.get_reweight_config(model)
+    with pytest.raises(ConfigError, match=match):
+        timm_remem.merge(model)
+    assert timm_remem.is_reweighted(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    timm_remem.reweight(model, schedule=[0.7, 0.3], learnable=True)  # the fix the message names: one per block
+    assert timm_remem.get_reweight_config(model).factors == pytest.approx([0.7, 0.3])
+
+
+# ---------------------------------------------------------------------------------------------- merged, then again
+
+
+def test_reweight_after_merge_is_refused_naming_both_fixes_and_changes_nothing(x):
+    model = timm_remem.merge(timm_remem.reweight(make_vit(), alpha=0.5, top_k=2))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"VisionTransformer was reweighted and merged before: its weights already "
+                                          r"hold the factors \[1, 1, 0\.5, 0\.25\] .*Pass compose=True to reweight.*"
+                                          r"timm_remem\.unreweight\(model\) before merging"):
+        timm_remem.reweight(model, alpha=0.9)
+    assert not timm_remem.is_reweighted(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert timm_remem.get_reweight_config(model).factors == pytest.approx([0.5, 0.25])
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_compose_reports_the_product_and_the_model_computes_it(x, learnable):
+    model = timm_remem.merge(timm_remem.reweight(make_vit(), alpha=0.5, top_k=2))
+    timm_remem.reweight(model, alpha=0.8, top_k=3, compose=True, learnable=learnable)
+    config = timm_remem.get_reweight_config(model)
+    assert config.folded == pytest.approx([1, 1, 0.5, 0.25]) and config.factors == pytest.approx([0.8, 0.64, 0.512])
+    total = [1.0, 0.8, 0.5 * 0.64, 0.25 * 0.512]
+    assert config.total_factors() == pytest.approx(total)
+    assert list(timm_remem.get_scales(model).values()) == pytest.approx([0.8, 0.64, 0.512])  # the wrappers' own
+    reference = _scaled_by_hand(total)
+    with torch.no_grad():
+        assert _relative(model(x), reference(x)) <= 1e-5
+        assert _relative(model(x), make_vit()(x)) > 1e-3  # the check can fail
+        timm_remem.merge(model)  # and again: the record keeps both parts
+        assert timm_remem.get_reweight_config(model).total_factors() == pytest.approx(total)
+        assert _relative(model(x), reference(x)) <= 1e-5
+
+
+def test_merged_record_survives_deepcopy_pickle_and_save_load(tmp_path, x):
+    model = timm_remem.merge(timm_remem.reweight(make_vit(), alpha=0.5, top_k=2))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    folder = timm_remem.save_pretrained(model, tmp_path / "merged")
+    copies = {"deepcopy": copy.deepcopy(model), "torch.save": torch.load(buffer, weights_only=False),
+              "save_pretrained": timm_remem.load_teacher(folder)}
+    for how, clone in copies.items():
+        with pytest.raises(ConfigError, match=r"was reweighted and merged before"):
+            timm_remem.reweight(clone, alpha=0.9)
+        timm_remem.reweight(clone, alpha=0.9, top_k=1, compose=True)
+        assert timm_remem.get_reweight_config(clone).total_factors() == pytest.approx([1, 1, 0.5, 0.25 * 0.9]), how
+        with torch.no_grad():
+            assert _relative(clone(x), _scaled_by_hand([1, 1, 0.5, 0.225])(x)) <= 1e-5, how
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_composed_model_saved_and_loaded_keeps_both_parts(tmp_path, x, merge):
+    model = timm_remem.merge(timm_remem.reweight(make_vit(), alpha=0.5, top_k=2))
+    timm_remem.reweight(model, alpha=0.8, compose=True, learnable=True)
+    _train_like(model, TRAINED)
+    folder = timm_remem.save_pretrained(model, tmp_path / "composed", merge=merge)
+    remem = json.loads((folder / "config.json").read_text())["remem"]
+    assert remem["folded"] == pytest.approx([1, 1, 0.5, 0.25]) and remem["factors"] == pytest.approx(TRAINED)
+    loaded = timm_remem.load_teacher(folder)
+    total = [0.9, 0.6, 0.5 * 0.45, 0.25 * 0.3]
+    assert timm_remem.is_reweighted(loaded) is not merge
+    assert timm_remem.get_reweight_config(loaded).total_factors() == pytest.approx(total)
+    with torch.no_grad():
+        assert _relative(loaded(x), _scaled_by_hand(total)(x)) <= 1e-5
+    with pytest.raises(ConfigError, match=r"merged before"):  # and it still refuses to stack silently
+        timm_remem.reweight(loaded, alpha=0.9, learnable=True)
+
+
+def test_unreweight_after_compose_gives_the_merged_model_back(x):
+    model = timm_remem.merge(timm_remem.reweight(make_vit(), alpha=0.5, top_k=2))
+    with torch.no_grad():
+        merged = model(x)
+    timm_remem.unreweight(timm_remem.reweight(model, alpha=0.8, compose=True))
+    config = timm_remem.get_reweight_config(model)
+    assert config.merged and config.total_factors() == pytest.approx([1, 1, 0.5, 0.25])
+    with torch.no_grad():
+        assert torch.equal(model(x), merged)
+    with pytest.raises(ConfigError, match=r"merged before"):  # the weights still hold them
+        timm_remem.reweight(model, alpha=0.8)
+
+
+def test_compose_on_a_model_never_merged_is_a_plain_reweight():
+    model = timm_remem.reweight(make_vit(), alpha=0.5, compose=True)
+    assert timm_remem.get_reweight_config(model).folded == []
+
+
+def test_merge_then_reweight_again_after_unreweight_starts_from_the_original(x):
+    model = timm_remem.unreweight(timm_remem.reweight(make_vit(), alpha=0.5))  # unreweight: the original back
+    timm_remem.reweight(model, alpha=0.9)  # nothing folded: no compose needed
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _scaled_by_hand([0.9 ** (i + 1) for i in range(DEPTH)])(x))
+
+
+# ---------------------------------------------------------------------------------------------- non-finite factors
+
+
+@pytest.mark.parametrize("where", ["factor", "weight"])
+def test_non_finite_factors_or_branch_weights_are_never_merged_or_exported(tmp_path, x, where):
+    model = timm_remem.reweight(make_vit(), alpha=0.8, learnable=True)
+    with torch.no_grad():
+        if where == "factor":
+            model.blocks[2].mlp.remem_scale.fill_(math.nan)
+        else:
+            model.blocks[2].mlp.fc2.weight[0, 0] = math.inf
+    state = copy.deepcopy(model.state_dict())
+    match = (r"the factor of the MLP branch blocks\.2\.mlp \(block 2\) is nan" if where == "factor" else
+             r"the MLP branch blocks\.2\.mlp \(block 2\) holds NaN or infinite weights \(blocks\.2\.mlp\.fc2\.weight\)")
+    for call in (timm_remem.merge, timm_remem.get_reweight_config, timm_remem.reweighting.check_factors,
+                 lambda m: timm_remem.save_pretrained(m, tmp_path / "out"),
+                 lambda m: timm_remem.save_pretrained(m, tmp_path / "out", merge=False)):
+        with pytest.raises(TrainingError, match=match):
+            call(model)
+    assert not (tmp_path / "out").exists()
+    assert timm_remem.is_reweighted(model)
+    after = model.state_dict()
+    assert all(torch.equal(v.nan_to_num(), after[k].nan_to_num()) for k, v in state.items())
+
+
+def test_non_finite_weights_outside_the_scaled_branches_are_not_the_factors_business():
+    model = timm_remem.reweight(make_vit(), alpha=0.8, top_k=1)
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[0, 0] = math.nan  # block 0 is not reweighted
+    timm_remem.reweighting.check_factors(model)
+
+
+# ---------------------------------------------------------------------------------------------- wrappers
+
+
+@pytest.mark.parametrize("kind", list(WRAPPERS))
+def test_reweighting_a_model_inside_a_distributed_wrapper_is_refused(kind):
+    wrap, path = WRAPPERS[kind]
+    with process_group():
+        model = wrap(make_vit())
+        where = "it is" if not path else f"its submodule '{path}' is"
+        with pytest.raises(ConfigError, match=rf"cannot reweight {type(model).__name__}: {where} wrapped for "
+                                              r"distributed training .*Reweight before wrapping"):
+            timm_remem.reweight(model, alpha=0.8, learnable=True)
+        assert not timm_remem.is_reweighted(model)
+
+
+def test_the_fix_reweight_then_wrap_works_and_reports_see_through_the_wrapper(x):
+    with process_group():
+        model = timm_remem.reweight(make_vit(), alpha=0.8, top_k=2, learnable=True)
+        ddp = DistributedDataParallel(model)
+        assert timm_remem.get_scales(ddp) == pytest.approx({"blocks.2.mlp": 0.8, "blocks.3.mlp": 0.64})
+        assert timm_remem.get_reweight_config(ddp).factors == pytest.approx([0.8, 0.64])
+        ddp(x).sum().backward()
+        assert model.blocks[3].mlp.remem_scale.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "fully-shard"])
+def test_merging_a_sharded_model_is_refused(kind):
+    wrap, _ = WRAPPERS[kind]
+    with process_group():
+        model = wrap(timm_remem.reweight(make_vit(), alpha=0.8))
+        with pytest.raises(ConfigError, match=r"cannot merge .*wrapped for distributed training .*sharded or "
+                                              r"flattened.*full_state_dict=True"):
+            timm_remem.merge(model)
+        assert timm_remem.is_reweighted(model)
+
+
+def test_torch_compile_is_seen_through_and_recompiles(x):
+    eager = timm_remem.reweight(make_vit(), alpha=0.6, top_k=2)
+    compiled = torch.compile(make_vit(), backend="eager")
+    with torch.no_grad():
+        plain = compiled(x)  # compiled before reweighting: the graph must be rebuilt
+        timm_remem.reweight(compiled, alpha=0.6, top_k=2)
+        assert timm_remem.get_scales(compiled) == pytest.approx({"blocks.2.mlp": 0.6, "blocks.3.mlp": 0.36})
+        torch.testing.assert_close(compiled(x), eager(x))
+        assert not torch.allclose(compiled(x), plain)
+        timm_remem.merge(compiled)
+        timm_remem.merge(eager)
+        torch.testing.assert_close(compiled(x), eager(x))
+
+
+# ---------------------------------------------------------------------------------------------- records read back
+
+
+def _saved_unmerged(tmp_path: Path, learnable: bool = True) -> Path:
+    model = timm_remem.reweight(make_vit(), alpha=0.8, top_k=2, learnable=learnable)
+    _train_like(model, [0.7, 0.4])
+    return timm_remem.save_pretrained(model, tmp_path / "teacher", merge=False)
+
+
+def _edit_factors(folder: Path, factors: list[float]) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["remem"]["factors"] = factors
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_factors_edited_in_config_json_are_not_reported(tmp_path, x):
+    folder = _saved_unmerged(tmp_path)
+    _edit_factors(folder, [0.1, 0.2])
+    loaded = timm_remem.load_teacher(folder)
+    assert timm_remem.get_reweight_config(loaded).factors == pytest.approx([0.7, 0.4])  # the loaded tensors
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), _scaled_by_hand([1, 1, 0.7, 0.4])(x))
+
+
+def test_restore_warns_when_the_record_disagrees_and_the_model_wins(tmp_path):
+    folder = _saved_unmerged(tmp_path)
+    _edit_factors(folder, [0.1, 0.2])
+    record = timm_remem.ReweightConfig.from_dict(
+        {k: v for k, v in json.loads((folder / "config.json").read_text())["remem"].items()
+         if k in {f.name for f in dataclasses.fields(timm_remem.ReweightConfig)}})
+    model = timm_remem.load_teacher(folder)
+    with pytest.warns(UserWarning, match=r"the reweighting record read for VisionTransformer disagrees with the model: "
+                                         r"factors \[0\.1, 0\.2\] in the record, \[0\.7, 0\.4\] in the model\. The "
+                                         r"record .* is what was saved, not an instruction"):
+        report = timm_remem.reweighting.restore_reweight_config(model, record)
+    assert report.factors == pytest.approx([0.7, 0.4]) and report.alpha == 0.8
+    assert timm_remem.get_reweight_config(model).factors == pytest.approx([0.7, 0.4])
+
+
+def test_restore_accepts_an_agreeing_record_silently(tmp_path, recwarn):
+    folder = _saved_unmerged(tmp_path)
+    model = timm_remem.load_teacher(folder)
+    record = timm_remem.get_reweight_config(model)
+    assert timm_remem.reweighting.restore_reweight_config(model, record) == record
+    assert not [w for w in recwarn if "reweighting record" in str(w.message)]
+
+
+def test_restore_refuses_an_unmerged_record_on_a_model_without_wrappers():
+    record = timm_remem.ReweightConfig(alpha=0.8, top_k=2, factors=[0.8, 0.64], num_blocks=DEPTH)
+    with pytest.raises(ConfigError, match=r"says the factors of VisionTransformer are kept separate \(merged=False\), "
+                                          r"but it holds no ScaledBranch"):
+        timm_remem.reweighting.restore_reweight_config(make_vit(), record)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = timm_remem.reweight(make_vit(), alpha=0.8, learnable=True)  # the fix: reweight, then wrap
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank))  # each rank its own data
+    ddp(x).square().mean().backward()
+    opt.step()
+    torch.save(timm_remem.get_scales(model), f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_reweight_then_wrap_keeps_learnable_factors_in_step_across_ranks(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert first == second and first != {f"blocks.{i}.mlp": pytest.approx(0.8 ** (i + 1)) for i in range(DEPTH)}

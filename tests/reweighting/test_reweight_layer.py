@@ -17,6 +17,7 @@ from torch import nn
 import timm_remem
 from timm_remem import ConfigError, UnsupportedModelError
 from timm_remem.reweighting import ScaledBranch, unscale
+from timm_remem.reweighting.layer import fold_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,3 +122,19 @@ def test_own_attribute_named_like_a_setting_wins():
 
     branch = ScaledBranch(WithIndex(), 0.5, index=3)
     assert branch.index == "mine" and branch.remem_index == 3
+
+
+def test_fold_tensors_are_the_tensors_fold_multiplies():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 3))
+    fused = nn.Linear(6, 2)
+    for module, columns, fold_path in ((mlp, None, "2"), (fused, (2, 6), "")):
+        tensors = fold_tensors(module, columns, fold_path, "branch")
+        before = [t.detach().clone() for t in module.parameters()]
+        branch = ScaledBranch(module, 0.5, columns=columns, fold_path=fold_path)
+        branch.fold()
+        changed = [p for p, b in zip(module.parameters(), before, strict=True) if not torch.equal(p, b)]
+        assert {id(t) for t in changed} == {id(t) for t in tensors}
+        unscale(branch)
+    with pytest.raises(UnsupportedModelError, match=r"cannot fold the factor of branch into its last layer GELU"):
+        fold_tensors(mlp, None, "1", "branch")

@@ -24,7 +24,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
-from ..reweighting import is_reweighted
+from ..reweighting import check_factors, is_reweighted
 from ..reweighting import merge as merge_factors
 from ._peft import import_peft
 from .adapters import is_lora
@@ -55,7 +55,8 @@ def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
 
     Raises:
         ConfigError: The model holds no peft adapter.
-        TrainingError: An adapter holds NaN or infinite weights (nothing is folded then).
+        TrainingError: An adapter, a reweighting factor or a scaled branch's weight is NaN or infinite (nothing is
+            folded then; see :func:`timm_remem.reweighting.check_factors`).
         UnsupportedModelError: A reweighting factor cannot be folded (see :func:`timm_remem.merge`).
 
     Example:
@@ -76,6 +77,8 @@ def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
     if broken:
         raise TrainingError(f"merge_lora: the adapters of {sorted(set(broken))} hold NaN or infinite weights; "
                             "nothing was merged. Resume from an earlier checkpoint")
+    if factors and is_reweighted(model):
+        check_factors(model)  # before peft folds anything: a non-finite factor leaves the model as it was
     for m in unique:
         m.merge(safe_merge=True)
     for path, m in found:

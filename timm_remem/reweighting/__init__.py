@@ -21,7 +21,12 @@ The files of this package:
 - ``branches.py``: :class:`Branch` and :func:`find_branches` (candidates by name); ``_probe.py``: the probe passes.
 - ``_peft.py``: seeing through peft wrappers and LoRA layers by duck typing (peft is never imported).
 - ``api.py``: :func:`reweight`, :func:`merge`, :func:`unreweight`, :func:`get_scales`, :func:`get_reweight_config`,
-  :func:`is_reweighted`.
+  :func:`is_reweighted`, :func:`check_factors` (the non-finite check every merge and export runs first) and
+  :func:`restore_reweight_config` (a record read from a file, checked against the loaded model).
+
+One source of truth: the factors of a reweighted model live in its wrappers only, and every report is read from them
+when asked for; once merged, the model keeps a record of what was folded, and ``reweight`` refuses to stack new factors
+on it unless ``compose=True`` (see :func:`reweight`).
 
 Example:
     >>> import timm
@@ -33,7 +38,16 @@ Example:
     {}
 """
 
-from .api import get_reweight_config, get_scales, is_reweighted, merge, reweight, unreweight
+from .api import (
+    check_factors,
+    get_reweight_config,
+    get_scales,
+    is_reweighted,
+    merge,
+    restore_reweight_config,
+    reweight,
+    unreweight,
+)
 from .branches import Branch, find_branches
 from .config import ReweightConfig
 from .layer import ScaledBranch, unscale
@@ -42,11 +56,13 @@ __all__ = [
     "Branch",
     "ReweightConfig",
     "ScaledBranch",
+    "check_factors",
     "find_branches",
     "get_reweight_config",
     "get_scales",
     "is_reweighted",
     "merge",
+    "restore_reweight_config",
     "reweight",
     "unreweight",
     "unscale",

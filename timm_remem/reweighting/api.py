@@ -1,5 +1,11 @@
-"""The public reweighting API: ``reweight``, ``merge``, ``unreweight``, ``get_scales``, ``get_reweight_config`` and
-``is_reweighted``.
+"""The public reweighting API: ``reweight``, ``merge``, ``unreweight``, ``get_scales``, ``get_reweight_config``,
+``is_reweighted`` and ``check_factors``.
+
+One source of truth for the factors: while a model is reweighted they live in its :class:`ScaledBranch` modules only,
+and every report (``get_scales``, ``get_reweight_config``, hence ``config.json`` and the model card) is read from
+those modules when it is asked for. The model keeps a record of the settings (``alpha``, ``schedule``, ``top_k``,
+the block count); once ``merge`` has folded the factors into the weights, that record is all that is left of them,
+and a later ``reweight`` refuses to stack new factors on them unless told to (``compose=True``).
 
 Example:
     >>> import timm, timm_remem
@@ -10,19 +16,33 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .._validation import check_bool
-from ..errors import ConfigError, NotReweightedError, UnsupportedModelError
+from ..errors import ConfigError, NotReweightedError, TrainingError, UnsupportedModelError
 from ._peft import is_tuner_layer, unwrap_peft
-from .branches import check_no_bypass, find_branches
+from .branches import Branch, check_no_bypass, check_not_shared, find_branches
 from .config import SCHEDULES, ReweightConfig, check_factor, check_factor_range, check_model, schedule_factors
 from .layer import ScaledBranch, unscale
 
-__all__ = ["get_reweight_config", "get_scales", "is_reweighted", "merge", "reweight", "unreweight"]
+__all__ = ["check_factors", "get_reweight_config", "get_scales", "is_reweighted", "merge", "restore_reweight_config",
+           "reweight", "unreweight"]
+
+# The attribute of the (unwrapped) timm model that holds its reweighting record.
+_RECORD = "remem_config"
+# torch wrappers that synchronise or shard a model's parameters as they were when the wrapper was built (the
+# composable replicate() API names its class DDP; fully_shard and replicate_with_fsdp mix in FSDPModule).
+_DISTRIBUTED = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DDP"})
+_SHARDED = frozenset({"FullyShardedDataParallel", "FSDPModule"})
+_WRAPPER_NAMES = {"DistributedDataParallel": "DistributedDataParallel", "FullyShardedDataParallel": "FSDP",
+                  "FSDPModule": "fully_shard", "DDP": "replicate"}
 
 
 def reweight(
@@ -35,6 +55,7 @@ def reweight(
     example_inputs: torch.Tensor | None = None,
     allow_amplify: bool = False,
     allow_zero: bool = False,
+    compose: bool = False,
 ) -> nn.Module:
     """Scale each transformer block's MLP residual branch, top blocks most (in place).
 
@@ -52,8 +73,19 @@ def reweight(
     factors, the same ``nn.Parameter`` objects are kept and set to the new values (an optimizer built earlier keeps
     training them); a call that would replace them (``learnable=False`` or another set of blocks) is refused.
 
+    A model that was reweighted and then merged holds its factors in its weights, and remembers them (its record
+    travels with ``copy.deepcopy``, ``torch.save`` and :func:`timm_remem.save_pretrained` /
+    :func:`timm_remem.load_teacher`). Reweighting it again would multiply the new factors with those, so it is
+    refused unless ``compose=True`` asks for exactly that: the product is then what the model computes and what
+    :func:`get_reweight_config` reports (``folded``: the factors already in the weights, ``factors``: the new ones,
+    :meth:`ReweightConfig.total_factors`: their product per block). To start again from the original weights
+    instead, call :func:`unreweight` rather than :func:`merge`. A merged state dict loaded into a fresh
+    ``timm.create_model`` carries no record: it is a plain timm checkpoint.
+
     A peft model (``peft.get_peft_model(model, LoraConfig(...))`` or ``peft.inject_adapter_in_model``) works in
-    either order: the branches and factors are those of the timm model inside, LoRA updates included.
+    either order: the branches and factors are those of the timm model inside, LoRA updates included. A
+    ``torch.compile`` module is seen through (the model inside is reweighted; the compiled module recompiles).
+    A model already wrapped in ``DistributedDataParallel`` or FSDP (anywhere in it) is refused: reweight first.
 
     Args:
         model: A timm vision transformer (any family with a transformer MLP branch), or a peft model of one.
@@ -64,13 +96,16 @@ def reweight(
         example_inputs: Input for the structure probe (default: built from the model's image size).
         allow_amplify: Accept factors > 1 (amplifying a branch; not ReMem).
         allow_zero: Accept factors of 0 in a ``schedule`` (switching a branch off; not ReMem).
+        compose: Accept a model whose weights already hold merged factors: the new factors multiply them.
 
     Returns:
         The same model, with its MLP branches turned into :class:`ScaledBranch` modules (same paths and objects).
 
     Raises:
         ConfigError: Bad ``alpha``, ``schedule``, ``top_k`` or flags, a factor outside (0, 1] without the
-            opt-in, or a call that would replace learnable factors.
+            opt-in, a call that would replace learnable factors, a model whose weights hold merged factors
+            (without ``compose=True``), a branch module or folded weight shared by two blocks, or a model wrapped
+            in ``DistributedDataParallel`` / FSDP.
         UnsupportedModelError: The model has no transformer MLP branch.
 
     Example:
@@ -90,6 +125,7 @@ def reweight(
     check_bool("learnable", learnable)
     check_bool("allow_amplify", allow_amplify)
     check_bool("allow_zero", allow_zero)
+    check_bool("compose", compose)
     if not custom:
         check_factor("alpha", alpha, allow_zero=False)
         check_factor_range("alpha", alpha, allow_amplify=allow_amplify, allow_zero=False)
@@ -97,9 +133,12 @@ def reweight(
         raise ConfigError(f"top_k must be a positive int or None (all blocks), got {top_k!r}.")
     if custom and not callable(schedule) and not isinstance(schedule, Sequence):
         raise ConfigError(f"schedule must be a string, a sequence of floats or a callable, got {schedule!r}.")
+    _check_not_distributed(model, "reweight", _DISTRIBUTED)
 
     # Validate against the block count before touching anything (a reweighted model keeps its factors on error).
-    target = unwrap_peft(model)
+    target = _unwrap(model)
+    current = _unique(_wrappers(target))
+    folded = _folded_before(target, bool(current), compose)
     branches = find_branches(target, "mlp", example_inputs=example_inputs)
     num_blocks = branches[-1].index + 1
     k = num_blocks if top_k is None else top_k
@@ -107,6 +146,12 @@ def reweight(
         raise ConfigError(
             f"top_k={top_k} is out of range: {type(target).__name__} has {num_blocks} blocks with an MLP branch; "
             f"use 1 <= top_k <= {num_blocks}, or top_k=None for all."
+        )
+    if folded and len(folded) != num_blocks:
+        raise ConfigError(
+            f"cannot compose on {type(target).__name__}: its record of merged factors has {len(folded)} blocks, "
+            f"but the model has {num_blocks}; the record belongs to another architecture. Reweight the original "
+            "model instead."
         )
     factors = schedule_factors(alpha, schedule, k)
     if custom:
@@ -122,25 +167,26 @@ def reweight(
                 "peft's merge_and_unload would drop a factor placed on it. Reweight before applying LoRA, or leave "
                 f"{b.path.rsplit('.', 1)[-1]!r} out of target_modules."
             )
-    config = ReweightConfig(
+    check_not_shared(target, branches, chosen)
+    record = ReweightConfig(
         alpha=None if custom else float(alpha),
         schedule="custom" if custom else schedule,
         top_k=top_k,
         learnable=learnable,
-        factors=factors,
         num_blocks=num_blocks,
-    )
-    current = _unique(_wrappers(target))
+        folded=folded,
+    )  # settings only: the factors live in the modules
     trained = [w for w in current if isinstance(w.remem_scale, nn.Parameter)]
     if trained:
         _check_keeps_parameters(target, trained, current, chosen, learnable)
         with torch.no_grad():
             for w in current:
                 w.remem_scale.fill_(factors[w.remem_index - first])
-        target.remem_config = config
+        setattr(target, _RECORD, record)
         return model
     if current:
-        unreweight(target)
+        for w in current:
+            unscale(w)
         branches = find_branches(target, "mlp", example_inputs=example_inputs)
         chosen = [b for b in branches if b.index >= first]
     done: set[int] = set()
@@ -148,8 +194,33 @@ def reweight(
         if id(b.module) not in done:  # CoaT registers one Mlp under several names
             done.add(id(b.module))
             ScaledBranch(b.module, factors[b.index - first], learnable, b.columns, b.fold_path, b.index)
-    target.remem_config = config
+    setattr(target, _RECORD, record)
     return model
+
+
+def _folded_before(target: nn.Module, wrapped: bool, compose: bool) -> list[float]:
+    """The factors earlier merges left in the weights, per block (``[]``: none); refused without ``compose``."""
+    record = _record(target)
+    if record is None:
+        return []
+    if wrapped:
+        earlier = record.folded  # a reweighting composed before: its folded part stays in the weights
+    elif record.merged:
+        earlier = record.total_factors()
+    else:
+        earlier = []
+    if not any(f != 1.0 for f in earlier):
+        return []
+    if not compose:
+        shown = ", ".join(f"{f:.6g}" for f in earlier)
+        raise ConfigError(
+            f"{type(target).__name__} was reweighted and merged before: its weights already hold the factors "
+            f"[{shown}] (one per block, bottom-up), so reweighting it again would multiply the new factors with "
+            "them. Pass compose=True to reweight to do that on purpose (get_reweight_config(model) then reports "
+            "both, and total_factors() their product), or keep the original weights: timm_remem.unreweight(model) "
+            "before merging gives them back."
+        )
+    return list(earlier)
 
 
 def _check_keeps_parameters(model, trained, current, chosen, learnable) -> None:
@@ -173,6 +244,57 @@ def _wrappers(model: nn.Module) -> list[tuple[str, ScaledBranch]]:
     return [(p, m) for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, ScaledBranch)]
 
 
+def _record(target: nn.Module) -> ReweightConfig | None:
+    record = target.__dict__.get(_RECORD)
+    return record if isinstance(record, ReweightConfig) else None
+
+
+def _torch_classes(module: nn.Module) -> set[str]:
+    return {c.__name__ for c in type(module).__mro__ if c.__module__.split(".")[0] == "torch"}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The timm model inside peft, ``torch.compile``, ``DataParallel`` / ``DistributedDataParallel`` and FSDP
+    wrappers (nested in any order)."""
+    for _ in range(16):
+        model = unwrap_peft(model)
+        names = _torch_classes(model)
+        inner = None
+        if "OptimizedModule" in names:
+            inner = model._modules.get("_orig_mod")
+        elif names & {"DataParallel", "DistributedDataParallel"}:
+            inner = model._modules.get("module")
+        elif "FullyShardedDataParallel" in names:
+            inner = model._modules.get("_fsdp_wrapped_module")
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def _check_not_distributed(model: nn.Module, action: str, kinds: frozenset[str]) -> None:
+    """Refuse a model that is, or holds anywhere, a wrapper of ``kinds`` (DDP, FSDP, fully_shard, replicate)."""
+    for path, m in model.named_modules():
+        hit = sorted(_torch_classes(m) & kinds)
+        if not hit:
+            continue
+        where = "it is" if not path else f"its submodule {path!r} is"
+        wrapped = f"{where} wrapped for distributed training ({_WRAPPER_NAMES[hit[0]]})"
+        if action == "reweight":
+            raise ConfigError(
+                f"cannot reweight {type(model).__name__}: {wrapped}, and the wrapper fixed the parameters it "
+                "synchronises or shards when it was built, so factors added now would not be kept in step across "
+                "processes (learnable ones would drift apart between replicas without an error). Reweight before "
+                "wrapping: timm_remem.reweight(model, ...), then DistributedDataParallel(model) or fully_shard(model)."
+            )
+        raise ConfigError(
+            f"cannot {action} {type(model).__name__}: {wrapped}, whose parameters are sharded or flattened, so "
+            "the factors cannot be folded into them in place. Gather the full state dict "
+            "(torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True), load it into "
+            f"an unwrapped, reweighted copy of the model, and {action} that."
+        )
+
+
 def is_reweighted(model: nn.Module) -> bool:
     """Whether ``model`` holds any :class:`ScaledBranch` wrapper.
 
@@ -182,23 +304,73 @@ def is_reweighted(model: nn.Module) -> bool:
         >>> timm_remem.is_reweighted(model), timm_remem.is_reweighted(timm_remem.reweight(model))
         (False, True)
     """
-    return any(isinstance(m, ScaledBranch) for m in unwrap_peft(model).modules())
+    return any(isinstance(m, ScaledBranch) for m in _unwrap(model).modules())
 
 
 def _require_wrappers(model: nn.Module, action: str) -> list[tuple[str, ScaledBranch]]:
     check_model(model)
-    model = unwrap_peft(model)
+    _check_not_distributed(model, action, _SHARDED)
+    model = _unwrap(model)
     check_no_bypass(model)
     found = _wrappers(model)
     if found:
         return found
-    config = get_reweight_config(model)
+    record = _record(model)
     hint = (
         " It was already merged: its factors are in the weights."
-        if config is not None and config.merged
+        if record is not None and record.merged
         else " Call timm_remem.reweight(model, alpha=...) first."
     )
     raise NotReweightedError(f"cannot {action} {type(model).__name__}: it is not reweighted.{hint}")
+
+
+def check_factors(model: nn.Module) -> None:
+    """Refuse a reweighted model whose factors, or the weights of its scaled branches, are NaN or infinite.
+
+    The one check every path that merges or exports the factors runs first: :func:`merge` (so
+    :func:`timm_remem.lora.merge_lora` too) and :func:`get_reweight_config`, which
+    :func:`timm_remem.save_pretrained` and :func:`timm_remem.push_to_hub` call before writing anything. A factor
+    that training drove to NaN is never folded into the weights or written to ``config.json``. A model without
+    wrappers passes.
+
+    Raises:
+        TrainingError: Naming the branch (and the tensor) that is not finite; nothing was changed.
+
+    Example:
+        >>> import timm, timm_remem, torch
+        >>> model = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), top_k=1)
+        >>> check_factors(model)
+        >>> with torch.no_grad():
+        ...     _ = model.blocks[5].mlp.remem_scale.fill_(float("nan"))
+        >>> check_factors(model)
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.TrainingError: the factor of the MLP branch blocks.5.mlp (block 5) is nan: non-finite \
+factors are never merged, exported or reported, and nothing was changed. A training run that diverged leaves them: \
+resume from an earlier checkpoint, or set the factors again with timm_remem.reweight(model, ...).
+    """
+    check_model(model)
+    found = _wrappers(_unwrap(model))
+    seen: set[int] = set()
+    for path, w in found:
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        scale = w.remem_scale.detach()
+        if not scale.is_meta and not torch.isfinite(scale).all():
+            raise TrainingError(
+                f"the factor of the MLP branch {path} (block {w.remem_index}) is {float(scale):g}: non-finite factors "
+                "are never merged, exported or reported, and nothing was changed. A training run that diverged "
+                "leaves them: resume from an earlier checkpoint, or set the factors again with "
+                "timm_remem.reweight(model, ...)."
+            )
+        for name, t in itertools.chain(w.named_parameters(), w.named_buffers()):
+            if t.is_floating_point() and not t.is_meta and not torch.isfinite(t.detach()).all():
+                raise TrainingError(
+                    f"the MLP branch {path} (block {w.remem_index}) holds NaN or infinite weights ({path}.{name}): "
+                    "its factor is never merged or exported with them, and nothing was changed. A training run that "
+                    "diverged leaves them: resume from an earlier checkpoint."
+                )
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -207,7 +379,12 @@ def merge(model: nn.Module) -> nn.Module:
     The result is a plain timm model: its ``state_dict()`` loads with ``strict=True`` into
     ``timm.create_model(same name and kwargs)`` and reproduces the reweighted outputs. Folding is done in fp32
     (fp64 for the product) and cast back, so fp16/bf16 models merge as exactly as their dtype allows. The
-    reweighting settings stay readable through :func:`get_reweight_config` (with ``merged=True``).
+    reweighting settings stay readable through :func:`get_reweight_config` (with ``merged=True``), and a later
+    :func:`reweight` refuses to stack factors on them unless ``compose=True``.
+
+    Everything is checked before anything changes: the factors and the branch weights are finite
+    (:func:`check_factors`), every factor has a layer to fold into, and no tensor it folds into is shared with
+    another layer (a tied weight would take the factor twice).
 
     On a peft model the factor goes into the LoRA layer a branch ends in (its base weights and every ``lora_B``), so
     the adapted outputs are kept; ``peft_model.merge_and_unload()`` before or after gives the plain timm model.
@@ -215,6 +392,9 @@ def merge(model: nn.Module) -> nn.Module:
     Raises:
         NotReweightedError: The model holds no wrapper (never reweighted, or merged already).
         UnsupportedModelError: A branch ends in a layer without an affine weight; nothing was changed.
+        TrainingError: A factor or a branch weight is NaN or infinite; nothing was changed.
+        ConfigError: A tensor a factor folds into is shared with another layer, the branches of one block hold
+            different factors, or the model is sharded by FSDP; nothing was changed.
 
     Example:
         >>> import timm, timm_remem, torch
@@ -226,25 +406,37 @@ def merge(model: nn.Module) -> nn.Module:
         True
     """
     found = _require_wrappers(model, "merge")
+    target = _unwrap(model)
     unique = _unique(found)
+    check_factors(target)
     for w in unique:  # check everything before changing anything
         if w.remem_columns is None:
             w.fold_target()
         else:
             w._column_weights()
-    current = {w.remem_index: float(w.remem_scale.detach()) for w in unique}  # learnable factors may have trained
+    check_not_shared(target, _branches_of(found))
+    config = _report(target, found)  # the factors as folded (learnable ones may have trained)
     for w in unique:
         w.fold()
         unscale(w)
-    config = get_reweight_config(model)
     if config is not None:
-        config.merged = True
-        config.factors = [current[i] for i in sorted(current)]
+        setattr(target, _RECORD, dataclasses.replace(config, merged=True))
     return model
+
+
+def _branches_of(found: list[tuple[str, ScaledBranch]]) -> list[Branch]:
+    paths: dict[int, list[str]] = {}
+    for path, w in found:
+        paths.setdefault(id(w), []).append(path)
+    return [Branch(w.remem_index, paths[id(w)][0], w, "", tuple(paths[id(w)]), w.remem_columns, w.remem_fold_path)
+            for w in _unique(found)]
 
 
 def unreweight(model: nn.Module) -> nn.Module:
     """Remove every wrapper without folding: the original model back, bit for bit (in place).
+
+    On a model reweighted with ``compose=True`` on top of merged factors, that is the merged model again: its
+    weights still hold the earlier factors, and :func:`get_reweight_config` reports them (``merged=True``).
 
     Raises:
         NotReweightedError: The model holds no wrapper.
@@ -255,14 +447,27 @@ def unreweight(model: nn.Module) -> nn.Module:
         >>> timm_remem.unreweight(timm_remem.reweight(model)) is model
         True
     """
-    for w in _unique(_require_wrappers(model, "unreweight")):
+    found = _require_wrappers(model, "unreweight")
+    target = _unwrap(model)
+    record = _record(target)
+    for w in _unique(found):
         unscale(w)
-    unwrap_peft(model).__dict__.pop("remem_config", None)
+    if record is not None and any(f != 1.0 for f in record.folded):
+        setattr(target, _RECORD, ReweightConfig(alpha=None, schedule="custom", learnable=record.learnable,
+                                                factors=record.folded, num_blocks=record.num_blocks, merged=True,
+                                                version=record.version))
+    else:
+        target.__dict__.pop(_RECORD, None)
     return model
 
 
 def get_scales(model: nn.Module) -> dict[str, float]:
     """Return ``{branch path: current factor}`` for every reweighted branch, in forward order.
+
+    Read from the :class:`ScaledBranch` modules at the time of the call (learnable factors as trained). Paths are
+    those of the timm model inside any peft, ``torch.compile`` or ``DistributedDataParallel`` wrapper. On a model
+    reweighted with ``compose=True`` these are the wrappers' own factors; the weights hold the earlier ones, and
+    ``get_reweight_config(model).total_factors()`` gives the product per block.
 
     Example:
         >>> import timm, timm_remem
@@ -271,14 +476,25 @@ def get_scales(model: nn.Module) -> dict[str, float]:
         {'blocks.4.mlp': 0.5, 'blocks.5.mlp': 0.5}
     """
     check_model(model)
-    model = unwrap_peft(model)
+    model = _unwrap(model)
     check_no_bypass(model)
     found = sorted(enumerate(_wrappers(model)), key=lambda t: (t[1][1].remem_index, t[0]))
     return {path: float(w.remem_scale.detach()) for _, (path, w) in found}
 
 
 def get_reweight_config(model: nn.Module) -> ReweightConfig | None:
-    """Return the :class:`ReweightConfig` that ``reweight`` stored on ``model``, or ``None``.
+    """Return what the model's reweighting is now, as a new :class:`ReweightConfig`, or ``None`` if it has none.
+
+    Built at each call: on a reweighted model the factors are read from its :class:`ScaledBranch` modules (learnable
+    ones as trained), the settings (``alpha``, ``schedule``, ``top_k``, ``num_blocks``, ``folded``) from the record
+    ``reweight`` left; the record is checked against the modules (the wrapped blocks must be the top ``top_k``) and
+    refused when they disagree. On a merged model the factors are in the weights, where no module holds them, and
+    the record of what ``merge`` folded is returned (``merged=True``). Changing the returned object changes nothing.
+
+    Raises:
+        TrainingError: A factor or a branch weight is NaN or infinite (see :func:`check_factors`).
+        ConfigError: The wrapped blocks are not the ones the record names (a wrapper added or removed by hand), or
+            the parallel branches of one block hold different factors (one factor per block cannot report them).
 
     Example:
         >>> import timm, timm_remem
@@ -287,5 +503,150 @@ def get_reweight_config(model: nn.Module) -> ReweightConfig | None:
         >>> config.num_blocks, config.top_k, config.merged
         (6, 2, False)
     """
-    config = unwrap_peft(model).__dict__.get("remem_config")
-    return config if isinstance(config, ReweightConfig) else None
+    check_model(model)
+    target = _unwrap(model)
+    found = _wrappers(target)
+    if found:
+        check_factors(target)
+    return _report(target, found)
+
+
+def _report(target: nn.Module, found: list[tuple[str, ScaledBranch]]) -> ReweightConfig | None:
+    """The config of ``target`` now: settings from its record, factors from its wrappers ``found``."""
+    record = _record(target)
+    if record is None:
+        return None  # no record: never reweighted (or ScaledBranch applied by hand)
+    name = type(target).__name__
+    if not found:
+        if not record.merged:
+            raise ConfigError(
+                f"the reweighting record of {name} says it is reweighted, but it holds no ScaledBranch: the wrappers "
+                "were removed by hand (unscale). Call timm_remem.reweight(model, ...) again, or "
+                "timm_remem.unreweight(model) next time (it removes the record too)."
+            )
+        return dataclasses.replace(record)
+    by_block: dict[int, dict[str, float]] = {}  # block -> {path of each wrapper: its factor}
+    seen: set[int] = set()
+    for path, w in found:
+        if id(w) not in seen:
+            seen.add(id(w))
+            by_block.setdefault(w.remem_index, {})[path] = float(w.remem_scale.detach())
+    for index, values in sorted(by_block.items()):
+        if len(set(values.values())) > 1:
+            shown = ", ".join(f"{p}={f:g}" for p, f in values.items())
+            raise ConfigError(
+                f"the parallel MLP branches of block {index} of {name} hold different factors ({shown}), and a "
+                "reweighting record has one factor per block, so it cannot report them (nor merge record them). "
+                "Set one factor per block in place with timm_remem.reweight(model, schedule=[...], "
+                "learnable=True) (same top_k), or read each branch's factor with timm_remem.get_scales(model)."
+            )
+    n = record.num_blocks
+    wrapped = sorted(by_block)
+    expected = list(range(n - (record.top_k or n), n))
+    if n and wrapped != expected:
+        raise ConfigError(
+            f"the reweighting record of {name} says blocks {expected} are reweighted (top_k={record.top_k}, "
+            f"{n} blocks), but its wrappers are on blocks {wrapped}: a wrapper was added or removed by hand. Call "
+            "timm_remem.reweight(model, ...) again to set them all, or timm_remem.unreweight(model)."
+        )
+    return ReweightConfig(
+        alpha=record.alpha,
+        schedule=record.schedule,
+        top_k=record.top_k,
+        learnable=all(isinstance(w.remem_scale, nn.Parameter) for w in _unique(found)),
+        factors=[next(iter(by_block[i].values())) for i in wrapped],
+        num_blocks=n,
+        merged=False,
+        folded=list(record.folded),
+        version=record.version,
+    )
+
+
+def restore_reweight_config(model: nn.Module, config: ReweightConfig) -> ReweightConfig:
+    """Give a loaded model the reweighting record its files kept, checked against the model; return the report.
+
+    For loaders: ``config`` is the ``remem`` block of a ``config.json`` read back
+    (``ReweightConfig.from_dict``). That block is a record of what was saved, never an instruction: an export
+    written with ``merge=True`` holds its factors in the weights, and one written with ``merge=False`` holds them
+    in its ``remem_scale`` tensors, which the model loaded. So:
+
+    - On a reweighted model (``merge=False``), what the record says is compared with what the model establishes:
+      its factors with the loaded ``remem_scale`` tensors (to fp32 precision), ``learnable`` with their kind,
+      ``top_k`` and ``num_blocks`` with the wrapped blocks and the probe's block count. Where they disagree (the
+      file was edited, or the two files come from different saves), a ``UserWarning`` names each difference and
+      the model wins: reports are read from the modules. The settings nothing can check (``alpha``, ``schedule``,
+      ``folded``) are kept as recorded.
+    - On a model without wrappers, the record must say ``merged=True`` (else it is refused); its factors are in the
+      weights, where nothing can check them, and the record is kept as the report of what was folded.
+
+    Raises:
+        ConfigError: ``config`` is not a :class:`ReweightConfig`, or it says the factors were kept separate while
+            the model holds no wrapper (the loader forgot to reweight before loading the weights).
+        TrainingError: A loaded factor or branch weight is NaN or infinite (see :func:`check_factors`).
+
+    Example:
+        >>> import timm, timm_remem, warnings
+        >>> from timm_remem.reweighting import ReweightConfig, restore_reweight_config
+        >>> model = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), 0.5, top_k=1)
+        >>> edited = ReweightConfig(alpha=0.5, top_k=1, factors=[0.9], num_blocks=6)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     restore_reweight_config(model, edited).factors
+        [0.5]
+        >>> "factors [0.9] in the record, [0.5] in the model" in str(caught[0].message)
+        True
+    """
+    check_model(model)
+    if not isinstance(config, ReweightConfig):
+        raise ConfigError(f"restore_reweight_config needs a ReweightConfig, got {type(config).__name__}.")
+    target = _unwrap(model)
+    name = type(target).__name__
+    found = _wrappers(target)
+    if not found:
+        if not config.merged:
+            raise ConfigError(
+                f"the reweighting record says the factors of {name} are kept separate (merged=False), but it holds "
+                "no ScaledBranch: reweight it as recorded (timm_remem.reweight(model, schedule=record.factors, "
+                "top_k=...)) before loading its weights, then restore the record."
+            )
+        setattr(target, _RECORD, dataclasses.replace(config))
+        return dataclasses.replace(config)
+    check_factors(target)
+    num_blocks = find_branches(target, "mlp")[-1].index + 1  # established by the probe, not by any record
+    by_block: dict[int, float] = {}
+    for _, w in found:
+        by_block.setdefault(w.remem_index, float(w.remem_scale.detach()))
+    wrapped = sorted(by_block)
+    top_k = None if len(wrapped) == num_blocks else len(wrapped)
+    live = [by_block[i] for i in wrapped]
+    learnable = all(isinstance(w.remem_scale, nn.Parameter) for _, w in found)
+    problems = []
+    if config.num_blocks != num_blocks:
+        problems.append(f"num_blocks {config.num_blocks} in the record, {num_blocks} in the model")
+    if (config.top_k or config.num_blocks) != (top_k or num_blocks):
+        problems.append(f"top_k {config.top_k} in the record, {top_k} in the model (blocks {wrapped})")
+    if len(config.factors) != len(live) or not all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) for a, b in zip(config.factors, live, strict=False)
+    ):
+        problems.append(f"factors {_floats(config.factors)} in the record, {_floats(live)} in the model")
+    if config.learnable != learnable:
+        problems.append(f"learnable={config.learnable} in the record, {learnable} in the model")
+    if config.merged:
+        problems.append("merged=True in the record, but the model holds its factors in ScaledBranch wrappers")
+    if problems:
+        warnings.warn(
+            f"the reweighting record read for {name} disagrees with the model: {'; '.join(problems)}. The record "
+            "(the remem block of config.json) is what was saved, not an instruction: the model's own factors (its "
+            "remem_scale tensors) are what it computes and what is reported. To change the factors, load the model, "
+            "call timm_remem.reweight(model, ...) and save it again.",
+            UserWarning, stacklevel=2,
+        )
+    folded = config.folded if len(config.folded) in (0, num_blocks) else []
+    setattr(target, _RECORD, ReweightConfig(alpha=config.alpha, schedule=config.schedule, top_k=top_k,
+                                            learnable=learnable, num_blocks=num_blocks, folded=folded,
+                                            version=config.version))
+    return _report(target, found)
+
+
+def _floats(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"

@@ -26,9 +26,9 @@ from ..errors import ConfigError, UnsupportedModelError
 from . import _probe
 from ._peft import base_of, is_tuner_layer, unwrap_peft
 from .config import check_model
-from .layer import ScaledBranch
+from .layer import ScaledBranch, fold_tensors
 
-__all__ = ["BRANCH_KINDS", "Branch", "check_no_bypass", "find_branches"]
+__all__ = ["BRANCH_KINDS", "Branch", "check_no_bypass", "check_not_shared", "find_branches"]
 
 #: The values of :attr:`Branch.kind` (where a scale on the branch sits).
 BRANCH_KINDS = ("output", "post-norm", "fused-columns")
@@ -196,6 +196,99 @@ def check_no_bypass(model: nn.Module) -> None:
                 "update bypasses the factor, so the outputs are not the reweighted model's. Apply LoRA before "
                 f"reweight for this model, or leave {path.rsplit('.', 1)[-1]!r} out of target_modules."
             )
+
+
+def check_not_shared(model: nn.Module, branches: list[Branch], folded: list[Branch] | None = None) -> None:
+    """Refuse a branch that another block shares: its module, or a tensor ``merge`` folds its factor into.
+
+    A module registered in two blocks is found once, so the blocks would be miscounted (``top_k`` would pick the
+    wrong ones) and one factor would scale both: checked over ``branches``. A tensor tied between two layers (an
+    ``fc2`` weight shared by two blocks, or with the head) would take every factor folded into it, so ``merge`` would
+    change what the other layers compute: checked over the branches that get a factor, ``folded`` (default: all
+    ``branches``). Aliases inside one block (CoaT registers one Mlp under several names) are not sharing.
+
+    Raises:
+        ConfigError: Naming the shared module or tensor paths and the fix (a copy for each block).
+
+    Example:
+        >>> import timm
+        >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
+        >>> model.blocks[1].mlp.fc2.weight = model.blocks[0].mlp.fc2.weight
+        >>> check_not_shared(model, find_branches(model))
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: blocks.0.mlp.fc2.weight is also blocks.1.mlp.fc2.weight (one tensor shared \
+by two layers): folding the factor of the MLP branch blocks.0.mlp into it would also scale blocks.1.mlp.fc2.weight, \
+so merge would change what the model computes. Give each layer its own copy before reweighting, e.g. \
+model.get_submodule('blocks.1.mlp.fc2').weight = torch.nn.Parameter(model.get_parameter('blocks.1.mlp.fc2.weight')\
+.detach().clone()).
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for b in branches:
+        blocks = list(dict.fromkeys(_block_of(a, modules) or a for a in b.aliases))
+        if len(blocks) > 1:
+            raise ConfigError(
+                f"the MLP branch {b.path} ({type(b.module).__name__}) is one module registered in "
+                f"{len(blocks)} blocks ({', '.join(b.aliases)}): it would be counted as one block (so top_k would "
+                "count the wrong blocks) and one factor would scale all of them. Give each block its own copy "
+                f"before reweighting, e.g. model.get_submodule({b.aliases[1].rpartition('.')[0]!r})."
+                f"{b.aliases[1].rpartition('.')[2]} = copy.deepcopy(model.get_submodule({b.aliases[1]!r}))."
+            )
+    index = _tensor_index(model)
+    for b in branches if folded is None else folded:
+        try:
+            tensors = fold_tensors(b.module, b.columns, b.fold_path, b.path)
+        except UnsupportedModelError:
+            continue  # merge refuses it anyway; nothing to fold, nothing shared
+        for t in tensors:
+            holders = {id(m) for m in b.module.modules()
+                       if any(x is t for x in itertools.chain(m._parameters.values(), m._buffers.values()))}
+            paths = [p for p, other in index.get(_storage_key(t), ()) if _overlap(t, other)]
+            own = [p for p in paths if id(modules[p.rpartition(".")[0]]) in holders
+                   and any(p.startswith(a + ".") for a in b.aliases)]
+            others = [p for p in paths if p not in own]
+            if others and own:
+                raise ConfigError(
+                    f"{own[0]} is also {', '.join(others)} (one tensor shared by two layers): folding the factor "
+                    f"of the MLP branch {b.path} into it would also scale {others[0]}, so merge would change what "
+                    "the model computes. Give each layer its own copy before reweighting, e.g. "
+                    f"model.get_submodule({others[0].rpartition('.')[0]!r}).{others[0].rpartition('.')[2]} = "
+                    f"torch.nn.Parameter(model.get_parameter({others[0]!r}).detach().clone())."
+                )
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    """Tensors that may share memory have equal keys (a meta tensor has no memory: only itself)."""
+    if t.is_meta:
+        return ("id", id(t))
+    try:
+        return ("storage", t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # tensor subclasses without a storage
+        return ("id", id(t))
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    if t.is_meta or t.numel() == 0:
+        return (0, 0)
+    start = t.storage_offset()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return start * t.element_size(), (start + extent) * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _tensor_index(model: nn.Module) -> dict[Any, list[tuple[str, torch.Tensor]]]:
+    """Every parameter and buffer of ``model`` under each of its paths, grouped by the memory they live in."""
+    index: dict[Any, list[tuple[str, torch.Tensor]]] = {}
+    named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for path, t in named:
+        index.setdefault(_storage_key(t), []).append((path, t))
+    return index
 
 
 def _check_adapters_ran(model: nn.Module, candidates: list[Branch], events: list) -> None:

@@ -33,7 +33,12 @@ _FACTOR_HINT = "ReMem uses factors in (0, 1], e.g. alpha=0.85."
 
 @dataclass
 class ReweightConfig:
-    """What ``reweight`` did to a model; stored on it as ``model.remem_config``.
+    """What ``reweight`` did to a model, as :func:`~timm_remem.get_reweight_config` reports it.
+
+    A report, never an instruction: ``get_reweight_config`` builds a new one from the model's modules each time it is
+    called (the factors are those the wrappers hold at that moment), and changing one changes nothing in a model.
+    Only once ``merge`` has folded the factors into the weights, where no module holds them any more, is the record
+    kept on the model the report.
 
     Attributes:
         alpha: The MLP weight (``None`` for a custom schedule).
@@ -43,13 +48,23 @@ class ReweightConfig:
         factors: Factor of each reweighted block, bottom-up (length ``top_k`` or the number of blocks).
         num_blocks: Number of blocks with an MLP branch.
         merged: ``True`` once ``merge`` folded the factors into the weights.
+        folded: Factor of every block (bottom-up, length ``num_blocks``) that earlier merges had already folded into
+            the weights when this reweighting was made; empty unless ``reweight(..., compose=True)`` was called on a
+            merged model. The total factor of a block is its ``folded`` factor times its ``factors`` entry (see
+            :meth:`total_factors`).
         version: timm-remem version that wrote this config.
+
+    Raises:
+        ConfigError: A factor that is not a finite number ``>= 0``, or lengths that disagree (``factors`` with
+            ``top_k`` and ``num_blocks``, ``folded`` with ``num_blocks``).
 
     Example:
         >>> from timm_remem import ReweightConfig
         >>> config = ReweightConfig(alpha=0.8, top_k=2, factors=[0.8, 0.64], num_blocks=6)
         >>> ReweightConfig.from_dict(config.to_dict()) == config
         True
+        >>> config.total_factors()
+        [1.0, 1.0, 1.0, 1.0, 0.8, 0.64]
     """
 
     alpha: float | None = 0.85
@@ -59,17 +74,56 @@ class ReweightConfig:
     factors: list[float] = field(default_factory=list)
     num_blocks: int = 0
     merged: bool = False
+    folded: list[float] = field(default_factory=list)
     version: str = ""
 
     def __post_init__(self) -> None:
         check_choice("ReweightConfig.schedule", self.schedule, (*SCHEDULES, "custom"))
         if self.alpha is not None:
             check_factor("alpha", self.alpha, allow_zero=False)
-        for i, f in enumerate(self.factors):
-            check_factor(f"factors[{i}]", f, allow_zero=True)
-        self.factors = [float(f) for f in self.factors]
+        for name in ("factors", "folded"):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+                raise ConfigError(f"ReweightConfig.{name} must be a list of factors, got {values!r:.60}.")
+            for i, f in enumerate(values):
+                check_factor(f"{name}[{i}]", f, allow_zero=True)
+            setattr(self, name, [float(f) for f in values])
+        self._check_lengths()
         if not self.version:
             self.version = __version__
+
+    def _check_lengths(self) -> None:
+        n, k = self.num_blocks, self.top_k
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"ReweightConfig.num_blocks must be an int >= 0, got {n!r}.")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"ReweightConfig.top_k must be a positive int or None, got {k!r}.")
+        if n and k is not None and k > n:
+            raise ConfigError(f"ReweightConfig.top_k={k} is more than num_blocks={n}.")
+        if self.factors and n and len(self.factors) != (n if k is None else k):
+            raise ConfigError(
+                f"ReweightConfig has {len(self.factors)} factors, but top_k={k} and num_blocks={n} say "
+                f"{n if k is None else k} blocks are reweighted: the record is inconsistent."
+            )
+        if self.folded and len(self.folded) != n:
+            raise ConfigError(f"ReweightConfig.folded has {len(self.folded)} factors, not one per block "
+                              f"(num_blocks={n}): the record is inconsistent.")
+
+    def total_factors(self) -> list[float]:
+        """The factor each block's MLP branch is scaled by, relative to the weights before any reweighting.
+
+        One float per block, bottom-up: ``folded[i] * factors[i - (num_blocks - k)]``, where a block outside the
+        reweighted top ``k`` has factor 1 from this reweighting and every block has ``folded`` factor 1 when nothing
+        was folded before it.
+
+        Example:
+            >>> ReweightConfig(alpha=0.5, top_k=1, factors=[0.5], num_blocks=2, folded=[0.9, 0.8]).total_factors()
+            [0.9, 0.4]
+        """
+        n = self.num_blocks or len(self.factors)
+        first = n - len(self.factors)
+        folded = self.folded or [1.0] * n
+        return [folded[i] * (self.factors[i - first] if i >= first else 1.0) for i in range(n)]
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a JSON-ready dict with sorted keys."""

@@ -29,7 +29,7 @@ from .._models import model_device
 from ..errors import ConfigError, UnsupportedModelError
 from ._peft import is_tuner_layer, lora_parts
 
-__all__ = ["ScaledBranch", "is_foldable", "is_norm", "unscale"]
+__all__ = ["ScaledBranch", "fold_tensors", "is_foldable", "is_norm", "unscale"]
 
 _NORM_NAME = re.compile(r"Norm(\d?d|1)?$")
 _SCALE = "remem_scale"
@@ -187,33 +187,58 @@ class ScaledBranch(nn.Module):
             >>> ScaledBranch(torch.nn.Linear(3, 2), 0.5).fold_target()
             ScaledLinear(in_features=3, out_features=2, bias=True, remem_scale=0.5, on=output, learnable=False)
         """
-        path = self.remem_fold_path
-        target = self.get_submodule(path) if path else self
-        base = lora_parts(target, self._what())[0] if is_tuner_layer(target) else target
-        if not is_foldable(base):
-            raise UnsupportedModelError(
-                f"cannot fold the factor of {type(self).__name__} into its last layer {type(base).__name__} "
-                f"({path or 'itself'}): it has no affine weight. Keep the model unmerged (it still runs and saves), "
-                "or call timm_remem.unreweight(model)."
-            )
-        return target
+        return _fold_layer(self, self.remem_fold_path, self._what(), type(self).__name__)
 
     def _what(self) -> str:
         return f"{type(self).__name__} (block {self.remem_index})"
 
     def _output_tensors(self) -> list[torch.Tensor]:
-        target = self.fold_target()
-        layers = [target]
-        if is_tuner_layer(target):
-            base, _, lora_b = lora_parts(target, self._what())
-            layers = [base, *lora_b]
-        return [t for m in layers for t in (m.weight, getattr(m, "bias", None)) if isinstance(t, torch.Tensor)]
+        return fold_tensors(self, None, self.remem_fold_path, self._what())
 
     def _column_weights(self) -> list[torch.Tensor]:
-        if is_tuner_layer(self):
-            base, lora_a, _ = lora_parts(self, self._what())
+        return fold_tensors(self, self.remem_columns, self.remem_fold_path, self._what())
+
+
+def _fold_layer(module: nn.Module, fold_path: str, what: str, label: str = "") -> nn.Module:
+    """The layer at ``fold_path`` in ``module`` that a factor on its output folds into (checked to be affine)."""
+    target = module.get_submodule(fold_path) if fold_path else module
+    base = lora_parts(target, what)[0] if is_tuner_layer(target) else target
+    if not is_foldable(base):
+        raise UnsupportedModelError(
+            f"cannot fold the factor of {label or what} into its last layer {type(base).__name__} "
+            f"({fold_path or 'itself'}): it has no affine weight. Keep the model unmerged (it still runs and saves), "
+            "or call timm_remem.unreweight(model)."
+        )
+    return target
+
+
+def fold_tensors(module: nn.Module, columns: tuple[int, int] | None, fold_path: str, what: str) -> list[torch.Tensor]:
+    """The tensors ``merge`` multiplies to fold a factor on a branch ending in ``module`` (scaled or not yet).
+
+    For a factor on the output: the weight and bias of the layer at ``fold_path`` (a LoRA layer there: its base
+    weights and every ``lora_B``); for a factor on input ``columns``: the weight of ``module`` (and every ``lora_A``).
+
+    Raises:
+        UnsupportedModelError: The layer cannot take the factor (no affine weight, or a peft layer other than plain
+            LoRA); ``what`` names the branch in the message.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> [t is layer.weight or t is layer.bias for t in fold_tensors(layer, None, "", "fc")]
+        [True, True]
+    """
+    if columns is not None:
+        if is_tuner_layer(module):
+            base, lora_a, _ = lora_parts(module, what)
             return [base.weight, *(a.weight for a in lora_a)]
-        return [self.weight]
+        return [module.weight]
+    target = _fold_layer(module, fold_path, what)
+    layers = [target]
+    if is_tuner_layer(target):
+        base, _, lora_b = lora_parts(target, what)
+        layers = [base, *lora_b]
+    return [t for m in layers for t in (m.weight, getattr(m, "bias", None)) if isinstance(t, torch.Tensor)]
 
 
 def _scaled_class(cls: type) -> type:
