@@ -47,7 +47,7 @@ __all__ = [
     "token_entropy",
 ]
 
-_ENTROPY_RANGES = ("global", "layer")
+ENTROPY_RANGES = ("global", "layer")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def layer_dynamics(
             f"images must be a float tensor [B, 3, H, W], got "
             f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}."
         )
-    check_choice("entropy_range", entropy_range, _ENTROPY_RANGES)
+    check_choice("entropy_range", entropy_range, ENTROPY_RANGES)
     bins = check_int("bins", bins, low=1, hint="the paper uses bins=100")
 
     fi = model.forward_intermediates

@@ -56,9 +56,9 @@ __all__ = [
     "teacher_information",
 ]
 
-_FEATURES = ("logits", "pre_logits")
+FEATURES = ("logits", "pre_logits")
 _CONDITIONAL = ("chain", "classwise")
-_SCORES = ("combined", "mi", "conditional_mi", "accuracy")
+SCORES = ("combined", "mi", "conditional_mi", "accuracy")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ def _collect(
     desc: str = "teacher",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run the model in eval mode over the loader: ``(features [n, d], labels [n] or None, correct [n] or None)``."""
-    check_choice("features", features, _FEATURES)
+    check_choice("features", features, FEATURES)
     _check_max_samples(max_samples)
     use_head = callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
     if features == "pre_logits" and not use_head:
@@ -524,7 +524,7 @@ def rank_checkpoints(
         >>> sorted(r.name for r in ranking), ranking[0].rank
         (['ep0', 'ep1'], 1)
     """
-    check_choice("score", score, _SCORES)
+    check_choice("score", score, SCORES)
     check_float("mi_weight", mi_weight)
     points = information_plane(checkpoints, loader, progress=progress, **kwargs)
     needs_labels = score in ("combined", "conditional_mi", "accuracy")

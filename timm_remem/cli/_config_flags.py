@@ -52,8 +52,6 @@ SPECIAL: dict[str, dict[str, Any] | None] = {
     "resume": {"nargs": "?", "const": True, "type": str, "metavar": "CHECKPOINT",
                "help": "resume from OUTPUT/train-state (or from CHECKPOINT); 'auto': resume if OUTPUT holds a "
                        "checkpoint, else start afresh (restarted jobs, torchrun --max-restarts)"},
-    "schedule": {"choices": ("exponential", "constant")},
-    "method": {"choices": ("kd", "hard", "dist")},
     "lora_targets": {"type": comma_list("--lora-targets"), "metavar": "NAME[,NAME...]"},
     "log": {"nargs": "+", "metavar": "TRACKER"},
     "cache_teacher": {"choices": {"auto": None, "on": True, "off": False},

@@ -42,6 +42,9 @@ from ..analysis import (
     rank_checkpoints,
     teacher_information,
 )
+from ..analysis.dynamics import ENTROPY_RANGES
+from ..analysis.information import FEATURES, SCORES
+from ..analysis.mi import MI_METHODS
 from ..data import DigitsDataset
 from ..errors import ConfigError, UnsupportedModelError
 from ..teachers import list_exports, load_teacher_model
@@ -72,15 +75,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--analyses", default=",".join(ANALYSES),
                    help=f"comma-separated subset of {','.join(ANALYSES)} (default: all)")
-    p.add_argument("--features", default="logits", choices=["logits", "pre_logits"], help="teacher output measured")
-    p.add_argument("--mi-method", default="gaussian", choices=["gaussian", "ksg", "binning", "renyi"])
+    p.add_argument("--features", default="logits", choices=FEATURES, help="teacher output measured")
+    p.add_argument("--mi-method", default="gaussian", choices=MI_METHODS)
     p.add_argument("--noise", type=float, default=0.1, help="relative noise of the MI channel (default 0.1)")
     p.add_argument("--max-dim", type=int, default=32,
                    help="compress features to this many principal components before MI (default 32; 0 = keep all)")
-    p.add_argument("--score", default="combined", choices=["combined", "mi", "conditional_mi", "accuracy"],
+    p.add_argument("--score", default="combined", choices=SCORES,
                    help="checkpoint ranking score (default combined)")
     p.add_argument("--dynamics-images", type=int, default=16, help="images for the layer dynamics (default 16)")
-    p.add_argument("--entropy-range", default="global", choices=["global", "layer"])
+    p.add_argument("--entropy-range", default="global", choices=ENTROPY_RANGES)
     p.add_argument("--gradient", action="store_true", help="also measure gradient magnitude in the dynamics")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

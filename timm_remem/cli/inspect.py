@@ -10,6 +10,7 @@ from timm import is_model
 from .._models import create_timm_model
 from ..errors import ConfigError
 from ..reweighting import find_branches, get_scales, reweight
+from ..reweighting.config import SCHEDULES
 from ._args import json_dict
 
 # How the table names each ``Branch.kind`` (inspect lists MLP branches only).
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="timm model name, e.g. vit_base_patch16_224")
     p.add_argument("--alpha", type=float, default=0.85, help="MLP weight (default 0.85)")
-    p.add_argument("--schedule", default="exponential", choices=["exponential", "constant"])
+    p.add_argument("--schedule", default="exponential", choices=SCHEDULES)
     p.add_argument("--top-k", type=int, default=None, help="reweight only the top K blocks (default: all)")
     p.add_argument("--model-kwargs", default="{}", help='JSON kwargs for timm.create_model, e.g. \'{"img_size": 64}\'')
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

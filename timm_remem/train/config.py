@@ -24,7 +24,9 @@ from typing import Any
 from .._lora_settings import LORA_TARGETS, check_lora_settings
 from .._serialization import dataclass_from_dict, dataclass_to_dict
 from .._validation import check_choice, check_float, check_int
+from ..distill.losses import DISTILL_METHODS
 from ..errors import ConfigError
+from ..reweighting.config import SCHEDULES
 
 __all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "SAM_MODES", "TRACKERS", "LORA_TARGETS",
            "make_config"]
@@ -237,7 +239,7 @@ class FinetuneConfig(TrainConfig):
 
     output: str = _opt("runs/teacher", "output folder of the run")
     alpha: float | None = _opt(None, "MLP weight of the ReMem reweighting, e.g. 0.85; no reweighting when unset")
-    schedule: str = _opt("exponential", "reweighting schedule: 'exponential' or 'constant'")
+    schedule: str = field(default="exponential", metadata={"help": "reweighting schedule", "choices": SCHEDULES})
     top_k: int | None = _opt(None, "reweight only the top k blocks (all when unset)")
     learnable: bool = _opt(False, "make the reweighting factors trainable")
     lora_rank: int | None = _opt(None, "fine-tune LoRA adapters of this rank (needs timm-remem[lora]); the head "
@@ -251,8 +253,8 @@ class FinetuneConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_float("alpha", self.alpha, low=0, low_open=True, allow_none=True, hint="ReMem uses (0, 1], e.g. 0.85")
-        if self.schedule not in ("exponential", "constant"):
-            raise ConfigError(f"schedule must be 'exponential' or 'constant', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be {' or '.join(map(repr, SCHEDULES))}, got {self.schedule!r}")
         check_int("top_k", self.top_k, low=1, allow_none=True)
         if self.alpha is None and (self.top_k is not None or self.learnable):
             raise ConfigError("top_k and learnable configure reweighting: also pass alpha (e.g. alpha=0.85)")
@@ -289,7 +291,8 @@ class DistillConfig(TrainConfig):
                                      "local-dir: name; the student trains alone when unset")
     teacher_kwargs: dict = _opt({}, "timm.create_model arguments for a teacher given by timm name, as a JSON object")
     teacher_pretrained: bool = _opt(True, "load pretrained weights for a teacher given by timm name")
-    method: str = _opt("kd", "distillation method: 'kd', 'hard' or 'dist'")
+    method: str = field(default="kd", metadata={"help": "distillation method (see DistillationLoss)",
+                                                "choices": DISTILL_METHODS})
     temperature: float = _opt(1.0, "distillation temperature")
     task_weight: float = _opt(1.0, "weight of the label loss")
     distill_weight: float = _opt(1.0, "weight of the distillation loss")
@@ -300,7 +303,7 @@ class DistillConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("method", self.method, ("kd", "hard", "dist"))
+        check_choice("method", self.method, DISTILL_METHODS)
         check_int("labels_per_class", self.labels_per_class, low=1, allow_none=True)
         if self.labels_per_class is not None and (self.mixup > 0 or self.cutmix > 0):
             raise ConfigError(
