@@ -28,13 +28,15 @@ from torch import nn
 
 from .._io import atomic_write_text, default_file_mode
 from .._models import SAVE_TAKES_DATA_CONFIG, model_input_config
+from .._peft import unwrap_peft as timm_model_of
 from .._validation import check_bool
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError, HubError
+from ..lora import is_lora as has_adapters
+from ..lora import merged_copy, save_adapter
 from ..reweighting import get_scales, is_reweighted, reweight
 from ..reweighting import merge as merge_factors
 from ._common import CARD_NAME, CONFIG_NAME, REMEM_NAME, WEIGHTS_NAME, check_repo_id, check_revision, check_timm_model
-from ._lora import has_adapters, merged_copy, save_adapter, timm_model_of
 from ._network import HubLimits
 from .card import model_card
 from .errors import find_in_chain, hub_errors

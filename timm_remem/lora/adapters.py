@@ -1,5 +1,5 @@
 """LoRA adapters on a timm model with peft: :func:`apply_lora`, :func:`is_lora`, :func:`lora_config`,
-:func:`linear_layer_names`, :func:`trainable_parameters` and the one check of the LoRA settings.
+:func:`linear_layer_names`, :func:`trainable_parameters`, and the one import of peft (:class:`PeftMissingError`).
 
 The adapters are injected in place with ``peft.inject_adapter_in_model`` (peft's ``LoraConfig``), so the model stays
 the timm model it was: same class, ``num_classes``, ``pretrained_cfg``, ``forward_features``, and the same
@@ -17,34 +17,43 @@ Example:
 from __future__ import annotations
 
 import difflib
-import sys
+import importlib
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._lora_settings import LORA_TARGETS, check_lora_settings
 from .._models import model_device, model_input_size
+from .._peft import is_tuner_layer
 from ..errors import ConfigError, UnsupportedModelError
 from ..reweighting import ScaledBranch, find_branches
-from ._peft import import_peft
+from .config import LORA_TARGETS, check_lora_settings
 
-__all__ = ["LORA_TARGETS", "apply_lora", "check_lora_settings", "is_lora", "linear_layer_names", "lora_config",
-           "trainable_parameters"]
+__all__ = ["PeftMissingError", "apply_lora", "is_lora", "linear_layer_names", "lora_config", "trainable_parameters"]
 
 ADAPTER = "default"  # peft's adapter name
 
 
-def _tuner_layer_type() -> type | None:
-    """peft's ``BaseTunerLayer`` when peft is already imported (no peft: no model can hold a peft layer)."""
-    peft = sys.modules.get("peft")
-    return None if peft is None else peft.tuners.tuners_utils.BaseTunerLayer
+class PeftMissingError(ConfigError, ImportError):
+    """peft is not installed (an ``ImportError`` and a ``ConfigError``: the CLI prints one line, exit status 2)."""
+
+
+def _import_peft() -> ModuleType:
+    """The ``peft`` module, or :class:`PeftMissingError` naming the extra to install (the one import of peft)."""
+    try:
+        return importlib.import_module("peft")
+    except ImportError as e:
+        raise PeftMissingError("LoRA fine-tuning (lora_rank / --lora-rank) needs peft, which is not installed: "
+                               "pip install timm-remem[lora]") from e
 
 
 def is_lora(model: nn.Module) -> bool:
-    """Whether ``model`` holds peft adapter layers.
+    """Whether ``model`` (a timm model, or a ``peft.PeftModel`` of one) holds peft adapter layers.
+
+    Checked without importing peft (see :mod:`timm_remem._peft`); the hub's ``save_pretrained`` asks it too.
 
     Example:
         >>> import timm
@@ -52,8 +61,7 @@ def is_lora(model: nn.Module) -> bool:
         >>> is_lora(model), is_lora(apply_lora(model, rank=2))
         (False, True)
     """
-    layer = _tuner_layer_type()
-    return layer is not None and any(isinstance(m, layer) for m in model.modules())
+    return any(is_tuner_layer(m) for m in model.modules())
 
 
 def lora_config(model: nn.Module) -> Any:
@@ -202,7 +210,7 @@ def apply_lora(
         (True, True, False)
     """
     rank, alpha, dropout, targets = check_lora_settings(rank, alpha, dropout, targets)
-    peft = import_peft()
+    peft = _import_peft()
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"apply_lora needs a timm model (a torch.nn.Module), got {type(model).__name__}")
     if is_lora(model):
@@ -230,7 +238,7 @@ def apply_lora(
                              target_modules=names, bias="none")
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # freezes every non-adapter parameter
     for m in model.modules():
-        if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer):
+        if is_tuner_layer(m):
             m.train(m.get_base_layer().training)  # new adapters follow their layer's train/eval mode
     head = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None
     if isinstance(head, nn.Module):

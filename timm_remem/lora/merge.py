@@ -1,10 +1,12 @@
-"""Fold LoRA adapters (and then the reweighting factors) back into the weights: :func:`merge_lora`.
+"""Fold LoRA adapters (and then the reweighting factors) back into the weights: :func:`merge_lora`, the one merge
+path (training's exports and the hub's ``save_pretrained``, through :func:`merged_copy`, both use it).
 
-Each adapter is folded by peft's own layer merge: ``LoraLayer.merge(safe_merge=True)``, then the layer is replaced
-by ``get_base_layer()``, the very loop that peft's ``merge_and_unload`` runs over a model's adapter layers (that
-method belongs to the tuner object, which ``inject_adapter_in_model`` does not return; running the loop here also
-covers a module registered at two paths). The factors are then folded by :func:`timm_remem.merge`, so the result is
-a plain timm model.
+A ``peft.PeftModel`` (or a bare tuner such as ``LoraModel``) is merged by its own ``merge_and_unload(safe_merge=True)``,
+which also unwraps ``modules_to_save`` copies. Adapters injected into a timm model (``inject_adapter_in_model``, as
+:func:`~timm_remem.lora.apply_lora` does) have no tuner object to call it on, so each one is folded by peft's own
+layer merge, ``merge(safe_merge=True)``, and replaced by ``get_base_layer()``: the loop ``merge_and_unload`` runs
+(here it also covers a module registered at two paths). The factors are then folded by :func:`timm_remem.merge`, so
+the result is a plain timm model.
 
 Example:
     >>> import timm, torch
@@ -21,15 +23,17 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 
+from .._peft import is_tuner_layer, unwrap_peft
 from ..errors import ConfigError, TrainingError
 from ..reweighting import check_factors, is_reweighted
 from ..reweighting import merge as merge_factors
-from ._peft import import_peft
 from .adapters import is_lora
 
-__all__ = ["merge_lora"]
+__all__ = ["merge_lora", "merged_copy"]
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -41,17 +45,19 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
     """Fold every LoRA adapter into its layer's weights with peft, then (``factors=True``) the reweighting factors.
 
-    In place. Afterwards the model holds neither adapters nor (with ``factors=True``) reweighting wrappers: its
-    ``state_dict()`` loads with ``strict=True`` into ``timm.create_model(same name and kwargs)`` and reproduces the
-    adapted, reweighted outputs (up to fp32 rounding of ``W + (alpha / r) B A``). Parameters keep their
-    ``requires_grad`` flags (base weights stay frozen; call ``model.requires_grad_(True)`` to train them all).
+    In place (a ``peft.PeftModel`` gives back the timm model it wraps, as its ``merge_and_unload`` does). Afterwards
+    the model holds neither adapters nor (with ``factors=True``) reweighting wrappers: its ``state_dict()`` loads
+    with ``strict=True`` into ``timm.create_model(same name and kwargs)`` and reproduces the adapted, reweighted
+    outputs (up to fp32 rounding of ``W + (alpha / r) B A``). Parameters keep their ``requires_grad`` flags (base
+    weights stay frozen; call ``model.requires_grad_(True)`` to train them all).
 
     Args:
-        model: A model adapted with :func:`apply_lora` (or ``peft.inject_adapter_in_model``), reweighted or not.
+        model: A model adapted with :func:`apply_lora` (or ``peft.inject_adapter_in_model``, or a
+            ``peft.PeftModel``), reweighted or not.
         factors: Also fold the reweighting factors (:func:`timm_remem.merge`) when the model is reweighted.
 
     Returns:
-        The same model, merged.
+        The same model, merged (for a peft wrapper: the timm model inside it).
 
     Raises:
         ConfigError: The model holds no peft adapter.
@@ -70,21 +76,36 @@ def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
     if not isinstance(model, nn.Module) or not is_lora(model):
         raise ConfigError(f"merge_lora: {type(model).__name__} holds no peft LoRA adapter; nothing to merge (apply "
                           "them with timm_remem.lora.apply_lora)")
-    layer_type = import_peft().tuners.tuners_utils.BaseTunerLayer
-    found = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if isinstance(m, layer_type)]
-    unique = list({id(m): m for _, m in found}.values())
+    found = [(p, m) for p, m in model.named_modules(remove_duplicate=False) if is_tuner_layer(m)]
     broken = [p for p, m in found if not all(t.isfinite().all() for t in m.parameters())]
     if broken:
         raise TrainingError(f"merge_lora: the adapters of {sorted(set(broken))} hold NaN or infinite weights; "
                             "nothing was merged. Resume from an earlier checkpoint")
     if factors and is_reweighted(model):
         check_factors(model)  # before peft folds anything: a non-finite factor leaves the model as it was
-    for m in unique:
-        m.merge(safe_merge=True)
-    for path, m in found:
-        _set_submodule(model, path, m.get_base_layer())
-    if "peft_config" in model.__dict__ or hasattr(model, "peft_config"):
-        del model.peft_config
+    if unwrap_peft(model) is not model:  # a PeftModel or a tuner: peft's own merge
+        model = model.merge_and_unload(safe_merge=True)
+    else:
+        for m in {id(m): m for _, m in found}.values():
+            m.merge(safe_merge=True)
+        for path, m in found:
+            _set_submodule(model, path, m.get_base_layer())
+        if hasattr(model, "peft_config"):
+            del model.peft_config
     if factors and is_reweighted(model):
         merge_factors(model)
     return model
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its adapters folded by :func:`merge_lora` (factors left in place); ``model`` is
+    unchanged. What the hub's ``save_pretrained`` writes for a LoRA teacher (it folds the factors itself).
+
+    Example:
+        >>> import timm
+        >>> from timm_remem.lora import apply_lora, is_lora
+        >>> model = apply_lora(timm.create_model("test_vit", pretrained=False), rank=2)
+        >>> is_lora(merged_copy(model)), is_lora(model)
+        (False, True)
+    """
+    return merge_lora(copy.deepcopy(model), factors=False)

@@ -19,7 +19,8 @@ The files of this package:
 - ``config.py``: :class:`ReweightConfig`, the factor schedules and the input checks.
 - ``layer.py``: :class:`ScaledBranch` (the in-place scale, folding) and ``unscale``.
 - ``branches.py``: :class:`Branch` and :func:`find_branches` (candidates by name); ``_probe.py``: the probe passes.
-- ``_peft.py``: seeing through peft wrappers and LoRA layers by duck typing (peft is never imported).
+- peft wrappers and LoRA layers are seen through by duck typing, with the shared leaf ``timm_remem/_peft.py``
+  (peft is never imported).
 - ``api.py``: :func:`reweight`, :func:`merge`, :func:`unreweight`, :func:`get_scales`, :func:`get_reweight_config`,
   :func:`is_reweighted`, :func:`check_factors` (the non-finite check every merge and export runs first) and
   :func:`restore_reweight_config` (a record read from a file, checked against the loaded model).

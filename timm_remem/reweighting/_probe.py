@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .._models import _cfg, _cfg_input_size, model_input_size
+from .._peft import is_tuner_layer
 from ..errors import UnsupportedModelError
-from ._peft import is_tuner_layer
 from .layer import is_foldable, is_norm
 
 if TYPE_CHECKING:

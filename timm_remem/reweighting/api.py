@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .._peft import is_tuner_layer, unwrap_peft
 from .._validation import check_bool
 from ..errors import ConfigError, NotReweightedError, TrainingError, UnsupportedModelError
-from ._peft import is_tuner_layer, unwrap_peft
 from .branches import Branch, check_no_bypass, check_not_shared, find_branches
 from .config import SCHEDULES, ReweightConfig, check_factor, check_factor_range, check_model, schedule_factors
 from .layer import ScaledBranch, unscale

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._peft import base_of, is_tuner_layer, unwrap_peft
 from ..errors import ConfigError, UnsupportedModelError
 from . import _probe
-from ._peft import base_of, is_tuner_layer, unwrap_peft
 from .config import check_model
 from .layer import ScaledBranch, fold_tensors
 

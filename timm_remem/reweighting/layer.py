@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .._models import model_device
+from .._peft import is_tuner_layer, lora_parts
 from ..errors import ConfigError, UnsupportedModelError
-from ._peft import is_tuner_layer, lora_parts
 
 __all__ = ["ScaledBranch", "fold_tensors", "is_foldable", "is_norm", "unscale"]
 

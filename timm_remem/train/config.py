@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._lora_settings import LORA_TARGETS, check_lora_settings
 from .._serialization import dataclass_from_dict, dataclass_to_dict
 from .._validation import check_choice, check_float, check_int
 from ..distill.losses import DISTILL_METHODS
 from ..errors import ConfigError
+from ..lora.config import LORA_TARGETS, check_lora_settings
 from ..reweighting.config import SCHEDULES
 
 __all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "SAM_MODES", "TRACKERS", "LORA_TARGETS",

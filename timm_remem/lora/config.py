@@ -1,7 +1,10 @@
-"""LoRA settings, checked without torch (the training config and the CLI flags use them before torch is imported).
+"""The LoRA settings and their one check, shared by :func:`~timm_remem.lora.apply_lora` and the training config.
+
+Importing this module never imports peft (the training config and the CLI flags check the settings with or without
+peft installed; only :func:`~timm_remem.lora.apply_lora` needs it).
 
 Example:
-    >>> from timm_remem._lora_settings import LORA_TARGETS, check_lora_settings
+    >>> from timm_remem.lora.config import LORA_TARGETS, check_lora_settings
     >>> LORA_TARGETS
     ('qkv', 'proj', 'fc1', 'fc2')
     >>> check_lora_settings(8, None, 0.1, ["qkv", "qkv", "fc1"])
@@ -13,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ._validation import check_float, check_int
-from .errors import ConfigError
+from .._validation import check_float, check_int
+from ..errors import ConfigError
 
 __all__ = ["LORA_TARGETS", "check_lora_settings"]
 
