@@ -98,3 +98,20 @@ def test_metadata_from_dict_treats_none_as_not_recorded():
 def test_a_damaged_remem_block_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="the 'remem' block of config.json is invalid"):
         reweight_config_from_block({"reweighted": True, "factors": [0.5], "alpha": "high"})
+
+
+def test_a_model_reweighted_after_a_merge_records_the_product_its_weights_hold():
+    from timm_remem.hub.card import model_card
+    from timm_remem.hub.metadata import remem_block
+
+    model = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=3)
+    depth = len(model.blocks)
+    timm_remem.reweight(model, alpha=0.5)
+    timm_remem.merge(model)
+    timm_remem.reweight(model, alpha=0.8, compose=True)
+    block = remem_block(model, TeacherMetadata(), merged=False)
+    expected = [(0.5 * 0.8) ** (i + 1) for i in range(depth)]  # exponential: block i from the bottom, alpha^(i+1)
+    assert block["total_factors"] == pytest.approx(expected, rel=1e-6)
+    assert block["factors"] == pytest.approx([0.8 ** (i + 1) for i in range(depth)], rel=1e-6)
+    card = str(model_card({"architecture": "test_vit", "num_classes": 3}, block, TeacherMetadata(), {}, "alice/t"))
+    assert f"{expected[-1]:.6g}" in card

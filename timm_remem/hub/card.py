@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def model_card(hf_config: dict, remem: dict, meta: TeacherMetadata, scales: dict
         merged=remem["merged"],
         adapter=adapter,
         reweighted=bool(remem.get("factors")),
-        factor_list=", ".join(f"{f:.6g}" for f in remem.get("factors") or []),
+        factor_list=", ".join(f"{f:.6g}" for f in _in_weights(remem)),
         n_factors=len(remem.get("factors") or []),
         base_create=_create_name(meta.base_model),
         settings=_settings(remem, meta),
@@ -141,7 +142,7 @@ def _settings(remem: dict, meta: TeacherMetadata) -> list[tuple[str, str]]:
 
 def _factor_rows(remem: dict, scales: dict[str, float]) -> list[tuple[int, str, str]]:
     """(block index, branch path, factor) of each reweighted block, bottom-up."""
-    factors = remem.get("factors") or []
+    factors = _in_weights(remem)
     first = (remem.get("num_blocks") or len(factors)) - len(factors)
     paths = list(dict.fromkeys(scales)) if len(scales) == len(factors) else [""] * len(factors)
     return [(first + i, f"`{p}`" if p else "", f"{f:.6g}") for i, (p, f) in enumerate(zip(paths, factors, strict=True))]
@@ -152,3 +153,8 @@ def _evaluation_rows(meta: TeacherMetadata) -> list[tuple[str, str]]:
     rows = [("this teacher", f"{meta.teacher_accuracy:g}")] if meta.teacher_accuracy is not None else []
     rows += [(f"`{s}` student distilled from it", f"{a:g}") for s, a in sorted(meta.student_accuracies.items())]
     return rows
+
+
+def _in_weights(remem: Mapping[str, Any]) -> list[float]:
+    """The factors the weights hold in all: ``total_factors`` after a reweight of a merged model, else ``factors``."""
+    return list(remem.get("total_factors") or remem.get("factors") or [])

@@ -30,7 +30,7 @@ from .._serialization import dataclass_from_dict, dataclass_to_dict, known_field
 from .._validation import check_bool, check_float, check_int
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError
-from ..reweighting import ReweightConfig, ScaledBranch, get_reweight_config, is_reweighted
+from ..reweighting import ReweightConfig, get_reweight_config
 from ._common import PAPER_ARXIV, PAPER_TITLE
 
 __all__ = ["TeacherMetadata", "REWEIGHT_KEYS", "RANDOM_INIT", "metadata_from_fields", "remem_block",
@@ -168,20 +168,14 @@ def initialisation(meta: TeacherMetadata) -> str:
     return f"fine-tuned from {meta.base_model}" if meta.base_model else RANDOM_INIT
 
 
-def _live_factors(model: nn.Module) -> list[float]:
-    """Current factor of each reweighted block, bottom-up (learnable factors may have moved since reweight)."""
-    by_index = {w.index: float(w.remem_scale.detach()) for w in model.modules() if isinstance(w, ScaledBranch)}
-    return [by_index[i] for i in sorted(by_index)]
-
-
 def remem_block(model: nn.Module, meta: TeacherMetadata, merged: bool) -> dict[str, Any]:
     """The ``remem`` block of ``config.json`` for ``model``, sorted by key (see the module example)."""
     config = get_reweight_config(model)
     block: dict[str, Any] = {"library": "timm-remem", "version": __version__, "reweighted": config is not None}
-    if config is not None:
+    if config is not None:  # read from the model's modules at this moment (get_reweight_config checks them)
         block.update({k: v for k, v in config.to_dict().items() if k in REWEIGHT_KEYS})
-        if is_reweighted(model):
-            block["factors"] = _live_factors(model)
+        if config.folded:  # reweighted again after a merge: what the weights hold in all
+            block["total_factors"] = config.total_factors()
     else:
         block.update({k: None for k in ("alpha", "schedule", "top_k", "learnable", "num_blocks")}, factors=[])
     block["merged"] = merged
