@@ -1,9 +1,16 @@
-"""Atomic file writes: a file or folder is either the old one or the complete new one, never half written.
+"""Atomic file writes, and the one check of which folders timm-remem may write into.
 
 Every write goes to a temporary sibling that is flushed, fsynced and renamed over the target with ``os.replace``.
 The result gets the user's umask (``0644`` by default, not ``mkstemp``'s ``0600``); a symlink at the target is
 replaced by a regular file, never written through. An ``OSError`` (full disk, read-only folder) becomes one
-``OSError`` naming the path; the previous file is left as it was.
+``OSError`` naming the path (safetensors' own write errors included); the previous file is left as it was.
+Files written by other libraries (timm's ``save_for_hf``, peft) go through :func:`write_into`: they are written
+into a fresh private folder and renamed into place one by one, so they never follow a symlink either.
+
+Ownership (:func:`claim_output_dir`): timm-remem writes only into a folder it created, an empty one, or one that is
+already its own: marked by a ``.timm-remem`` file (run, select and study folders) or, for an exported model, holding
+the files only timm-remem writes (``config.json`` with a ``"remem"`` / ``"remem_student"`` block). Anything else is
+refused with a :class:`~timm_remem.errors.ConfigError` naming what the folder holds. See ``docs/guarantees.md``.
 
 Example:
     >>> import json, tempfile, pathlib
@@ -17,20 +24,31 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ._state_tree import FORMAT as _CHECKPOINT_FORMAT
+from ._version import __version__
+from .errors import ConfigError
+
 __all__ = ["atomic_write_file", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "atomic_write_safetensors", "atomic_replace_dir", "fsync_dir", "default_file_mode", "file_sha256"]
+           "atomic_write_safetensors", "atomic_replace_dir", "write_into", "fsync_dir", "default_file_mode",
+           "file_sha256", "os_error_reason", "OWNER_FILE", "OUTPUT_KINDS", "OutputClaim", "claim_output_dir",
+           "mark_output_dir", "abandon_output_dir"]
 
 
 def default_file_mode() -> int:
@@ -52,6 +70,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def os_error_reason(err: BaseException) -> str:
+    """The reason of the first ``OSError`` in an exception's chain, without the paths wrapped around it
+    ("No space left on device").
+
+    Example:
+        >>> os_error_reason(OSError(28, "No space left on device"))
+        'No space left on device'
+    """
+    while isinstance(err.__cause__, OSError):
+        err = err.__cause__
+    return (err.strerror if isinstance(err, OSError) and err.strerror else None) or str(err)
 
 
 def _with_path(err: OSError, path: Path, what: str) -> OSError:
@@ -121,9 +152,19 @@ def _to_savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _safetensors_os_error(err: Exception) -> OSError:
+    """safetensors' write error (a ``SafetensorError`` carrying Rust's ``Os { code: 28, ... }``) as an ``OSError``."""
+    text = str(err)
+    found = re.search(r"code:\s*(\d+)", text)
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code) if found else f"safetensors could not write the file ({text})")
+
+
 def atomic_write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *,
                              fsync: bool = True) -> Path:
     """Write ``tensors`` as one safetensors file atomically (tied or non-contiguous tensors are copied first).
+
+    A failed write (a full disk: safetensors raises its own ``SafetensorError``) is an ``OSError`` naming ``path``.
 
     Example:
         >>> import tempfile, pathlib, torch
@@ -133,7 +174,14 @@ def atomic_write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torc
         [1.0, 1.0]
     """
     savable = _to_savable(tensors)
-    return atomic_write_file(path, lambda tmp: save_file(savable, str(tmp), metadata={"format": "pt"}), fsync=fsync)
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(savable, str(tmp), metadata={"format": "pt"})
+        except SafetensorError as err:
+            raise _safetensors_os_error(err) from err
+
+    return atomic_write_file(path, write, fsync=fsync)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -219,3 +267,316 @@ def _default_dir_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o777 & ~mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files written by other libraries
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _move_in(src: Path, dst: Path) -> None:
+    """Rename ``src`` over ``dst`` without following a symlink at ``dst`` (a folder there is replaced whole)."""
+    if src.is_dir() and not src.is_symlink():
+        if dst.is_symlink() or dst.is_file():
+            dst.unlink()
+        elif dst.is_dir():
+            shutil.rmtree(dst)
+    elif dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    os.replace(src, dst)  # a symlink at dst is replaced itself, its target never opened
+
+
+def write_into(folder: str | os.PathLike, write: Callable[[Path], Any], *, last: Collection[str] = ()) -> list[Path]:
+    """Let ``write(tmp)`` fill a fresh private folder inside ``folder``, then rename what it wrote into ``folder``.
+
+    For writers that take a folder and open their own files there (timm's ``save_for_hf``, peft's
+    ``save_pretrained``): whatever they write lands in a folder that did not exist a moment before, so nothing is
+    written through a symlink that waits in ``folder`` (a symlink named like one of the files is replaced, its
+    target left alone). Each file is fsynced and given the umask's permissions before it is renamed in; the names in
+    ``last`` are renamed in last (a ``config.json`` that says the folder is complete). On failure the private folder
+    is removed and the files already in ``folder`` are left as they were (those renamed in before the failure are
+    new). An ``OSError`` names ``folder``; safetensors' write error becomes one. Returns the files now in place.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "elsewhere.txt").write_text("keep")
+        4
+        >>> (d / "a.txt").symlink_to(d / "elsewhere.txt")
+        >>> [p.name for p in write_into(d, lambda tmp: (tmp / "a.txt").write_text("new"))]
+        ['a.txt']
+        >>> (d / "a.txt").is_symlink(), (d / "a.txt").read_text(), (d / "elsewhere.txt").read_text()
+        (False, 'new', 'keep')
+    """
+    folder = Path(folder)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_OURS_PREFIX}-staging-", dir=folder))
+    except OSError as err:
+        raise _with_path(err, folder, "folder") from err
+    try:
+        try:
+            write(tmp)
+        except SafetensorError as err:
+            raise _safetensors_os_error(err) from err
+        _umask_permissions(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: (n in last, n))
+        for name in names:
+            if (tmp / name).is_file() and not (tmp / name).is_symlink():
+                with open(tmp / name, "rb+") as f:
+                    os.fsync(f.fileno())
+        moved = []
+        for name in names:
+            _move_in(tmp / name, folder / name)
+            moved.append(folder / name)
+        fsync_dir(folder)
+        return moved
+    except OSError as err:
+        raise _with_path(err, folder, "folder") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ownership of output folders
+# ----------------------------------------------------------------------------------------------------------------
+
+OWNER_FILE = ".timm-remem"
+# What a folder is for. "run": finetune / distill (config.json, metrics.jsonl, train-state/, checkpoints/);
+# "select": select_teacher's folder; "study": run_study's folder; "export": a model folder (save_pretrained, the
+# exports of a run). Exports carry no marker file (they are published as they are): their files are the mark.
+OUTPUT_KINDS = ("run", "select", "study", "export")
+_OURS_PREFIX = ".timm-remem"  # the marker, the run lock (.timm-remem.lock) and write_into's private folders
+_KIND_WORDS = {"run": "a training run folder (finetune / distill)", "select": "a select folder",
+               "study": "a study folder", "export": "a model folder (save_pretrained / a run's export)"}
+# Sub-folders a kind writes into: they must be real folders, never symlinks (nothing is written through one).
+_SUBFOLDERS = {"run": ("train-state", "checkpoints"), "select": (), "study": ("runs",), "export": ()}
+
+
+@dataclass(frozen=True)
+class OutputClaim:
+    """What :func:`claim_output_dir` found and did.
+
+    Attributes:
+        path: The folder.
+        kind: What it is for (one of :data:`OUTPUT_KINDS`).
+        created: This claim created the folder.
+        fresh: The folder held nothing before this claim (created now, or empty): nothing in it is anyone else's.
+    """
+
+    path: Path
+    kind: str
+    created: bool
+    fresh: bool
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in a regular file (not a symlink), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return json.loads(f.read(1 << 20).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _marker_kind(folder: Path) -> str | None:
+    """The kind the folder's marker names; ``""`` for a marker that names none (made by hand); None: no marker."""
+    marker = folder / OWNER_FILE
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    data = _read_json(marker)
+    if isinstance(data, dict) and data.get("owner") == "timm-remem" and data.get("kind") in OUTPUT_KINDS:
+        return data["kind"]
+    return ""  # an empty (or hand-written) marker: the user says the folder is timm-remem's
+
+
+def _written_by_us(folder: Path, kind: str) -> bool:
+    """Whether a folder without a marker holds what only timm-remem writes for ``kind`` (older runs had no marker)."""
+    if kind == "run":
+        state = folder / "train-state"
+        if state.is_symlink() or not state.is_dir():
+            return False
+        manifests = (_read_json(p / "manifest.json") for p in state.glob("step-*") if p.is_dir() and not p.is_symlink())
+        return any(isinstance(m, dict) and m.get("format") == _CHECKPOINT_FORMAT for m in manifests)
+    if kind == "select":
+        data = _read_json(folder / "select.json")
+        return isinstance(data, dict) and {"rows", "best"} <= set(data)
+    if kind == "study":
+        return isinstance(_read_json(folder / "study-settings.json"), dict)
+    data = _read_json(folder / "config.json")
+    if isinstance(data, dict) and ("remem" in data or "remem_student" in data):
+        return True
+    remem = _read_json(folder / "remem.json")
+    if isinstance(remem, dict) and "remem" in remem:
+        return True
+    card = folder / "README.md"
+    if card.is_file() and not card.is_symlink():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return "pypi.org/project/timm-remem" in card.read_text(encoding="utf-8")[:20000]
+    return False
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _wording(what: str) -> tuple[str, str]:
+    """How messages name the folder (``output folder``, ``folder``) and an example of a good value."""
+    if what == "output":
+        return "output folder", "e.g. output='runs/teacher' (--output runs/teacher)"
+    return "folder", f"e.g. {what}='teachers/vit-remem'"
+
+
+def _foreign(text: str, what: str, kind: str, others: list[str]) -> ConfigError:
+    noun = _wording(what)[0]
+    return ConfigError(
+        f"{noun} {text!r} is not empty and not a timm-remem {kind} folder: it holds {_shown(others)}. "
+        "timm-remem writes only into a folder it created, an empty one, or one it marked as its own (a "
+        f"{OWNER_FILE} file), so that nothing of yours is overwritten: choose another {noun} (a new name is "
+        "created for you), or empty this one"
+    )
+
+
+def claim_output_dir(path: str | os.PathLike, kind: str, *, create: bool = True, mark: bool = True,
+                     what: str = "output") -> OutputClaim:
+    """The one check every command that writes makes before it writes into a folder: is the folder ours?
+
+    A folder may be written into when it does not exist (it is created, with its parents), is empty (files named
+    ``.timm-remem*``, timm-remem's own, do not count), carries a ``.timm-remem`` marker of the same ``kind``, or,
+    without a marker, holds what only timm-remem writes for that kind (a run's ``train-state`` checkpoints, a
+    ``select.json``, a ``study-settings.json``, a model folder's ``config.json`` with a ``"remem"`` block): folders
+    written before the marker existed. ``mark`` writes the marker into a created or adopted folder (never into an
+    ``"export"`` folder: its files are its mark). The sub-folders a kind writes into (``train-state``,
+    ``checkpoints``, ``runs``) must not be symlinks. With ``create=False`` nothing is created or written (a check
+    made before the work starts; the folder is claimed for real when the writing begins).
+
+    Args:
+        path: The folder.
+        kind: What it is for: ``"run"``, ``"select"``, ``"study"`` or ``"export"``.
+        create: Create a missing folder.
+        mark: Write the marker into a created or adopted folder (see :func:`mark_output_dir`).
+        what: The name of the option in messages (``"output"``, ``"path"``).
+
+    Returns:
+        An :class:`OutputClaim`.
+
+    Raises:
+        ConfigError: ``path`` is empty (the current folder), a file, a dangling symlink, a non-empty folder that is
+            not timm-remem's, one marked for another kind, a sub-folder that is a symlink, or cannot be created.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> claim_output_dir(d / "run", "run").created, (d / "run" / OWNER_FILE).is_file()
+        (True, True)
+        >>> _ = (d / "mine").mkdir(), (d / "mine" / "notes.txt").write_text("x")
+        >>> claim_output_dir(d / "mine", "run")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: output folder '...mine' is not empty and not a timm-remem run folder: ...
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ConfigError(f"kind must be one of {OUTPUT_KINDS}, got {kind!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"{what} must be a folder path, got {type(path).__name__} {path!r}")
+    text = os.fspath(path)
+    noun, example = _wording(what)
+    if not str(text).strip():
+        raise ConfigError(f"{what} is empty ({text!r}), which would write into the current folder: name the folder "
+                          f"to write, {example}")
+    folder = Path(text)
+    if folder.is_symlink() and not folder.exists():
+        raise ConfigError(f"{noun} {text!r} is a symlink to a folder that does not exist; point it at an existing "
+                          f"folder or choose another {noun}")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {text!r} is a file, not a folder; choose a folder (it is created if missing)")
+    created = False
+    if not folder.exists():
+        if not create:
+            return OutputClaim(folder, kind, created=False, fresh=True)
+        try:
+            folder.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass  # made by someone else this very moment: checked below like any existing folder
+        except OSError as e:
+            raise ConfigError(f"cannot create the {noun} {text!r} ({e.strerror or e}); choose another "
+                              f"{noun}") from e
+    fresh = created
+    if not created:
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as e:
+            raise ConfigError(f"cannot read the {noun} {text!r} ({e.strerror or e}); choose another "
+                              f"{noun}") from e
+        owner = _marker_kind(folder)
+        if owner:
+            if owner != kind:
+                raise ConfigError(f"{noun} {text!r} is {_KIND_WORDS[owner]} (its {OWNER_FILE} marker says so), "
+                                  f"not {_KIND_WORDS[kind]}: choose another {noun}")
+        elif owner is None:
+            others = [n for n in names if not n.startswith(_OURS_PREFIX)]
+            fresh = not others
+            if others and not _written_by_us(folder, kind):
+                raise _foreign(text, what, kind, others)
+    for name in _SUBFOLDERS[kind]:
+        if (folder / name).is_symlink():
+            raise ConfigError(f"{str(folder / name)!r} is a symlink; timm-remem never writes through a symlink: make "
+                              f"it a real folder, or choose another {noun}")
+    if mark and create and (created or fresh or _marker_kind(folder) is None):
+        try:
+            mark_output_dir(folder, kind)
+        except OSError as e:
+            raise ConfigError(f"cannot write into the {noun} {text!r} ({os_error_reason(e)}); make it writable or "
+                              f"choose another {noun}") from e
+    return OutputClaim(folder, kind, created=created, fresh=fresh)
+
+
+def mark_output_dir(path: str | os.PathLike, kind: str) -> None:
+    """Write the ``.timm-remem`` marker (kind, timm-remem version, time) unless one is there; nothing for exports.
+
+    Call it only on a folder :func:`claim_output_dir` accepted.
+    """
+    folder = Path(path)
+    if kind == "export" or _marker_kind(folder) is not None:
+        return
+    atomic_write_json(folder / OWNER_FILE, {
+        "owner": "timm-remem", "kind": kind, "version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+def abandon_output_dir(claim: OutputClaim, leftovers: Collection[str] = ()) -> bool:
+    """Undo a fresh claim whose work never started: when the folder holds nothing but the marker and ``leftovers``
+    (files of our own bookkeeping, such as a run's ``config.json``), remove them, and the folder if the claim created
+    it. A folder that held anything before the claim, or holds anything else now, is left alone. Returns whether
+    it undid the claim.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> claim = claim_output_dir(pathlib.Path(tempfile.mkdtemp()) / "run", "run")
+        >>> abandon_output_dir(claim), claim.path.exists()
+        (True, False)
+    """
+    if not claim.fresh:
+        return False
+    folder = claim.path
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    ours = {OWNER_FILE, *leftovers}
+    if any(n not in ours for n in names) or any((folder / n).is_dir() and not (folder / n).is_symlink()
+                                               for n in names):
+        return False
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    if claim.created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    return True

@@ -249,15 +249,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def _clean_up_after_crash(root: Path) -> None:
-    """Delete half-written checkpoints (``.tmp-*``); put back a replaced one whose replacement never arrived."""
+    """Delete half-written checkpoints (``.tmp-step-*``); put back a replaced one whose replacement never arrived.
+
+    Only the names this module makes are touched (other hidden files in ``root`` are not ours to delete), and never
+    through a symlink.
+    """
     for stale in sorted(root.glob(".*")):
-        if stale.name.startswith(_OLD_PREFIX) and stale.is_dir():
+        if stale.is_symlink() or not stale.is_dir():
+            continue
+        if stale.name.startswith(_OLD_PREFIX + _PREFIX):
             original = root / stale.name[len(_OLD_PREFIX):]
-            if original.name.startswith(_PREFIX) and not original.exists():
+            if not (original.exists() or original.is_symlink()):
                 os.replace(stale, original)
             else:
                 shutil.rmtree(stale, ignore_errors=True)
-        elif stale.name.startswith(_TMP_PREFIX):
+        elif stale.name.startswith(_TMP_PREFIX + _PREFIX):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -309,7 +315,8 @@ def save_checkpoint(
         The checkpoint directory.
 
     Raises:
-        CheckpointError: A value that cannot be stored without pickle, or ``keep_last < 1``.
+        CheckpointError: A value that cannot be stored without pickle, ``keep_last < 1``, or a failed write (a full
+            disk, a read-only folder: safetensors' own write errors included); the earlier checkpoints are kept.
 
     Example:
         >>> import tempfile

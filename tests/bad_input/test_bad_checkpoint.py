@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import timm_remem._io as io
 from timm_remem.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -164,6 +165,17 @@ def _disk_full(monkeypatch):
     monkeypatch.setattr(io, "save_file", lambda *a, **k: no_space(None, None))
 
 
+# What safetensors raises when the disk fills while it writes (its own error type, not an OSError).
+FULL_DISK = SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                            'left on device" })')
+
+
+def _disk_full_in_safetensors(monkeypatch):
+    def no_space(*args, **kwargs):
+        raise FULL_DISK
+    monkeypatch.setattr(io, "save_file", no_space)
+
+
 def _read_only(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), kwargs.get("dir"))
@@ -184,6 +196,9 @@ WRITE_CASES = [
     pytest.param(_disk_full, 30, r"could not write checkpoint '.*step-000000030': No space left on device\. Free disk "
                  r"space or make the folder writable \(or choose another --output\); the earlier checkpoints "
                  r"step-000000010, step-000000020 are kept", id="disk-full"),
+    pytest.param(_disk_full_in_safetensors, 30, r"could not write checkpoint '.*step-000000030': No space left on "
+                 r"device\. Free disk space or make the folder writable \(or choose another --output\); the earlier "
+                 r"checkpoints step-000000010, step-000000020 are kept", id="disk-full-safetensors-error"),
     pytest.param(_read_only, 30, r"could not write checkpoint '.*step-000000030': Read-only file system\. Free disk "
                  r"space or make the folder writable", id="read-only-folder"),
     pytest.param(_disk_full_at_the_rename, 20, r"could not write checkpoint '.*step-000000020': No space left on "
@@ -212,3 +227,38 @@ def test_checkpoint_keep_last_rejects_a_bool(tmp_path):
     with pytest.raises(CheckpointError, match=r"keep_last must be an integer >= 1 or None, got True"):
         save_checkpoint(tmp_path, model=torch.nn.Linear(2, 2), keep_last=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """The disk fills while the training loop writes its second checkpoint: one CheckpointError, the first kept."""
+    from timm_remem.train import finetune_teacher
+
+    real = io.save_file
+
+    def fill_at_step_2(tensors, filename, metadata=None):
+        if (tmp_path / "run" / "train-state" / "step-000000001").is_dir():
+            raise FULL_DISK
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(io, "save_file", fill_at_step_2)
+    options = dict(model="test_vit", img_size=16, epochs=2, limit_train_batches=1, save_at=[], progress=False,
+                   device="cpu")
+    state = tmp_path / "run" / "train-state"
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint '.*step-000000002': No space left on "
+                                              r"device.*the earlier checkpoints step-000000001 are kept") as info:
+        finetune_teacher(**options, output=str(tmp_path / "run"))
+    assert type(info.value) is CheckpointError
+    monkeypatch.undo()
+    assert sorted(p.name for p in state.iterdir()) == ["step-000000001"]  # no temporary left
+    first = _snapshot(state / "step-000000001")
+    resumed = finetune_teacher(**options, output=str(tmp_path / "run"), resume=True)  # it loads and resumes
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert "step-000000001" not in [p.name for p in state.iterdir()] or _snapshot(state / "step-000000001") == first
+
+
+def test_checkpoint_leaves_other_hidden_files_alone(tmp_path):
+    for name in (".tmp-notes", ".old-photos"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("keep")
+    save_checkpoint(tmp_path, model=torch.nn.Linear(2, 2), step=1)
+    assert all((tmp_path / name / "mine.txt").read_text() == "keep" for name in (".tmp-notes", ".old-photos"))

@@ -171,3 +171,96 @@ def test_hub_random_init_export_claims_no_base(tmp_path):
     folder = timm_remem.save_pretrained(_model(), tmp_path)
     text = (folder / "README.md").read_text() + (folder / "config.json").read_text()
     assert "test_vit.r160_in1k" not in text and "trained from random initialisation" in text
+
+
+# ---------------------------------------------------------------------------------- the folder save_pretrained writes
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run_folder(folder):
+    """A training run's folder (as a run leaves it: its .timm-remem marker, config.json, metrics.jsonl)."""
+    from timm_remem._io import claim_output_dir
+
+    claim_output_dir(folder, "run")
+    (folder / "config.json").write_text('{"model": "test_vit"}\n')
+    (folder / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    return folder
+
+
+@pytest.mark.parametrize(("prepare", "match"), [
+    pytest.param(lambda d: (d.mkdir(), (d / "config.json").write_text('{"mine": 1}'),
+                            (d / "notes.txt").write_text("x")),
+                 r"folder '.*mine' is not empty and not a timm-remem export folder: it holds config\.json, "
+                 r"notes\.txt\. timm-remem writes only into a folder it created, an empty one, or one it marked as its "
+                 r"own \(a \.timm-remem file\), so that nothing of yours is overwritten: choose another folder",
+                 id="save-into-a-users-folder"),
+    pytest.param(lambda d: _run_folder(d),
+                 r"folder '.*mine' is a training run folder \(finetune / distill\) \(its \.timm-remem marker says "
+                 r"so\), not a model folder \(save_pretrained / a run's export\): choose another folder",
+                 id="save-into-a-run-folder"),
+])
+def test_hub_save_refuses_a_folder_it_does_not_own(prepare, match, tmp_path):
+    folder = tmp_path / "mine"
+    prepare(folder)
+    before = _snapshot(folder)
+    _raises(ConfigError, match, lambda: save_pretrained(_model(), folder))
+    assert _snapshot(folder) == before
+
+
+def test_hub_save_refuses_an_empty_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _raises(ConfigError, r"path is empty \(''\), which would write into the current folder: name the folder to "
+            r"write, e\.g\. path='teachers/vit-remem'",
+            lambda: save_pretrained(_model(), ""))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_save_never_writes_through_a_symlink(tmp_path):
+    """A teacher folder whose config.json (and weights) became symlinks to files outside: the files outside are
+    kept, the folder gets regular files (the probe: save_pretrained wrote through the link, then replaced it)."""
+    folder = save_pretrained(_model(), tmp_path / "teacher")
+    outside = {}
+    for name in ("config.json", "model.safetensors"):
+        outside[name] = tmp_path / f"outside-{name}"
+        outside[name].write_bytes(b"the user's own file")
+        (folder / name).unlink()
+        (folder / name).symlink_to(outside[name])
+    save_pretrained(_model(), folder)
+    assert all(p.read_bytes() == b"the user's own file" for p in outside.values())  # kept
+    assert not any((folder / name).is_symlink() for name in outside)
+    assert timm.create_model(f"local-dir:{folder}", pretrained=True).num_classes == 5
+
+
+def test_hub_save_of_a_compiled_model(tmp_path):
+    import torch
+
+    model = _model().eval()
+    folder = save_pretrained(torch.compile(model), tmp_path / "teacher")
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_hub_save_on_a_full_disk_keeps_the_folder(tmp_path, monkeypatch):
+    import timm.models._hub as timm_hub
+    from safetensors import SafetensorError
+
+    from timm_remem.errors import CheckpointError
+
+    folder = save_pretrained(_model(), tmp_path / "teacher")
+    before = _snapshot(folder)
+
+    def no_space(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr(timm_hub.safetensors.torch, "save_file", no_space)
+    _raises(CheckpointError, r"could not write the teacher folder '.*teacher': No space left on device\. Free disk "
+            r"space or make the folder writable \(or choose another path\); its earlier files are kept",
+            lambda: save_pretrained(_model(), folder))
+    assert _snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
+    _raises(CheckpointError, r"No space left on device", lambda: save_pretrained(_model(), tmp_path / "new"))
+    assert not (tmp_path / "new").exists()  # the folder made for a save that failed is removed again

@@ -29,7 +29,7 @@ def test_every_flag_reaches_the_config():
         "--smoothing", "0.1", "--augment", "--mixup", "0.2", "--cutmix", "0.3", "--rho", "0.05", "--sam", "onepass",
         "--amp", "--clip-grad", "1.5", "--ema", "--ema-decay", "0.99", "--seed", "3", "--device", "cpu",
         "--workers", "2", "--limit-train-batches", "5", "--save-at", "4", "2", "--checkpoint-every", "10",
-        "--keep-last", "3", "--resume", "auto", "--no-progress", "--alpha", "0.85", "--schedule", "constant",
+        "--keep-last", "3", "--resume", "auto", "--resume-mismatch", "allow", "--no-progress", "--alpha", "0.85", "--schedule", "constant",
         "--top-k", "2", "--learnable", "--log", "tensorboard", "wandb", "--lora-rank", "4", "--lora-alpha", "8",
         "--lora-dropout", "0.1", "--lora-targets", "qkv,fc1", "--train-per-class", "5", "--train-imbalance", "10",
         "--subset-seed", "2",
@@ -40,7 +40,7 @@ def test_every_flag_reaches_the_config():
         optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.8, sched="step", warmup_epochs=1, min_lr=1e-5,
         label_smoothing=0.1, augment=True, mixup=0.2, cutmix=0.3, rho=0.05, sam="onepass", amp=True, clip_grad=1.5,
         ema=True, ema_decay=0.99, seed=3, device="cpu", num_workers=2, limit_train_batches=5, save_at=[2, 4],
-        checkpoint_every=10, keep_last=3, resume="auto", progress=False, alpha=0.85, schedule="constant", top_k=2,
+        checkpoint_every=10, keep_last=3, resume="auto", resume_mismatch="allow", progress=False, alpha=0.85, schedule="constant", top_k=2,
         learnable=True, log=["tensorboard", "wandb"], lora_rank=4, lora_alpha=8.0, lora_dropout=0.1,
         lora_targets=["qkv", "fc1"], train_per_class=5, train_imbalance=10.0, subset_seed=2,
     )

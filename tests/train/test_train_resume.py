@@ -111,6 +111,7 @@ def test_resumed_run_says_where_it_resumed_from(tmp_path, caplog):
     import shutil
 
     shutil.copytree(tmp_path / "full" / "train-state" / "step-000000003", state / "step-000000003")  # mid-epoch 2
+    shutil.copy(tmp_path / "full" / "run-identity.json", tmp_path / "cut")  # what the run is computed from
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="timm_remem.train"):
         finetune_teacher(**opts, output=str(tmp_path / "cut"), resume=True)

@@ -29,7 +29,8 @@ __all__ = ["register", "options", "run", "EXCLUDED"]
 
 # DistillConfig fields without a select flag: the teachers are the positional argument, and select_teacher exports
 # no checkpoints, writes no training state, starts every distillation afresh and ranks plain (not EMA) students.
-EXCLUDED = ("teacher", "save_at", "save_state", "checkpoint_every", "keep_last", "resume", "ema", "ema_decay")
+EXCLUDED = ("teacher", "save_at", "save_state", "checkpoint_every", "keep_last", "resume", "resume_mismatch", "ema",
+            "ema_decay")
 # select_teacher's own defaults where they differ from DistillConfig's (shown in --help; applied by select_teacher).
 _DEFAULTS = {"epochs": 3, "output": "runs/select"}
 

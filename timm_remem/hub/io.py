@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -24,9 +25,10 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models import save_for_hf
+from timm.utils import unwrap_model
 from torch import nn
 
-from .._io import atomic_write_text, default_file_mode
+from .._io import OutputClaim, atomic_write_text, claim_output_dir, os_error_reason, write_into
 from .._models import SAVE_TAKES_DATA_CONFIG, model_input_config
 from .._peft import unwrap_peft as timm_model_of
 from .._validation import check_bool
@@ -88,9 +90,15 @@ def save_pretrained(
     ``tag``, ``license``, ``num_classes``, ``hf_hub_id`` (``repo_id``), description and paper; the input size is
     the model's current one.
 
+    A model wrapped by ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel`` is saved as the model
+    it wraps. Everything is checked before the folder is touched; the folder must be one timm-remem may write (see
+    :func:`timm_remem._io.claim_output_dir`: missing, empty, or a model folder timm-remem wrote), and every file is
+    written into a fresh private folder first and renamed into place (``config.json`` last), so nothing is written
+    through a symlink in the folder and a failed save leaves the previous files of the folder as they were.
+
     Args:
         model: A timm model, reweighted (see :func:`timm_remem.reweight`) or not.
-        path: Folder to write (created if needed; existing files of the same names are replaced).
+        path: Folder to write (created if needed; files of the same names that timm-remem wrote are replaced).
         merge: Fold the factors into the weights (plain timm checkpoint) or keep them separate.
         adapter_only: For a ``peft.PeftModel``: write the adapter alone instead of the merged checkpoint.
         metadata: Training metadata; the keyword ``fields`` override its values.
@@ -106,9 +114,11 @@ def save_pretrained(
         The folder written.
 
     Raises:
-        ConfigError: Unknown or invalid metadata, a malformed ``repo_id``, or ``adapter_only=True`` for a model
-            without a peft adapter or without ``base_model``.
+        ConfigError: Unknown or invalid metadata, a malformed ``repo_id``, ``adapter_only=True`` for a model
+            without a peft adapter or without ``base_model``, or a folder that is not timm-remem's to write (not
+            empty and holding no timm-remem model, a run folder, ``path=""``).
         UnsupportedModelError: ``model`` is not a timm model.
+        CheckpointError: A write failed (a full disk, a read-only folder); the folder's earlier files are kept.
 
     Example:
         >>> import tempfile, json, timm, timm_remem
@@ -118,6 +128,7 @@ def save_pretrained(
         >>> remem["alpha"], remem["merged"], remem["rho"]
         (0.8, False, 0.1)
     """
+    model = _unwrapped(model)
     meta = metadata_from_fields(metadata, fields)
     check_bool("merge", merge)
     check_bool("adapter_only", adapter_only)
@@ -126,10 +137,53 @@ def save_pretrained(
     adapted = has_adapters(model)
     timm_model = timm_model_of(model) if adapted else model
     check_timm_model(timm_model)
-    folder = Path(path)
-    if adapter_only:
-        return _save_adapter(model, timm_model, folder, meta, repo_id)
+    if adapter_only and meta.base_model is None:
+        raise ConfigError(
+            "adapter_only=True needs base_model=...: a LoRA adapter only reproduces the teacher on the exact weights "
+            "it was trained on, and this teacher records none (base_model=None: trained from random "
+            "initialisation). Publish the merged checkpoint (adapter_only=False), or pass the pretrained base it "
+            "adapts, e.g. base_model='vit_base_patch16_224.augreg_in21k'."
+        )
+    claim = claim_output_dir(path, "export", what="path")
+    with _writing(claim):
+        if adapter_only:
+            _save_adapter(model, timm_model, claim.path, meta, repo_id)
+        else:
+            _save_merged(model, timm_model, adapted, claim.path, meta, repo_id, merge, data_config)
+    return claim.path
 
+
+def _unwrapped(model: Any) -> Any:
+    """The model inside ``torch.compile`` / ``DistributedDataParallel`` / ``DataParallel`` wrappers (timm's
+    ``unwrap_model``); any other object as it is."""
+    while isinstance(model, nn.Module) and (
+            (type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"))
+            or isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))):
+        model = unwrap_model(model)
+    return model
+
+
+@contextlib.contextmanager
+def _writing(claim: OutputClaim):
+    """Writing into a claimed folder: a failed write becomes a ``CheckpointError`` naming the folder, and a folder
+    created for this save is removed again when nothing was written into it."""
+    try:
+        yield
+    except BaseException as err:
+        if claim.created:
+            with contextlib.suppress(OSError):
+                claim.path.rmdir()  # only when empty
+        if isinstance(err, OSError):
+            raise CheckpointError(
+                f"could not write the teacher folder {str(claim.path)!r}: {os_error_reason(err)}. Free disk space or "
+                "make the folder writable (or choose another path); its earlier files are kept"
+            ) from err
+        raise
+
+
+def _save_merged(model: nn.Module, timm_model: nn.Module, adapted: bool, folder: Path, meta: TeacherMetadata,
+                 repo_id: str | None, merge: bool, data_config: dict[str, Any] | None) -> None:
+    """The folder of a plain timm checkpoint: config.json, model.safetensors, README.md."""
     plain = merged_copy(model) if adapted else timm_model  # LoRA folded by peft, on a copy
     wrapped = is_reweighted(plain)
     remem = remem_block(plain, meta, merged=merge or not wrapped)
@@ -140,44 +194,42 @@ def save_pretrained(
     model = plain
     if data_config is None:
         data_config = {"input_size": model_input_config(model)}
-    if SAVE_TAKES_DATA_CONFIG:
-        save_for_hf(weights, str(folder), model_config={"remem": remem}, safe_serialization=True,
-                    data_config=data_config)
-    else:  # timm < 1.0.31: write the preprocessing into pretrained_cfg ourselves
-        save_for_hf(weights, str(folder), model_config={"remem": remem}, safe_serialization=True)
-    os.chmod(folder / WEIGHTS_NAME, default_file_mode())  # timm writes it 0600; give it the user's umask
-    config_file = folder / CONFIG_NAME
-    hf_config = json.loads(config_file.read_text(encoding="utf-8"))
-    if not SAVE_TAKES_DATA_CONFIG:
-        hf_config["pretrained_cfg"].update(
-            {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items() if k != "img_size"})
-    rewrite_pretrained_cfg(hf_config["pretrained_cfg"], model, meta, repo_id)
-    atomic_write_text(config_file, json.dumps(hf_config, indent=2) + "\n")
-    card = model_card(hf_config, remem, meta, scales, repo_id)
-    atomic_write_text(folder / CARD_NAME, str(card))
-    return folder
+
+    def write(tmp: Path) -> None:  # a fresh private folder; write_into renames the files into place
+        if SAVE_TAKES_DATA_CONFIG:
+            save_for_hf(weights, str(tmp), model_config={"remem": remem}, safe_serialization=True,
+                        data_config=data_config)
+        else:  # timm < 1.0.31: write the preprocessing into pretrained_cfg ourselves
+            save_for_hf(weights, str(tmp), model_config={"remem": remem}, safe_serialization=True)
+        config_file = tmp / CONFIG_NAME
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+        if not SAVE_TAKES_DATA_CONFIG:
+            hf_config["pretrained_cfg"].update(
+                {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items() if k != "img_size"})
+        rewrite_pretrained_cfg(hf_config["pretrained_cfg"], model, meta, repo_id)
+        atomic_write_text(config_file, json.dumps(hf_config, indent=2) + "\n", fsync=False)
+        card = model_card(hf_config, remem, meta, scales, repo_id)
+        atomic_write_text(tmp / CARD_NAME, str(card), fsync=False)
+
+    write_into(folder, write, last=(CONFIG_NAME,))  # the umask's permissions (timm writes the weights 0600)
 
 
 def _save_adapter(model: nn.Module, timm_model: nn.Module, folder: Path, meta: TeacherMetadata,
-                  repo_id: str | None) -> Path:
+                  repo_id: str | None) -> None:
     """The folder of ``adapter_only=True``: peft's adapter files, the factors (if any) and an adapter card."""
-    if meta.base_model is None:
-        raise ConfigError(
-            "adapter_only=True needs base_model=...: a LoRA adapter only reproduces the teacher on the exact weights "
-            "it was trained on, and this teacher records none (base_model=None: trained from random "
-            "initialisation). Publish the merged checkpoint (adapter_only=False), or pass the pretrained base it "
-            "adapts, e.g. base_model='vit_base_patch16_224.augreg_in21k'."
-        )
-    save_adapter(model, folder)
     wrapped = is_reweighted(timm_model)
     remem = remem_block(timm_model, meta, merged=False)
     remem["lora"] = "adapter"
-    if wrapped:
-        atomic_write_text(folder / REMEM_NAME, json.dumps({"remem": remem}, indent=2) + "\n")
     hf_config = {"architecture": timm_model.pretrained_cfg.get("architecture"), "num_classes": timm_model.num_classes}
     card = model_card(hf_config, remem, meta, get_scales(timm_model) if wrapped else {}, repo_id, adapter=True)
-    atomic_write_text(folder / CARD_NAME, str(card))
-    return folder
+
+    def write(tmp: Path) -> None:  # a fresh private folder; write_into renames the files into place
+        save_adapter(model, tmp)
+        if wrapped:
+            atomic_write_text(tmp / REMEM_NAME, json.dumps({"remem": remem}, indent=2) + "\n", fsync=False)
+        atomic_write_text(tmp / CARD_NAME, str(card), fsync=False)
+
+    write_into(folder, write)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
+from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
@@ -47,6 +49,8 @@ __all__ = [
     "dataset_classes",
     "default_img_size",
     "create_model",
+    "check_input_size",
+    "check_training_setup",
     "adapt_teacher",
     "base_model_name",
     "build_data",
@@ -122,13 +126,82 @@ def default_img_size(cfg: TrainConfig) -> int | None:
 
 
 def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, int]:
-    """The model to train (a head for ``num_classes``) and the input size it trains at."""
+    """The model to train (a head for ``num_classes``) and the input size it trains at (checked: see
+    :func:`check_input_size`)."""
     img_size = default_img_size(cfg)
     model = create_timm_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, img_size=img_size,
                               kwargs=cfg.model_kwargs)
     if img_size is None:
         img_size = int(data_config(model)["input_size"][-1])
+    check_input_size(model, img_size, cfg.model)
     return model, img_size
+
+
+def _patch_size(model: nn.Module) -> tuple[int, int] | None:
+    """The patch size of a model that cuts its input into patches (timm's ``patch_embed``), unless it pads."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "patch_size", None)
+    if size is None or getattr(embed, "dynamic_img_pad", False):
+        return None
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return (int(size[0]), int(size[-1])) if all(isinstance(v, int) for v in size) else None
+
+
+def check_input_size(model: nn.Module, img_size: int, name: str) -> None:
+    """Refuse an input size the model cannot take, before anything is trained or written.
+
+    A patch model (ViT, Swin, ...) needs ``img_size`` to be a multiple of its patch size (timm refuses other sizes
+    in the forward pass, or silently drops the pixels past the last whole patch). Then the forward pass is run on
+    ``meta`` tensors (shapes only: no computation, no memory), so that timm's own input checks speak now; an
+    operation that ``meta`` tensors cannot run leaves the decision to the real forward pass.
+
+    Raises:
+        ConfigError: Naming the size, the model and the sizes that work.
+
+    Example:
+        >>> import timm
+        >>> check_input_size(timm.create_model("test_vit", img_size=32), 32, "test_vit")
+        >>> check_input_size(timm.create_model("test_vit", img_size=33), 33, "test_vit")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: img_size=33 is not a multiple of test_vit's patch size 16: ... or 48
+    """
+    patch = _patch_size(model)
+    if patch is not None and (img_size % patch[0] or img_size % patch[1]):
+        step = max(patch)
+        below, above = img_size - img_size % step, img_size - img_size % step + step
+        sizes = f"img_size={below} or {above}" if below > 0 else f"img_size={above}"
+        shown = patch[0] if patch[0] == patch[1] else f"{patch[0]}x{patch[1]}"
+        raise ConfigError(f"img_size={img_size} is not a multiple of {name}'s patch size {shown}: the image is cut "
+                          f"into {patch[0]}x{patch[1]}-pixel patches, so timm refuses it or drops the pixels past the "
+                          f"last whole patch; use {sizes}")
+    stand_ins = {k: torch.empty_like(v, device="meta")
+                 for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            functional_call(model, stand_ins, (torch.empty(2, 3, img_size, img_size, device="meta"),), strict=False)
+    except AssertionError as e:  # timm's input checks (timm.layers._assert)
+        raise ConfigError(f"{name} cannot take {img_size}x{img_size} images: {e}. Choose another img_size "
+                          "(--img-size), or the model's own size (leave img_size unset)") from None
+    except Exception:  # noqa: BLE001 - an operation meta tensors cannot run: the real forward pass decides
+        pass
+    finally:
+        model.train(was_training)
+
+
+def check_training_setup(cfg: TrainConfig) -> None:
+    """Build the run's optimizer and learning-rate schedule for a one-parameter stand-in, so that a name timm does
+    not know fails now, before the run's folder is made (the real ones are built by the training loop).
+
+    Raises:
+        ConfigError: An unknown optimizer or scheduler (see :func:`create_optimizer`, :func:`create_scheduler`).
+    """
+    stand_in = nn.Module()
+    stand_in.weight = nn.Parameter(torch.zeros(2, 2))
+    with torch.random.fork_rng(devices=[]):
+        create_scheduler(cfg, create_optimizer(cfg, stand_in), 1)
 
 
 def adapt_teacher(cfg: FinetuneConfig, model: nn.Module) -> nn.Module:
@@ -198,8 +271,11 @@ def build_data(cfg: TrainConfig, model: nn.Module, img_size: int):
     world, rank = distributed.get_world_size(), distributed.get_rank()
     # Each rank takes every world-th sample of the epoch's shared permutation: batch_size is per process, so the
     # global batch is world * batch_size (rank r's k-th batch holds samples k*B*world + r + world*j of the order).
+    # with augmentation, each sample's random transform is seeded by (seed, epoch, index): the same images with
+    # any num_workers, and after a resume (see timm_remem.data.IndexedDataset)
     train_loader = create_loader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last,
-                                 num_workers=cfg.num_workers, pin_memory=pin, num_replicas=world, rank=rank)
+                                 num_workers=cfg.num_workers, pin_memory=pin, num_replicas=world, rank=rank,
+                                 seed_per_sample=cfg.augment)
     if world > 1:  # a disjoint validation shard per rank, no padding: sums over ranks cover each sample once
         val_shard = Subset(val, range(rank, len(val), world))
         val_loader = create_loader(val_shard, cfg.eval_batch_size, num_workers=cfg.num_workers,

@@ -29,11 +29,14 @@ from ..lora.config import LORA_TARGETS, check_lora_settings
 from ..reweighting.config import SCHEDULES
 
 __all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "SAM_MODES", "TRACKERS", "LORA_TARGETS",
-           "make_config"]
+           "RESUME_MISMATCH", "make_config"]
 
 # Base optimizer name -> the timm_remem SAM optimizer registered in timm's factory (see timm_remem.sam).
 # "sgd" and "nesterov" are Nesterov SGD (timm's "sgd" is Nesterov too); "momentum" is classical momentum.
 TRACKERS = ("tensorboard", "wandb")
+# What a resume does when the data or the library versions differ from when the run started (see
+# timm_remem.train.resume.run_identity): refuse, naming what changed, or go on anyway.
+RESUME_MISMATCH = ("refuse", "allow")
 SAM_BASES = {"sgd": "samsgd", "momentum": "sammomentum", "nesterov": "samsgd", "adam": "samadam",
              "adamw": "samadamw"}
 # The SAM algorithms a run can use (timm_remem.sam): the exact two-pass SAM, or the one-pass Momentum-SAM.
@@ -102,6 +105,10 @@ class TrainConfig:
         resume: ``True`` resumes from ``output/train-state``; a path resumes from that checkpoint; ``"auto"`` resumes
             from ``output/train-state`` when it holds a checkpoint and starts afresh otherwise (for jobs that are
             restarted after a crash or pre-emption, e.g. ``torchrun --max-restarts``); None starts afresh.
+        resume_mismatch: ``"refuse"`` (default): a resume whose data (files added, removed or changed in an image
+            folder, another dataset size or subset) or library versions (timm-remem, timm, torch, torchvision)
+            differ from when the run started is refused, naming what differs; ``"allow"``: resume anyway (the run
+            is then not what an uninterrupted run would have computed). Settings that differ are always refused.
         progress: Show tqdm progress bars.
         limit_train_batches: Stop each epoch after this many batches (quick runs, benchmarks).
         train_per_class: Train on a seeded subset of this many images per class (:mod:`timm_remem.subsets`).
@@ -155,6 +162,9 @@ class TrainConfig:
     keep_last: int = _opt(2, "number of newest training checkpoints kept")
     resume: bool | str | None = _opt(None, "resume: True from output/train-state, a path from that checkpoint, "
                                            "'auto' when output/train-state holds one (else start afresh)")
+    resume_mismatch: str = field(default="refuse", metadata={
+        "help": "when resuming, data or library versions that changed since the run started: refuse (naming "
+                "what changed) or allow (resume anyway)", "choices": RESUME_MISMATCH})
     progress: bool = _opt(True, "show tqdm progress bars")
     limit_train_batches: int | None = _opt(None, "stop each epoch after this many batches (quick runs, benchmarks)")
     train_per_class: int | None = _opt(None, "train on a seeded subset of this many images per class (few-label "
@@ -199,6 +209,7 @@ class TrainConfig:
             if bad:
                 raise ConfigError(f"save_at epochs {bad} are outside 1..epochs={self.epochs}; pick epochs in range")
         check_choice("sam", self.sam, SAM_MODES)
+        check_choice("resume_mismatch", self.resume_mismatch, RESUME_MISMATCH)
         if self.adaptive and self.sam == "onepass":
             raise ConfigError("adaptive=True (ASAM) needs the exact SAM: set sam='exact', or adaptive=False for the "
                               "one-pass SAM")

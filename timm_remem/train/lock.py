@@ -11,6 +11,12 @@ stale; one on another host is taken as alive (the message says how to remove it)
 The lock is re-entrant within one process (a recipe may take it before building the data, then :func:`fit
 <timm_remem.train.loop.fit>` takes it again), and under torchrun only rank 0 takes it (see ``fit``).
 
+Taking the lock is where a run claims its folder (:func:`timm_remem._io.claim_output_dir`, kind ``"run"``): a
+folder that is not empty and not timm-remem's is refused before anything is written, a missing one is created and
+an empty one adopted (the ``.timm-remem`` marker is written once the lock is held). A run whose folder was created
+or adopted by this lock and that ends (however it ends) having written nothing but its bookkeeping
+(:data:`RUN_BOOKKEEPING`: it failed before it trained a step) leaves the folder as it found it.
+
 Example:
     >>> import tempfile
     >>> from timm_remem.train.lock import OutputLock, read_lock
@@ -35,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._io import OutputClaim, abandon_output_dir, claim_output_dir, mark_output_dir
 from ..errors import TrainingError
 
 try:  # POSIX; on other platforms the lock falls back to the pid check alone
@@ -42,11 +49,16 @@ try:  # POSIX; on other platforms the lock falls back to the pid check alone
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["LOCK_FILE", "OutputLock", "read_lock", "describe_holder"]
+__all__ = ["LOCK_FILE", "CONFIG_FILE", "IDENTITY_FILE", "RUN_BOOKKEEPING", "OutputLock", "read_lock",
+           "describe_holder"]
 
 _log = logging.getLogger(__name__)
 
 LOCK_FILE = ".timm-remem.lock"
+CONFIG_FILE = "config.json"  # the run's settings
+IDENTITY_FILE = "run-identity.json"  # what the run is computed from (see timm_remem.train.resume.run_identity)
+# What a run writes before its first training step (timm_remem.train.resume.prepare_output).
+RUN_BOOKKEEPING = (CONFIG_FILE, IDENTITY_FILE)
 # How long a refused run waits for the holder's details to appear (the holder writes them right after its flock).
 _READ_WAIT_S = 2.0
 # Locks this process holds: resolved folder -> [OutputLock, nesting depth] (the lock is re-entrant in a process).
@@ -142,8 +154,11 @@ class OutputLock:
 
     Args:
         folder: The run's output folder (created if missing).
+        kind: What the folder is for (see :func:`timm_remem._io.claim_output_dir`).
 
     Raises:
+        ConfigError: On :meth:`acquire`, when the folder is not timm-remem's to write (see
+            :func:`timm_remem._io.claim_output_dir`).
         TrainingError: On :meth:`acquire`, when another live run holds the folder (its pid, host, start time and
             command are named), or the lock file cannot be created.
 
@@ -157,11 +172,13 @@ class OutputLock:
         False
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, *, kind: str = "run") -> None:
         self.folder = Path(folder)
+        self.kind = kind
         self.path = self.folder / LOCK_FILE
         self._fd: int | None = None
         self._key: str | None = None
+        self._claim: OutputClaim | None = None
         self._taken = 0  # acquisitions of this object not yet released
 
     def __enter__(self) -> OutputLock:
@@ -173,11 +190,8 @@ class OutputLock:
 
     def acquire(self) -> None:
         """Take the lock (or refuse, naming the holder); a stale lock left by a dead run is taken over."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrainingError(f"cannot create the output folder {str(self.folder)!r} ({e}); choose another "
-                                "--output") from e
+        # the ownership check; the marker waits until the lock is ours (a refused run writes nothing)
+        claim = claim_output_dir(self.folder, self.kind, mark=False)
         self._key = str(self.folder.resolve())
         if self._key in _HELD:  # this process holds it already (a recipe, then fit)
             _HELD[self._key][1] += 1
@@ -196,8 +210,15 @@ class OutputLock:
             if not _same_file(fd, self.path):
                 os.close(fd)
                 continue
+            try:
+                mark_output_dir(self.folder, self.kind)  # the folder is this run's from now on
+            except OSError as e:
+                os.close(fd)
+                raise TrainingError(f"cannot write into the output folder {str(self.folder)!r} ({e.strerror or e}); "
+                                    "make it writable or choose another --output") from e
             self._write(fd)
             self._fd = fd
+            self._claim = claim
             _HELD[self._key] = [self, 1]
             self._taken += 1
             if previous:
@@ -223,9 +244,14 @@ class OutputLock:
         fd, owner._fd = owner._fd, None
         if fd is None:
             return
+        claim, owner._claim = owner._claim, None
         try:
             if _same_file(fd, owner.path):
-                owner.path.unlink()  # while still holding the flock: a run waiting on it then opens a new file
+                # while still holding the flock (a run waiting on it then opens a new file): a run that never
+                # started leaves the folder as it found it, else the lock file alone goes
+                bookkeeping = (*RUN_BOOKKEEPING, LOCK_FILE) if owner.kind == "run" else (LOCK_FILE,)
+                if claim is None or not abandon_output_dir(claim, bookkeeping):
+                    owner.path.unlink()
         except OSError:
             pass
         finally:

@@ -2,7 +2,9 @@
 :func:`distill_student` (from a teacher, or alone as the no-teacher baseline).
 
 Both start the same way (device and process group, seed, model, data; see :func:`start_run`) and train with
-:func:`timm_remem.train.loop.fit`; they differ in the loss (``compute``) and in what an export holds.
+:func:`timm_remem.train.loop.fit`; they differ in the loss (``compute``) and in what an export holds. Everything
+that can be checked without training is checked in :func:`start_run` (and, for a student, while loading its
+teacher), before the run's folder is made.
 
 Example:
     >>> import tempfile
@@ -26,7 +28,9 @@ from timm.models import save_for_hf
 from torch import nn
 
 from .. import distributed
+from .._io import claim_output_dir, os_error_reason, write_into
 from ..distill import DistillationLoss, RememDistillationTask, Teacher, TeacherLogitCache, task_loss
+from ..errors import CheckpointError
 from ..hub import save_pretrained
 from ..lora import is_lora, merge_lora, trainable_parameters
 from ..subsets import training_subset
@@ -36,6 +40,7 @@ from .builders import (
     autocast_factory,
     base_model_name,
     build_data,
+    check_training_setup,
     create_model,
     dataset_classes,
     seed_everything,
@@ -46,21 +51,44 @@ from .config import DistillConfig, FinetuneConfig, TrainConfig, make_config
 from .console import log
 from .loop import evaluate, fit
 from .results import TrainResult
+from .resume import attach_identity, run_identity
 
 __all__ = ["finetune_teacher", "distill_student", "start_run", "load_distill_teacher"]
 
 
 def start_run(cfg: TrainConfig) -> tuple[torch.device, int, int, nn.Module, tuple]:
-    """What every run does first: device, seed, the model, its input size and the data.
+    """What every run does first: device, seed, the model, its input size and the data, every one checked.
+
+    Nothing is written: the output folder is checked (it must be timm-remem's to write, see
+    :func:`timm_remem._io.claim_output_dir`; the training loop claims it), the model is built and its input size
+    checked, the data found, and the optimizer and schedule tried, so that bad input fails before the run's folder
+    is made. The run's identity (its data and library versions, see :func:`timm_remem.train.resume.run_identity`) is
+    attached to ``cfg`` for the loop to record, or to compare on resume.
 
     Returns:
         ``(device, num_classes, img_size, model, (train set, val set, train loader, val loader))``.
     """
+    claim_output_dir(cfg.output, "run", create=False)
     device = setup_device(cfg)
     seed_everything(cfg.seed)
     num_classes = dataset_classes(cfg)
     model, img_size = create_model(cfg, num_classes)
-    return device, num_classes, img_size, model, build_data(cfg, model, img_size)
+    data = build_data(cfg, model, img_size)
+    check_training_setup(cfg)
+    attach_identity(cfg, run_identity(cfg, data[0], data[1], num_classes=num_classes, img_size=img_size))
+    return device, num_classes, img_size, model, data
+
+
+def _save_student(model: nn.Module, folder: Path, info: Mapping[str, Any]) -> None:
+    """A student export: timm's Hugging Face format with a ``remem_student`` block (in a folder that is ours)."""
+    claim_output_dir(folder, "export", what="path")
+    try:
+        write_into(folder, lambda tmp: save_for_hf(model, str(tmp), model_config={"remem_student": dict(info)},
+                                                   safe_serialization=True), last=("config.json",))
+    except OSError as err:
+        raise CheckpointError(f"could not write the export {str(folder)!r}: {os_error_reason(err)}. Free disk space "
+                              "or make the folder writable (or choose another --output); the earlier exports and "
+                              "training checkpoints are kept") from err
 
 
 def load_distill_teacher(cfg: DistillConfig, num_classes: int, device: torch.device) -> nn.Module:
@@ -247,7 +275,7 @@ def distill_student(
         acc = record.get("ema_val_acc", record["val_acc"])
         info = {"teacher": cfg.teacher, "teacher_acc": teacher_acc, "dataset": cfg.dataset, "val_acc": acc,
                 "epoch": record["epoch"], "method": cfg.method if teacher_net is not None else None}
-        save_for_hf(src, str(folder), model_config={"remem_student": info}, safe_serialization=True)
+        _save_student(src, folder, info)
 
     try:
         history, exports, val_acc = fit(

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .._io import atomic_write_text
+from .._io import atomic_write_text, claim_output_dir, write_into
 from .._models import data_config
 from ..analysis.information import rank_checkpoints
 from ..analysis.plots import plot_select
@@ -189,7 +189,8 @@ def select_teacher(
         A :class:`~timm_remem.train.SelectResult`.
 
     Raises:
-        ConfigError: No checkpoints, or bad distillation settings.
+        ConfigError: No checkpoints, bad distillation settings, or an ``output`` folder that is not timm-remem's
+            to write (see :func:`timm_remem._io.claim_output_dir`).
         CheckpointError: A checkpoint folder that does not load.
 
     Example:
@@ -209,10 +210,15 @@ def select_teacher(
     base = make_config(DistillConfig, None, options)
     if base.stochastic_inputs and base.cache_teacher is None:
         _log.warning("select: augmentation or mixup is on, so teacher logits are not cached (slower)")
+    out = Path(base.output)
+    claim_output_dir(out, "select", create=False)  # checked before anything runs; claimed below
     dirs = list_exports(teachers)
     names = _unique_names(dirs)
-    out = Path(base.output)
-    out.mkdir(parents=True, exist_ok=True)
+
+    def claim() -> None:  # rank 0 decides; every rank raises its refusal
+        claim_output_dir(out, "select")
+
+    distributed.run_on_main(claim)
     rows: list[dict[str, Any]] = []
     main = distributed.is_main_process()
     for i, (d, name) in enumerate(zip(dirs, names, strict=True)):
@@ -235,7 +241,9 @@ def select_teacher(
     table = _table(rows, best_i, mi_score, rho, missing)
     plot: Path | None = out / "select.png"
     if distributed.is_main_process():  # under torchrun, rank 0 writes the summary
-        plot = plot_select(rows, plot)
+        drawn: list[Path | None] = []  # matplotlib writes where it is told: into a private folder, then moved in
+        write_into(out, lambda tmp: drawn.append(plot_select(rows, tmp / "select.png")))
+        plot = plot if drawn[0] is not None else None
         atomic_write_text(out / "select.md", table + "\n")
         atomic_write_text(out / "select.json", json.dumps(
             {"rows": rows, "best": rows[best_i]["path"], "spearman": rho, "spearman_missing": missing,
