@@ -125,8 +125,7 @@ def test_device_and_amp_reach_every_stage(tmp_path):
     # bfloat16 autocast. The student at 32 px, not QUICK's 16: at 16 px test_resnet's layer4 convolution (3x3,
     # stride 2) sees a 1x1 map, where torch's CPU bfloat16 weight-gradient kernel returns NaN now and then (seen in
     # 14 of 60 plain steps with torch 2.14); the run's guard then stops it, rightly, but this test is about settings.
-    distill = {**QUICK["distill"], "img_size": 32}
-    res = run_study(**{**QUICK, "distill": distill}, arms=["remem"], device="cpu", amp=True, output=str(tmp_path))
+    res = run_study(**QUICK, distill={"img_size": 32}, arms=["remem"], device="cpu", amp=True, output=str(tmp_path))
     assert all(0.0 <= r["student_acc"] <= 1.0 for r in res.runs)
     saved = json.loads((run_folder(tmp_path, "remem", 0) / "student" / "config.json").read_text())
     assert (saved["amp"], saved["device"]) == (True, "cpu")
