@@ -12,6 +12,7 @@ import scipy.stats
 from timm_remem.cli import build_parser, main
 from timm_remem.cli import study as study_cmd
 from timm_remem.errors import ConfigError
+from timm_remem.study import study_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,6 +34,30 @@ def test_flags_override_the_config_file(tmp_path):
     assert opts == {"teacher": "vit_small_patch16_224", "student": "resnet18", "seeds": 4,
                     "finetune": {"lr": 1e-4, "epochs": 2}, "distill": {"epochs": 2}, "mi": None,
                     "schedule": ["exponential", "constant"], "confidence": 0.9, "device": "cpu", "amp": True}
+
+
+def test_onepass_and_the_sharpness_options_from_flags_and_the_config_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("quick: true\narms: [plain, onepass]\nsharpness: {iters: 9, batches: 2}\n")
+    args = _parser().parse_args(["study", "--config", str(path), "--sharpness", "batch-size=8", "iters=3",
+                                 "rho=null"])
+    opts = study_cmd.options(args)
+    assert opts == {"quick": True, "arms": ["plain", "onepass"],
+                    "sharpness": {"iters": 3, "batches": 2, "batch_size": 8, "rho": None}}
+    cfg = study_config(**opts)
+    assert cfg.arms == ["plain", "onepass"] and cfg.sharpness == {"batches": 2, "batch_size": 8, "iters": 3,
+                                                                  "rho": None}
+    off = study_cmd.options(_parser().parse_args(["study", "--config", str(path), "--no-sharpness"]))
+    assert off["sharpness"] is None and study_config(**off).sharpness is None
+    flags = study_cmd.options(_parser().parse_args(["study", "--quick", "--arms", "onepass", "sam"]))
+    assert study_config(**flags).arms == ["sam", "onepass"]
+
+
+def test_bad_sharpness_option_on_the_command_line_is_a_config_error(tmp_path):
+    args = _parser().parse_args(["study", "--quick", "--sharpness", "iters=0", "--output", str(tmp_path / "s")])
+    with pytest.raises(ConfigError, match="sharpness iters must be a positive integer, got 0"):
+        args.func(args)
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_flag_left_out_is_not_passed():
@@ -72,7 +97,8 @@ def test_quick_end_to_end_prints_the_table_and_writes_recomputable_intervals(tmp
         else:
             low, high = scipy.stats.t.interval(0.95, 1, loc=sum(values) / 2, scale=scipy.stats.sem(values))
             assert (iv["low"], iv["high"]) == (pytest.approx(low), pytest.approx(high))
-    assert set(data["stage_times_s"]) == {"teacher", "mi", "student"}
+    assert set(data["stage_times_s"]) == {"teacher", "mi", "sharpness", "student"}
+    assert "| arm " in text and "SAM increase (rho 0.05)" in text  # the sharpness table, printed too
 
 
 def test_run_refuses_unknown_arms_before_anything_runs(tmp_path):

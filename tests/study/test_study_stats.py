@@ -9,7 +9,15 @@ import pytest
 import scipy.stats
 
 from timm_remem.errors import ConfigError
-from timm_remem.study import Interval, mean_interval, paired_interval, t_cdf, t_quantile, verdict
+from timm_remem.study import (
+    Interval,
+    mean_interval,
+    paired_interval,
+    sharpness_verdict,
+    t_cdf,
+    t_quantile,
+    verdict,
+)
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 7, 10, 19, 30, 61])
@@ -56,6 +64,23 @@ def test_one_value_has_no_interval():
 ])
 def test_verdict_follows_the_interval(low, high, expected):
     assert verdict(Interval((low + high) / 2, low, high, 0.01, 3, 0.95)) == expected
+
+
+@pytest.mark.parametrize(("low", "high", "expected"), [
+    (-0.02, -0.001, "flatter"), (0.001, 0.03, "sharper"), (-0.01, 0.02, "no detectable difference at this N"),
+    (-0.02, 0.0, "no detectable difference at this N"),
+])
+def test_sharpness_verdict_follows_the_interval_lower_is_flatter(low, high, expected):
+    assert sharpness_verdict(Interval((low + high) / 2, low, high, 0.01, 3, 0.95)) == expected
+
+
+def test_sharpness_verdict_agrees_with_a_one_sided_reading_of_ttest_rel():
+    arm, plain = [0.10, 0.12, 0.11, 0.09], [0.15, 0.16, 0.18, 0.14]
+    iv = paired_interval(arm, plain)
+    assert sharpness_verdict(iv) == "flatter"
+    result = scipy.stats.ttest_rel(arm, plain)
+    assert result.pvalue < 0.05 and result.statistic < 0
+    assert sharpness_verdict(mean_interval([0.5])) is None
 
 
 def test_bad_values_are_named():

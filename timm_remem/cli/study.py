@@ -4,7 +4,9 @@ Settings come from, in increasing priority: ``--quick`` (tiny test models on dig
 JSON, the :class:`~timm_remem.study.StudyConfig` fields), then the flags typed. Stage settings go through
 ``--finetune KEY=VALUE ...``, ``--distill KEY=VALUE ...`` and ``--select-options KEY=VALUE ...`` (values are read as
 JSON where they parse, e.g. ``lr=1e-3 save_at=[2,4]``); ``--epochs``, ``--img-size``, ``--batch-size`` and
-``--limit-train-batches`` set both the teacher's and the student's.
+``--limit-train-batches`` set both the teacher's and the student's. The measurements take ``--mi KEY=VALUE ...`` /
+``--no-mi`` and ``--sharpness KEY=VALUE ...`` (``batches``, ``batch_size``, ``iters``, ``tol``, ``rho``, ``eigen``,
+``seed``) / ``--no-sharpness``.
 
 Example:
     >>> import argparse
@@ -24,7 +26,7 @@ import json
 from typing import Any
 
 from ..study import runner as _runner
-from ..study.config import ARMS, load_config, study_config
+from ..study.config import ARMS, DEFAULT_ARMS, SHARPNESS_DEFAULTS, load_config, study_config
 from ._args import json_dict
 
 __all__ = ["register", "options", "run", "key_values"]
@@ -66,11 +68,12 @@ def _confidence(text: str) -> float | None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``study`` sub-command."""
     p = subparsers.add_parser(
-        "study", help="the ReMem ablation (plain, reweight, sam, remem, student) over seeds, with intervals",
+        "study", help="the ReMem ablation (plain, reweight, sam, onepass, remem, student) over seeds, with intervals",
         description="For every arm and seed: fine-tune the teacher, optionally pick its checkpoint (select), "
-        "measure I(X; F_T) and distill the student; then per-arm means with Student-t intervals, paired "
-        "differences against plain and a verdict. Each (arm, seed) is a resumable run folder; rerunning a killed "
-        "study resumes it and skips finished runs.",
+        "measure I(X; F_T) and the teacher's sharpness, and distill the student; then per-arm means with Student-t "
+        "intervals, paired differences against plain and verdicts. Each (arm, seed) is a resumable run folder; "
+        "rerunning a killed study resumes it and skips finished runs; a rerun with more arms or seeds runs only "
+        "those, one with other sharpness options measures only the sharpness again.",
     )
     S = argparse.SUPPRESS
     g = p.add_argument_group("what to compare")
@@ -89,14 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dataset", default=S, help="dataset, as finetune and distill take it (default: digits)")
     g.add_argument("--data-dir", dest="data_dir", default=S, help="dataset root folder (default: unset)")
     g.add_argument("--arms", nargs="+", metavar="ARM", default=S,
-                   help=f"arms to run, from {', '.join(ARMS)} (default: all)")
+                   help=f"arms to run, from {', '.join(ARMS)} (default: {' '.join(DEFAULT_ARMS)})")
     g.add_argument("--seeds", type=int, default=S, help="seeds per arm (default: 3)")
     g.add_argument("--first-seed", dest="first_seed", type=int, default=S, help="first seed (default: 0)")
     g.add_argument("--alpha", type=float, nargs="+", default=S,
                    help="reweighting factor(s); several add arms (a sweep) (default: 0.85)")
     g.add_argument("--schedule", nargs="+", choices=["exponential", "constant"], default=S,
                    help="reweighting schedule(s); several add arms (default: exponential)")
-    g.add_argument("--rho", type=float, default=S, help="SAM radius of the sam and remem arms (default: 0.05)")
+    g.add_argument("--rho", type=float, default=S, help="SAM radius of the sam, onepass and remem arms (default: 0.05)")
     g.add_argument("--select", action="store_true", default=S,
                    help="pick each teacher's checkpoint with ReMem's protocol (default: off, the last one)")
     s = p.add_argument_group("stage settings")
@@ -119,6 +122,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "2000 samples)")
     s.add_argument("--no-mi", dest="no_mi", action="store_true", default=S, help="skip the MI measurement "
                    "(default: measured)")
+    defaults = " ".join(f"{k}={'study rho' if v is None else str(v).lower()}" for k, v in SHARPNESS_DEFAULTS.items())
+    s.add_argument("--sharpness", nargs="+", type=key_values("--sharpness"), metavar="KEY=VALUE", default=S,
+                   help=f"options of the teachers' sharpness measurement (SAM increase, top Hessian eigenvalue), e.g. "
+                   f"iters=50 batches=8 (default: {defaults})")
+    s.add_argument("--no-sharpness", dest="no_sharpness", action="store_true", default=S,
+                   help="skip the sharpness measurement (default: measured)")
     r = p.add_argument_group("running")
     r.add_argument("--confidence", type=_confidence, default=S,
                    help="confidence level of the intervals, or 'none' (allows one seed) (default: 0.95)")
@@ -136,7 +145,7 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     # the top-level parser's own options (--debug) are not study settings
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
     out: dict[str, Any] = load_config(given.pop("config")) if "config" in given else {}
-    for key in ("finetune", "distill", "select_options", "mi"):
+    for key in ("finetune", "distill", "select_options", "mi", "sharpness"):
         if key in given:
             base = out.get(key) if isinstance(out.get(key), dict) else {}
             out[key] = {**base, **dict(given.pop(key))}
@@ -146,6 +155,8 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
             out[key] = {**(out.get(key) or {}), **both}
     if given.pop("no_mi", False):
         out["mi"] = None
+    if given.pop("no_sharpness", False):
+        out["sharpness"] = None
     out.update(given)
     return out
 

@@ -1,10 +1,11 @@
 """Studies: the ReMem ablation as one call, over seeds, with confidence intervals (``timm-remem study``).
 
-- :mod:`~timm_remem.study.config`: :class:`StudyConfig`, the arms (``plain``, ``reweight``, ``sam``, ``remem``,
-  ``student``) and sweeps, config files (YAML/JSON).
-- :mod:`~timm_remem.study.runner`: :func:`run_study`, one resumable run folder per (arm, seed).
+- :mod:`~timm_remem.study.config`: :class:`StudyConfig`, the arms (``plain``, ``reweight``, ``sam``, ``onepass``,
+  ``remem``, ``student``) and sweeps, the sharpness options, config files (YAML/JSON).
+- :mod:`~timm_remem.study.runner`: :func:`run_study`, one resumable run folder per (arm, seed); each teacher's
+  sharpness is its own stage (``_sharpness``: the images and the measure).
 - :mod:`~timm_remem.study.stats`: Student-t intervals, paired differences and verdicts (math only).
-- :mod:`~timm_remem.study.report`: the table, ``study.json`` and the plot.
+- :mod:`~timm_remem.study.report`: the tables, ``study.json`` and the plot.
 - :mod:`~timm_remem.study.demo`: :func:`run_demo`, the offline demo as a small study (``timm-remem demo``).
 
 Example:
@@ -20,27 +21,55 @@ from typing import TYPE_CHECKING
 
 # Public name -> its module (PEP 562): ``timm_remem.study.config`` (the settings the CLI parses) loads without torch.
 _LAZY = {
-    **dict.fromkeys(("ARMS", "QUICK", "REWEIGHT_ARMS", "Arm", "StudyConfig", "load_config", "plan_arms",
-                     "study_config"), "config"),
+    **dict.fromkeys(("ARMS", "DEFAULT_ARMS", "QUICK", "REWEIGHT_ARMS", "SAM_ARMS", "SHARPNESS_DEFAULTS", "Arm",
+                     "StudyConfig", "load_config", "plan_arms", "sharpness_settings", "study_config"), "config"),
     **dict.fromkeys(("DEMO_CAVEAT", "DEMO_SEEDS", "StudyDemoResult", "run_demo"), "demo"),
-    **dict.fromkeys(("CAVEAT", "StudyResult", "format_study_table", "summarise"), "report"),
+    **dict.fromkeys(("CAVEAT", "StudyResult", "format_study_table", "format_sharpness_table", "summarise"),
+                    "report"),
     **dict.fromkeys(("RESULT_FILE", "SETTINGS_FILE", "run_folder", "run_settings", "run_study"), "runner"),
-    **dict.fromkeys(("VERDICTS", "Interval", "mean_interval", "paired_interval", "t_cdf", "t_quantile", "verdict"),
-                    "stats"),
+    **dict.fromkeys(("VERDICTS", "SHARPNESS_VERDICTS", "Interval", "mean_interval", "paired_interval", "t_cdf",
+                     "t_quantile", "verdict", "sharpness_verdict"), "stats"),
 }
 
 if TYPE_CHECKING:
-    from .config import ARMS, QUICK, REWEIGHT_ARMS, Arm, StudyConfig, load_config, plan_arms, study_config
+    from .config import (
+        ARMS,
+        DEFAULT_ARMS,
+        QUICK,
+        REWEIGHT_ARMS,
+        SAM_ARMS,
+        SHARPNESS_DEFAULTS,
+        Arm,
+        StudyConfig,
+        load_config,
+        plan_arms,
+        sharpness_settings,
+        study_config,
+    )
     from .demo import DEMO_CAVEAT, DEMO_SEEDS, StudyDemoResult, run_demo
-    from .report import CAVEAT, StudyResult, format_study_table, summarise
+    from .report import CAVEAT, StudyResult, format_sharpness_table, format_study_table, summarise
     from .runner import RESULT_FILE, SETTINGS_FILE, run_folder, run_settings, run_study
-    from .stats import VERDICTS, Interval, mean_interval, paired_interval, t_cdf, t_quantile, verdict
+    from .stats import (
+        SHARPNESS_VERDICTS,
+        VERDICTS,
+        Interval,
+        mean_interval,
+        paired_interval,
+        sharpness_verdict,
+        t_cdf,
+        t_quantile,
+        verdict,
+    )
 
 __all__ = [
     "ARMS",
+    "DEFAULT_ARMS",
     "REWEIGHT_ARMS",
+    "SAM_ARMS",
     "QUICK",
+    "SHARPNESS_DEFAULTS",
     "VERDICTS",
+    "SHARPNESS_VERDICTS",
     "CAVEAT",
     "Arm",
     "StudyConfig",
@@ -55,14 +84,17 @@ __all__ = [
     "run_settings",
     "load_config",
     "plan_arms",
+    "sharpness_settings",
     "study_config",
     "summarise",
     "format_study_table",
+    "format_sharpness_table",
     "mean_interval",
     "paired_interval",
     "t_cdf",
     "t_quantile",
     "verdict",
+    "sharpness_verdict",
     "RESULT_FILE",
     "SETTINGS_FILE",
 ]

@@ -1,12 +1,15 @@
 """The settings of a study: :class:`StudyConfig`, its arms (:func:`plan_arms`) and config files (:func:`load_config`).
 
 A study is the ReMem ablation over seeds: for every arm and seed, fine-tune the teacher, optionally pick its
-checkpoint with ReMem's protocol (``select``), measure its ``I(X; F_T)`` and distill the student. The arms:
+checkpoint with ReMem's protocol (``select``), measure its ``I(X; F_T)`` and its sharpness (a manipulation check:
+did the SAM arms flatten the teacher?) and distill the student. The arms:
 
 - ``plain``: the teacher fine-tuned as it is (no reweighting, no SAM);
 - ``reweight``: reweighted (``alpha``, ``schedule``), no SAM;
-- ``sam``: SAM (``rho``), no reweighting;
-- ``remem``: both;
+- ``sam``: the exact SAM (``rho``), no reweighting;
+- ``onepass``: the one-pass SAM (Momentum-SAM, ``FinetuneConfig(sam="onepass")``, same ``rho``), no reweighting;
+  not in the default arms (ask for it: ``arms=[..., "onepass"]``);
+- ``remem``: reweighting and the exact SAM;
 - ``student``: the student trained alone (no teacher).
 
 Several ``alpha`` values or schedules (a sweep) give one ``reweight`` and one ``remem`` arm per combination, named
@@ -33,10 +36,15 @@ from .._validation import check_bool, check_float, check_int
 from ..errors import ConfigError
 from ..train.config import DistillConfig, FinetuneConfig
 
-__all__ = ["ARMS", "REWEIGHT_ARMS", "QUICK", "Arm", "StudyConfig", "plan_arms", "load_config", "study_config"]
+__all__ = ["ARMS", "DEFAULT_ARMS", "REWEIGHT_ARMS", "SAM_ARMS", "QUICK", "SHARPNESS_DEFAULTS", "Arm", "StudyConfig",
+           "plan_arms", "sharpness_settings", "load_config", "study_config"]
 
 #: Every arm a study knows, in the order reports list them.
-ARMS = ("plain", "reweight", "sam", "remem", "student")
+ARMS = ("plain", "reweight", "sam", "onepass", "remem", "student")
+#: The arms a study runs when none are named: the paper's ablation and the student alone (``onepass`` is opt-in).
+DEFAULT_ARMS = ("plain", "reweight", "sam", "remem", "student")
+#: The arms whose teacher trains with SAM, and the SAM algorithm each uses (``FinetuneConfig.sam``).
+SAM_ARMS = {"sam": "exact", "onepass": "onepass", "remem": "exact"}
 #: The arms whose teacher is reweighted (they need a teacher with transformer MLP branches).
 REWEIGHT_ARMS = ("reweight", "remem")
 #: What ``quick=True`` (``--quick``) sets: tiny timm test models on digits, 2 seeds, 1 epoch of 2 batches.
@@ -44,15 +52,20 @@ QUICK: dict[str, Any] = {
     "teacher": "test_vit", "student": "test_resnet", "dataset": "digits", "seeds": 2, "teacher_kwargs": {},
     "student_kwargs": {}, "finetune": {"epochs": 1, "img_size": 16, "limit_train_batches": 2},
     "distill": {"epochs": 1, "img_size": 16, "limit_train_batches": 2}, "select_options": {"epochs": 1},
-    "mi": {"max_samples": 200},
+    "mi": {"max_samples": 200}, "sharpness": {"batches": 1, "batch_size": 16, "iters": 5},
 }
+#: The sharpness measurement's options and their defaults (``rho`` None: the study's ``rho``). The CPU protocol
+#: (docs/evidence.md: a 0.69 M-parameter ViT at 32 px, 50 images) spent 3 to 5 s per teacher on it (one thread).
+SHARPNESS_DEFAULTS: dict[str, Any] = {"batches": 4, "batch_size": 32, "iters": 30, "tol": 1e-3, "rho": None,
+                                      "eigen": True, "seed": 0}
 # Stage fields the study sets itself (per arm and seed, or once for every stage).
 _STUDY_OWNED = ("model", "model_kwargs", "pretrained", "dataset", "data_dir", "seed", "output", "resume",
-                "progress", "device", "amp", "alpha", "schedule", "rho", "teacher", "teacher_kwargs",
+                "progress", "device", "amp", "alpha", "schedule", "rho", "sam", "teacher", "teacher_kwargs",
                 "teacher_pretrained")
 _MI_OPTIONS = ("features", "method", "noise", "conditional", "max_dim", "max_samples", "seed")
-# Fields that may change between two invocations of one study (they do not change what a run computes).
-_FREE = ("arms", "seeds", "first_seed", "output", "progress", "confidence", "quick")
+# Fields that may change between two invocations of one study (they do not change what a run's training computes;
+# a changed sharpness option recomputes the sharpness stage only).
+_FREE = ("arms", "seeds", "first_seed", "output", "progress", "confidence", "quick", "sharpness")
 
 
 @dataclass(frozen=True)
@@ -61,10 +74,12 @@ class Arm:
 
     Attributes:
         name: The arm's name (also its folder name).
-        kind: ``"plain"``, ``"reweight"``, ``"sam"``, ``"remem"`` or ``"student"``.
+        kind: ``"plain"``, ``"reweight"``, ``"sam"``, ``"onepass"``, ``"remem"`` or ``"student"``.
         alpha: Reweighting factor (reweight / remem), else None.
         schedule: Reweighting schedule (reweight / remem), else None.
-        rho: SAM radius (sam / remem), else 0.
+        rho: SAM radius (sam / onepass / remem), else 0.
+        sam: The SAM algorithm of the teacher (``FinetuneConfig.sam``): ``"onepass"`` for ``onepass``, else
+            ``"exact"`` (also where ``rho`` is 0 and no SAM runs).
     """
 
     name: str
@@ -72,6 +87,7 @@ class Arm:
     alpha: float | None = None
     schedule: str | None = None
     rho: float = 0.0
+    sam: str = "exact"
 
     @property
     def has_teacher(self) -> bool:
@@ -93,12 +109,12 @@ class StudyConfig:
         teacher_kwargs: ``timm.create_model`` arguments of the teacher.
         student_kwargs: ``timm.create_model`` arguments of the student.
         pretrained: Start the teacher from its pretrained weights (the paper's setting).
-        arms: Arms to run (from :data:`ARMS`).
+        arms: Arms to run (from :data:`ARMS`; default :data:`DEFAULT_ARMS`).
         seeds: Number of seeds per arm.
         first_seed: The seeds are ``first_seed .. first_seed + seeds - 1``.
         alpha: Reweighting factors; more than one adds arms (a sweep).
         schedule: Reweighting schedules; more than one adds arms.
-        rho: SAM radius of the ``sam`` and ``remem`` arms.
+        rho: SAM radius of the ``sam``, ``onepass`` and ``remem`` arms.
         select: Pick each teacher's checkpoint with ReMem's protocol (:func:`~timm_remem.train.select_teacher`)
             instead of taking the last one.
         finetune: :class:`~timm_remem.train.FinetuneConfig` fields of the teachers (``epochs``, ``lr``, ...).
@@ -106,6 +122,10 @@ class StudyConfig:
         select_options: :class:`~timm_remem.train.DistillConfig` fields of the short ``select`` distillations.
         mi: :func:`~timm_remem.analysis.teacher_information` options (``method``, ``features``, ``noise``,
             ``max_samples``, ...); None: no MI measurement.
+        sharpness: Options of the sharpness measurement of every teacher (:func:`sharpness_settings`;
+            :data:`SHARPNESS_DEFAULTS`: ``batches``, ``batch_size``, ``iters``, ``tol``, ``rho``, ``eigen``,
+            ``seed``); None: not measured. May change between invocations of a study: only the sharpness stage
+            is then recomputed.
         confidence: Confidence level of the intervals; None: no intervals (allows one seed).
         device: Device of every stage (``auto``, ``cpu``, ``cuda``, ``cuda:1``).
         amp: Mixed precision in every stage.
@@ -121,7 +141,7 @@ class StudyConfig:
     teacher_kwargs: dict = field(default_factory=dict)
     student_kwargs: dict = field(default_factory=dict)
     pretrained: bool = False
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     seeds: int = 3
     first_seed: int = 0
     alpha: list[float] = field(default_factory=lambda: [0.85])
@@ -132,6 +152,7 @@ class StudyConfig:
     distill: dict = field(default_factory=dict)
     select_options: dict = field(default_factory=dict)
     mi: dict | None = field(default_factory=dict)
+    sharpness: dict | None = field(default_factory=dict)
     confidence: float | None = 0.95
     device: str = "auto"
     amp: bool = False
@@ -154,9 +175,9 @@ class StudyConfig:
         self.arms = _name_list("arms", self.arms)
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
-            raise ConfigError(f"unknown arm(s) {unknown}; a study's arms are {', '.join(ARMS)}")
+            raise ConfigError(f"unknown arm(s) {unknown}; a study's arms are {_ARM_WORDS}")
         if not self.arms:
-            raise ConfigError(f"arms is empty; name at least one of {', '.join(ARMS)}")
+            raise ConfigError(f"arms is empty; name at least one of {_ARM_WORDS}")
         self.arms = [a for a in ARMS if a in self.arms]  # report order, duplicates dropped
         check_int("seeds", self.seeds, low=1)
         check_int("first_seed", self.first_seed, low=0)
@@ -169,7 +190,8 @@ class StudyConfig:
         bad = [s for s in self.schedule if s not in ("exponential", "constant")]
         if bad or not self.schedule:
             raise ConfigError(f"schedule must list 'exponential' and/or 'constant', got {self.schedule!r}")
-        check_float("rho", self.rho, low=0, low_open=True, hint="the sam and remem arms need a SAM radius, e.g. 0.05")
+        check_float("rho", self.rho, low=0, low_open=True,
+                    hint="the sam, onepass and remem arms need a SAM radius, e.g. 0.05")
         check_bool("select", self.select)
         check_bool("pretrained", self.pretrained)
         check_bool("amp", self.amp)
@@ -180,6 +202,12 @@ class StudyConfig:
             extra = sorted(set(self.mi) - set(_MI_OPTIONS))
             if extra:
                 raise ConfigError(f"unknown mi option(s) {extra}; valid: {list(_MI_OPTIONS)}")
+        if self.sharpness is not None:
+            if not isinstance(self.sharpness, Mapping):
+                raise ConfigError(f"sharpness must be a mapping of sharpness options such as {{'iters': 20}}, or None "
+                                  f"(--no-sharpness) to skip the measurement, got {self.sharpness!r}")
+            self.sharpness = dict(self.sharpness)
+            _check_sharpness(self.sharpness)
         if self.confidence is not None:
             check_float("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True,
                         hint="0.95 is usual; None turns intervals off")
@@ -213,6 +241,50 @@ class StudyConfig:
         return {k: v for k, v in json.loads(json.dumps(self.to_dict())).items() if k not in _FREE + ("version",)}
 
 
+# The arms in words, defaults first: "plain, reweight, sam, remem, student (the default) and onepass".
+_ARM_WORDS = (", ".join(DEFAULT_ARMS) + " (the default) and " + ", ".join(a for a in ARMS if a not in DEFAULT_ARMS))
+
+
+def _check_sharpness(options: dict[str, Any]) -> None:
+    extra = sorted(set(options) - set(SHARPNESS_DEFAULTS))
+    if extra:
+        raise ConfigError(f"unknown sharpness option(s) {extra}; valid: {list(SHARPNESS_DEFAULTS)} (or sharpness=None, "
+                          "--no-sharpness, to skip the measurement)")
+    for name in ("batches", "batch_size", "iters"):
+        if name in options:
+            check_int(f"sharpness {name}", options[name], low=1)
+    if "seed" in options:
+        check_int("sharpness seed", options["seed"], low=0)
+    if "tol" in options:
+        check_float("sharpness tol", options["tol"], low=0, low_open=True, hint="a relative tolerance such as 1e-3")
+    if "rho" in options:
+        check_float("sharpness rho", options["rho"], low=0, low_open=True, allow_none=True,
+                    hint="SAM's radius, e.g. 0.05; None takes the study's rho")
+    if "eigen" in options:
+        check_bool("sharpness eigen", options["eigen"], hint="eigen=false skips the Hessian's top eigenvalue")
+
+
+def sharpness_settings(cfg: StudyConfig) -> dict[str, Any] | None:
+    """The sharpness options every teacher of ``cfg`` is measured with (defaults filled in, ``rho`` resolved to the
+    study's), or None when the measurement is off.
+
+    Example:
+        >>> cfg = StudyConfig(teacher="t", student="s", rho=0.1, sharpness={"iters": 5})
+        >>> s = sharpness_settings(cfg)
+        >>> s["iters"], s["rho"], s["batch_size"]
+        (5, 0.1, 32)
+        >>> sharpness_settings(StudyConfig(teacher="t", student="s", sharpness=None)) is None
+        True
+    """
+    if cfg.sharpness is None:
+        return None
+    out = {**SHARPNESS_DEFAULTS, **cfg.sharpness}
+    if out["rho"] is None:
+        out["rho"] = cfg.rho
+    out["rho"], out["tol"] = float(out["rho"]), float(out["tol"])
+    return out
+
+
 def _name_list(name: str, value: Any) -> list[str]:
     if isinstance(value, str):
         value = [v for v in value.replace(",", " ").split() if v]
@@ -229,8 +301,8 @@ def _check_stage(name: str, cls: type, options: dict[str, Any]) -> None:
     owned = sorted(set(options) & set(_STUDY_OWNED))
     if owned:
         raise ConfigError(f"{name} setting(s) {owned} are set by the study itself (per arm and seed, or once for "
-                          "every stage: teacher, student, dataset, data_dir, device, amp, alpha, schedule, rho); set "
-                          "them at the study level")
+                          "every stage: teacher, student, dataset, data_dir, device, amp, alpha, schedule, rho, and "
+                          "sam by the arm: sam or onepass); set them at the study level")
 
 
 def plan_arms(cfg: StudyConfig) -> list[Arm]:
@@ -250,7 +322,7 @@ def plan_arms(cfg: StudyConfig) -> list[Arm]:
                         f"-{schedule}" if len(cfg.schedule) > 1 else "")
                     arms.append(Arm(name, kind, alpha, schedule, cfg.rho if kind == "remem" else 0.0))
         else:
-            arms.append(Arm(kind, kind, rho=cfg.rho if kind == "sam" else 0.0))
+            arms.append(Arm(kind, kind, rho=cfg.rho if kind in SAM_ARMS else 0.0, sam=SAM_ARMS.get(kind, "exact")))
     return arms
 
 
@@ -312,7 +384,7 @@ def study_config(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwa
         raise ConfigError(f"unknown study setting(s) {unknown}; valid: {sorted(known)}")
     if merged.get("quick"):
         preset = dict(QUICK)
-        for key in ("finetune", "distill", "select_options", "mi"):  # stage dicts merge key by key
+        for key in ("finetune", "distill", "select_options", "mi", "sharpness"):  # dicts merge key by key
             if isinstance(merged.get(key), Mapping):
                 merged[key] = {**QUICK[key], **merged[key]}
         merged = {**preset, **merged}

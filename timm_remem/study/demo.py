@@ -148,7 +148,7 @@ def run_demo(output: str | os.PathLike = "remem-demo", *, quick: bool = False, p
     study = run_study(teacher=teacher, teacher_kwargs=teacher_kwargs, student=student, student_kwargs=student_kwargs,
                       dataset="digits", arms=["plain", "remem", "student"], seeds=seeds, first_seed=seed,
                       alpha=[DEMO_ALPHA], rho=DEMO_RHO, finetune=finetune, distill=distill,
-                      mi={"max_samples": 360}, device="cpu", output=str(out), progress=False)
+                      mi={"max_samples": 360}, sharpness=None, device="cpu", output=str(out), progress=False)
     rows = _stage_rows(study)
     settings = (f"teachers: {_named(teacher, teacher_kwargs)} from scratch on digits, {t_epochs} epochs; ReMem = "
                 f"alpha {DEMO_ALPHA} + SAM rho {DEMO_RHO}; student: {_named(student, student_kwargs)}, {s_epochs} "

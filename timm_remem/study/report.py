@@ -1,5 +1,10 @@
 """A study's statistics and report: per-arm means with intervals, paired differences against ``plain``, verdicts,
-the table (``study.md``), every number (``study.json``, with the per-seed rows) and the plot (``study.png``).
+the tables (``study.md``: accuracy and I(X; F_T); the teachers' sharpness when measured), every number
+(``study.json``, with the per-seed rows) and the plot (``study.png``).
+
+Verdicts: the student's accuracy against ``plain`` is ``better`` / ``worse`` when the paired interval lies wholly
+above / below 0; each sharpness measure (SAM's loss increase, the Hessian's top eigenvalue) against ``plain`` is
+``flatter`` / ``sharper`` when it lies wholly below / above 0; otherwise ``no detectable difference at this N``.
 
 Example:
     >>> from timm_remem.study.config import StudyConfig
@@ -15,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +29,14 @@ from typing import Any
 from .._io import atomic_write_text
 from ..analysis.plots import plot_study
 from ._table import markdown_table
-from .config import StudyConfig
-from .stats import VERDICTS, mean_interval, paired_interval, verdict
+from .config import StudyConfig, sharpness_settings
+from .stats import VERDICTS, mean_interval, paired_interval, sharpness_verdict, verdict
 
-__all__ = ["StudyResult", "summarise", "format_study_table", "write_report", "CAVEAT"]
+__all__ = ["StudyResult", "summarise", "format_study_table", "format_sharpness_table", "format_number", "write_report",
+           "CAVEAT"]
 
-_METRICS = ("teacher_acc", "student_acc", "mi")
+_SHARPNESS = ("sam_increase", "top_eigenvalue")
+_METRICS = ("teacher_acc", "student_acc", "mi", *_SHARPNESS)
 #: What every study report says about its own reach.
 CAVEAT = ("Intervals are Student-t over seeds (paired against plain on the same seeds); a verdict holds for this "
           "setting and this N only. Teachers trained from random weights on a small dataset do not reproduce "
@@ -40,9 +48,12 @@ class StudyResult:
     """Outcome of :func:`~timm_remem.study.run_study`.
 
     Attributes:
-        arms: One dict per arm: ``arm``, ``n``, ``teacher_acc`` / ``student_acc`` / ``mi`` (interval dicts or None),
-            and ``vs_plain`` (paired differences and the ``verdict``; None for ``plain`` itself or without it).
-        runs: One dict per (arm, seed): ``arm``, ``seed``, ``teacher_acc``, ``student_acc``, ``mi``, ``checkpoint``,
+        arms: One dict per arm: ``arm``, ``n``, ``teacher_acc`` / ``student_acc`` / ``mi`` / ``sam_increase`` /
+            ``top_eigenvalue`` (interval dicts or None), ``sharpness`` (how many power iterations converged, or
+            None), and ``vs_plain`` (paired differences, the student's ``verdict`` and the ``sharpness_verdicts``;
+            None for ``plain`` itself or without it).
+        runs: One dict per (arm, seed): ``arm``, ``seed``, ``teacher_acc``, ``student_acc``, ``mi``,
+            ``sam_increase``, ``top_eigenvalue``, ``checkpoint``, ``sharpness`` (the stage's settings and details),
             ``times``.
         table: The printed table (also in ``study.md``).
         output: The study folder.
@@ -79,10 +90,14 @@ def summarise(cfg: StudyConfig, arm_names: Sequence[str], runs: Sequence[dict[st
         entry: dict[str, Any] = {"arm": name, "n": len(rows), "seeds": [r["seed"] for r in rows]}
         for metric in _METRICS:
             entry[metric] = _interval([r.get(metric) for r in rows], cfg.confidence, f"{name} {metric}")
+        measured = [r["sharpness"] for r in rows if r.get("sharpness")]
+        entry["sharpness"] = {"runs": len(measured), "eigen_converged": sum(bool(m.get("eigen_converged"))
+                                                                            for m in measured)} if measured else None
         entry["vs_plain"] = None
         if name != "plain" and plain:
             paired = [r for r in rows if r["seed"] in plain]
-            diff: dict[str, Any] = {"seeds": [r["seed"] for r in paired]}
+            diff: dict[str, Any] = {"seeds": [r["seed"] for r in paired],
+                                    "sharpness_verdicts": dict.fromkeys(_SHARPNESS)}
             for metric in _METRICS:
                 a = [r.get(metric) for r in paired]
                 b = [plain[r["seed"]].get(metric) for r in paired]
@@ -94,6 +109,8 @@ def summarise(cfg: StudyConfig, arm_names: Sequence[str], runs: Sequence[dict[st
                                                                                      "half_width": None}
                 if metric == "student_acc":
                     diff["verdict"] = verdict(iv) if cfg.confidence else None
+                elif metric in _SHARPNESS:
+                    diff["sharpness_verdicts"][metric] = sharpness_verdict(iv) if cfg.confidence else None
             entry["vs_plain"] = diff
         out.append(entry)
     return out
@@ -107,8 +124,64 @@ def _cell(iv: dict[str, Any] | None, signed: bool = False) -> str:
     return text if iv.get("half_width") is None else f"{text} ± {iv['half_width']:.4f}"
 
 
+def format_number(iv: dict[str, Any] | None, signed: bool = False) -> str:
+    """A sharpness cell: ``mean ± half-width`` rounded to the half-width's second significant digit (4 significant
+    digits of the mean without an interval); ``-`` for None.
+
+    Example:
+        >>> format_number({"mean": 173.44, "half_width": 12.3}), format_number({"mean": -0.01234, "half_width": 0.0045},
+        ...                                                                     signed=True)
+        ('173 ± 12', '-0.0123 ± 0.0045')
+    """
+    if iv is None:
+        return "-"
+    mean, half = iv["mean"], iv.get("half_width")
+    if half:
+        digits = 1 - math.floor(math.log10(abs(half)))
+    elif mean:
+        digits = 3 - math.floor(math.log10(abs(mean)))
+    else:
+        digits = 4
+    digits = min(max(digits, 0), 10)
+    text = f"{mean:{'+' if signed else ''}.{digits}f}"
+    return text if half is None else f"{text} ± {half:.{digits}f}"
+
+
+def _batches(n: int) -> str:
+    return f"{n} batch" if n == 1 else f"{n} batches"
+
+
+def format_sharpness_table(cfg: StudyConfig, arms: Sequence[dict[str, Any]]) -> str | None:
+    """The teachers' sharpness (a manipulation check: did the SAM arms flatten the teacher?): per teacher arm, each
+    measure's mean ± half-width, its paired difference against ``plain`` and the verdict; None when nothing was
+    measured."""
+    rows_in = [a for a in arms if a.get("sam_increase") is not None or a.get("top_eigenvalue") is not None]
+    opts = sharpness_settings(cfg)
+    if not rows_in or opts is None:
+        return None
+    headers = ["arm", f"SAM increase (rho {opts['rho']:g})", "SAM increase - plain (paired)", "verdict",
+               "top Hessian eigenvalue", "eigenvalue - plain (paired)", "verdict"]
+    rows = []
+    for a in rows_in:
+        vs = a.get("vs_plain") or {}
+        words = vs.get("sharpness_verdicts") or {}
+        rows.append([a["arm"], format_number(a.get("sam_increase")), format_number(vs.get("sam_increase"), True),
+                     words.get("sam_increase") or "-", format_number(a.get("top_eigenvalue")),
+                     format_number(vs.get("top_eigenvalue"), True), words.get("top_eigenvalue") or "-"])
+    runs = sum((a.get("sharpness") or {}).get("runs", 0) for a in rows_in)
+    converged = sum((a.get("sharpness") or {}).get("eigen_converged", 0) for a in rows_in)
+    eigen = (f"the Hessian's top eigenvalue by power iteration (at most {opts['iters']} iterations, relative tolerance "
+             f"{opts['tol']:g}; {converged} of {runs} converged)") if opts["eigen"] else "no eigenvalue (eigen off)"
+    caption = (f"Teacher sharpness on the same training images for every run (up to {_batches(opts['batches'])} of "
+               f"{opts['batch_size']}, evaluation transform, task loss): SAM's loss increase at rho {opts['rho']:g} "
+               f"and {eigen}; lower is flatter. flatter / sharper: the paired interval against plain lies wholly "
+               "below / above 0.")
+    return markdown_table(headers, rows) + f"\n\n{caption}"
+
+
 def format_study_table(cfg: StudyConfig, arms: Sequence[dict[str, Any]]) -> str:
-    """The study's Markdown table: one row per arm, means ± half-widths of the intervals.
+    """The study's Markdown tables: one row per arm, means ± half-widths of the intervals; then, when the teachers'
+    sharpness was measured, its table (:func:`format_sharpness_table`).
 
     Example:
         >>> cfg = StudyConfig(teacher="t", student="s", seeds=2, arms=["plain"])
@@ -128,7 +201,8 @@ def format_study_table(cfg: StudyConfig, arms: Sequence[dict[str, Any]]) -> str:
         caption = f"mean ± half-width of the {100 * cfg.confidence:g}% Student-t intervals over seeds {cfg.seed_list}."
     else:
         caption = f"means over seeds {cfg.seed_list}; no intervals (confidence off)."
-    return markdown_table(headers, rows) + f"\n\n{caption}"
+    sharpness = format_sharpness_table(cfg, arms)
+    return markdown_table(headers, rows) + f"\n\n{caption}" + (f"\n\n{sharpness}" if sharpness else "")
 
 
 def write_report(cfg: StudyConfig, arms: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, *,

@@ -11,6 +11,11 @@ Layout of a study folder::
         result.json                the run's numbers and settings: the run is finished when it exists and matches
     study.json, study.md, study.png
 
+The stages of a run: ``teacher``, ``select`` (with ``select=True``), ``mi`` (unless ``mi=None``), ``sharpness``
+(unless ``sharpness=None``) and ``student``. The sharpness options are recorded with the sharpness stage, not in
+the run's settings: a finished run whose sharpness is missing or was measured with other options gets only that
+stage (from the teacher checkpoint on disk) and an updated ``result.json``; nothing is trained again.
+
 Example:
     >>> run_folder("runs/study", "student", 0).as_posix()
     'runs/study/runs/student/seed-0'
@@ -19,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -27,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from .._io import atomic_write_json
+from .._io import atomic_write_json, claim_output_dir
 from .._models import create_timm_model, data_config
 from ..analysis import teacher_information
 from ..data import create_dataset, create_loader
@@ -39,7 +45,8 @@ from ..train.config import DistillConfig, FinetuneConfig
 from ..train.console import LOGGER
 from ..train.recipes import distill_student, finetune_teacher
 from ..train.select import select_teacher
-from .config import REWEIGHT_ARMS, Arm, StudyConfig, plan_arms, study_config
+from ._sharpness import measure_teacher_sharpness
+from .config import REWEIGHT_ARMS, Arm, StudyConfig, plan_arms, sharpness_settings, study_config
 from .report import StudyResult, summarise, write_report
 
 __all__ = ["run_study", "run_folder", "run_settings", "SETTINGS_FILE", "RESULT_FILE"]
@@ -78,8 +85,8 @@ def _teacher_config(cfg: StudyConfig, arm: Arm, seed: int, folder: Path) -> Fine
     return FinetuneConfig(
         **options, model=cfg.teacher, model_kwargs=dict(cfg.teacher_kwargs), pretrained=cfg.pretrained,
         dataset=cfg.dataset, data_dir=cfg.data_dir, seed=seed, device=cfg.device, amp=cfg.amp, alpha=arm.alpha,
-        schedule=arm.schedule or "exponential", rho=arm.rho, output=str(folder / "teacher"), resume=_resume(options),
-        progress=cfg.progress,
+        schedule=arm.schedule or "exponential", rho=arm.rho, sam=arm.sam, output=str(folder / "teacher"),
+        resume=_resume(options), progress=cfg.progress,
     )
 
 
@@ -119,6 +126,36 @@ def run_settings(cfg: StudyConfig, arm: Arm, seed: int) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """The JSON form of each field default of a stage config class."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))
+
+
+_STAGE_CLASSES = {"finetune": FinetuneConfig, "distill": DistillConfig}
+
+
+def _same_settings(saved: Any, current: dict[str, Any]) -> bool:
+    """Whether a run's recorded settings are ``current``. A stage setting the record lacks counts as the same when
+    its value now is the field's default: a field added to FinetuneConfig/DistillConfig later defaults to what the
+    code did before (``sam="exact"``), so runs finished before it existed are not recomputed."""
+    if not isinstance(saved, dict) or saved.keys() != current.keys():
+        return False
+    for key, value in current.items():
+        old = saved[key]
+        if key in _STAGE_CLASSES and isinstance(value, dict) and isinstance(old, dict):
+            defaults = _defaults(_STAGE_CLASSES[key])
+            value = {k: v for k, v in value.items() if k in old or k not in defaults or v != defaults[k]}
+        if old != value:
+            return False
+    return True
+
+
 def _check_reweightable(cfg: StudyConfig, arms: list[Arm]) -> None:
     """Refuse, before anything runs, a teacher without MLP branches when reweight/remem arms are asked for."""
     wanted = [a.name for a in arms if a.kind in REWEIGHT_ARMS]
@@ -134,8 +171,8 @@ def _check_reweightable(cfg: StudyConfig, arms: list[Arm]) -> None:
         others = [a for a in cfg.arms if a not in REWEIGHT_ARMS]
         raise ConfigError(
             f"teacher {cfg.teacher!r} cannot be reweighted, so arm(s) {wanted} cannot run: {err} Arms that can "
-            f"still run with this teacher: {', '.join(others) or 'plain, sam, student'} (e.g. --arms "
-            f"{' '.join(others) or 'plain sam student'}), or pick a ViT-style teacher"
+            f"still run with this teacher: {', '.join(others) or 'plain, sam, onepass, student'} (e.g. --arms "
+            f"{' '.join(others) or 'plain sam onepass student'}), or pick a ViT-style teacher"
         ) from err
 
 
@@ -198,29 +235,69 @@ def _run_line(row: Mapping[str, Any], done: int, total: int, seconds: float) -> 
     return f"study [{done}/{total}] {row['arm']} seed {row['seed']}: {', '.join(parts)} ({seconds:.0f} s)"
 
 
+def _sharpness_stage(tcfg: FinetuneConfig, cfg: StudyConfig, arm: Arm, seed: int, checkpoint: str,
+                     wanted: dict[str, Any], stages: dict[str, Any], done: Callable[[str, dict[str, Any]], None],
+                     say: Callable[[str], None]) -> dict[str, Any]:
+    """The sharpness stage of a run: the one recorded when its options are ``wanted``, else measured now."""
+    stage = stages.get("sharpness")
+    if stage is None or stage.get("settings") != wanted or stage.get("checkpoint") != Path(checkpoint).name:
+        say(f"{arm.name} seed {seed}: measuring the teacher's sharpness")
+        t0 = time.perf_counter()
+        values = measure_teacher_sharpness(tcfg, checkpoint, wanted, cfg.device)
+        done("sharpness", {**values, "settings": wanted, "checkpoint": Path(checkpoint).name,
+                           "time_s": time.perf_counter() - t0})
+    return stages["sharpness"]
+
+
+def _set_sharpness(row: dict[str, Any], stage: dict[str, Any] | None) -> None:
+    """The sharpness fields of a result row: the two measures, the details (settings included) and the time."""
+    row["sam_increase"] = None if stage is None else stage["sam_increase"]
+    row["top_eigenvalue"] = None if stage is None else stage["top_eigenvalue"]
+    row["sharpness"] = None if stage is None else {k: v for k, v in stage.items()
+                                                   if k not in ("sam_increase", "top_eigenvalue", "time_s")}
+    row.setdefault("times", {}).pop("sharpness", None)
+    if stage is not None:
+        row["times"]["sharpness"] = stage["time_s"]
+
+
 def _run_one(cfg: StudyConfig, arm: Arm, seed: int, folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
     settings = run_settings(cfg, arm, seed)
+    wanted = sharpness_settings(cfg) if arm.has_teacher else None
     result_path = folder / RESULT_FILE
-    if result_path.is_file():
-        saved = json.loads(result_path.read_text(encoding="utf-8"))
-        if saved.get("settings") == settings:
-            say(f"{arm.name} seed {seed}: finished earlier, skipped")
-            return saved
-        raise ConfigError(f"run folder {str(folder)!r} holds a result computed with other settings; delete that "
-                          "folder to recompute it, or choose another study output folder")
     stages_path = folder / _STAGES_FILE
+    finished = None
+    if result_path.is_file():
+        finished = json.loads(result_path.read_text(encoding="utf-8"))
+        if not _same_settings(finished.get("settings"), settings):
+            raise ConfigError(f"run folder {str(folder)!r} holds a result computed with other settings; delete that "
+                              "folder to recompute it, or choose another study output folder")
+        if (finished.get("sharpness") or {}).get("settings") == wanted:
+            say(f"{arm.name} seed {seed}: finished earlier, skipped")
+            return finished
     stages: dict[str, Any] = {}
     if stages_path.is_file():
         saved = json.loads(stages_path.read_text(encoding="utf-8"))
-        stages = saved.get("stages", {}) if saved.get("settings") == settings else {}
+        stages = saved.get("stages", {}) if _same_settings(saved.get("settings"), settings) else {}
 
     def done(name: str, value: dict[str, Any]) -> None:
         stages[name] = value
         atomic_write_json(stages_path, {"settings": settings, "stages": stages})
 
+    if finished is not None:  # a finished run whose sharpness is missing, out of date or switched off: that only
+        row = {**finished, "settings": settings}
+        stage = None
+        if wanted is not None:
+            checkpoint = str(folder / "teacher" / "checkpoints" / finished["checkpoint"])
+            stage = _sharpness_stage(_teacher_config(cfg, arm, seed, folder), cfg, arm, seed, checkpoint, wanted,
+                                     stages, done, say)
+        _set_sharpness(row, stage)
+        atomic_write_json(result_path, row)
+        return row
+
     folder.mkdir(parents=True, exist_ok=True)
     row: dict[str, Any] = {"arm": arm.name, "kind": arm.kind, "seed": seed, "teacher_acc": None, "mi": None,
-                           "checkpoint": None, "times": {}}
+                           "sam_increase": None, "top_eigenvalue": None, "checkpoint": None, "sharpness": None,
+                           "times": {}}
     teacher_path = None
     if arm.has_teacher:
         tcfg = _teacher_config(cfg, arm, seed, folder)
@@ -248,6 +325,8 @@ def _run_one(cfg: StudyConfig, arm: Arm, seed: int, folder: Path, say: Callable[
                 done("mi", {"i_xf": _measure_mi(cfg, tcfg, teacher_path), "time_s": time.perf_counter() - t0})
             row["mi"] = stages["mi"]["i_xf"]
             row["times"]["mi"] = stages["mi"]["time_s"]
+        if wanted is not None:
+            _set_sharpness(row, _sharpness_stage(tcfg, cfg, arm, seed, teacher_path, wanted, stages, done, say))
     if "student" not in stages:
         say(f"{arm.name} seed {seed}: " + ("distilling the student" if teacher_path else "training the student alone"))
         res = distill_student(_student_config(cfg, seed, folder, teacher_path))
@@ -293,7 +372,7 @@ def run_study(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwargs
     _check_folder(cfg, out)
     _check_reweightable(cfg, arms)
     t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "study")  # the one ownership check (timm_remem._io): ours, or refused
     atomic_write_json(out / SETTINGS_FILE, cfg.fingerprint())
 
     def say(text: str) -> None:

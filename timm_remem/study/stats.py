@@ -23,10 +23,13 @@ from typing import Any
 from .._validation import check_float, check_int
 from ..errors import ConfigError
 
-__all__ = ["Interval", "t_cdf", "t_quantile", "mean_interval", "paired_interval", "verdict", "VERDICTS"]
+__all__ = ["Interval", "t_cdf", "t_quantile", "mean_interval", "paired_interval", "verdict", "sharpness_verdict",
+           "VERDICTS", "SHARPNESS_VERDICTS"]
 
-#: The three verdicts a paired interval can give.
+#: The three verdicts a paired interval of accuracies can give.
 VERDICTS = ("better", "worse", "no detectable difference at this N")
+#: The three verdicts a paired interval of a sharpness measure can give (lower is flatter).
+SHARPNESS_VERDICTS = ("flatter", "sharper", "no detectable difference at this N")
 
 
 def t_cdf(t: float, df: int) -> float:
@@ -189,3 +192,20 @@ def verdict(diff: Interval) -> str | None:
     if diff.high < 0:
         return VERDICTS[1]
     return VERDICTS[2]
+
+
+def sharpness_verdict(diff: Interval) -> str | None:
+    """What a paired interval of a sharpness measure (arm minus ``plain``) says: ``"flatter"`` (wholly below 0),
+    ``"sharper"`` (wholly above) or ``"no detectable difference at this N"``; ``None`` without an interval.
+
+    Example:
+        >>> sharpness_verdict(Interval(-0.02, -0.03, -0.01, 0.01, 3, 0.95))
+        'flatter'
+    """
+    if diff.low is None or diff.high is None:
+        return None
+    if diff.high < 0:
+        return SHARPNESS_VERDICTS[0]
+    if diff.low > 0:
+        return SHARPNESS_VERDICTS[1]
+    return SHARPNESS_VERDICTS[2]
