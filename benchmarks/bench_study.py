@@ -52,7 +52,7 @@ def by_study(s: dict, out: Path) -> None:
     run_study(teacher=s["teacher"], teacher_kwargs=s["teacher_kwargs"], student=s["student"],
               student_kwargs=s["student_kwargs"], dataset="digits", arms=["plain", "student"], seeds=1,
               confidence=None, finetune=s["finetune"], distill=s["distill"], mi={"max_samples": 360},
-              device="cpu", output=str(out), progress=False)
+              sharpness=None, device="cpu", output=str(out), progress=False)  # the stages below have no sharpness
 
 
 def by_stages(s: dict, out: Path) -> None:
