@@ -1,5 +1,6 @@
-"""Dataclass (de)serialisation shared by every config and result: sorted JSON-ready dicts stamped with the version,
-and loading that drops unknown keys with a warning (a newer timm-remem may have written them).
+"""Dataclass helpers shared by every config and result: sorted JSON-ready dicts stamped with the version, loading
+that drops unknown keys with a warning (a newer timm-remem may have written them), and ``documented``: a config
+class's ``Attributes:`` section generated from its fields' help, which is written once and also feeds the CLI.
 
 Example:
     >>> from dataclasses import dataclass
@@ -17,13 +18,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from ._version import __version__
 
-__all__ = ["dataclass_to_dict", "dataclass_from_dict", "known_fields"]
+__all__ = ["dataclass_to_dict", "dataclass_from_dict", "known_fields", "documented"]
 
 T = TypeVar("T")
 
@@ -48,3 +50,35 @@ def dataclass_from_dict(cls: type[T], data: Mapping[str, Any], *, ignore: Iterab
     if unknown:
         warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=stacklevel)
     return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def documented(cls: type[T]) -> type[T]:
+    """Append to a dataclass's docstring an ``Attributes:`` section of its own fields, from ``metadata["help"]``.
+
+    Each setting's help is written once, in its field; the command-line help, ``--config`` files and ``help(cls)``
+    all read it from there. Fields without help (none should be) are listed without a text.
+
+    Example:
+        >>> @documented
+        ... @dataclasses.dataclass
+        ... class Cfg:
+        ...     \"\"\"Settings.\"\"\"
+        ...     lr: float = dataclasses.field(default=0.1, metadata={"help": "peak learning rate"})
+        >>> print(Cfg.__doc__.rstrip())
+        Settings.
+        <BLANKLINE>
+            Attributes:
+                lr: peak learning rate.
+    """
+    own = cls.__dict__.get("__annotations__", {})
+    lines = ["", "    Attributes:"]
+    for field in dataclasses.fields(cls):
+        if field.name not in own:
+            continue
+        text = " ".join(str(field.metadata.get("help", "")).split())
+        text = text.rstrip(".") + "." if text else ""  # as written: "timm.create_model ..." keeps its case
+        lines.extend(textwrap.wrap(f"{field.name}: {text}", width=116, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 12, break_on_hyphens=False))
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+    return cls
+

@@ -22,11 +22,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
+from ..reweighting.config import SCHEDULES
 from ..study import runner as _runner
-from ..study.config import ARMS, DEFAULT_ARMS, SHARPNESS_DEFAULTS, load_config, study_config
+from ..study.config import DEFAULT_ARMS, SHARPNESS_DEFAULTS, StudyConfig, load_config, study_config
 from ._args import json_dict
 
 __all__ = ["register", "options", "run", "key_values"]
@@ -65,6 +67,14 @@ def _confidence(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"--confidence takes a level such as 0.95, or 'none'; got {text!r}") from err
 
 
+def _help(name: str, default: str) -> str:
+    """A flag's help: its StudyConfig field's help (written once, there) and the default the command line shows."""
+    return f"{_FIELDS[name].metadata['help']} (default: {default})"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``study`` sub-command."""
     p = subparsers.add_parser(
@@ -81,35 +91,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "override it (default: unset)")
     g.add_argument("--quick", action="store_true", default=S, help="tiny test models on digits, 2 seeds, 1 epoch "
                    "(seconds; a smoke test) (default: off)")
-    g.add_argument("--teacher", default=S, help="teacher: a timm name (required unless --quick or --config)")
-    g.add_argument("--student", default=S, help="student: a timm name (required unless --quick or --config)")
+    g.add_argument("--teacher", default=S, help=_help("teacher", "required unless --quick or --config"))
+    g.add_argument("--student", default=S, help=_help("student", "required unless --quick or --config"))
     g.add_argument("--teacher-kwargs", dest="teacher_kwargs", type=json_dict("--teacher-kwargs"), metavar="JSON",
-                   default=S, help="timm.create_model arguments of the teacher (default: {})")
+                   default=S, help=_help("teacher_kwargs", "{}"))
     g.add_argument("--student-kwargs", dest="student_kwargs", type=json_dict("--student-kwargs"), metavar="JSON",
-                   default=S, help="timm.create_model arguments of the student (default: {})")
+                   default=S, help=_help("student_kwargs", "{}"))
     g.add_argument("--pretrained", action="store_true", default=S,
-                   help="start the teachers from their pretrained weights (default: off)")
-    g.add_argument("--dataset", default=S, help="dataset, as finetune and distill take it (default: digits)")
-    g.add_argument("--data-dir", dest="data_dir", default=S, help="dataset root folder (default: unset)")
+                   help=_help("pretrained", "off"))
+    g.add_argument("--dataset", default=S, help=_help("dataset", "digits"))
+    g.add_argument("--data-dir", dest="data_dir", default=S, help=_help("data_dir", "unset"))
     g.add_argument("--arms", nargs="+", metavar="ARM", default=S,
-                   help=f"arms to run, from {', '.join(ARMS)} (default: {' '.join(DEFAULT_ARMS)})")
-    g.add_argument("--seeds", type=int, default=S, help="seeds per arm (default: 3)")
-    g.add_argument("--first-seed", dest="first_seed", type=int, default=S, help="first seed (default: 0)")
+                   help=_help("arms", " ".join(DEFAULT_ARMS)))
+    g.add_argument("--seeds", type=int, default=S, help=_help("seeds", "3"))
+    g.add_argument("--first-seed", dest="first_seed", type=int, default=S, help=_help("first_seed", "0"))
     g.add_argument("--alpha", type=float, nargs="+", default=S,
-                   help="reweighting factor(s); several add arms (a sweep) (default: 0.85)")
-    g.add_argument("--schedule", nargs="+", choices=["exponential", "constant"], default=S,
-                   help="reweighting schedule(s); several add arms (default: exponential)")
-    g.add_argument("--rho", type=float, default=S, help="SAM radius of the sam, onepass and remem arms (default: 0.05)")
+                   help=_help("alpha", "0.85"))
+    g.add_argument("--schedule", nargs="+", choices=SCHEDULES, default=S, help=_help("schedule", "exponential"))
+    g.add_argument("--rho", type=float, default=S, help=_help("rho", "0.05"))
     g.add_argument("--select", action="store_true", default=S,
-                   help="pick each teacher's checkpoint with ReMem's protocol (default: off, the last one)")
+                   help=_help("select", "off, the last one"))
     s = p.add_argument_group("stage settings")
     s.add_argument("--finetune", nargs="+", type=key_values("--finetune"), metavar="KEY=VALUE", default=S,
-                   help="FinetuneConfig settings of the teachers, e.g. lr=1e-3 warmup_epochs=1 (default: none)")
+                   help=_help("finetune", "none"))
     s.add_argument("--distill", nargs="+", type=key_values("--distill"), metavar="KEY=VALUE", default=S,
-                   help="DistillConfig settings of the students, e.g. method=dist temperature=2 (default: none)")
+                   help=_help("distill", "none"))
     s.add_argument("--select-options", dest="select_options", nargs="+", type=key_values("--select-options"),
-                   metavar="KEY=VALUE", default=S, help="settings of the short select distillations (default: "
-                   "epochs=2)")
+                   metavar="KEY=VALUE", default=S, help=_help("select_options", "epochs=2"))
     s.add_argument("--epochs", type=int, default=S, help="epochs of teachers and students (default: 10)")
     s.add_argument("--img-size", dest="img_size", type=int, default=S,
                    help="input size of both stages (default: 32 for digits, else the model's)")
@@ -130,13 +138,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="skip the sharpness measurement (default: measured)")
     r = p.add_argument_group("running")
     r.add_argument("--confidence", type=_confidence, default=S,
-                   help="confidence level of the intervals, or 'none' (allows one seed) (default: 0.95)")
-    r.add_argument("--device", default=S, help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1' (default: auto)")
-    r.add_argument("--amp", action="store_true", default=S, help="mixed precision in every stage: bfloat16 on CPU, "
-                   "float16 with a GradScaler on CUDA (default: off)")
-    r.add_argument("--output", default=S, help="the study folder (default: runs/study)")
+                   help=_help("confidence", "0.95"))
+    r.add_argument("--device", default=S, help=_help("device", "auto"))
+    r.add_argument("--amp", action="store_true", default=S, help=_help("amp", "off"))
+    r.add_argument("--output", default=S, help=_help("output", "runs/study"))
     r.add_argument("--no-progress", dest="progress", action="store_false", default=S,
-                   help="no progress bars or stage lines, one line per run (default: on)")
+                   help="no " + _help("progress", "on"))
     p.set_defaults(func=run)
 
 

@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._serialization import dataclass_from_dict, dataclass_to_dict
+from .._serialization import dataclass_from_dict, dataclass_to_dict, documented
 from .._validation import check_bool, check_float, check_int
 from ..errors import ConfigError
+from ..reweighting.config import SCHEDULES
 from ..train.config import DistillConfig, FinetuneConfig
 
 __all__ = ["ARMS", "DEFAULT_ARMS", "REWEIGHT_ARMS", "SAM_ARMS", "QUICK", "SHARPNESS_DEFAULTS", "Arm", "StudyConfig",
@@ -95,70 +96,54 @@ class Arm:
         return self.kind != "student"
 
 
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the argparse word
+    """A field with a default (a factory for dicts) and its help, written once (docstring and CLI read it)."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@documented
 @dataclass
 class StudyConfig:
     """Settings of a study (see the module docstring). Stage settings are :class:`~timm_remem.train.FinetuneConfig`
     / :class:`~timm_remem.train.DistillConfig` fields, given as dicts; the study sets model, data, seed, output,
     device and the arm's ReMem settings itself.
-
-    Attributes:
-        teacher: The teacher's timm name (``hf-hub:`` and ``local-dir:`` included).
-        student: The student's timm name.
-        dataset: Any dataset ``finetune``/``distill`` accept (``digits``, ``folder``, ``torch/cifar100``, ...).
-        data_dir: Dataset root folder.
-        teacher_kwargs: ``timm.create_model`` arguments of the teacher.
-        student_kwargs: ``timm.create_model`` arguments of the student.
-        pretrained: Start the teacher from its pretrained weights (the paper's setting).
-        arms: Arms to run (from :data:`ARMS`; default :data:`DEFAULT_ARMS`).
-        seeds: Number of seeds per arm.
-        first_seed: The seeds are ``first_seed .. first_seed + seeds - 1``.
-        alpha: Reweighting factors; more than one adds arms (a sweep).
-        schedule: Reweighting schedules; more than one adds arms.
-        rho: SAM radius of the ``sam``, ``onepass`` and ``remem`` arms.
-        select: Pick each teacher's checkpoint with ReMem's protocol (:func:`~timm_remem.train.select_teacher`)
-            instead of taking the last one.
-        finetune: :class:`~timm_remem.train.FinetuneConfig` fields of the teachers (``epochs``, ``lr``, ...).
-        distill: :class:`~timm_remem.train.DistillConfig` fields of the students.
-        select_options: :class:`~timm_remem.train.DistillConfig` fields of the short ``select`` distillations.
-        mi: :func:`~timm_remem.analysis.teacher_information` options (``method``, ``features``, ``noise``,
-            ``max_samples``, ...); None: no MI measurement.
-        sharpness: Options of the sharpness measurement of every teacher (:func:`sharpness_settings`;
-            :data:`SHARPNESS_DEFAULTS`: ``batches``, ``batch_size``, ``iters``, ``tol``, ``rho``, ``eigen``,
-            ``seed``); None: not measured. May change between invocations of a study: only the sharpness stage
-            is then recomputed.
-        confidence: Confidence level of the intervals; None: no intervals (allows one seed).
-        device: Device of every stage (``auto``, ``cpu``, ``cuda``, ``cuda:1``).
-        amp: Mixed precision in every stage.
-        output: The study folder.
-        progress: Show progress bars and every stage's lines; without, one line per finished run.
-        quick: The settings came from :data:`QUICK` (recorded only).
     """
 
-    teacher: str = ""
-    student: str = ""
-    dataset: str = "digits"
-    data_dir: str | None = None
-    teacher_kwargs: dict = field(default_factory=dict)
-    student_kwargs: dict = field(default_factory=dict)
-    pretrained: bool = False
-    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
-    seeds: int = 3
-    first_seed: int = 0
-    alpha: list[float] = field(default_factory=lambda: [0.85])
-    schedule: list[str] = field(default_factory=lambda: ["exponential"])
-    rho: float = 0.05
-    select: bool = False
-    finetune: dict = field(default_factory=dict)
-    distill: dict = field(default_factory=dict)
-    select_options: dict = field(default_factory=dict)
-    mi: dict | None = field(default_factory=dict)
-    sharpness: dict | None = field(default_factory=dict)
-    confidence: float | None = 0.95
-    device: str = "auto"
-    amp: bool = False
-    output: str = "runs/study"
-    progress: bool = True
-    quick: bool = False
+    teacher: str = _opt("", "teacher: a timm name (hf-hub: and local-dir: included)")
+    student: str = _opt("", "student: a timm name")
+    dataset: str = _opt("digits", "dataset, as finetune and distill take it (digits, folder, torch/cifar100, ...)")
+    data_dir: str | None = _opt(None, "dataset root folder")
+    teacher_kwargs: dict = _opt({}, "timm.create_model arguments of the teacher")
+    student_kwargs: dict = _opt({}, "timm.create_model arguments of the student")
+    pretrained: bool = _opt(False, "start the teachers from their pretrained weights (the paper's setting)")
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS), metadata={
+        "help": f"arms to run, from {', '.join(ARMS)}"})
+    seeds: int = _opt(3, "seeds per arm")
+    first_seed: int = _opt(0, "the seeds are first_seed .. first_seed + seeds - 1")
+    alpha: list[float] = field(default_factory=lambda: [0.85], metadata={
+        "help": "reweighting factor(s); several add arms (a sweep)"})
+    schedule: list[str] = field(default_factory=lambda: ["exponential"], metadata={
+        "help": "reweighting schedule(s); several add arms", "choices": SCHEDULES})
+    rho: float = _opt(0.05, "SAM radius of the sam, onepass and remem arms")
+    select: bool = _opt(False, "pick each teacher's checkpoint with ReMem's protocol (select_teacher) instead of "
+                               "taking the last one")
+    finetune: dict = _opt({}, "FinetuneConfig settings of the teachers, e.g. lr=1e-3 warmup_epochs=1")
+    distill: dict = _opt({}, "DistillConfig settings of the students, e.g. method=dist temperature=2")
+    select_options: dict = _opt({}, "DistillConfig settings of the short select distillations")
+    mi: dict | None = _opt({}, "teacher_information options (method, features, noise, max_samples, ...); none: no "
+                               "MI measurement")
+    sharpness: dict | None = _opt({}, "options of the teachers' sharpness measurement (SAM increase, top Hessian "
+                                      "eigenvalue: batches, batch_size, iters, tol, rho, eigen, seed); none: not "
+                                      "measured; may change between invocations: only the sharpness is measured "
+                                      "again")
+    confidence: float | None = _opt(0.95, "confidence level of the intervals; none: no intervals (allows one seed)")
+    device: str = _opt("auto", "device of every stage: 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    amp: bool = _opt(False, "mixed precision in every stage: bfloat16 on CPU, float16 with a GradScaler on CUDA")
+    output: str = _opt("runs/study", "the study folder")
+    progress: bool = _opt(True, "progress bars and every stage's lines; without, one line per finished run")
+    quick: bool = _opt(False, "tiny test models on digits, 2 seeds, 1 epoch (seconds; a smoke test); recorded")
 
     def __post_init__(self) -> None:
         for name in ("teacher", "student"):
@@ -187,7 +172,7 @@ class StudyConfig:
         self.alpha = list(dict.fromkeys(float(check_float("alpha", a, low=0, low_open=True,
                                                           hint="ReMem uses (0, 1], e.g. 0.85")) for a in self.alpha))
         self.schedule = _name_list("schedule", self.schedule)
-        bad = [s for s in self.schedule if s not in ("exponential", "constant")]
+        bad = [s for s in self.schedule if s not in SCHEDULES]
         if bad or not self.schedule:
             raise ConfigError(f"schedule must list 'exponential' and/or 'constant', got {self.schedule!r}")
         check_float("rho", self.rho, low=0, low_open=True,

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._serialization import dataclass_from_dict, dataclass_to_dict
+from .._serialization import dataclass_from_dict, dataclass_to_dict, documented
 from .._validation import check_choice, check_float, check_int
 from ..distill.losses import DISTILL_METHODS
 from ..errors import ConfigError
@@ -58,64 +58,10 @@ def _non_negative(name: str, value: Any) -> None:
     check_float(name, value, low=0)
 
 
+@documented
 @dataclass
 class TrainConfig:
-    """Settings shared by teacher fine-tuning and student distillation.
-
-    Attributes:
-        model: timm model name (``hf-hub:org/name`` and ``local-dir:/path`` included).
-        model_kwargs: Extra ``timm.create_model`` arguments (e.g. ``{"depth": 6}``).
-        pretrained: Load the model's pretrained weights (from the Hub cache or a local dir).
-        dataset: ``"digits"`` (offline), ``"folder"``, ``"torch/cifar100"``, ``"hfds/<id>"``, ...
-        data_dir: Dataset root folder (not needed for digits).
-        download: Allow torchvision to download ``torch/...`` sets.
-        img_size: Input size; default 32 for digits, else the model's pretrained input size.
-        num_classes: Number of classes; default: read from the dataset.
-        output: Output folder of the run.
-        epochs: Training epochs.
-        batch_size: Training batch size.
-        eval_batch_size: Evaluation batch size.
-        optimizer: timm optimizer name (``adamw``, ``sgd``, ...); with ``rho > 0`` SAM wraps sgd/momentum/nesterov/
-            adam/adamw (``momentum`` is classical momentum, ``sgd``/``nesterov`` Nesterov momentum).
-        lr: Peak learning rate.
-        weight_decay: Weight decay (not applied to biases, norms and 0-d scales: timm's parameter groups).
-        momentum: Momentum for SGD-type optimizers.
-        sched: timm scheduler name (``cosine``, ``step``, ...) or ``"none"``; updated every step.
-        warmup_epochs: Linear warmup epochs.
-        min_lr: Final learning rate of the schedule.
-        label_smoothing: Label smoothing of the task loss.
-        augment: timm training augmentation for image folders and torchvision sets (digits has none).
-        mixup: Mixup alpha (0 disables; ``timm.data.Mixup``).
-        cutmix: CutMix alpha (0 disables).
-        rho: SAM radius; 0 trains without SAM.
-        adaptive: ASAM (scale-invariant SAM).
-        sam: The SAM algorithm when ``rho > 0``: ``"exact"`` (two forward/backward passes per step) or
-            ``"onepass"`` (Momentum-SAM, one pass, the base optimizer's cost; see ``timm_remem.sam.OnePassSAM``).
-        amp: Mixed precision: bfloat16 autocast on CPU, float16 autocast with a GradScaler on CUDA.
-        clip_grad: Clip the global gradient norm to this value (None: off).
-        ema: Keep an EMA of the weights (``timm.utils.ModelEmaV3``); exports then hold the EMA weights.
-        ema_decay: EMA decay.
-        seed: Seed of model init, data order and augmentation.
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        num_workers: DataLoader workers.
-        save_at: Epochs (1-based) after which to export a checkpoint; None: the last epoch only; []: none.
-        save_state: Write resumable training checkpoints (after every epoch and every ``checkpoint_every`` steps).
-        checkpoint_every: Also write a training checkpoint every this many optimizer steps (0: epoch ends only).
-        keep_last: Number of newest training checkpoints kept.
-        resume: ``True`` resumes from ``output/train-state``; a path resumes from that checkpoint; ``"auto"`` resumes
-            from ``output/train-state`` when it holds a checkpoint and starts afresh otherwise (for jobs that are
-            restarted after a crash or pre-emption, e.g. ``torchrun --max-restarts``); None starts afresh.
-        resume_mismatch: ``"refuse"`` (default): a resume whose data (files added, removed or changed in an image
-            folder, another dataset size or subset) or library versions (timm-remem, timm, torch, torchvision)
-            differ from when the run started is refused, naming what differs; ``"allow"``: resume anyway (the run
-            is then not what an uninterrupted run would have computed). Settings that differ are always refused.
-        progress: Show tqdm progress bars.
-        limit_train_batches: Stop each epoch after this many batches (quick runs, benchmarks).
-        train_per_class: Train on a seeded subset of this many images per class (:mod:`timm_remem.subsets`).
-        train_imbalance: Long-tailed training subset: ratio of the largest class to the smallest (>= 1).
-        subset_seed: Seed of the training subset (independent of ``seed``, so every run sees the same images).
-        log: Experiment trackers that receive the metrics beside ``metrics.jsonl``: ``"tensorboard"``, ``"wandb"``.
-    """
+    """Settings shared by teacher fine-tuning and student distillation."""
 
     model: str = _opt("", "timm model name (hf-hub:org/name and local-dir:/path included)")
     model_kwargs: dict = _opt({}, "extra timm.create_model arguments as a JSON object, e.g. '{\"depth\": 6}'")
@@ -130,9 +76,11 @@ class TrainConfig:
     batch_size: int = _opt(64, "training batch size (per process under torchrun)")
     eval_batch_size: int = _opt(256, "evaluation batch size")
     optimizer: str = _opt("adamw", "timm optimizer name (adamw, sgd, ...); with rho > 0 SAM wraps sgd, momentum, "
-                                   "nesterov, adam or adamw")
+                                   "nesterov, adam or adamw (momentum is classical momentum, sgd and nesterov "
+                                   "Nesterov momentum)")
     lr: float = _opt(1e-3, "peak learning rate")
-    weight_decay: float = _opt(0.05, "weight decay (not applied to biases, norms and 0-d scales)")
+    weight_decay: float = _opt(0.05, "weight decay (not applied to biases, norms and 0-d scales: timm's parameter "
+                                        "groups)")
     momentum: float = _opt(0.9, "momentum of SGD-type optimizers")
     sched: str = _opt("cosine", "timm scheduler name (cosine, step, ...) or 'none'; updated every step")
     warmup_epochs: int = _opt(0, "linear warmup epochs")
@@ -145,10 +93,11 @@ class TrainConfig:
     adaptive: bool = _opt(False, "ASAM: scale-invariant SAM (needs rho > 0)")
     sam: str = field(default="exact", metadata={
         "help": "SAM algorithm with rho > 0: exact (two forward/backward passes per step) or onepass (Momentum-SAM: "
-                "one pass, the base optimizer's cost)", "choices": SAM_MODES})
+                "one pass, the base optimizer's cost; timm_remem.sam.OnePassSAM)", "choices": SAM_MODES})
     amp: bool = _opt(False, "mixed precision: bfloat16 autocast on CPU, float16 with a GradScaler on CUDA")
     clip_grad: float | None = _opt(None, "clip the global gradient norm to this value (off when unset)")
-    ema: bool = _opt(False, "keep an EMA of the weights; exports then hold the EMA weights")
+    ema: bool = _opt(False, "keep an EMA of the weights (timm.utils.ModelEmaV3); exports then hold the EMA "
+                             "weights")
     ema_decay: float = _opt(0.998, "EMA decay, in [0, 1)")
     seed: int = _opt(0, "seed of model init, data order and augmentation")
     device: str = _opt("auto", "'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -161,10 +110,15 @@ class TrainConfig:
                                     "ends only)")
     keep_last: int = _opt(2, "number of newest training checkpoints kept")
     resume: bool | str | None = _opt(None, "resume: True from output/train-state, a path from that checkpoint, "
-                                           "'auto' when output/train-state holds one (else start afresh)")
+                                           "'auto' when output/train-state holds one and start afresh otherwise (jobs "
+                                           "restarted after a crash or pre-emption, e.g. torchrun --max-restarts); "
+                                           "unset: start afresh")
     resume_mismatch: str = field(default="refuse", metadata={
-        "help": "when resuming, data or library versions that changed since the run started: refuse (naming "
-                "what changed) or allow (resume anyway)", "choices": RESUME_MISMATCH})
+        "help": "when resuming, data (files added, removed or changed in an image folder, another dataset size or "
+                "subset) or library versions (timm-remem, timm, torch, torchvision) that changed since the run "
+                "started: refuse (naming what changed) or allow (resume anyway; the run is then not what an "
+                "uninterrupted run would have computed); settings that differ are always refused",
+        "choices": RESUME_MISMATCH})
     progress: bool = _opt(True, "show tqdm progress bars")
     limit_train_batches: int | None = _opt(None, "stop each epoch after this many batches (quick runs, benchmarks)")
     train_per_class: int | None = _opt(None, "train on a seeded subset of this many images per class (few-label "
@@ -231,26 +185,15 @@ class TrainConfig:
         return dataclass_from_dict(cls, data, ignore=("version",))
 
 
+@documented
 @dataclass
 class FinetuneConfig(TrainConfig):
-    """Teacher fine-tuning settings: :class:`TrainConfig` plus reweighting.
-
-    Attributes:
-        alpha: MLP weight of :func:`timm_remem.reweight`; None: no reweighting.
-        schedule: Reweighting schedule (``"exponential"`` or ``"constant"``).
-        top_k: Reweight only the top ``k`` blocks (None: all).
-        learnable: Make the factors trainable.
-        lora_rank: Fine-tune LoRA adapters of this rank (peft; ``pip install timm-remem[lora]``) instead of every
-            weight; the head trains fully. None: full fine-tuning.
-        lora_alpha: LoRA scaling numerator (peft's ``lora_alpha``); None: equal to the rank.
-        lora_dropout: Dropout on the LoRA path, in [0, 1).
-        lora_targets: Names of the Linear layers that get adapters (peft ``target_modules``); None: ``qkv``,
-            ``proj``, ``fc1``, ``fc2``.
-    """
+    """Teacher fine-tuning settings: :class:`TrainConfig` plus reweighting."""
 
     output: str = _opt("runs/teacher", "output folder of the run")
     alpha: float | None = _opt(None, "MLP weight of the ReMem reweighting, e.g. 0.85; no reweighting when unset")
-    schedule: str = field(default="exponential", metadata={"help": "reweighting schedule", "choices": SCHEDULES})
+    schedule: str = field(default="exponential", metadata={"help": "reweighting schedule (see reweight)",
+                                                                 "choices": SCHEDULES})
     top_k: int | None = _opt(None, "reweight only the top k blocks (all when unset)")
     learnable: bool = _opt(False, "make the reweighting factors trainable")
     lora_rank: int | None = _opt(None, "fine-tune LoRA adapters of this rank (needs timm-remem[lora]); the head "
@@ -276,41 +219,28 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("lora_alpha, lora_dropout and lora_targets configure LoRA: also pass lora_rank (e.g. 8)")
 
 
+@documented
 @dataclass
 class DistillConfig(TrainConfig):
-    """Student distillation settings: :class:`TrainConfig` plus the teacher and the loss.
-
-    Attributes:
-        teacher: A checkpoint folder (``checkpoints/epoch-NNN``), a timm / ``hf-hub:`` / ``local-dir:`` name; None
-            trains the student without a teacher.
-        teacher_kwargs: ``timm.create_model`` arguments for a teacher given by timm name.
-        teacher_pretrained: Load pretrained weights for a teacher given by timm name.
-        method: ``"kd"``, ``"hard"`` or ``"dist"`` (see :class:`timm_remem.distill.DistillationLoss`).
-        temperature: Distillation temperature.
-        task_weight: Weight of the label loss.
-        distill_weight: Weight of the distillation loss.
-        cache_teacher: Cache teacher logits by sample index (None: automatic, when inputs are deterministic: no
-            augmentation and no mixup/cutmix).
-        labels_per_class: Semi-supervised distillation: the label loss sees the labels of only this many training
-            images per class (a seeded subset, ``subset_seed``; the mean over the batch's labelled images, 0 in a
-            batch without one), the distillation loss sees every training image. Without a teacher the student
-            then learns from those labelled images alone, step for step the same label loss (the baseline).
-    """
+    """Student distillation settings: :class:`TrainConfig` plus the teacher and the loss."""
 
     output: str = _opt("runs/student", "output folder of the run")
     teacher: str | None = _opt(None, "teacher: a checkpoint folder (checkpoints/epoch-NNN) or a timm, hf-hub: or "
                                      "local-dir: name; the student trains alone when unset")
     teacher_kwargs: dict = _opt({}, "timm.create_model arguments for a teacher given by timm name, as a JSON object")
     teacher_pretrained: bool = _opt(True, "load pretrained weights for a teacher given by timm name")
-    method: str = field(default="kd", metadata={"help": "distillation method (see DistillationLoss)",
+    method: str = field(default="kd", metadata={"help": "distillation method (see timm_remem.distill.DistillationLoss)",
                                                 "choices": DISTILL_METHODS})
     temperature: float = _opt(1.0, "distillation temperature")
     task_weight: float = _opt(1.0, "weight of the label loss")
     distill_weight: float = _opt(1.0, "weight of the distillation loss")
     cache_teacher: bool | None = _opt(None, "cache teacher logits by sample index; automatic when unset (on when "
                                             "inputs are deterministic: no augmentation, mixup or cutmix)")
-    labels_per_class: int | None = _opt(None, "semi-supervised: the label loss sees only this many labelled "
-                                              "training images per class, the distillation loss every image")
+    labels_per_class: int | None = _opt(None, "semi-supervised distillation: the label loss sees the labels of "
+                                              "only this many training images per class (a seeded subset, "
+                                              "subset_seed; the mean over a batch's labelled images, 0 without "
+                                              "one), the distillation loss every image; without a teacher the "
+                                              "student learns from those labelled images alone (the baseline)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
