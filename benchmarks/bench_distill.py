@@ -6,8 +6,17 @@
    the same optimizer step. Target: <= 1.05x.
 2. Epoch time of the short distillations in ``select`` with cached teacher logits vs without: epoch 1 fills the
    cache, later epochs skip the teacher entirely.
+3. ``kd_loss`` forward+backward against the textbook formula
+   ``F.kl_div(F.log_softmax(s/T), F.log_softmax(t/T), log_target=True, reduction="batchmean") * T*T`` at batch 256
+   with 1,000 and 21,843 classes (float32 logits): time (interleaved, median and fastest of ``--kd-repeats``), the
+   peak of the memory allocated from the start of the forward pass to the end of backward (torch.profiler's memory
+   profile, the logits' gradient included), and the ``[B, C]`` tensors the autograd graph keeps for backward.
+   Target: within 2x the textbook formula in time and memory. The textbook formula's time depends on the C
+   library's allocator (its five ``[B, C]`` tensors a step come back as fresh pages with glibc's defaults);
+   ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824`` measures both with a warm heap.
 
-Usage: ``python benchmarks/bench_distill.py [--threads 1] [--repeats 20]``. Prints ratios; asserts nothing.
+Usage: ``python benchmarks/bench_distill.py [--threads 1] [--repeats 20] [--only kd]``. Prints ratios; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from timm_remem.distill import DistillationLoss, RememDistillationTask, Teacher
+from timm_remem.distill import DistillationLoss, RememDistillationTask, Teacher, kd_loss
 from timm_remem.train import (
     DEMO_STUDENT,
     DEMO_STUDENT_KWARGS,
@@ -112,17 +121,110 @@ def _cache_speedup(epochs: int):
             c1 - c0, c2 - c1)
 
 
+def _textbook_kd(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature * temperature
+
+
+KD_LOSSES = {"kd_loss": kd_loss, "textbook": _textbook_kd}
+
+
+def _kd_logits(classes: int, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, classes, generator=g) * 2, torch.randn(batch, classes, generator=g) * 2
+
+
+def _kd_step(loss, s: torch.Tensor, t: torch.Tensor, temperature: float) -> None:
+    student = s.detach().requires_grad_(True)  # a fresh leaf: each step allocates its gradient, as a training step
+    loss(student, t, temperature).backward()
+
+
+def _kd_times(classes: int, temperature: float, repeats: int) -> dict[str, list[float]]:
+    s, t = _kd_logits(classes)
+    times = {name: [] for name in KD_LOSSES}
+    for loss in KD_LOSSES.values():  # warm up both
+        _kd_step(loss, s, t, temperature)
+    for _ in range(repeats):  # interleaved so drift hits both equally
+        for name, loss in KD_LOSSES.items():
+            t0 = _clock()
+            _kd_step(loss, s, t, temperature)
+            times[name].append(_clock() - t0)
+    return times
+
+
+def _kd_memory(classes: int, temperature: float) -> dict[str, tuple[int, int]]:
+    """Per loss: the peak of the bytes allocated from the start of the forward pass to the end of backward (the
+    logits' gradient included; tensors that existed before not counted), from torch.profiler's memory profile (its
+    allocation timeline: private API, the one behind ``export_memory_timeline``), and the bytes of the ``[B, C]``
+    tensors the autograd graph saves for backward."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    s, t = _kd_logits(classes)
+    out = {}
+    for name, loss in KD_LOSSES.items():
+        saved = []
+
+        def pack(tensor, saved=saved):
+            saved.append(tensor.numel() * tensor.element_size() if tensor.numel() >= s.numel() else 0)
+            return tensor
+
+        student = s.detach().requires_grad_(True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                value = loss(student, t, temperature)
+            value.backward()
+        total = peak = 0
+        for _, action, _, size in sorted(prof._memory_profile().timeline, key=lambda row: row[0]):
+            if action == Action.CREATE:
+                total += size
+            elif action == Action.DESTROY:
+                total -= size
+            peak = max(peak, total)
+        out[name] = (peak, sum(saved))
+    return out
+
+
+def _kd_section(repeats: int, temperatures: list[float]) -> None:
+    print(f"\n3. kd_loss vs the textbook kl_div formula, forward+backward, batch 256, float32, {CLOCK} time over "
+          f"{repeats} interleaved repeats")
+    for classes in (1000, 21843):
+        for temperature in temperatures:
+            times = _kd_times(classes, temperature, repeats if classes < 5000 else max(3, repeats // 4))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            low = {k: min(v) for k, v in times.items()}
+            print(f"   C={classes:<6} T={temperature:<6g} kd_loss median {med['kd_loss'] * 1e3:7.2f} ms (fastest "
+                  f"{low['kd_loss'] * 1e3:7.2f})   textbook median {med['textbook'] * 1e3:7.2f} ms (fastest "
+                  f"{low['textbook'] * 1e3:7.2f})   ratio {med['kd_loss'] / med['textbook']:.2f}x "
+                  f"(fastest {low['kd_loss'] / low['textbook']:.2f}x)")
+        memory = _kd_memory(classes, temperatures[0])
+        mib = 2.0**20
+        print(f"   C={classes:<6} T={temperatures[0]:<6g} peak memory: kd_loss {memory['kd_loss'][0] / mib:7.1f} MiB, "
+              f"textbook {memory['textbook'][0] / mib:7.1f} MiB, ratio "
+              f"{memory['kd_loss'][0] / memory['textbook'][0]:.2f}x; saved for backward: kd_loss "
+              f"{memory['kd_loss'][1] / mib:.1f} MiB, textbook {memory['textbook'][1] / mib:.1f} MiB (one [B, C] "
+              f"float32 tensor = {256 * classes * 4 / mib:.1f} MiB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the cached-logits comparison")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="step timing clock (default cpu)")
+    parser.add_argument("--only", choices=["kd"], help="run only section 3 (kd_loss against the textbook formula)")
+    parser.add_argument("--kd-repeats", type=int, default=40, help="repeats of section 3 (a quarter at C=21843)")
+    parser.add_argument("--kd-temperatures", type=float, nargs="+", default=[4.0, 1.0, 1e4],
+                        help="temperatures of section 3 (memory measured at the first)")
     args = parser.parse_args()
     global CLOCK
     CLOCK = args.clock
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} thread(s), CPU, {args.clock} clock")
+    if args.only == "kd":
+        _kd_section(args.kd_repeats, args.kd_temperatures)
+        return
     print("\n1. one distillation step vs (teacher fwd + student fwd/bwd + optimizer step), median of "
           f"{args.repeats}")
     for name, case in CASES.items():
@@ -137,6 +239,7 @@ def main() -> None:
           f"{sum(fresh) / sum(cached):.2f}x")
     print(f"   whole run (CPU): cached {cpu_cached:6.2f} s   no cache {cpu_fresh:6.2f} s   speed-up "
           f"{cpu_fresh / cpu_cached:.2f}x   (includes model setup and the teacher's accuracy pass)")
+    _kd_section(args.kd_repeats, args.kd_temperatures)
 
 
 if __name__ == "__main__":
