@@ -14,9 +14,12 @@ penalising. The norm is global over all groups; each group's ``rho`` scales its 
 and is a plain base step.
 
 Unlike the reference code, the weights are never left perturbed: the perturbation is applied just before each
-training forward and undone, exactly (a saved copy, not a subtraction), as each parameter's gradient is complete
-in backward. So eval-mode forwards, ``state_dict()``, checkpoints, ``ModelEmaV3.update`` after ``step()``, a step
-that ``GradScaler`` skips, and the end of training all see the weights ``w``. How the optimizer sees the loop
+training forward and undone, exactly, as each parameter's gradient is complete in backward. Both are storage swaps:
+``w + e`` is written into a spare buffer in one pass and the parameter is pointed at it; the restore points it back
+at the untouched ``w`` (no copy, no subtraction). Each swap bumps autograd's version counter, so a backward that
+would read a parameter swapped under it fails with autograd's in-place error instead of using other values. So
+eval-mode forwards, ``state_dict()``, checkpoints, ``ModelEmaV3.update`` after ``step()``, a step that
+``GradScaler`` skips, and the end of training all see the weights ``w``. How the optimizer sees the loop
 (hooks on the model and on its parameters, found by itself when only parameters are given) is in ``_attach.py``.
 
 Example:
@@ -42,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 from torch.optim import Optimizer
 
 from ..errors import ConfigError
@@ -96,7 +100,9 @@ class OnePassSAM(Optimizer):
     ``restore()`` (or ``eval()``, which HF's Trainer calls) puts ``w`` back at any time. What it does not do: BatchNorm
     running statistics are gathered at the perturbed weights (as in the reference); a second backward through a
     graph whose parameters were already restored fails with autograd's in-place error rather than use wrong values;
-    ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``) is not supported (the perturbation is in place).
+    the perturbation repoints each parameter at another buffer, so whatever needs a parameter's storage fixed is not
+    supported: ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``), FSDP's flat parameters, views of a
+    parameter kept across steps (they see ``w``, not ``w + e``).
 
     Args:
         params: Parameters or parameter groups (a group may set its own ``rho``).
@@ -126,7 +132,7 @@ class OnePassSAM(Optimizer):
     """
 
     # Per-step buffers and hooks: never pickled or deep-copied; a copy finds its model again by itself.
-    _TRANSIENT = ("_attachment", "_saved", "_live", "_scales", "_grad_seen", "_n_perturbed", "_current")
+    _TRANSIENT = ("_attachment", "_spare", "_live", "_scales", "_grad_seen", "_n_perturbed", "_current")
 
     def __init__(
         self,
@@ -163,8 +169,8 @@ class OnePassSAM(Optimizer):
         self._reset_transient()
 
     def _reset_transient(self) -> None:
-        self._saved: dict[torch.Tensor, torch.Tensor] = {}
-        self._live: set[torch.Tensor] = set()  # parameters at w + e right now
+        self._spare: dict[torch.Tensor, torch.Tensor] = {}  # per parameter: the buffer w + e is written into
+        self._live: dict[torch.Tensor, torch.Tensor] = {}  # parameters at w + e right now -> their w, untouched
         self._scales: list[float] | None = None  # per group, for the current step; None: not computed yet
         self._grad_seen = False  # a gradient was completed since the latest perturbation
         self._n_perturbed = 0
@@ -252,10 +258,15 @@ class OnePassSAM(Optimizer):
         for (_, params, dirs), scale in zip(directions, self._scales, strict=True):
             if scale == 0.0:
                 continue
-            saved = _tensors.reused_buffers(self._saved, params)
-            torch._foreach_copy_(saved, params)
-            self._live.update(params)  # from here on, a restore covers this group too
-            torch._foreach_add_(params, dirs, alpha=scale)
+            for p, v in zip(params, dirs, strict=True):
+                perturbed = self._spare.pop(p, None)
+                if perturbed is None or (perturbed.shape, perturbed.dtype, perturbed.device) != (p.shape, p.dtype,
+                                                                                                   p.device):
+                    perturbed = torch.empty_like(p)
+                torch.add(p, v, alpha=scale, out=perturbed)  # w + e, one pass
+                self._live[p] = p.data  # w itself, untouched until the restore points p back at it
+                p.data = perturbed
+                increment_version(p)
             n += len(params)
         self._n_perturbed = n
         self._grad_seen = False
@@ -267,16 +278,18 @@ class OnePassSAM(Optimizer):
         """Backward completed ``param``'s gradient: autograd no longer needs its value, so put ``w`` back."""
         self._grad_seen = True
         if param in self._live:
-            param.copy_(self._saved[param])
-            self._live.discard(param)
+            self._swap_back(param, self._live.pop(param))
+
+    def _swap_back(self, param: torch.Tensor, w: torch.Tensor) -> None:
+        self._spare[param] = param.data  # w + e, the next step's buffer
+        param.data = w
+        increment_version(param)
 
     @torch.no_grad()
     def _restore(self) -> None:
-        if not self._live:
-            return
-        params = list(self._live)
-        torch._foreach_copy_(params, [self._saved[p] for p in params])
-        self._live.clear()
+        while self._live:
+            param, w = self._live.popitem()
+            self._swap_back(param, w)
 
     def restore(self) -> None:
         """Put the weights back at ``w`` now (they are already, except between a training forward and its backward).
@@ -305,8 +318,8 @@ class OnePassSAM(Optimizer):
 
     @property
     def buffer_nbytes(self) -> int:
-        """Bytes of this optimizer's own buffers: the saved ``w`` and, for parameters whose base keeps no moment,
-        the last gradient.
+        """Bytes of this optimizer's own buffers: one spare buffer per perturbed parameter (``w + e`` is written into
+        it) and, for parameters whose base keeps no moment, the last gradient.
 
         Example:
             >>> import torch
@@ -314,10 +327,12 @@ class OnePassSAM(Optimizer):
             >>> opt = OnePassSAM(model.parameters(), lr=0.1, momentum=0.9, model=model)
             >>> for _ in range(2):
             ...     model(torch.ones(1, 4)).sum().backward(); opt.step(); opt.zero_grad()
-            >>> opt.buffer_nbytes == sum(p.numel() * 4 for p in model.parameters())  # the saved w only
+            >>> opt.buffer_nbytes == sum(p.numel() * 4 for p in model.parameters())  # one buffer per parameter
             True
         """
-        return sum(b.numel() * b.element_size() for cache in (self._saved, self._direction) for b in cache.values())
+        held = (self._spare, self._direction)
+        return sum(b.numel() * b.element_size() for cache in held for b in cache.values()) + sum(
+            p.numel() * p.element_size() for p in self._live)  # a perturbed parameter's w + e is its buffer
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = True) -> None:
