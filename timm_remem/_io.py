@@ -343,13 +343,14 @@ def write_into(folder: str | os.PathLike, write: Callable[[Path], Any], *, last:
 OWNER_FILE = ".timm-remem"
 # What a folder is for. "run": finetune / distill (config.json, metrics.jsonl, train-state/, checkpoints/);
 # "select": select_teacher's folder; "study": run_study's folder; "export": a model folder (save_pretrained, the
-# exports of a run). Exports carry no marker file (they are published as they are): their files are the mark.
-OUTPUT_KINDS = ("run", "select", "study", "export")
+# exports of a run); "analysis": timm-remem analyze's folder. Exports carry no marker file (they are published as they are): their files are the mark.
+OUTPUT_KINDS = ("run", "select", "study", "export", "analysis")
 _OURS_PREFIX = ".timm-remem"  # the marker, the run lock (.timm-remem.lock) and write_into's private folders
 _KIND_WORDS = {"run": "a training run folder (finetune / distill)", "select": "a select folder",
-               "study": "a study folder", "export": "a model folder (save_pretrained / a run's export)"}
+               "study": "a study folder", "export": "a model folder (save_pretrained / a run's export)",
+               "analysis": "an analysis folder (timm-remem analyze)"}
 # Sub-folders a kind writes into: they must be real folders, never symlinks (nothing is written through one).
-_SUBFOLDERS = {"run": ("train-state", "checkpoints"), "select": (), "study": ("runs",), "export": ()}
+_SUBFOLDERS = {"run": ("train-state", "checkpoints"), "select": (), "study": ("runs",), "export": (), "analysis": ()}
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,9 @@ def _written_by_us(folder: Path, kind: str) -> bool:
         return isinstance(data, dict) and {"rows", "best"} <= set(data)
     if kind == "study":
         return isinstance(_read_json(folder / "study-settings.json"), dict)
+    if kind == "analysis":
+        report = _read_json(folder / "report.json")
+        return isinstance(report, dict) and "timm_remem_version" in report
     data = _read_json(folder / "config.json")
     if isinstance(data, dict) and ("remem" in data or "remem_student" in data):
         return True
@@ -428,6 +432,8 @@ def _wording(what: str) -> tuple[str, str]:
     """How messages name the folder (``output folder``, ``folder``) and an example of a good value."""
     if what == "output":
         return "output folder", "e.g. output='runs/teacher' (--output runs/teacher)"
+    if what.startswith("--"):  # a command's own flag
+        return "output folder", f"e.g. {what} {what.lstrip('-')}-new"
     return "folder", f"e.g. {what}='teachers/vit-remem'"
 
 
@@ -456,7 +462,7 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *, create: bool = True,
 
     Args:
         path: The folder.
-        kind: What it is for: ``"run"``, ``"select"``, ``"study"`` or ``"export"``.
+        kind: What it is for: ``"run"``, ``"select"``, ``"study"``, ``"export"`` or ``"analysis"``.
         create: Create a missing folder.
         mark: Write the marker into a created or adopted folder (see :func:`mark_output_dir`).
         what: The name of the option in messages (``"output"``, ``"path"``).

@@ -71,3 +71,26 @@ def test_bad_arguments_exit_2_with_message(tmp_path, capsys, argv, message):
     assert cli.main(["analyze", *argv, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("timm-remem analyze: error: ") and err.count("\n") == 1
+
+
+def test_analyze_refuses_a_folder_that_is_not_ours_and_writes_through_no_symlink(tmp_path):
+    from timm_remem.errors import ConfigError
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("the user's own file")
+    argv = ["test_vit", "--model-kwargs", '{"img_size": 32}', "--max-samples", "24", "--batch-size", "24",
+            "--analyses", "information", "--no-progress"]
+    with pytest.raises(ConfigError, match="not empty and not a timm-remem analysis folder: it holds notes.txt"):
+        run_cli([*argv, "--out", str(foreign)])
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+    out = tmp_path / "report"
+    assert run_cli([*argv, "--out", str(out)]) == 0
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"precious")
+    plot = next(out.glob("*.png"))
+    plot.unlink()
+    plot.symlink_to(outside)
+    assert run_cli([*argv, "--out", str(out)]) == 0  # its own folder: rerun in place
+    assert outside.read_bytes() == b"precious" and not plot.is_symlink()

@@ -178,3 +178,23 @@ def test_offline_with_only_the_config_cached_says_the_weights_are_not_cached(hub
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubError, match="'alice/vit-remem' is not in the local Hub cache and offline mode is on"):
         load_teacher("hf-hub:alice/vit-remem")
+
+
+def test_factors_edited_in_config_json_are_a_record_checked_on_load_not_an_instruction(tmp_path):
+    import json
+
+    model = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=3)
+    timm_remem.reweight(model, alpha=0.5)
+    folder = tmp_path / "t"
+    save_pretrained(model, folder, merge=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    true_factors = list(cfg["remem"]["factors"])
+    cfg["remem"]["factors"] = [0.9] * len(true_factors)  # edited by hand
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="factor"):
+        loaded = load_teacher(folder, merge=False)
+    reported = timm_remem.get_reweight_config(loaded).factors
+    assert reported == pytest.approx(true_factors, rel=1e-6)  # what the loaded tensors hold, not the edit
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x))

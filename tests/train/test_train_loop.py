@@ -96,3 +96,18 @@ def test_nan_teacher_logits_under_sam_stop_at_the_first_pass_of_that_step(tmp_pa
         distill_student(**CNN, epochs=1, limit_train_batches=3, rho=0.05, cache_teacher=False, save_at=[],
                         output=str(tmp_path), teacher_model=teacher)
     assert teacher.calls == 3  # SAM's second pass of step 2 never ran
+
+
+def test_metrics_are_never_appended_through_a_symlink(tmp_path):
+    from timm_remem.errors import ConfigError
+    from timm_remem.train.loop import write_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    write_metrics(path, {"epoch": 1})
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    path.unlink()
+    path.symlink_to(outside)  # planted mid-run
+    with pytest.raises(ConfigError, match="became a symlink during the run"):
+        write_metrics(path, {"epoch": 2})
+    assert outside.read_text() == "precious\n"

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write_file
 from ..errors import ConfigError
 
 __all__ = [
@@ -63,8 +64,9 @@ def _integer_colorbar(fig: Any, mappable: Any, ax: Any, n: int, label: str) -> A
 
 
 def _save(fig: Any, path: str | os.PathLike | None) -> Any:
-    if path is not None:
-        fig.savefig(os.fspath(path), dpi=110)
+    if path is not None:  # written aside and renamed into place: a symlink at ``path`` is replaced, never followed
+        fmt = Path(path).suffix.lstrip(".").lower() or "png"
+        atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt), fsync=False)
     return fig
 
 

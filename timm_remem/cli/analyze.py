@@ -27,7 +27,7 @@ import timm
 import torch
 from timm.data import create_dataset, create_transform
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, claim_output_dir
 from .._models import create_timm_model, data_config, model_input_size
 from .._validation import check_int
 from .._version import __version__
@@ -189,7 +189,7 @@ def run_analyses(args: argparse.Namespace, analyses: list[str]) -> int:
                                "max_dim": args.max_dim or None, "seed": args.seed, "device": device}
 
     out = Path(args.out or f"analysis-{path.name if path.is_dir() else args.model.replace('/', '_')}")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "analysis", what="--out")
     report: dict[str, Any] = {
         "timm_remem_version": __version__,
         "model": args.model,

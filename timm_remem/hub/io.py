@@ -36,7 +36,7 @@ from .._version import __version__
 from ..errors import CheckpointError, ConfigError, HubError
 from ..lora import is_lora as has_adapters
 from ..lora import merged_copy, save_adapter
-from ..reweighting import get_scales, is_reweighted, reweight
+from ..reweighting import check_factors, get_scales, is_reweighted, restore_reweight_config, reweight
 from ..reweighting import merge as merge_factors
 from ._common import CARD_NAME, CONFIG_NAME, REMEM_NAME, WEIGHTS_NAME, check_repo_id, check_revision, check_timm_model
 from ._network import HubLimits
@@ -185,6 +185,7 @@ def _save_merged(model: nn.Module, timm_model: nn.Module, adapted: bool, folder:
                  repo_id: str | None, merge: bool, data_config: dict[str, Any] | None) -> None:
     """The folder of a plain timm checkpoint: config.json, model.safetensors, README.md."""
     plain = merged_copy(model) if adapted else timm_model  # LoRA folded by peft, on a copy
+    check_factors(plain)  # no NaN/inf factor or scaled weight is ever exported
     wrapped = is_reweighted(plain)
     remem = remem_block(plain, meta, merged=merge or not wrapped)
     if adapted:
@@ -217,6 +218,7 @@ def _save_merged(model: nn.Module, timm_model: nn.Module, adapted: bool, folder:
 def _save_adapter(model: nn.Module, timm_model: nn.Module, folder: Path, meta: TeacherMetadata,
                   repo_id: str | None) -> None:
     """The folder of ``adapter_only=True``: peft's adapter files, the factors (if any) and an adapter card."""
+    check_factors(timm_model)
     wrapped = is_reweighted(timm_model)
     remem = remem_block(timm_model, meta, merged=False)
     remem["lora"] = "adapter"
@@ -413,10 +415,11 @@ def load_teacher(
                  allow_amplify=True, allow_zero=True)  # trained learnable factors may leave (0, 1]
     _load_weights(model, folder / WEIGHTS_NAME, name_or_path)
     if saved is not None:
-        model.remem_config = saved  # the settings as saved (reweight above recorded a "custom" schedule)
-        if is_reweighted(model) and merge:
+        # The remem block is a record, not an instruction: checked against the loaded model (a warning names any
+        # disagreement); the model's own factors win.
+        restore_reweight_config(model, saved)
+        if merge and is_reweighted(model):
             merge_factors(model)
-        saved.merged = not is_reweighted(model)
     cfg = model.pretrained_cfg
     if repo_id is not None:
         cfg.pop("file", None)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -213,8 +214,16 @@ def train_step(
 
 
 def write_metrics(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line to ``metrics.jsonl``."""
-    with open(path, "a", encoding="utf-8") as f:
+    """Append one JSON line to ``metrics.jsonl``; never through a symlink (one planted mid-run is refused)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        if os.path.islink(path):
+            raise ConfigError(f"{str(path)!r} became a symlink during the run; timm-remem writes nothing through "
+                              "a symlink: remove it (the run's metrics.jsonl is a regular file)") from None
+        raise
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
