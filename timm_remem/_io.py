@@ -343,7 +343,8 @@ def write_into(folder: str | os.PathLike, write: Callable[[Path], Any], *, last:
 OWNER_FILE = ".timm-remem"
 # What a folder is for. "run": finetune / distill (config.json, metrics.jsonl, train-state/, checkpoints/);
 # "select": select_teacher's folder; "study": run_study's folder; "export": a model folder (save_pretrained, the
-# exports of a run); "analysis": timm-remem analyze's folder. Exports carry no marker file (they are published as they are): their files are the mark.
+# exports of a run); "analysis": timm-remem analyze's folder. Exports carry no marker file (they are published as
+# they are): their files are the mark.
 OUTPUT_KINDS = ("run", "select", "study", "export", "analysis")
 _OURS_PREFIX = ".timm-remem"  # the marker, the run lock (.timm-remem.lock) and write_into's private folders
 _KIND_WORDS = {"run": "a training run folder (finetune / distill)", "select": "a select folder",

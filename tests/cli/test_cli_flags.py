@@ -24,7 +24,8 @@ COMMON = [
     "--adaptive", "--sam", "--amp", "--clip-grad", "--seed", "--device", "--workers", "--limit-train-batches", "--no-progress",
     "--log", "--config", "--debug", "--train-per-class", "--train-imbalance", "--subset-seed",
 ]
-RUN_ONLY = ["--ema", "--ema-decay", "--save-at", "--checkpoint-every", "--keep-last", "--resume", "--resume-mismatch"]
+RUN_ONLY = ["--ema", "--ema-decay", "--save-at", "--checkpoint-every", "--keep-last", "--resume",
+            "--resume-mismatch"]
 DISTILLATION = ["--teacher-kwargs", "--no-teacher-pretrained", "--method", "--temperature", "--task-weight",
                 "--distill-weight", "--cache-teacher", "--labels-per-class"]
 FLAGS = {
