@@ -21,8 +21,8 @@ COMMON = [
     "--model", "--model-kwargs", "--pretrained", "--dataset", "--data-dir", "--download", "--img-size",
     "--num-classes", "--output", "--epochs", "--batch-size", "--eval-batch-size", "--opt", "--lr", "--weight-decay",
     "--momentum", "--sched", "--warmup-epochs", "--min-lr", "--smoothing", "--augment", "--mixup", "--cutmix", "--rho",
-    "--adaptive", "--sam", "--amp", "--clip-grad", "--seed", "--device", "--workers", "--limit-train-batches", "--no-progress",
-    "--log", "--config", "--debug", "--train-per-class", "--train-imbalance", "--subset-seed",
+    "--adaptive", "--sam", "--amp", "--clip-grad", "--seed", "--device", "--workers", "--limit-train-batches",
+    "--no-progress", "--log", "--config", "--debug", "--train-per-class", "--train-imbalance", "--subset-seed",
 ]
 RUN_ONLY = ["--ema", "--ema-decay", "--save-at", "--checkpoint-every", "--keep-last", "--resume",
             "--resume-mismatch"]
