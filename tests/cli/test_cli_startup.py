@@ -6,6 +6,7 @@ with a DeprecationWarning naming its room.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -131,3 +132,17 @@ def test_moved_names_still_work_and_warn(name):
 def test_nothing_of_ours_uses_a_deprecated_name():
     fresh_python("import warnings\nwarnings.simplefilter('error', DeprecationWarning)\n"
                  "import timm_remem, timm_remem.train, timm_remem.study, timm_remem.analysis, timm_remem.cli")
+
+
+def test_the_version_is_read_without_importing_the_package():
+    # pip builds the metadata in an isolated environment without torch; `import timm_remem` imports torch, so the
+    # version must come from a module setuptools reads statically (a literal assignment).
+    import configparser
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    assert cfg["metadata"]["version"] == "attr: timm_remem._version.__version__"
+    tree = ast.parse((root / "timm_remem" / "_version.py").read_text())
+    assert [type(node).__name__ for node in tree.body if not isinstance(node, ast.Expr)] == ["Assign"]
