@@ -160,3 +160,41 @@ def test_sam_frozen_rejects(call, match):
     before = [p.clone() for p in model.parameters()]
     _raises(ConfigError, match, call, model)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))  # kept
+
+
+# ---------------------------------------------------------------------- a state dict from another base optimizer
+def _state_dict_of(base):
+    model = torch.nn.Linear(3, 2)
+    opt = SAM(model.parameters(), base, lr=0.1)
+    opt.step(lambda: model(torch.ones(2, 3)).sum().backward())
+    return opt.state_dict()
+
+
+def _plain_sgd_state_dict():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step()
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize(("make", "state_dict", "match"), [
+    pytest.param(lambda p: SAM(p, torch.optim.AdamW, lr=0.1), lambda: _state_dict_of(torch.optim.SGD),
+                 r"SAM.load_state_dict\(\): the state dict was written by a SGD optimizer, and this one's base "
+                 r"optimizer is AdamW: their states do not mix \(nothing was loaded\)", id="sam-sgd-into-adamw"),
+    pytest.param(lambda p: SAM(p, torch.optim.AdamW, lr=0.1), _plain_sgd_state_dict,
+                 r"written by an optimizer without amsgrad, betas, eps", id="sam-plain-sgd-into-adamw"),
+    pytest.param(lambda p: __import__("timm_remem").sam.OnePassSAM(p, torch.optim.AdamW, lr=0.1),
+                 lambda: _state_dict_of(torch.optim.SGD), r"OnePassSAM.load_state_dict\(\): .* SGD .* AdamW",
+                 id="onepass-sgd-into-adamw"),
+])
+def test_sam_state_dict_from_another_base_rejects(make, state_dict, match):
+    model = torch.nn.Linear(3, 2)
+    opt = make(model.parameters())
+    opt.step(lambda: model(torch.ones(2, 3)).sum().backward()) if isinstance(opt, SAM) else None
+    before = {k: v.clone() for k, v in opt.state_dict()["state"].get(0, {}).items()}
+    _raises(ConfigError, match, opt.load_state_dict, state_dict())
+    after = opt.state_dict()["state"].get(0, {})  # kept: nothing was loaded, the optimizer still steps
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    model(torch.ones(2, 3)).sum().backward()
+    opt.step(lambda: model(torch.ones(2, 3)).sum().backward()) if isinstance(opt, SAM) else opt.step()

@@ -173,3 +173,32 @@ def refuse_grad_scaler_step(optimizer: Optimizer) -> None:
         optimizer.__dict__.pop("found_inf", None)
         optimizer.__dict__.pop("grad_scale", None)
         raise ConfigError(_GRAD_SCALER_STEP)
+
+
+# Group keys every base optimizer may lack in a state dict written by another torch version (not hyper-parameters
+# that change what the base computes).
+_OPTIONAL_GROUP_KEYS = {"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay",
+                        "initial_lr", "lr_scale", "weight_decay_scale", "rho", "adaptive", "eta"}
+
+
+def check_base_state_dict(base: Optimizer, state_dict: dict[str, Any], where: str) -> None:
+    """Refuse, before anything is loaded, a state dict written by another base optimizer (SGD's into an AdamW).
+
+    Our own state dicts name their base (``state_dict["sam"]["base"]``); for others (older ones, a plain base
+    optimizer's), the hyper-parameters the base keeps in every group must all be there.
+    """
+    name = type(base).__name__
+    recorded = (state_dict.get("sam") or {}).get("base")
+    missing: list[str] = []
+    if recorded is None:
+        groups = state_dict.get("param_groups") or [{}]
+        wanted = set(base.defaults) - _OPTIONAL_GROUP_KEYS
+        missing = sorted(k for k in wanted if any(k not in g for g in groups if isinstance(g, dict)))
+    if (recorded is not None and recorded != name) or missing:
+        what = f"a {recorded} optimizer" if recorded else f"an optimizer without {', '.join(missing)}"
+        raise ConfigError(
+            f"{where}.load_state_dict(): the state dict was written by {what}, and this one's base optimizer is "
+            f"{name}: their states do not mix (nothing was loaded). Build the optimizer around the base that wrote "
+            f"it, or start the optimizer afresh (load only the model's weights)."
+        )
+

@@ -411,6 +411,7 @@ class OnePassSAM(Optimizer):
         state = self.base_optimizer.state_dict()
         index = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
         state["sam"] = {
+            "base": type(self.base_optimizer).__name__,
             "one_pass": True,
             "step": self._step_index,
             "last_gradient": {index[p]: v for p, v in self._direction.items() if p in index},
@@ -430,6 +431,7 @@ class OnePassSAM(Optimizer):
                 "load_state_dict() expects the dict returned by OnePassSAM.state_dict() (or the base optimizer's), "
                 f"got {type(state_dict).__name__}{' without param_groups' if isinstance(state_dict, dict) else ''}."
             )
+        _checks.check_base_state_dict(self.base_optimizer, state_dict, "OnePassSAM")
         self._restore()
         sam_state = state_dict.get("sam") or {}
         self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sam"})

@@ -602,6 +602,7 @@ class SAM(Optimizer):
         """
         state = self.base_optimizer.state_dict()
         state["sam"] = {
+            "base": type(self.base_optimizer).__name__,
             "step": self._step_index,
             "skipped_steps": self.skipped_steps,
             "every": self.every,
@@ -629,6 +630,7 @@ class SAM(Optimizer):
                 f"load_state_dict() expects the dict returned by SAM.state_dict(), got {type(state_dict).__name__}"
                 f"{' without param_groups' if isinstance(state_dict, dict) else ''}."
             )
+        _checks.check_base_state_dict(self.base_optimizer, state_dict, "SAM")
         sam_state = state_dict.get("sam")
         base_state = {k: v for k, v in state_dict.items() if k != "sam"}
         self.base_optimizer.load_state_dict(base_state)
