@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Mapping
 from typing import Any
@@ -25,11 +24,8 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = ["create_timm_model", "model_input_size", "model_input_config", "fixed_img_size", "data_config",
-           "model_device", "SAVE_TAKES_DATA_CONFIG"]
+           "model_device"]
 
-# timm 1.0.31 added ``get_model_input_config`` and ``save_for_hf(..., data_config=)``; older timm lacks both.
-SAVE_TAKES_DATA_CONFIG = "data_config" in inspect.signature(timm.models.save_for_hf).parameters
-_TIMM_INPUT_CONFIG = getattr(timm.models, "get_model_input_config", None)
 
 _SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
@@ -112,11 +108,8 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def model_input_config(model: nn.Module) -> tuple[int, int, int]:
-    """The model's current input ``(C, H, W)`` as timm reports it (``get_model_input_config``, timm >= 1.0.31),
-    else :func:`model_input_size`."""
-    if _TIMM_INPUT_CONFIG is not None:
-        return tuple(int(v) for v in _TIMM_INPUT_CONFIG(unwrap_model(model))["input_size"])
-    return model_input_size(model)
+    """The model's current input ``(C, H, W)`` as timm reports it (``timm.models.get_model_input_config``)."""
+    return tuple(int(v) for v in timm.models.get_model_input_config(unwrap_model(model))["input_size"])
 
 
 def fixed_img_size(model: nn.Module) -> tuple[int, int] | None:

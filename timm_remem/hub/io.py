@@ -29,7 +29,7 @@ from timm.utils import unwrap_model
 from torch import nn
 
 from .._io import OutputClaim, atomic_write_text, claim_output_dir, os_error_reason, write_into
-from .._models import SAVE_TAKES_DATA_CONFIG, model_input_config
+from .._models import model_input_config
 from .._peft import unwrap_peft as timm_model_of
 from .._validation import check_bool
 from .._version import __version__
@@ -197,16 +197,9 @@ def _save_merged(model: nn.Module, timm_model: nn.Module, adapted: bool, folder:
         data_config = {"input_size": model_input_config(model)}
 
     def write(tmp: Path) -> None:  # a fresh private folder; write_into renames the files into place
-        if SAVE_TAKES_DATA_CONFIG:
-            save_for_hf(weights, str(tmp), model_config={"remem": remem}, safe_serialization=True,
-                        data_config=data_config)
-        else:  # timm < 1.0.31: write the preprocessing into pretrained_cfg ourselves
-            save_for_hf(weights, str(tmp), model_config={"remem": remem}, safe_serialization=True)
+        save_for_hf(weights, str(tmp), model_config={"remem": remem}, safe_serialization=True, data_config=data_config)
         config_file = tmp / CONFIG_NAME
         hf_config = json.loads(config_file.read_text(encoding="utf-8"))
-        if not SAVE_TAKES_DATA_CONFIG:
-            hf_config["pretrained_cfg"].update(
-                {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items() if k != "img_size"})
         rewrite_pretrained_cfg(hf_config["pretrained_cfg"], model, meta, repo_id)
         atomic_write_text(config_file, json.dumps(hf_config, indent=2) + "\n", fsync=False)
         card = model_card(hf_config, remem, meta, scales, repo_id)
