@@ -17,7 +17,7 @@ Loaders are plain ``torch.utils.data.DataLoader`` objects with an :class:`EpochS
 With ``seed_per_sample`` (training with augmentation) the random draws of each sample's transform are seeded from
 ``(seed, epoch, index)`` alone: a sample gets the same augmentation with any number of DataLoader workers, in a
 resumed run as in an uninterrupted one, and loading data draws nothing from the main process's random streams
-(which then serve the model: dropout, drop-path, Mixup). :func:`dataset_identity` says which data a run used.
+(which then serve the model: dropout, drop-path, Mixup).
 Every batch is ``(images, targets, indices)``; the indices key the teacher-logit cache. A training loader never
 yields a last batch of one sample (BatchNorm cannot train on it): see :func:`create_loader`.
 
@@ -57,8 +57,6 @@ __all__ = [
     "create_dataset",
     "create_loader",
     "dataset_num_classes",
-    "dataset_identity",
-    "dataset_differences",
     "sample_seed",
 ]
 
@@ -551,148 +549,3 @@ def create_loader(
         # the middle of an epoch continues with the same RNG stream as an uninterrupted one
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-# ------------------------------------------------------------------------------------------------ data identity
-
-# An image folder's identity keeps its file list (path, size, modification time) up to this many files, so that a
-# changed folder can be told file by file; above it, per-class counts and digests only (the list would be large).
-FILE_LIST_LIMIT = 50_000
-
-
-def _digest(lines: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for line in lines:
-        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
-    return h.hexdigest()
-
-
-def _image_files(dataset: Any) -> tuple[str, list[str]] | None:
-    """``(root, paths)`` of a dataset that reads image files through a reader with ``samples`` (None otherwise)."""
-    reader = getattr(dataset, "reader", None)
-    samples = getattr(reader, "samples", None)
-    if not isinstance(samples, (list, tuple)) or not samples:
-        return None
-    if not all(isinstance(s, (list, tuple)) and s and isinstance(s[0], (str, os.PathLike)) for s in samples):
-        return None
-    paths = [os.fspath(s[0]) for s in samples]
-    root = getattr(reader, "root", None)
-    root = os.fspath(root) if isinstance(root, (str, os.PathLike)) and root else os.path.commonpath(paths)
-    return root, paths
-
-
-def _folder_identity(root: str, paths: list[str]) -> dict[str, Any]:
-    entries: dict[str, list[int]] = {}
-    for path in paths:
-        try:
-            st = os.stat(path)
-            entries[os.path.relpath(path, root).replace(os.sep, "/")] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            entries[os.path.relpath(path, root).replace(os.sep, "/")] = [-1, -1]  # unreadable now: a difference
-    lines = {rel: f"{rel}\t{size}\t{mtime}" for rel, (size, mtime) in entries.items()}
-    by_class: dict[str, list[str]] = {}
-    for rel in sorted(entries):
-        by_class.setdefault(rel.split("/")[0] if "/" in rel else "", []).append(lines[rel])
-    identity: dict[str, Any] = {
-        "kind": "image_folder", "root": root, "count": len(entries),
-        "digest": _digest([lines[rel] for rel in sorted(entries)]),
-        "classes": {c: {"count": len(v), "digest": _digest(v)} for c, v in sorted(by_class.items())},
-    }
-    if len(entries) <= FILE_LIST_LIMIT:
-        identity["files"] = dict(sorted(entries.items()))
-    return identity
-
-
-def dataset_identity(dataset: Dataset) -> dict[str, Any]:
-    """What a dataset holds, as JSON data, to tell later whether a run would see the same data.
-
-    - an image folder (any dataset reading files through timm's folder reader): every file's path (relative to the
-      folder), size and modification time, summed up per class and as one digest (the list itself is kept up to
-      :data:`FILE_LIST_LIMIT` files); file contents are not read;
-    - a ``Subset`` (a training subset): its size and a digest of its indices, and the identity of what it is cut from;
-    - ``digits``: its split, size and a digest of the images it holds;
-    - anything else (torchvision sets, Hugging Face datasets): its type, split and size (and the Hugging Face
-      dataset's fingerprint when it has one).
-
-    Example:
-        >>> train = create_dataset("digits", split="train", img_size=8)
-        >>> ident = dataset_identity(train)
-        >>> ident["kind"], ident["split"], ident["size"]
-        ('digits', 'train', 1437)
-    """
-    if isinstance(dataset, IndexedDataset):
-        return dataset_identity(dataset.dataset)
-    if isinstance(dataset, Subset):
-        indices = [int(i) for i in dataset.indices]
-        return {"kind": "subset", "size": len(indices), "digest": _digest([",".join(map(str, indices))]),
-                "of": dataset_identity(dataset.dataset)}
-    if isinstance(dataset, DigitsDataset):
-        return {"kind": "digits", "split": dataset.split, "size": len(dataset),
-                "digest": _digest([",".join(map(str, dataset.source_indices))])}
-    files = _image_files(dataset)
-    if files is not None:
-        return _folder_identity(*files)
-    identity: dict[str, Any] = {"kind": type(dataset).__name__, "size": len(dataset)}
-    reader = getattr(dataset, "reader", None)
-    split = getattr(reader, "split", None) or getattr(dataset, "split", None)
-    if isinstance(split, str):
-        identity["split"] = split
-    if isinstance(getattr(dataset, "train", None), bool):  # torchvision's train/test switch
-        identity["train"] = dataset.train
-    fingerprint = getattr(getattr(reader, "dataset", None), "_fingerprint", None)  # a Hugging Face dataset's
-    if isinstance(fingerprint, str):
-        identity["fingerprint"] = fingerprint
-    return identity
-
-
-def _listed(names: Sequence[str], root: str, limit: int = 5) -> str:
-    shown = ", ".join(os.path.join(root, n) if root else n for n in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _folder_differences(saved: dict[str, Any], now: dict[str, Any], what: str) -> list[str]:
-    root = now.get("root", "")
-    more = int(now.get("count", 0)) - int(saved.get("count", 0))
-    head = (f"the image folder {root!r} of {what} has {abs(more)} file(s) {'more' if more > 0 else 'fewer'} than "
-            "when the run started" if more else
-            f"the image folder {root!r} of {what} holds as many files as when the run started, but not the same")
-    old, new = saved.get("files"), now.get("files")
-    if isinstance(old, dict) and isinstance(new, dict):
-        added = sorted(set(new) - set(old))
-        removed = sorted(set(old) - set(new))
-        changed = sorted(k for k in set(old) & set(new) if list(old[k]) != list(new[k]))
-        parts = [f"{label} {_listed(names, root)}" for label, names in
-                 (("added:", added), ("removed:", removed), ("changed (size or time):", changed)) if names]
-        return [head + ("; " + "; ".join(parts) if parts else "")]
-    old_c, new_c = saved.get("classes", {}), now.get("classes", {})
-    parts = []
-    for c in sorted(set(old_c) | set(new_c)):
-        a, b = old_c.get(c, {"count": 0}), new_c.get(c, {"count": 0})
-        if a != b:
-            parts.append(f"{c or '.'}: {a.get('count', 0)} -> {b.get('count', 0)} files"
-                         if a.get("count") != b.get("count") else f"{c or '.'}: other files")
-    return [head + ("; by class: " + ", ".join(parts[:10]) + (", ..." if len(parts) > 10 else "") if parts else "")]
-
-
-def dataset_differences(saved: Any, now: dict[str, Any], what: str = "the training data") -> list[str]:
-    """How the data behind ``now`` differs from ``saved`` (two :func:`dataset_identity` results), in words.
-
-    Example:
-        >>> a = {"kind": "digits", "split": "train", "size": 1437, "digest": "x"}
-        >>> dataset_differences(a, dict(a, size=1400, digest="y"))
-        ['the training data (digits): digest x -> y, size 1437 -> 1400']
-    """
-    if saved == now:
-        return []
-    if not isinstance(saved, dict) or saved.get("kind") != now.get("kind"):
-        kind = saved.get("kind") if isinstance(saved, dict) else None
-        return [f"{what} was {kind or 'unrecorded'} data, now {now.get('kind')}"]
-    if now["kind"] == "subset":
-        inner = dataset_differences(saved.get("of"), now.get("of", {}), what)
-        return inner or [f"the training subset of {what} holds other images ({saved.get('size')} -> {now.get('size')} "
-                         "samples) though its settings are the same: the labels of the data changed"]
-    if now["kind"] == "image_folder":
-        return _folder_differences(saved, now, what)
-    changes = [f"{k} {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
-               if k != "kind" and saved.get(k) != now.get(k)]
-    return [f"{what} ({now['kind']}): " + ", ".join(changes)]

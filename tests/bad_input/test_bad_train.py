@@ -511,10 +511,10 @@ def _rewrite_image(root: Path) -> None:
 
 
 def _newer_timm(monkeypatch) -> None:
-    import timm_remem.train.resume as resume
+    import timm_remem.train.identity as identity
 
-    real = resume._library_versions
-    monkeypatch.setattr(resume, "_library_versions", lambda: {**real(), "timm": "9.9.9"})
+    real = identity._library_versions
+    monkeypatch.setattr(identity, "_library_versions", lambda: {**real(), "timm": "9.9.9"})
 
 
 IDENTITY_CASES = [

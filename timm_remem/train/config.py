@@ -35,7 +35,7 @@ __all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "SAM_M
 # "sgd" and "nesterov" are Nesterov SGD (timm's "sgd" is Nesterov too); "momentum" is classical momentum.
 TRACKERS = ("tensorboard", "wandb")
 # What a resume does when the data or the library versions differ from when the run started (see
-# timm_remem.train.resume.run_identity): refuse, naming what changed, or go on anyway.
+# timm_remem.train.identity.run_identity): refuse, naming what changed, or go on anyway.
 RESUME_MISMATCH = ("refuse", "allow")
 SAM_BASES = {"sgd": "samsgd", "momentum": "sammomentum", "nesterov": "samsgd", "adam": "samadam",
              "adamw": "samadamw"}

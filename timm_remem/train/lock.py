@@ -49,14 +49,15 @@ try:  # POSIX; on other platforms the lock falls back to the pid check alone
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["LOCK_FILE", "CONFIG_FILE", "IDENTITY_FILE", "RUN_BOOKKEEPING", "OutputLock", "read_lock",
+__all__ = ["LOCK_FILE", "CONFIG_FILE", "IDENTITY_FILE", "STATE_DIR", "RUN_BOOKKEEPING", "OutputLock", "read_lock",
            "describe_holder"]
 
 _log = logging.getLogger(__name__)
 
 LOCK_FILE = ".timm-remem.lock"
 CONFIG_FILE = "config.json"  # the run's settings
-IDENTITY_FILE = "run-identity.json"  # what the run is computed from (see timm_remem.train.resume.run_identity)
+STATE_DIR = "train-state"  # the run's resumable training checkpoints (see timm_remem.train.resume)
+IDENTITY_FILE = "run-identity.json"  # what the run is computed from (see timm_remem.train.identity.run_identity)
 # What a run writes before its first training step (timm_remem.train.resume.prepare_output).
 RUN_BOOKKEEPING = (CONFIG_FILE, IDENTITY_FILE)
 # How long a refused run waits for the holder's details to appear (the holder writes them right after its flock).

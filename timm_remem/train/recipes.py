@@ -49,9 +49,9 @@ from .builders import (
 )
 from .config import DistillConfig, FinetuneConfig, TrainConfig, make_config
 from .console import log
+from .identity import attach_identity, run_identity
 from .loop import evaluate, fit
 from .results import TrainResult
-from .resume import attach_identity, run_identity
 
 __all__ = ["finetune_teacher", "distill_student", "start_run", "load_distill_teacher"]
 
@@ -62,7 +62,7 @@ def start_run(cfg: TrainConfig) -> tuple[torch.device, int, int, nn.Module, tupl
     Nothing is written: the output folder is checked (it must be timm-remem's to write, see
     :func:`timm_remem._io.claim_output_dir`; the training loop claims it), the model is built and its input size
     checked, the data found, and the optimizer and schedule tried, so that bad input fails before the run's folder
-    is made. The run's identity (its data and library versions, see :func:`timm_remem.train.resume.run_identity`) is
+    is made. The run's identity (its data and library versions, see :func:`timm_remem.train.identity.run_identity`) is
     attached to ``cfg`` for the loop to record, or to compare on resume.
 
     Returns:

@@ -1,6 +1,7 @@
 """The run folder and resuming a run from it.
 
-A run writes ``config.json``, ``run-identity.json`` (what it is computed from, see :func:`run_identity`),
+A run writes ``config.json``, ``run-identity.json`` (what it is computed from, see
+:mod:`timm_remem.train.identity`),
 ``metrics.jsonl`` (one JSON object per epoch), ``train-state/step-*`` (resumable training checkpoints, see
 :mod:`timm_remem.checkpoint`) and ``checkpoints/epoch-NNN`` (exports). Resuming (``resume=True``, a checkpoint
 path, or ``"auto"``) picks the checkpoint on rank 0, refuses one written with other settings or another number of
@@ -29,19 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
-import torch
-
 from .. import distributed
 from .._io import atomic_write_json, atomic_write_text, claim_output_dir
-from .._version import __version__
 from ..checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, set_rng_state
-from ..data import dataset_differences, dataset_identity
 from ..errors import CheckpointError, ConfigError
 from ..teachers import EXPORT_DIR
 from .config import TrainConfig
-from .console import log
-from .lock import CONFIG_FILE, IDENTITY_FILE
+from .identity import RESUME_FREE, _as_saved, _shown, attached_identity, check_run_identity
+from .lock import CONFIG_FILE, IDENTITY_FILE, STATE_DIR
 
 __all__ = [
     "METRICS_FILE",
@@ -57,25 +53,9 @@ __all__ = [
     "remove_stale_exports",
     "resumed_epoch",
     "prepare_output",
-    "IDENTITY_FILE",
-    "run_identity",
-    "identity_differences",
-    "attach_identity",
-    "attached_identity",
-    "check_run_identity",
 ]
 
 METRICS_FILE = "metrics.jsonl"
-STATE_DIR = "train-state"
-# Configuration fields that may change between a run and its resumption: how a run is shown, saved and logged,
-# where it runs and what it may download. num_workers changes nothing (each sample's augmentation is seeded by
-# (seed, epoch, index)); device and clip_grad change the numbers, on purpose (moving a run to another machine,
-# clipping after a divergence). They are left out of the settings diff and of the run's identity.
-RESUME_FREE = frozenset(
-    {"resume", "resume_mismatch", "progress", "output", "num_workers", "device", "save_at", "keep_last",
-     "checkpoint_every", "save_state", "clip_grad", "log", "download", "version"}
-)
-IDENTITY_FORMAT = 1
 
 
 def _zero_running() -> dict[str, Any]:
@@ -109,14 +89,6 @@ class LoopState:
 def resume_path(src: Path) -> Path:
     """The checkpoint to resume from (``src`` or its newest valid one), chosen on rank 0 and sent to every rank."""
     return Path(distributed.run_on_main(lambda: str(resolve_checkpoint(src))))
-
-
-def _as_saved(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # as a checkpoint holds it: tuples become lists
-
-
-def _shown(value: Any) -> str:
-    return "unset" if value is None else json.dumps(value, sort_keys=True)
 
 
 def config_differences(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
@@ -291,153 +263,3 @@ def prepare_output(cfg: TrainConfig, out: Path, resumed: bool | Path | None) -> 
         elif metrics_path.is_symlink():
             lines = metrics_path.read_text(encoding="utf-8") if metrics_path.exists() else ""
             atomic_write_text(metrics_path, lines)
-
-
-# ---------------------------------------------------------------------------------------------- run identity
-
-_IDENTITY_ATTR = "_timm_remem_run_identity"
-
-
-def _library_versions() -> dict[str, str]:
-    versions = {"timm-remem": __version__, "timm": timm.__version__, "torch": torch.__version__}
-    try:  # timm's training transforms are torchvision's
-        import torchvision
-
-        versions["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - timm depends on it
-        pass
-    return versions
-
-
-def _teacher_identity(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The files of a distillation teacher given as a folder (size and modification time of each)."""
-    name = getattr(cfg, "teacher", None)
-    if not isinstance(name, str):
-        return None
-    folder = Path(name[len("local-dir:"):] if name.startswith("local-dir:") else name)
-    if not folder.is_dir():
-        return None  # a timm or hf-hub: name; the name is a setting (pin a revision with name@revision)
-    files = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            files[p.name] = [st.st_size, st.st_mtime_ns]
-    return {"folder": str(folder), "files": files}
-
-
-def run_identity(cfg: TrainConfig, train: Any, val: Any, *, num_classes: int, img_size: int) -> dict[str, Any]:
-    """What a run computes from, as JSON data: recorded when it starts (``run-identity.json``), compared on resume.
-
-    - ``settings``: the configuration, less the fields in :data:`RESUME_FREE` (display, saving, logging, where it
-      runs: they may change between a run and its resumption);
-    - ``resolved``: what the settings left open and the run decided (class count, input size);
-    - ``data``: :func:`timm_remem.data.dataset_identity` of the training set (with its training subset) and of the
-      validation set: an image folder's files with their sizes and modification times, a dataset's name, split and
-      size otherwise;
-    - ``teacher``: the files of a distillation teacher given as a folder (sizes and modification times);
-    - ``versions``: timm-remem, timm, torch and torchvision.
-
-    Example:
-        >>> from timm_remem.data import create_dataset
-        >>> from timm_remem.train import FinetuneConfig
-        >>> train, val = (create_dataset("digits", split=s, img_size=8) for s in ("train", "val"))
-        >>> ident = run_identity(FinetuneConfig(model="test_vit"), train, val, num_classes=10, img_size=8)
-        >>> sorted(ident), ident["data"]["train"]["size"]
-        (['data', 'format', 'resolved', 'settings', 'teacher', 'versions'], 1437)
-    """
-    settings = {k: v for k, v in _as_saved(cfg.to_dict()).items() if k not in RESUME_FREE}
-    return {"format": IDENTITY_FORMAT, "settings": settings,
-            "resolved": {"num_classes": int(num_classes), "img_size": int(img_size)},
-            "data": {"train": dataset_identity(train), "val": dataset_identity(val)},
-            "teacher": _teacher_identity(cfg), "versions": _library_versions()}
-
-
-def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """What differs between two :func:`run_identity` records, one line each (empty: the same run).
-
-    Example:
-        >>> a = {"versions": {"timm": "1.0.31"}, "resolved": {"img_size": 32}}
-        >>> identity_differences(a, {"versions": {"timm": "1.0.32"}, "resolved": {"img_size": 32}})
-        ['timm 1.0.31 -> 1.0.32']
-    """
-    lines: list[str] = []
-    old_v, new_v = saved.get("versions") or {}, now.get("versions") or {}
-    lines += [f"{lib} {old_v.get(lib, 'unrecorded')} -> {new_v.get(lib, 'not installed')}"
-              for lib in sorted(set(old_v) | set(new_v)) if old_v.get(lib) != new_v.get(lib)]
-    # the settings are compared with the checkpoint's own (check_resume_config, which reports them first)
-    old, new = saved.get("resolved") or {}, now.get("resolved") or {}
-    lines += [f"{k}: {_shown(old.get(k))} -> {_shown(new.get(k))}" for k in sorted(set(old) | set(new))
-              if old.get(k) != new.get(k)]
-    old_d, new_d = saved.get("data") or {}, now.get("data") or {}
-    for split, what in (("train", "the training data"), ("val", "the validation data")):
-        if split in new_d:
-            lines += dataset_differences(old_d.get(split), new_d[split], what)
-    old_t, new_t = saved.get("teacher"), now.get("teacher")
-    if old_t != new_t:
-        if old_t and new_t and old_t.get("folder") == new_t.get("folder"):
-            changed = sorted(n for n in set(old_t["files"]) | set(new_t["files"])
-                             if old_t["files"].get(n) != new_t["files"].get(n))
-            lines.append(f"the teacher folder {new_t['folder']!r} changed since the run started: "
-                         f"{', '.join(changed)} (other files, sizes or modification times)")
-        else:
-            lines.append(f"the teacher was {(old_t or {}).get('folder', 'not a folder')}, now "
-                         f"{(new_t or {}).get('folder', 'not a folder')}")
-    return lines
-
-
-def attach_identity(cfg: TrainConfig, identity: Mapping[str, Any]) -> None:
-    """Hand a run's identity (computed by the recipe with its data) to :func:`restore` and :func:`prepare_output`,
-    which the training loop calls with the config alone. It rides on this config object only: a copy
-    (``dataclasses.replace``) has none, its serialisation never shows it."""
-    object.__setattr__(cfg, _IDENTITY_ATTR, dict(identity))
-
-
-def attached_identity(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The identity :func:`attach_identity` gave ``cfg`` (None: the run records none, e.g. ``fit`` called alone)."""
-    return getattr(cfg, _IDENTITY_ATTR, None)
-
-
-def _recorded_identity(checkpoint: Path, out: Path) -> tuple[Path, Any]:
-    """The identity file of the run a checkpoint belongs to (``RUN/train-state/step-N``), else of ``out``."""
-    run = checkpoint.parent.parent if checkpoint.parent.name == STATE_DIR else out
-    path = run / IDENTITY_FILE
-    try:
-        return path, json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return path, None
-    except (OSError, ValueError):
-        return path, {}
-
-
-def check_run_identity(cfg: TrainConfig, checkpoint: Path, out: Path) -> None:
-    """Refuse to resume from ``checkpoint`` when the run's data or library versions changed since it started.
-
-    Compares the identity attached to ``cfg`` (see :func:`run_identity`) with the one its run recorded. With
-    ``cfg.resume_mismatch == "allow"`` the differences are logged as a warning and the run goes on (recording the
-    new identity). A run that recorded none (written by an older timm-remem) is resumed with a warning.
-
-    Raises:
-        ConfigError: Naming each difference, and the three ways on.
-    """
-    now = attached_identity(cfg)
-    if now is None:
-        return
-    path, saved = _recorded_identity(checkpoint, out)
-    if saved is None:
-        log.warning("resuming %s: its run recorded no %s (written by an older timm-remem), so changed data cannot "
-                    "be detected", checkpoint, IDENTITY_FILE)
-        return
-    diffs = identity_differences(saved if isinstance(saved, dict) else {}, now)
-    if not diffs:
-        return
-    listed = "".join(f"\n  - {d}" for d in diffs)
-    if cfg.resume_mismatch == "allow":
-        log.warning("resuming %s although what it is computed from changed since the run started "
-                    "(resume_mismatch='allow'):%s", checkpoint, listed)
-        return
-    raise ConfigError(
-        f"cannot resume {str(checkpoint)!r}: what the run is computed from changed since it started (recorded in "
-        f"{str(path)!r}):{listed}\nResume with the data and libraries the run started with, start a fresh run in "
-        "another output folder, or resume anyway with resume_mismatch='allow' (--resume-mismatch allow): the run "
-        "then goes on with what changed and is no longer what an uninterrupted run would have computed"
-    )
