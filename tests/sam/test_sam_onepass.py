@@ -130,6 +130,42 @@ def test_trajectory_matches_reference_from_timm_factory(opt_name, kind, nesterov
     assert opt.stats.perturbed and opt.stats.perturbation_norm == pytest.approx(RHO)
 
 
+class _Checkpointed(nn.Module):
+    """The MLP under activation checkpointing (timm's ``set_grad_checkpointing``): backward re-runs it."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "compile_given_model", "checkpoint"])
+def test_trajectory_matches_reference_under_compile_and_checkpointing(wrap):
+    # timm's train.py compiles the model after building the optimizer (--torchcompile) and can checkpoint activations
+    # (--grad-checkpointing): the hooks must run (eagerly, outside the compiled graph) and the recomputed forward must
+    # see the same perturbed weights. aot_eager traces like inductor without needing a C++ compiler.
+    model = _mlp()
+    if wrap == "compile_given_model":
+        opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    else:
+        opt = timm.optim.create_optimizer_v2(model, "sammomentum", lr=LR, weight_decay=0.0, rho=RHO)
+    run = _Checkpointed(model) if wrap == "checkpoint" else torch.compile(model, backend="aot_eager")
+    ref = Reference(_mlp(), "sgd")
+    for step in range(4):
+        batch = [_batch(step)]
+        _train_step(run, opt, batch)
+        ref.step(batch)
+        _assert_weights(model, ref.w)
+        run.eval()
+        with torch.no_grad():
+            run(batch[0][0])  # an eval forward in between sees (and leaves) w
+        run.train()
+        _assert_weights(model, ref.w)
+    assert opt.stats.perturbed
+
+
 def test_sgd_without_momentum_uses_the_last_gradient():
     model = _mlp()
     opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.0)

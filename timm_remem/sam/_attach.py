@@ -17,6 +17,8 @@ only call ``step()`` (timm's ``train.py``, HF's Trainer) say neither, so the opt
   forward, looks at each module once and acts only on modules that hold this optimizer's own parameters.
 
 Every hook holds the optimizer weakly: a collected optimizer's hooks do nothing, and its handles are removed.
+Every hook runs eagerly under ``torch.compile`` (``torch.compiler.disable``): the storage swaps happen between
+compiled graphs, never inside one (dynamo cannot trace them).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class Attachment:
     def _make_discovery_hook(self) -> Callable[[nn.Module, Any], None]:
         attachment_ref = weakref.ref(self)
 
+        @torch.compiler.disable
         def discover(module: nn.Module, args: Any) -> None:
             attachment = attachment_ref()
             if attachment is None or not _is_training_forward(module):
@@ -150,6 +153,7 @@ class _Hook:
     def __init__(self, owner: weakref.ReferenceType | None, fn: Callable[..., None] | None) -> None:
         self._owner, self._fn = owner, fn
 
+    @torch.compiler.disable
     def __call__(self, *args: Any) -> None:
         owner = self._owner() if self._owner is not None else None
         if owner is not None:

@@ -35,12 +35,6 @@ def sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.to(device) for n in norms]).square().sum()
 
 
-def dot_sum(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over tensors of the inner products <a_i, b_i> (0-dim, fp32 or wider), one read pass over each list."""
-    device = a[0].device
-    return torch.stack([d.to(device) for d in dots(a, b)]).sum()
-
-
 def dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
     """The inner products ``<a_i, b_i>`` (0-dim, fp32 or wider, each on its tensors' device).
 
