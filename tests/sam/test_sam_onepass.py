@@ -423,3 +423,175 @@ def test_create_sam_builds_exact_sam_on_timm_groups():
     assert strip == [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
     with pytest.raises(ConfigError, match="a SAM name"):
         create_sam(model, "samadamw")
+
+
+# ---------------------------------------------------------------- loop patterns found by probing from outside
+
+
+def test_no_grad_forward_inside_a_step_runs_at_w_and_the_step_stays_sharpness_aware():
+    # FixMatch / consistency loops: pseudo-labels from a no_grad (and an eval) forward of the same model between the
+    # training forward and its backward. They must see w; the training gradient must still be taken at w + e.
+    model = _mlp()
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    ref = Reference(_mlp(), "sgd")
+    for step in range(4):
+        batch = [_batch(step)]
+        x, y = batch[0]
+        out = model(x)
+        model.eval()
+        with torch.no_grad():
+            pseudo = model(x)
+        model.train()
+        torch.testing.assert_close(pseudo, functional_call(ref.model, ref.w, (x,)), rtol=1e-10, atol=1e-12)
+        F.cross_entropy(out, y).backward()
+        opt.step()
+        opt.zero_grad()
+        ref.step(batch)
+        _assert_weights(model, ref.w)
+
+
+@pytest.mark.parametrize("order", ["no_grad_first", "eval_after_backward"])
+def test_autocast_cache_never_serves_the_other_weights(order):
+    # autocast caches each parameter's low-precision copy by tensor within a region; the swaps must drop it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=2.0, lr=0.1, momentum=0.9, model=model)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    w = _weights(model)
+    v = {k: opt.state[p]["momentum_buffer"] for k, p in model.named_parameters()}
+    norm = math.sqrt(sum(float((t * t).sum()) for t in v.values()))
+    w_e = {k: w[k] - 2.0 * v[k] / norm for k in w}
+
+    def at(weights):  # a fresh autocast region: no cache
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return functional_call(model, weights, (x,)).float()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if order == "no_grad_first":
+            with torch.no_grad():
+                first = model(x).float()
+            out = model(x).float()
+            torch.testing.assert_close(first, at(w))
+            torch.testing.assert_close(out.detach(), at(w_e))
+            F.cross_entropy(out, y).backward()
+        else:
+            F.cross_entropy(model(x), y).backward()
+            model.eval()
+            with torch.no_grad():
+                torch.testing.assert_close(model(x).float(), at(w))
+    _assert_weights(model, w)
+
+
+def test_load_state_dict_between_forward_and_backward_is_kept():
+    # A rollback after a bad loss: the forward ran (weights at w + e), the backward is skipped, the model reloaded.
+    model = _mlp()
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    for step in range(2):
+        _train_step(model, opt, [_batch(step)])
+    good = copy.deepcopy(model.state_dict())
+    _train_step(model, opt, [_batch(2)])
+    model(_batch(3)[0])  # perturbed now
+    assert opt.is_perturbed
+    model.load_state_dict(good)
+    opt.zero_grad()
+    _assert_weights(model, good)
+    opt.step()  # no gradients: nothing changes
+    _assert_weights(model, good)
+
+
+def test_parameters_unfrozen_after_the_optimizer_was_built_are_restored_in_backward():
+    model = _mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    ref = Reference(_mlp(), "sgd")
+    for step in range(4):
+        batch = [_batch(step)]
+        x, y = batch[0]
+        F.cross_entropy(model(x), y).backward()
+        _assert_weights(model, ref.w)  # w right after backward (what timm's AGC clipping reads), frozen or not
+        opt.step()
+        opt.zero_grad()
+        ref.step(batch)
+        _assert_weights(model, ref.w)
+
+
+def test_reentrant_checkpointing_over_a_shared_parameter_is_refused():
+    # Each reentrant segment runs its own backward: the shared weight would be restored after the first one and the
+    # second segment's recomputed forward would run at w. Refused, not silently wrong.
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Linear(5, 5)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            for _ in range(2):
+                x = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.block(t)), x, use_reentrant=True)
+            return self.head(x)
+
+    model = Shared().double()
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    x, y = _batch(0)
+    x.requires_grad_(True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    with pytest.raises(ConfigError, match="use_reentrant=False"):
+        F.cross_entropy(model(x), y).backward()
+
+
+def test_a_newer_optimizer_takes_over_and_a_stale_one_stands_aside():
+    # Stage 2 of a run builds a new optimizer while the first is still referenced (a scheduler, a notebook cell).
+    model = _mlp()
+    old = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    for step in range(3):
+        _train_step(model, old, [_batch(step)])
+    # a newer OnePassSAM over the same weights: only it perturbs, from its first step
+    ref = Reference(copy.deepcopy(model), "sgd")
+    new = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    for step in range(3, 7):
+        batch = [_batch(step)]
+        _train_step(model, new, batch)
+        ref.step(batch)
+        _assert_weights(model, ref.w)
+    # a plain optimizer next to a live OnePassSAM: the SAM stops perturbing, and says so
+    model2 = _mlp()
+    sam = OnePassSAM(model2.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    for step in range(3):
+        _train_step(model2, sam, [_batch(step)])
+    plain = torch.optim.SGD(model2.parameters(), lr=LR)
+    with pytest.warns(UserWarning, match="updated by something other than this optimizer"):
+        for step in range(3, 6):
+            _train_step(model2, plain, [_batch(step)])
+    assert not sam.is_perturbed
+    model2(_batch(9)[0])
+    assert not sam.is_perturbed  # still aside
+    sam.detach()  # the documented way out: no hooks left
+    assert not model2._forward_pre_hooks
+
+
+def test_a_step_whose_forward_bypassed_the_model_warns():
+    # The loop calls a method of the model (forward_features) instead of the model: not sharpness-aware; said once.
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=16)
+    opt = timm.optim.create_optimizer_v2(model, "sammomentum", lr=0.01, rho=0.05)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2,))
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    with pytest.warns(UserWarning, match="no training forward of the model it watches"):
+        F.cross_entropy(model.forward_head(model.forward_features(x)), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name, keyword", [("samadamw", "adaptive"), ("sam", "every"), ("samadam", "eta")])
+def test_exact_sam_keywords_through_timm_names_are_refused_with_the_fix(name, keyword):
+    # What --opt-kwargs adaptive=True reaches: a ConfigError naming create_sam, not a TypeError from the signature.
+    with pytest.raises(ConfigError, match="create_sam"):
+        timm.optim.create_optimizer_v2(_mlp(), name, lr=0.1, **{keyword: 1})

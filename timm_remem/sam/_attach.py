@@ -6,8 +6,10 @@ only call ``step()`` (timm's ``train.py``, HF's Trainer) say neither, so the opt
 
 - **roots**: the outermost modules whose forward uses the optimizer's parameters. A root's forward pre-hook
   perturbs in a training forward (module in training mode, gradients enabled) and restores otherwise (eval, no_grad,
-  inference mode); its forward hook (``always_call=True``) restores when the forward raised; a state-dict pre-hook
-  on the root and on every module that owns one of the parameters restores before anything is read out.
+  inference mode; inside a training step, a no_grad forward runs at ``w`` and the weights go back to ``w + e`` for
+  the pending backward); its forward hook (``always_call=True``) restores when the forward raised; state-dict
+  hooks on the root and on every module that owns one of the parameters restore before anything is read out or
+  loaded in.
 - **parameters**: a post-accumulate-grad hook on each trainable parameter restores that parameter the moment its
   gradient is complete in backward (autograd no longer needs its value then), so a finished backward leaves the
   weights clean, also under gradient checkpointing.
@@ -36,7 +38,10 @@ __all__ = ["Attachment"]
 
 class _Owner(Protocol):  # what the attachment calls back (OnePassSAM)
     def _on_training_forward(self) -> None: ...
+    def _on_other_forward(self) -> None: ...
+    def _end_visit(self) -> bool: ...
     def _restore(self) -> None: ...
+    def _on_load(self) -> None: ...
     def _on_grad_ready(self, param: torch.Tensor) -> None: ...
 
 
@@ -89,12 +94,14 @@ class Attachment:
         owner = self._owner
         self._handles.append(module.register_forward_pre_hook(_Hook(owner, _before_forward)))
         self._handles.append(module.register_forward_hook(_Hook(owner, _after_forward), always_call=True))
-        restore_before_reading = _Hook(owner, _restore)
-        self._handles.append(module.register_state_dict_pre_hook(restore_before_reading))
+        restore, loaded = _Hook(owner, _restore), _Hook(owner, _loaded)
         for sub in module.modules():
             self._covered.add(sub)
-            if sub is not module and any(p in self._params for p in sub.parameters(recurse=False)):
-                self._handles.append(sub.register_state_dict_pre_hook(restore_before_reading))
+            if sub is module or any(p in self._params for p in sub.parameters(recurse=False)):
+                # w before anything is read out or loaded in (a load into w + e would be undone by the restore)
+                self._handles.append(sub.register_state_dict_pre_hook(restore))
+                self._handles.append(sub.register_load_state_dict_pre_hook(restore))
+                self._handles.append(sub.register_load_state_dict_post_hook(loaded))
         self._hook_params(self._params)
 
     def _hook_params(self, params: Iterable[torch.Tensor]) -> None:
@@ -170,16 +177,22 @@ def _before_forward(owner: _Owner, module: nn.Module, args: Any) -> None:
     if _is_training_forward(module):
         owner._on_training_forward()
     else:
-        owner._restore()
+        owner._on_other_forward()
 
 
 def _after_forward(owner: _Owner, module: nn.Module, args: Any, output: Any) -> None:
+    if owner._end_visit():  # an eval / no_grad forward ran at w inside a training step: back to w + e
+        return
     if sys.exc_info()[0] is not None:  # the forward raised: no backward will come
         owner._restore()
 
 
 def _restore(owner: _Owner, *args: Any) -> None:
     owner._restore()
+
+
+def _loaded(owner: _Owner, *args: Any) -> None:
+    owner._on_load()
 
 
 def _grad_ready(owner: _Owner, param: torch.Tensor) -> None:

@@ -39,6 +39,8 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +61,16 @@ MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
 _DIRECTION_EPS = 1e-12
 # Keywords of the exact SAM that mean nothing here; refused with the fix instead of passed to the base optimizer.
 _EXACT_ONLY = ("adaptive", "eta", "every", "sync_perturbation", "replay_rng", "freeze_bn")
+# Which OnePassSAM perturbs each parameter: the newest one built over it (one set of weights, one perturbation).
+# Keyed by id (a tensor compares by value, so it cannot key a WeakKeyDictionary); an entry goes with its parameter.
+_CLAIMS: dict[int, weakref.ReferenceType] = {}
+
+
+def _claim(param: torch.Tensor, owner: weakref.ReferenceType) -> None:
+    key = id(param)
+    if key not in _CLAIMS:
+        weakref.finalize(param, _CLAIMS.pop, key, None)
+    _CLAIMS[key] = owner
 
 
 @dataclass
@@ -132,7 +144,8 @@ class OnePassSAM(Optimizer):
     """
 
     # Per-step buffers and hooks: never pickled or deep-copied; a copy finds its model again by itself.
-    _TRANSIENT = ("_attachment", "_spare", "_live", "_scales", "_grad_seen", "_n_perturbed", "_current")
+    _TRANSIENT = ("_attachment", "_spare", "_live", "_scales", "_grad_seen", "_n_perturbed", "_current", "_visiting",
+                  "_released", "_versions", "_stepped", "_aside", "_swapped", "_self_ref")
 
     def __init__(
         self,
@@ -175,6 +188,15 @@ class OnePassSAM(Optimizer):
         self._grad_seen = False  # a gradient was completed since the latest perturbation
         self._n_perturbed = 0
         self._current = OnePassStats(step=self._step_index)  # the step under way; ``stats`` is the latest one
+        self._visiting: dict[torch.Tensor, torch.Tensor] = {}  # a no_grad forward runs at w: param -> its w + e
+        self._released: set[torch.Tensor] = set()  # restored by their gradient since the latest perturbation
+        self._versions: dict[torch.Tensor, int] = {}  # autograd versions as this optimizer last left them
+        self._stepped = True  # step() ran since the latest training forward
+        self._aside = False  # another optimizer updates these weights: no perturbation until step() runs again
+        self._swapped = False  # a swap since autocast's cache was last cleared
+        self._self_ref = weakref.ref(self)
+        for p in self._trainable():
+            _claim(p, self._self_ref)
         self._attachment = Attachment(self, self._trainable(), self._model)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -209,7 +231,10 @@ class OnePassSAM(Optimizer):
         self._restore()
         param_group.setdefault("rho", self.defaults["rho"])
         self.base_optimizer.add_param_group(param_group)
-        self._attachment.add_params(p for p in param_group["params"] if p.requires_grad)
+        added = [p for p in param_group["params"] if p.requires_grad]
+        for p in added:
+            _claim(p, self._self_ref)
+        self._attachment.add_params(added)
 
     # ------------------------------------------------------------------ perturbation
     def _directions(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
@@ -218,7 +243,7 @@ class OnePassSAM(Optimizer):
         for group in self.param_groups:
             params, dirs = [], []
             for p in group["params"]:
-                if not p.requires_grad:
+                if not p.requires_grad or _CLAIMS.get(id(p), self._self_ref) is not self._self_ref:
                     continue
                 state = self.state.get(p)
                 v = None
@@ -239,9 +264,14 @@ class OnePassSAM(Optimizer):
         if self._live and len(self._live) == self._n_perturbed:
             return
         self._restore()
+        self._released.clear()  # a new graph: each parameter's gradient completes once more
+        if self._aside or self._updated_elsewhere():
+            return
+        self._stepped = False
         directions = self._directions()
         if not directions:
             return
+        self._attachment.add_params(p for _, params, _ in directions for p in params)  # trainable since built
         if self._scales is None:  # once per step: every micro-batch of an accumulated step gets the same e
             group_sq = _tensors.to_floats([_tensors.sq_sum(dirs) for _, _, dirs in directions])
             norm = math.sqrt(sum(group_sq))
@@ -267,11 +297,42 @@ class OnePassSAM(Optimizer):
                 self._live[p] = p.data  # w itself, untouched until the restore points p back at it
                 p.data = perturbed
                 increment_version(p)
+                self._versions[p] = p._version
             n += len(params)
         self._n_perturbed = n
         self._grad_seen = False
+        self._clear_autocast_cache()
         if n:
             self._current.perturbed = True
+
+    def _updated_elsewhere(self) -> bool:
+        """Whether the weights changed outside this optimizer twice in a row (another optimizer trains them).
+
+        A change after this optimizer's ``step()`` (a load, weight clipping, an EMA swap) is the loop's business; a
+        change with no ``step()`` of ours since the previous training forward means something else steps these
+        weights: the perturbation then stands aside, with a warning, until ``step()`` runs again.
+        """
+        changed = any(p._version != v for p, v in self._versions.items())
+        if changed and not self._stepped:
+            self._aside = True
+            warnings.warn(
+                "OnePassSAM: these weights were updated by something other than this optimizer's step() (another "
+                "optimizer?) and step() was not called since, so the latest step's gradient was taken at weights this "
+                "optimizer perturbed. It stops perturbing them until its own step() runs again. If the model now "
+                "trains with another optimizer, drop this one (del opt) or call opt.detach() first.",
+                UserWarning, stacklevel=2)
+            return True
+        if changed:
+            self._record_versions()
+        return False
+
+    def _record_versions(self) -> None:
+        self._versions = {p: p._version for p in self._trainable()}
+
+    def _clear_autocast_cache(self) -> None:
+        # autocast caches each parameter's low-precision copy by tensor, not by storage: a swap must drop it
+        torch.clear_autocast_cache()
+        self._swapped = False
 
     @torch.no_grad()
     def _on_grad_ready(self, param: torch.Tensor) -> None:
@@ -279,17 +340,74 @@ class OnePassSAM(Optimizer):
         self._grad_seen = True
         if param in self._live:
             self._swap_back(param, self._live.pop(param))
+            self._released.add(param)
+        elif param in self._released:
+            raise ConfigError(
+                "OnePassSAM: a parameter's gradient was accumulated twice after one training forward, so the second "
+                "part would be taken at w, not w + e. This happens with activation checkpointing "
+                "(use_reentrant=True) over a parameter shared by two checkpointed segments, or a second backward "
+                "through the same graph: use torch.utils.checkpoint(..., use_reentrant=False), one backward per "
+                "forward, or the exact timm_remem.SAM."
+            )
 
     def _swap_back(self, param: torch.Tensor, w: torch.Tensor) -> None:
         self._spare[param] = param.data  # w + e, the next step's buffer
         param.data = w
         increment_version(param)
+        self._versions[param] = param._version
+        self._swapped = True
 
     @torch.no_grad()
     def _restore(self) -> None:
+        self._end_visit()
         while self._live:
             param, w = self._live.popitem()
             self._swap_back(param, w)
+        if self._swapped:
+            self._clear_autocast_cache()
+
+    def _on_other_forward(self) -> None:
+        """An eval / no_grad forward of the model: it runs at ``w``.
+
+        Between a training forward and its backward (pseudo-labels, a teacher pass of the same model), a no_grad
+        forward visits ``w`` and the weights go back to ``w + e`` after it, leaving the pending backward intact (no
+        graph can hold the visited values). An eval forward with gradients enabled restores for good.
+        """
+        if self._live and not self._grad_seen and not torch.is_grad_enabled() and not self._visiting:
+            for param, w in self._live.items():
+                self._visiting[param] = param.data
+                param.data = w  # no version bump: the pending graph's saved values are back before its backward
+            self._clear_autocast_cache()
+        else:
+            self._restore()
+
+    def _end_visit(self) -> bool:
+        """Back to ``w + e`` after a no_grad forward inside a training step; whether one was under way."""
+        if not self._visiting:
+            return False
+        for param, perturbed in self._visiting.items():
+            param.data = perturbed
+        self._visiting.clear()
+        self._clear_autocast_cache()
+        return True
+
+    def _on_load(self) -> None:
+        """A module's ``load_state_dict`` wrote the weights: the new versions are the loop's, not a foreign step's."""
+        self._record_versions()
+
+    def detach(self) -> None:
+        """Stop watching the model for good: no more perturbations (``step()`` then applies the base optimizer only).
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = OnePassSAM(model.parameters(), lr=0.1, model=model)
+            >>> opt.detach()
+        """
+        self._restore()
+        self._attachment.remove()
+        self._aside = True
+        self._detached = True
 
     def restore(self) -> None:
         """Put the weights back at ``w`` now (they are already, except between a training forward and its backward).
@@ -371,15 +489,34 @@ class OnePassSAM(Optimizer):
                 self._restore()
         grads_present = any(p.grad is not None for group in self.param_groups for p in group["params"])
         if grads_present:
+            if closure is None and self._scales is None and not self._aside:
+                self._warn_if_bypassed()
             _refuse_sparse(self.param_groups)
             self.base_optimizer.step()
             self._keep_last_gradients()
+            self._record_versions()
+            self._stepped = True
+            self._aside = getattr(self, "_detached", False)
+        self._released.clear()
         self.stats = self._current
         self._step_index += 1
         self._current = OnePassStats(step=self._step_index)
         self._scales = None  # the next step's direction is the state this step left
         self._attachment.end_discovery()
         return loss
+
+    def _warn_if_bypassed(self) -> None:
+        """A step with gradients and a direction, but no training forward of the watched model: say so, once."""
+        if getattr(self, "_bypass_warned", False) or not self._attachment.roots or not self._directions():
+            return
+        if not any(float(group["rho"]) > 0 for group in self.param_groups):
+            return
+        self._bypass_warned = True
+        warnings.warn(
+            "OnePassSAM: step() got gradients, but no training forward of the model it watches ran since the last "
+            "step (a method such as forward_features called directly?), so this step was not sharpness-aware. Call "
+            "the model itself, or build the optimizer with model= the module whose forward the loop calls.",
+            UserWarning, stacklevel=3)
 
     @torch.no_grad()
     def _keep_last_gradients(self) -> None:

@@ -74,10 +74,10 @@ class OnePassSAMSGD(OnePassSAM):
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.9, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, rho: float = 0.05, maximize: bool = False,
-                 foreach: bool | None = None, model: nn.Module | None = None) -> None:
+                 foreach: bool | None = None, model: nn.Module | None = None, **others: Any) -> None:
         super().__init__(params, torch.optim.SGD, rho=rho, model=model, lr=lr, momentum=momentum,
                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                         foreach=foreach)
+                         foreach=foreach, **others)
 
 
 class OnePassSAMAdam(OnePassSAM):
@@ -94,9 +94,10 @@ class OnePassSAMAdam(OnePassSAM):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, rho: float = 0.05, maximize: bool = False,
-                 foreach: bool | None = None, model: nn.Module | None = None) -> None:
+                 foreach: bool | None = None, model: nn.Module | None = None, **others: Any) -> None:
         super().__init__(params, self._base, rho=rho, model=model, lr=lr, betas=betas, eps=eps,
-                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach)
+                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                         **others)
 
 
 class OnePassSAMAdamW(OnePassSAMAdam):
@@ -113,9 +114,9 @@ class OnePassSAMAdamW(OnePassSAMAdam):
 
     def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, rho: float = 0.05, maximize: bool = False,
-                 foreach: bool | None = None, model: nn.Module | None = None) -> None:
+                 foreach: bool | None = None, model: nn.Module | None = None, **others: Any) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, rho=rho,
-                         maximize=maximize, foreach=foreach, model=model)
+                         maximize=maximize, foreach=foreach, model=model, **others)
 
 
 def sam_optimizer_infos() -> list[OptimInfo]:
