@@ -261,6 +261,23 @@ def test_claim_accepts_a_folder_written_before_the_marker_existed(kind, make, tm
     assert (tmp_path / OWNER_FILE).exists() == (kind != "export")  # exports never get a marker
 
 
+def test_claim_refuses_a_users_model_folder_whose_readme_mentions_timm_remem(tmp_path):
+    # A README that links timm-remem is not our card: only the card's metadata tag (and nothing but export files) is.
+    (tmp_path / "README.md").write_text("# my model\nTrained with https://pypi.org/project/timm-remem\n")
+    (tmp_path / "config.json").write_text('{"architecture": "resnet18"}')
+    (tmp_path / "model.safetensors").write_bytes(b"mine")
+    with pytest.raises(ConfigError, match="not a timm-remem export folder"):
+        claim_output_dir(tmp_path, "export")
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "README.md").write_text("---\ntags:\n- remem\n---\n# a card\n")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    claim_output_dir(tmp_path, "export")  # our adapter card: adopted
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt"):
+        claim_output_dir(tmp_path, "export")
+
+
 def save_checkpoint_in(root):
     from timm_remem.checkpoint import save_checkpoint
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.repocard import metadata_load
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -350,6 +351,9 @@ _OURS_PREFIX = ".timm-remem"  # the marker, the run lock (.timm-remem.lock) and 
 _KIND_WORDS = {"run": "a training run folder (finetune / distill)", "select": "a select folder",
                "study": "a study folder", "export": "a model folder (save_pretrained / a run's export)",
                "analysis": "an analysis folder (timm-remem analyze)"}
+# Every file a model folder (an export) may hold, of either kind (merged checkpoint or peft adapter).
+EXPORT_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "README.md", "remem.json",
+                "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 # Sub-folders a kind writes into: they must be real folders, never symlinks (nothing is written through one).
 _SUBFOLDERS = {"run": ("train-state", "checkpoints"), "select": (), "study": ("runs",), "export": (), "analysis": ()}
 
@@ -417,10 +421,13 @@ def _written_by_us(folder: Path, kind: str) -> bool:
     remem = _read_json(folder / "remem.json")
     if isinstance(remem, dict) and "remem" in remem:
         return True
+    # an adapter folder without factors: only export files, and our card (its metadata tags it "remem")
     card = folder / "README.md"
-    if card.is_file() and not card.is_symlink():
-        with contextlib.suppress(OSError, UnicodeDecodeError):
-            return "pypi.org/project/timm-remem" in card.read_text(encoding="utf-8")[:20000]
+    names = {n for n in os.listdir(folder) if not n.startswith(_OURS_PREFIX)}
+    if not names <= set(EXPORT_FILES) or card.is_symlink() or not card.is_file():
+        return False
+    with contextlib.suppress(Exception):  # a card that does not parse is not ours
+        return "remem" in (metadata_load(card) or {}).get("tags", [])
     return False
 
 

@@ -52,3 +52,30 @@ def test_bad_numbers_exit_2_before_anything_runs(argv, message, tmp_path, capsys
     assert cli.main(["demo", "--quick", "--output", str(tmp_path / "demo"), *argv]) == 2
     assert f"timm-remem demo: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_foreign_folder_with_a_demo_json_is_refused_and_kept(tmp_path, capsys):
+    # A demo clears only its own earlier output: a folder of yours that happens to hold a demo.json is not one.
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "app.py").write_text("print('mine')\n")
+    (out / "notes.txt").write_text("mine\n")
+    (out / "demo.json").write_text("{}\n")
+    assert cli.main(["demo", "--quick", "--no-progress", "--output", str(out)]) == 2
+    assert "not a timm-remem study folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "notes.txt", "src"]
+    assert (out / "src" / "app.py").read_text() == "print('mine')\n"
+
+
+def test_a_rerun_clears_only_an_earlier_demo_of_its_own(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--no-progress", "--output", str(out)]) == 0
+    (out / "mine.txt").write_text("mine\n")
+    before = sorted(p.name for p in out.iterdir())
+    assert cli.main(["demo", "--quick", "--no-progress", "--output", str(out)]) == 2
+    assert "mine.txt, which the demo did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing removed
+    (out / "mine.txt").unlink()
+    (out / "study.md").write_text("stale\n")
+    assert cli.main(["demo", "--quick", "--no-progress", "--output", str(out)]) == 0
+    assert (out / "study.md").read_text() != "stale\n"  # a fresh demo

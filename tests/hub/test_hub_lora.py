@@ -130,3 +130,22 @@ def test_adapter_only_needs_a_pretrained_base(lora_teacher, tmp_path):
 def test_adapter_only_needs_an_adapter(tmp_path):
     with pytest.raises(ConfigError, match="adapter_only=True needs a peft.PeftModel .* without adapters"):
         save_pretrained(_base(), tmp_path, adapter_only=True, base_model=BASE)
+
+
+def test_a_folder_holds_one_export_whatever_was_saved_there_before(lora_teacher, tmp_path):
+    # A merged save over an adapter folder, and the reverse: the other kind's files go (load_teacher would prefer a
+    # stale config.json, peft would load stale adapter files), as does remem.json once the teacher has no factors.
+    adapted, expected = lora_teacher
+    folder = tmp_path / "teacher"
+    save_pretrained(adapted, folder, adapter_only=True, base_model=BASE)
+    assert {"adapter_config.json", "remem.json"} <= {p.name for p in folder.iterdir()}
+    save_pretrained(adapted, folder)  # merged
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"config.json", "model.safetensors", "README.md"}
+    plain = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert _rel(_out(plain), expected) < 1e-5
+    save_pretrained(_lora(_base()), folder, adapter_only=True, base_model=BASE)  # no factors this time
+    names = {p.name for p in folder.iterdir()}
+    assert "config.json" not in names and "model.safetensors" not in names and "remem.json" not in names
+    assert "adapter_config.json" in names
+    save_pretrained(_lora(_base()), folder, adapter_only=True, base_model=BASE)  # still ours: its card says so

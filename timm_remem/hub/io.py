@@ -28,7 +28,7 @@ from timm.models import save_for_hf
 from timm.utils import unwrap_model
 from torch import nn
 
-from .._io import OutputClaim, atomic_write_text, claim_output_dir, os_error_reason, write_into
+from .._io import EXPORT_FILES, OutputClaim, atomic_write_text, claim_output_dir, os_error_reason, write_into
 from .._models import model_input_config
 from .._peft import unwrap_peft as timm_model_of
 from .._validation import check_bool
@@ -147,10 +147,20 @@ def save_pretrained(
     claim = claim_output_dir(path, "export", what="path")
     with _writing(claim):
         if adapter_only:
-            _save_adapter(model, timm_model, claim.path, meta, repo_id)
+            written = _save_adapter(model, timm_model, claim.path, meta, repo_id)
         else:
-            _save_merged(model, timm_model, adapted, claim.path, meta, repo_id, merge, data_config)
+            written = _save_merged(model, timm_model, adapted, claim.path, meta, repo_id, merge, data_config)
+        _remove_other_exports(claim.path, {p.name for p in written})
     return claim.path
+
+
+def _remove_other_exports(folder: Path, written: set[str]) -> None:
+    """A folder holds one export: remove the export files this save did not write (a merged save over an adapter
+    folder would leave adapter files that peft loads; the reverse, a config.json that load_teacher prefers)."""
+    for name in EXPORT_FILES:
+        stale = folder / name
+        if name not in written and (stale.is_file() or stale.is_symlink()):
+            stale.unlink()  # a symlink is removed, its target left alone
 
 
 def _unwrapped(model: Any) -> Any:
@@ -182,7 +192,7 @@ def _writing(claim: OutputClaim):
 
 
 def _save_merged(model: nn.Module, timm_model: nn.Module, adapted: bool, folder: Path, meta: TeacherMetadata,
-                 repo_id: str | None, merge: bool, data_config: dict[str, Any] | None) -> None:
+                 repo_id: str | None, merge: bool, data_config: dict[str, Any] | None) -> list[Path]:
     """The folder of a plain timm checkpoint: config.json, model.safetensors, README.md."""
     plain = merged_copy(model) if adapted else timm_model  # LoRA folded by peft, on a copy
     check_factors(plain)  # no NaN/inf factor or scaled weight is ever exported
@@ -205,11 +215,11 @@ def _save_merged(model: nn.Module, timm_model: nn.Module, adapted: bool, folder:
         card = model_card(hf_config, remem, meta, scales, repo_id)
         atomic_write_text(tmp / CARD_NAME, str(card), fsync=False)
 
-    write_into(folder, write, last=(CONFIG_NAME,))  # the umask's permissions (timm writes the weights 0600)
+    return write_into(folder, write, last=(CONFIG_NAME,))  # the umask's permissions (timm writes the weights 0600)
 
 
 def _save_adapter(model: nn.Module, timm_model: nn.Module, folder: Path, meta: TeacherMetadata,
-                  repo_id: str | None) -> None:
+                  repo_id: str | None) -> list[Path]:
     """The folder of ``adapter_only=True``: peft's adapter files, the factors (if any) and an adapter card."""
     check_factors(timm_model)
     wrapped = is_reweighted(timm_model)
@@ -224,7 +234,7 @@ def _save_adapter(model: nn.Module, timm_model: nn.Module, folder: Path, meta: T
             atomic_write_text(tmp / REMEM_NAME, json.dumps({"remem": remem}, indent=2) + "\n", fsync=False)
         atomic_write_text(tmp / CARD_NAME, str(card), fsync=False)
 
-    write_into(folder, write)
+    return write_into(folder, write)
 
 
 # --------------------------------------------------------------------------------------------------------------

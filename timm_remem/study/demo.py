@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .._io import atomic_write_text
+from .._io import OWNER_FILE, atomic_write_text, claim_output_dir
 from .._validation import check_int
 from ..analysis.plots import plot_study
 from ..errors import ConfigError
@@ -127,10 +127,7 @@ def run_demo(output: str | os.PathLike = "remem-demo", *, quick: bool = False, p
         finally:
             torch.set_num_threads(previous)
     out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        if not (out / "demo.json").is_file():
-            raise ConfigError(f"{str(out)!r} is not empty and holds no earlier demo; choose another --output")
-        shutil.rmtree(out)
+    _clear_earlier_demo(out)
     if quick:
         teacher, teacher_kwargs, student, student_kwargs = "test_vit", {}, "test_resnet", {}
         t_epochs, s_epochs, img, limit = 1, 1, 16, 2
@@ -167,6 +164,35 @@ def run_demo(output: str | os.PathLike = "remem-demo", *, quick: bool = False, p
         print("wrote: " + ", ".join(str(p) for p in [out / "demo.md", out / "demo.json"] + ([plot] if plot else [])
                                     + study.files))
     return StudyDemoResult(rows, table, plot, out, study.wall_time, study=study)
+
+
+# What a demo writes into its folder (besides the .timm-remem marker): the only entries a new demo clears.
+_DEMO_ENTRIES = ("demo.json", "demo.md", "demo.png", "runs", "study-settings.json", "study.json", "study.md",
+                 "study.png")
+
+
+def _clear_earlier_demo(out: Path) -> None:
+    """Start afresh in ``out``: refuse a folder that is not timm-remem's, remove what an earlier demo wrote there.
+
+    Only a folder :func:`~timm_remem._io.claim_output_dir` accepts as a study folder and that holds a ``demo.json``
+    is cleared, and only when it holds nothing but the demo's own entries (a symlink among them is removed, never
+    followed); anything else in it is named and the demo stops before removing anything.
+    """
+    if not out.is_dir() or out.is_symlink() or not any(out.iterdir()):
+        return
+    claim_output_dir(out, "study", create=False, what="--output")  # foreign folders are refused here
+    if not (out / "demo.json").is_file() or (out / "demo.json").is_symlink():
+        raise ConfigError(f"{str(out)!r} is not empty and holds no earlier demo; choose another --output")
+    others = sorted(n for n in os.listdir(out) if n not in _DEMO_ENTRIES and not n.startswith(OWNER_FILE))
+    if others:
+        raise ConfigError(f"{str(out)!r} holds an earlier demo and also {', '.join(others[:5])}, which the demo did "
+                          "not write: move them out, or choose another --output (nothing was removed)")
+    for name in (*_DEMO_ENTRIES, *(n for n in os.listdir(out) if n.startswith(OWNER_FILE))):
+        entry = out / name
+        if entry.is_symlink() or entry.is_file():
+            entry.unlink()
+        elif entry.is_dir():
+            shutil.rmtree(entry)
 
 
 def _named(model: str, kwargs: dict[str, Any]) -> str:
