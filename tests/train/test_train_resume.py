@@ -125,3 +125,19 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     finetune_teacher(**opts, output=str(tmp_path))
     with pytest.raises(ConfigError, match="already holds training checkpoints"):
         finetune_teacher(**opts, output=str(tmp_path))
+
+
+def test_another_runs_checkpoint_is_not_resumed_into_a_folder_that_holds_a_run(tmp_path):
+    # Resuming run A's checkpoint with --output B, where B already holds a run: the two runs would mix (B's metrics
+    # and exports with A's state). Into an empty folder it is fine: that is how a run is moved.
+    opts = dict(VIT, epochs=1, limit_train_batches=1, save_at=[])
+    finetune_teacher(**opts, output=str(tmp_path / "a"))
+    finetune_teacher(**dict(opts, seed=7), output=str(tmp_path / "b"))
+    before = sorted(p.name for p in (tmp_path / "b").rglob("*"))
+    identity = (tmp_path / "b" / "run-identity.json").read_text()
+    checkpoint = list_checkpoints(tmp_path / "a" / "train-state")[-1]
+    with pytest.raises(ConfigError, match="holds a run of its own .* would mix the two runs"):
+        finetune_teacher(**opts, output=str(tmp_path / "b"), resume=str(checkpoint))
+    assert sorted(p.name for p in (tmp_path / "b").rglob("*")) == before
+    assert (tmp_path / "b" / "run-identity.json").read_text() == identity
+    finetune_teacher(**opts, output=str(tmp_path / "moved"), resume=str(checkpoint))

@@ -187,8 +187,9 @@ def restore(
     world, rank = distributed.get_world_size(), distributed.get_rank()
     metrics_path = out / METRICS_FILE
     resume = _wants_resume(cfg, state_dir)
+    own_checkpoints = state_dir is not None and state_dir.is_dir() and bool(list_checkpoints(state_dir))
     if not resume:
-        if state_dir is not None and (state_dir.exists() or metrics_path.exists()) and list_checkpoints(state_dir):
+        if own_checkpoints:
             raise ConfigError(
                 f"{str(out)!r} already holds training checkpoints; resume it (resume=True / --resume) or choose "
                 "another output folder"
@@ -198,6 +199,14 @@ def restore(
     if src is None:
         raise ConfigError("resume=True needs save_state=True (the run's own train-state folder)")
     path = resume_path(src)  # chosen by rank 0: every rank loads the very same checkpoint
+    if state_dir is None or path.resolve().parent != state_dir.resolve():  # another run's checkpoint
+        if own_checkpoints:
+            raise ConfigError(
+                f"{str(out)!r} holds a run of its own (checkpoints in {str(state_dir)!r}); resuming "
+                f"{str(path)!r}, another run's checkpoint, into it would mix the two runs. Resume into the "
+                "checkpoint's own output folder, or into a new one"
+            )
+        _refuse_finished_run(out, f"resuming {str(path)!r} into it would mix two runs")
     try:
         info = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
     except CheckpointError as e:  # other settings explain a key or shape mismatch better than the keys do
@@ -224,6 +233,14 @@ def restore(
         truncate_metrics(metrics_path, state.step)
         remove_stale_exports(out / EXPORT_DIR)
     return state, info.path
+
+
+def _refuse_finished_run(out: Path, why: str) -> None:
+    """A run folder that holds a run's metrics or exports (a run without checkpoints) takes no other run's state."""
+    held = [name for name in (METRICS_FILE, EXPORT_DIR) if (out / name).exists() or (out / name).is_symlink()]
+    if held and (held != [EXPORT_DIR] or any((out / EXPORT_DIR).iterdir())):
+        raise ConfigError(f"{str(out)!r} already holds a run ({', '.join(held)}): {why}. Choose another output "
+                          "folder, or remove those first")
 
 
 def _saved_config(path: Path) -> dict[str, Any]:
