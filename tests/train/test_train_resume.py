@@ -141,3 +141,20 @@ def test_another_runs_checkpoint_is_not_resumed_into_a_folder_that_holds_a_run(t
     assert sorted(p.name for p in (tmp_path / "b").rglob("*")) == before
     assert (tmp_path / "b" / "run-identity.json").read_text() == identity
     finetune_teacher(**opts, output=str(tmp_path / "moved"), resume=str(checkpoint))
+
+
+def test_a_resumed_runs_config_json_repeats_the_run_instead_of_resuming_it(tmp_path):
+    # README: `--config OUTPUT/config.json --output new` re-runs a run. A run started with resume=<path> records
+    # settings, not how it was started: repeating it must not continue from that checkpoint.
+    import json
+
+    from timm_remem.cli._config_file import file_options
+
+    opts = dict(VIT, epochs=1, limit_train_batches=1, save_at=[])
+    finetune_teacher(**opts, output=str(tmp_path / "a"))
+    checkpoint = list_checkpoints(tmp_path / "a" / "train-state")[-1]
+    finetune_teacher(**opts, output=str(tmp_path / "moved"), resume=str(checkpoint))
+    recorded = json.loads((tmp_path / "moved" / "config.json").read_text())
+    assert recorded["resume"] is None
+    repeated = file_options(str(tmp_path / "moved" / "config.json"), FinetuneConfig)
+    assert repeated.get("resume") is None

@@ -268,7 +268,10 @@ def prepare_output(cfg: TrainConfig, out: Path, resumed: bool | Path | None) -> 
     distributed.barrier()  # every rank has looked at the output folder before rank 0 writes into it
     if distributed.get_rank() == 0:
         claim_output_dir(out, "run")  # the lock's check again (this run's folder by now: nothing changes)
-        atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        # the settings that define the run, so that --config OUTPUT/config.json repeats it: how this process
+        # started (resume) is not one of them
+        settings = {**cfg.to_dict(), "resume": None}
+        atomic_write_text(out / CONFIG_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
         identity = attached_identity(cfg)
         if identity is not None:
             atomic_write_json(out / IDENTITY_FILE, identity, indent=None)
