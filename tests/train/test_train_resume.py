@@ -150,9 +150,9 @@ def test_a_resumed_runs_config_json_repeats_the_run_instead_of_resuming_it(tmp_p
 
     from timm_remem.cli._config_file import file_options
 
-    opts = dict(VIT, epochs=1, limit_train_batches=1, save_at=[])
+    opts = dict(VIT, epochs=2, limit_train_batches=1, save_at=[], checkpoint_every=1)
     finetune_teacher(**opts, output=str(tmp_path / "a"))
-    checkpoint = list_checkpoints(tmp_path / "a" / "train-state")[-1]
+    checkpoint = list_checkpoints(tmp_path / "a" / "train-state")[0]  # after step 1 of 2
     finetune_teacher(**opts, output=str(tmp_path / "moved"), resume=str(checkpoint))
     recorded = json.loads((tmp_path / "moved" / "config.json").read_text())
     assert recorded["resume"] is None
