@@ -66,3 +66,32 @@ def test_check_class_count():
         check_class_count(7, 5)
     with pytest.raises(ConfigError, match=r"teacher 'x' has 7 classes but dataset 'digits' has 10; retrain it"):
         check_class_count(7, 10, teacher="teacher 'x'", other="dataset 'digits'", fix="retrain it")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"ema": "false"}, r"ema must be true or false, got 'false'"),
+    ({"pretrained": "False"}, r"pretrained must be true or false"),
+    ({"alpha": 0.8, "learnable": "no"}, r"learnable must be true or false"),
+    ({"seed": 1.5}, r"seed must be an integer in \[0, 4\.29497e\+09\], got 1\.5"),
+    ({"seed": True}, r"seed must be an integer in .*, got True"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 4\.29497e\+09\], got -1"),
+    ({"seed": 2**40}, r"seed must be an integer in \[0, 4\.29497e\+09\]"),
+    ({"num_workers": -1}, r"num_workers must be an integer >= 0, got -1; 0 loads in the main process"),
+    ({"eval_batch_size": 10**20}, r"eval_batch_size is out of range"),
+    ({"epochs": 10**400}, r"epochs is out of range"),
+    ({"epochs": 3, "save_at": [1.7]}, r"save_at epoch must be an integer, got 1\.7"),
+])
+def test_configs_check_every_field_against_its_type(kwargs, match):
+    # The Python API gets the same type checks as --config files: a string never reads as True, a float is no int,
+    # numbers that no library downstream takes are refused with the setting's name (not numpy's or islice's error).
+    from timm_remem.train import FinetuneConfig
+
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig(model="test_vit", **kwargs)
+
+
+def test_study_config_bools_take_only_bools():
+    from timm_remem.study import StudyConfig
+
+    with pytest.raises(ConfigError, match="progress must be True or False, got 'false'"):
+        StudyConfig(quick=True, progress="false")

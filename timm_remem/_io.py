@@ -550,6 +550,25 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *, create: bool = True,
     return OutputClaim(folder, kind, created=created, fresh=fresh)
 
 
+def check_real_folders(root: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Refuse a symlink at ``path`` or at any folder between ``root`` and it: nothing is written through one.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> (d / "runs").mkdir(); (d / "runs" / "plain").symlink_to(tempfile.mkdtemp())
+        >>> check_real_folders(d, d / "runs" / "plain" / "seed-0")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: '...plain' is a symlink; timm-remem never writes through a symlink: ...
+    """
+    root, path = Path(root), Path(path)
+    for part in [*reversed(path.relative_to(root).parents), path.relative_to(root)]:
+        if str(part) != "." and (root / part).is_symlink():
+            raise ConfigError(f"{str(root / part)!r} is a symlink; timm-remem never writes through a symlink: make "
+                              "it a real folder (or remove it)")
+
+
 def mark_output_dir(path: str | os.PathLike, kind: str) -> None:
     """Write the ``.timm-remem`` marker (kind, timm-remem version, time) unless one is there; nothing for exports.
 

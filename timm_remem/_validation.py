@@ -17,14 +17,19 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import sys
+import types
+import typing
 from collections.abc import Iterable
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_class_count", "describe_range"]
+__all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_class_count", "describe_range",
+           "check_fields", "matches_type", "describe_type", "type_options"]
 
 
 def describe_range(kind: str, low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -59,7 +64,8 @@ def _check_number(name: str, value: Any, kind: type, words: str, low: Any, high:
     expected = describe_range(words, low, high, low_open, high_open) + (" or None" if allow_none else "")
     ok = not isinstance(value, bool) and isinstance(value, kind)
     v = (int(value) if kind is numbers.Integral else float(value)) if ok else None
-    if not ok or not math.isfinite(v) or not _in_range(v, low, high, low_open, high_open):
+    if not ok or (kind is not numbers.Integral and not math.isfinite(v)) or not _in_range(v, low, high, low_open,
+                                                                                          high_open):
         raise _fail(name, expected, value, hint)
     return v
 
@@ -121,3 +127,77 @@ def check_class_count(
     template = template or "{teacher} has {teacher_classes} classes but {other} has {other_classes}; {fix}"
     raise ConfigError(template.format(teacher=teacher, other=other, teacher_classes=int(teacher_classes),
                                       other_classes=int(other_classes), fix=fix))
+
+
+# ------------------------------------------------------------------ the declared types of config fields
+def type_options(hint: Any) -> list[Any]:
+    """The alternatives of a union annotation (``int | None`` -> ``[int, NoneType]``), else ``[hint]``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    for option in type_options(hint):
+        origin = typing.get_origin(option) or option
+        if option is type(None):
+            ok = value is None
+        elif option is bool:
+            ok = isinstance(value, bool)
+        elif option is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif option is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif origin is list:  # a tuple too: what Python callers pass for a list setting
+            args = typing.get_args(option)
+            ok = isinstance(value, (list, tuple)) and (not args or all(matches_type(v, args[0]) for v in value))
+        elif isinstance(origin, type):
+            ok = isinstance(value, origin)
+        else:  # pragma: no cover - an annotation without a rule: the config class checks it
+            ok = True
+        if ok:
+            return True
+    return False
+
+
+def describe_type(hint: Any) -> str:
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             type(None): "null"}
+    parts = []
+    for option in type_options(hint):
+        if typing.get_origin(option) is list:
+            inner = typing.get_args(option)[0] if typing.get_args(option) else None
+            parts.append("a list" + (f" of {words[inner].removeprefix('an ').removeprefix('a ')}s" if inner in
+                                     (int, float, str) else ""))
+        else:
+            parts.append(words.get(typing.get_origin(option) or option, str(option)))
+    return " or ".join(parts)
+
+
+def check_fields(config: Any) -> None:
+    """Check every field of a config dataclass against its annotation, in one place for every config class.
+
+    ``bool`` fields take only ``True``/``False`` (the string ``"false"`` is refused, never read as true), ``int``
+    fields only integers (not ``1.5``, not ``True``) that fit a C long, ``float`` fields any real number, lists the
+    element type of their annotation. Ranges and choices stay with each config's own checks.
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass
+        ... class C:
+        ...     ema: bool = False
+        >>> check_fields(C(ema="false"))
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: ema must be true or false, got 'false'
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if not matches_type(value, hint):
+            raise ConfigError(f"{f.name} must be {describe_type(hint)}, got {value!r}")
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > sys.maxsize:
+                digits = int(item.bit_length() * math.log10(2)) + 1  # str() of a huge int raises itself
+                raise ConfigError(f"{f.name} is out of range: an integer of about {digits} digits (at most "
+                                  f"{sys.maxsize})")

@@ -4,6 +4,7 @@ and a run's own ``config.json`` repeats the run (its metrics, time fields aside)
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -155,6 +156,14 @@ def test_deep_nesting_and_huge_files_are_refused(tmp_path):
     huge.write_text('{"model": "' + "x" * (2 << 20) + '"}')
     with pytest.raises(ConfigError, match="more than a settings file needs"):
         file_options(str(huge), FinetuneConfig)
+    # what stat cannot size: a device (endless zeros) or a FIFO (blocks on open) is refused before it is read
+    zeros = tmp_path / "zeros.yaml"
+    zeros.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for special in (zeros, fifo):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            file_options(str(special), FinetuneConfig)
 
 
 def test_error_messages_quote_values_briefly(tmp_path):

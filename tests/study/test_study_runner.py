@@ -83,6 +83,23 @@ def test_a_finished_study_is_skipped_and_a_grown_one_runs_only_the_new_runs(stud
     assert [a["n"] for a in grown.arms] == [3, 3]
 
 
+def test_a_run_folder_that_is_a_symlink_is_neither_read_nor_written(tmp_path):
+    # runs/<arm> replaced by a symlink to a folder of the user's: growing the study must not write seed-N there.
+    from timm_remem.errors import ConfigError
+
+    import shutil
+
+    out = tmp_path / "study"
+    run_study(**QUICK, arms=["student"], output=str(out))
+    theirs = tmp_path / "theirs"
+    shutil.move(out / "runs" / "student", theirs)
+    (out / "runs" / "student").symlink_to(theirs)
+    before = sorted(p.name for p in theirs.rglob("*"))
+    with pytest.raises(ConfigError, match="runs/student' is a symlink"):
+        run_study(**QUICK, arms=["student"], seeds=3, output=str(out))
+    assert sorted(p.name for p in theirs.rglob("*")) == before
+
+
 def test_a_killed_study_resumes_at_the_first_unfinished_stage(tmp_path, monkeypatch):
     real_finetune, real_distill = runner.finetune_teacher, runner.distill_student
     calls = []

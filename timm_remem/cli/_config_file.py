@@ -30,12 +30,13 @@ import dataclasses
 import difflib
 import json
 import reprlib
-import types
+import stat
 import typing
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
+from .._validation import describe_type, matches_type, type_options
 from ..errors import ConfigError
 
 __all__ = ["read_config_file", "file_options", "IGNORED_KEYS", "YamlMissingError", "MAX_BYTES", "MAX_DEPTH",
@@ -68,12 +69,22 @@ def read_config_file(path: str) -> dict[str, Any]:
     kind = _SUFFIXES.get(file.suffix.lower())
     if kind is None:
         raise ConfigError(f"--config {path}: expected a .yaml, .yml or .json file, got {file.suffix or 'no suffix'!r}")
+    too_big = (f"--config {path}: more than a settings file needs (at most {MAX_BYTES} bytes); pass the run's "
+               "settings file (e.g. RUN/config.json)")
     try:
-        size = file.stat().st_size
-        if size > MAX_BYTES and file.is_file():
-            raise ConfigError(f"--config {path}: {size} bytes, more than a settings file needs (at most {MAX_BYTES}); "
-                              "pass the run's settings file (e.g. RUN/config.json)")
-        text = file.read_text(encoding="utf-8")
+        info = file.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(info.st_mode):  # a device or a FIFO: no size to check, and a FIFO blocks on open
+            raise ConfigError(f"--config {path}: not a regular file; pass a .yaml or .json file (e.g. "
+                              "RUN/config.json)")
+        if info.st_size > MAX_BYTES:
+            raise ConfigError(too_big)
+        with open(file, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)  # bounded even if the file grows after the check
+        if len(raw) > MAX_BYTES:
+            raise ConfigError(too_big)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
     except IsADirectoryError:
@@ -110,7 +121,7 @@ def file_options(
     unknown = [k for k in data if k not in names and k not in IGNORED_KEYS]
     if unknown:
         key = unknown[0]
-        close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+        close = difflib.get_closematches_type(str(key).replace("-", "_"), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         others = f" and {len(unknown) - 1} more ({', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
         raise ConfigError(f"--config {path}: unknown key {key!r}{hint}{others}; valid keys are config field names: "
@@ -128,10 +139,10 @@ def file_options(
         if key in IGNORED_KEYS:
             continue
         hint = hints[key]
-        if isinstance(value, str) and not _matches(value, hint):
+        if isinstance(value, str) and not matches_type(value, hint):
             value = _from_word(path, key, value, hint, convert.get(key))
-        if not _matches(value, hint):
-            raise ConfigError(f"--config {path}: {key} must be {_describe(hint)}, got {_short(value)}")
+        if not matches_type(value, hint):
+            raise ConfigError(f"--config {path}: {key} must be {describe_type(hint)}, got {_short(value)}")
         out[key] = value
     return out
 
@@ -176,53 +187,9 @@ def _parse_json(path: str, text: str) -> Any:
                           f"({error.msg})") from None
 
 
-def _options(hint: Any) -> list[Any]:
-    """The alternatives of a union annotation (``int | None`` -> ``[int, NoneType]``), else ``[hint]``."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return list(typing.get_args(hint))
-    return [hint]
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    for option in _options(hint):
-        origin = typing.get_origin(option) or option
-        if option is type(None):
-            ok = value is None
-        elif option is bool:
-            ok = isinstance(value, bool)
-        elif option is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif option is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif origin is list:
-            args = typing.get_args(option)
-            ok = isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
-        elif isinstance(origin, type):
-            ok = isinstance(value, origin)
-        else:  # pragma: no cover - an annotation without a rule: the config class checks it
-            ok = True
-        if ok:
-            return True
-    return False
-
-
-def _describe(hint: Any) -> str:
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
-             type(None): "null"}
-    parts = []
-    for option in _options(hint):
-        if typing.get_origin(option) is list:
-            inner = typing.get_args(option)[0] if typing.get_args(option) else None
-            parts.append("a list" + (f" of {words[inner].removeprefix('an ').removeprefix('a ')}s" if inner in
-                                     (int, float, str) else ""))
-        else:
-            parts.append(words.get(typing.get_origin(option) or option, str(option)))
-    return " or ".join(parts)
-
-
 def _from_word(path: str, key: str, text: str, hint: Any, convert: Callable[[str], Any] | None) -> Any:
     """A string value read as the field's flag reads it (``"1e-3"`` -> 0.001); unchanged when no reading applies."""
-    options = [o for o in _options(hint) if o is not type(None)]
+    options = [o for o in type_options(hint) if o is not type(None)]
     if convert is None and len(options) == 1 and (typing.get_origin(options[0]) or options[0]) in (int, float, dict):
         base = typing.get_origin(options[0]) or options[0]
         convert = _json_object if base is dict else base
@@ -232,7 +199,7 @@ def _from_word(path: str, key: str, text: str, hint: Any, convert: Callable[[str
         return convert(text)
     except (ValueError, argparse.ArgumentTypeError) as error:
         why = "" if convert in (int, float) else f" ({error})"  # int()'s own words add nothing
-        raise ConfigError(f"--config {path}: {key} must be {_describe(hint)}, got {_short(text)}{why}") from None
+        raise ConfigError(f"--config {path}: {key} must be {describe_type(hint)}, got {_short(text)}{why}") from None
 
 
 def _json_object(text: str) -> dict[str, Any]:

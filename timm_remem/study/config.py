@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,9 @@ class StudyConfig:
     quick: bool = _opt(False, "tiny test models on digits, 2 seeds, 1 epoch (seconds; a smoke test); recorded")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a bool setting takes True or False, never a string that reads as true
+            if typing.get_type_hints(type(self))[f.name] is bool:
+                check_bool(f.name, getattr(self, f.name))
         for name in ("teacher", "student"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"{name} must be a timm model name such as 'vit_tiny_patch16_224', got "

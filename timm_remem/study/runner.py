@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
-from .._io import atomic_write_json, claim_output_dir
+from .._io import atomic_write_json, check_real_folders, claim_output_dir
 from .._models import create_timm_model, data_config
 from ..analysis import teacher_information
 from ..data import create_dataset, create_loader
@@ -261,6 +261,7 @@ def _set_sharpness(row: dict[str, Any], stage: dict[str, Any] | None) -> None:
 
 
 def _run_one(cfg: StudyConfig, arm: Arm, seed: int, folder: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    check_real_folders(cfg.output, folder)  # runs/<arm>/seed-N: never read or written through a symlink
     settings = run_settings(cfg, arm, seed)
     wanted = sharpness_settings(cfg) if arm.has_teacher else None
     result_path = folder / RESULT_FILE

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._serialization import dataclass_from_dict, dataclass_to_dict, documented
-from .._validation import check_choice, check_float, check_int
+from .._validation import check_choice, check_fields, check_float, check_int
 from ..distill.losses import DISTILL_METHODS
 from ..errors import ConfigError
 from ..lora.config import LORA_TARGETS, check_lora_settings
@@ -151,14 +151,16 @@ class TrainConfig:
             check_int(name, getattr(self, name), low=1, allow_none=True)
         check_float("train_imbalance", self.train_imbalance, low=1, allow_none=True,
                     hint="the ratio of the largest class to the smallest, e.g. 10")
-        check_int("subset_seed", self.subset_seed)
+        for name in ("seed", "subset_seed"):  # numpy's generators take seeds in [0, 2**32)
+            check_int(name, getattr(self, name), low=0, high=2**32 - 1)
+        check_int("num_workers", self.num_workers, low=0, hint="0 loads in the main process")
         if not isinstance(self.log, (list, tuple)) or isinstance(self.log, str):
             raise ConfigError(f"log must be a list of tracker names such as ['tensorboard'], got {self.log!r}")
         self.log = list(dict.fromkeys(self.log))
         for name in self.log:
             check_choice("log", name, TRACKERS)
         if self.save_at is not None:
-            self.save_at = sorted({int(e) for e in self.save_at})
+            self.save_at = sorted({check_int("save_at epoch", e) for e in self.save_at})
             bad = [e for e in self.save_at if not 1 <= e <= self.epochs]
             if bad:
                 raise ConfigError(f"save_at epochs {bad} are outside 1..epochs={self.epochs}; pick epochs in range")
@@ -174,6 +176,11 @@ class TrainConfig:
                 f"SAM (rho={self.rho}) wraps sgd, momentum, adam or adamw; got optimizer={self.optimizer!r}. "
                 "Pick one of those or set rho=0"
             )
+        self._check_own()
+        check_fields(self)  # every field (a subclass's too) against its annotation: "false" is no bool, 1.5 no int
+
+    def _check_own(self) -> None:
+        """A subclass's own checks (they run before the type check of every field, for their clearer words)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Sorted JSON-ready dict, stamped with the timm-remem version."""
@@ -204,8 +211,7 @@ class FinetuneConfig(TrainConfig):
         "help": "Linear layers that get LoRA adapters, comma-separated (peft target_modules); "
                 "qkv,proj,fc1,fc2 when unset"})
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_own(self) -> None:
         check_float("alpha", self.alpha, low=0, low_open=True, allow_none=True, hint="ReMem uses (0, 1], e.g. 0.85")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be {' or '.join(map(repr, SCHEDULES))}, got {self.schedule!r}")
@@ -242,8 +248,7 @@ class DistillConfig(TrainConfig):
                                               "one), the distillation loss every image; without a teacher the "
                                               "student learns from those labelled images alone (the baseline)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_own(self) -> None:
         check_choice("method", self.method, DISTILL_METHODS)
         check_int("labels_per_class", self.labels_per_class, low=1, allow_none=True)
         if self.labels_per_class is not None and (self.mixup > 0 or self.cutmix > 0):
