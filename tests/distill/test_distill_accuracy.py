@@ -1,6 +1,6 @@
 """The logit losses are numerically honest: kd_loss and dist_loss (and DistillationLoss and RememDistillationTask,
-which use them) are within 1e-3 of an exact reference at every temperature they accept, for float32, bfloat16 and
-float16 logits of small and large scale, and so is kd_loss's gradient.
+which use them) are within 1e-5 of an exact reference at every temperature they accept, for float32, bfloat16 and
+float16 logits of small and large scale, and so is kd_loss's gradient (1e-5, what docs/guarantees.md promises).
 
 The reference is the textbook definition written out here, evaluated with 50 significant digits (mpmath, a torch
 dependency) on the very values the loss receives (the bf16/fp16 logits widened exactly). A float64 evaluation of the
@@ -25,12 +25,12 @@ from timm_remem.distill.functional import MAX_TEMPERATURE, MIN_TEMPERATURE
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIGITS = 50
-TOLERANCE = 1e-3  # the promise of the docstrings: relative error of the loss (and of kd_loss's gradient)
+TOLERANCE = 1e-5  # the promise of the docstrings: relative error of the loss (and of kd_loss's gradient)
 TEMPERATURES = [MIN_TEMPERATURE, 1e-2, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 20.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7,
                 MAX_TEMPERATURE]
 SCALES = [1e-2, 1.0, 1e3]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-KINDS = ["independent", "close", "offset"]  # the student's logits against the teacher's: see logits()
+KINDS = ["independent", "close", "near", "offset"]  # the student's logits against the teacher's: see logits()
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -93,14 +93,16 @@ def _relative(got: float, exact: float) -> float:
 
 
 def logits(kind: str, scale: float, dtype: torch.dtype, shape=(4, 10)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded student and teacher logits: independent, close (student = teacher + 1% noise) or offset (an affine
-    map of the teacher's plus a large common offset, the case where ``s - t`` rounds in float32)."""
+    """Seeded student and teacher logits: independent, close (student = teacher + 1% noise), near (+ 0.1% noise: a
+    student that agrees, where 1 - rho is small) or offset (an affine map of the teacher's plus a large common
+    offset, the case where ``s - t`` rounds in float32)."""
     g = torch.Generator().manual_seed(KINDS.index(kind) * 10 + SCALES.index(scale))
     t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
     if kind == "independent":
         s = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-    elif kind == "close":
-        s = t + 0.01 * scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+    elif kind in ("close", "near"):
+        noise = 0.01 if kind == "close" else 0.001
+        s = t + noise * scale * torch.randn(*shape, generator=g, dtype=torch.float64)
     else:
         s = 0.5 * t + 3.0 * scale
     return s.to(dtype), t.to(dtype)
