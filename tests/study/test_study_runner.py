@@ -85,9 +85,9 @@ def test_a_finished_study_is_skipped_and_a_grown_one_runs_only_the_new_runs(stud
 
 def test_a_run_folder_that_is_a_symlink_is_neither_read_nor_written(tmp_path):
     # runs/<arm> replaced by a symlink to a folder of the user's: growing the study must not write seed-N there.
-    from timm_remem.errors import ConfigError
-
     import shutil
+
+    from timm_remem.errors import ConfigError
 
     out = tmp_path / "study"
     run_study(**QUICK, arms=["student"], output=str(out))
