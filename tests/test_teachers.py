@@ -74,3 +74,16 @@ def test_class_count_unknown_name_and_bad_types(export, tmp_path):
 def test_a_timm_name_keeps_its_own_head():
     t = load_teacher_model("test_vit", pretrained=False, model_kwargs={"img_size": 32})
     assert t.num_classes == timm.create_model("test_vit", pretrained=False, img_size=32).num_classes
+
+
+def test_weights_that_cannot_be_had_offline_name_the_model_and_the_fixes(tmp_path, monkeypatch):
+    # No network here and an empty cache: huggingface_hub's own error would name neither the model nor a way out.
+    from huggingface_hub import constants
+
+    from timm_remem.errors import HubError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(HubError, match=r"pretrained weights of 'test_vit' could not be had .*local-dir:.*"
+                                       r"--no-teacher-pretrained"):
+        load_teacher_model("test_vit", pretrained=True)

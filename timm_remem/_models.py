@@ -17,11 +17,12 @@ from typing import Any
 import timm
 import timm.models
 import torch
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from timm.data import resolve_model_data_config
 from timm.utils import unwrap_model
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, HubError
 
 __all__ = ["create_timm_model", "model_input_size", "model_input_config", "fixed_img_size", "data_config",
            "model_device"]
@@ -62,6 +63,14 @@ def create_timm_model(
             if i + 1 < len(attempts) and "img_size" in str(e):
                 continue  # a model without an img_size argument (a CNN): it takes any input size
             raise ConfigError(f"timm.create_model({name!r}, **{attempt!r}) rejected an argument: {e}") from e
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise HubError(
+                f"the pretrained weights of {name!r} could not be had ({type(e).__name__}: {reason}). Fetch them "
+                "once with network access (they stay in the Hugging Face cache, HF_HOME), point at a local copy "
+                "with 'local-dir:/path', or start from random weights (pretrained=False: leave out --pretrained; "
+                "for a teacher --no-teacher-pretrained)"
+            ) from e
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from ._models import create_timm_model
 from ._validation import check_class_count
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, HubError
 from .hub import load_teacher
 
 __all__ = ["EXPORT_DIR", "NoCheckpointsError", "is_export", "list_exports", "load_teacher_model"]
@@ -147,7 +147,9 @@ def load_teacher_model(
         else:
             try:
                 model = create_timm_model(text, pretrained=pretrained, kwargs=kwargs).eval()
-            except RuntimeError as err:  # weights that cannot be had (offline, no cache)
+            except HubError:  # weights that cannot be had (offline, no cache): its message names the fixes
+                raise
+            except RuntimeError as err:
                 raise CheckpointError(
                     f"could not load teacher {text!r}: {err}. Pass a checkpoint folder, an nn.Module, or a timm name "
                     "whose weights are available offline"
