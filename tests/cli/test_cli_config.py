@@ -172,3 +172,15 @@ def test_error_messages_quote_values_briefly(tmp_path):
     with pytest.raises(ConfigError) as info:
         file_options(str(path), FinetuneConfig)
     assert "epochs must be an integer" in str(info.value) and len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("dup.yaml", "epochs: 2\nlr: 0.1\nepochs: 5\n"),
+    ("dup.json", '{"epochs": 2, "lr": 0.1, "epochs": 5}'),
+    ("nested.yaml", "model_kwargs:\n  drop_rate: 0.1\n  drop_rate: 0.2\n"),
+])
+def test_a_key_given_twice_is_refused_not_silently_the_last(name, text, tmp_path):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="is given twice"):
+        file_options(str(path), FinetuneConfig)

@@ -164,6 +164,11 @@ def _parse_yaml(path: str, text: str) -> Any:
                                       "file needs none: write the values out")
             return super().compose_node(parent, index)
 
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+            _refuse_duplicates(path, keys)
+            return super().construct_mapping(node, deep=deep)
+
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
@@ -176,9 +181,26 @@ def _parse_yaml(path: str, text: str) -> Any:
         raise ConfigError(f"--config {path}: not valid YAML{where} ({' '.join(str(problem).split())})") from None
 
 
+def _refuse_duplicates(path: str, keys: list[Any]) -> None:
+    """A key given twice in one mapping: refused (JSON and YAML parsers would keep the last one silently)."""
+    seen: set[Any] = set()
+    for key in (k for k in keys if isinstance(k, (str, int, float, bool))):
+        if key in seen:
+            raise ConfigError(f"--config {path}: {_short(key)} is given twice; a setting is written once (the "
+                              "parser would silently keep the last value)")
+        seen.add(key)
+
+
+def _pairs(path: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        _refuse_duplicates(path, [k for k, _ in pairs])
+        return dict(pairs)
+    return build
+
+
 def _parse_json(path: str, text: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_pairs(path))
     except RecursionError:
         raise ConfigError(f"--config {path}: nested more than a settings file can be; at most {MAX_DEPTH} levels") \
             from None
