@@ -130,6 +130,7 @@ def check_class_count(
 
 
 # ------------------------------------------------------------------ the declared types of config fields
+
 def type_options(hint: Any) -> list[Any]:
     """The alternatives of a union annotation (``int | None`` -> ``[int, NoneType]``), else ``[hint]``."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -138,6 +139,7 @@ def type_options(hint: Any) -> list[Any]:
 
 
 def matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type (``bool`` is no ``int``; an ``int`` is a ``float``)."""
     for option in type_options(hint):
         origin = typing.get_origin(option) or option
         if option is type(None):
@@ -161,6 +163,7 @@ def matches_type(value: Any, hint: Any) -> bool:
 
 
 def describe_type(hint: Any) -> str:
+    """Words for an annotation in messages: ``int | None`` -> ``"an integer or null"``."""
     words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
              type(None): "null"}
     parts = []

@@ -121,7 +121,7 @@ def file_options(
     unknown = [k for k in data if k not in names and k not in IGNORED_KEYS]
     if unknown:
         key = unknown[0]
-        close = difflib.get_closematches_type(str(key).replace("-", "_"), names, n=1)
+        close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         others = f" and {len(unknown) - 1} more ({', '.join(map(repr, unknown[1:]))})" if len(unknown) > 1 else ""
         raise ConfigError(f"--config {path}: unknown key {key!r}{hint}{others}; valid keys are config field names: "
