@@ -521,29 +521,25 @@ def test_parameters_unfrozen_after_the_optimizer_was_built_are_restored_in_backw
         _assert_weights(model, ref.w)
 
 
-def test_reentrant_checkpointing_over_a_shared_parameter_is_refused():
-    # Each reentrant segment runs its own backward: the shared weight would be restored after the first one and the
-    # second segment's recomputed forward would run at w. Refused, not silently wrong.
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = nn.Linear(5, 5)
-            self.head = nn.Linear(5, 3)
-
-        def forward(self, x):
-            for _ in range(2):
-                x = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.block(t)), x, use_reentrant=True)
-            return self.head(x)
-
-    model = Shared().double()
+def test_a_second_backward_of_a_graph_built_after_the_restore_is_taken_at_w():
+    # loss.backward(), then a penalty on the (restored) weights and its own backward: the penalty's gradient is at w.
+    model = _mlp()
     opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
-    x, y = _batch(0)
-    x.requires_grad_(True)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    opt.zero_grad()
-    with pytest.raises(ConfigError, match="use_reentrant=False"):
+    ref = Reference(_mlp(), "sgd")
+    for step in range(4):
+        x, y = _batch(step)
         F.cross_entropy(model(x), y).backward()
+        (1e-2 * sum((p * p).sum() for p in model.parameters())).backward()
+        opt.step()
+        opt.zero_grad()
+        # reference: the loss gradient at w + e, the penalty's at w, summed, then the SGD step
+        w_tilde = ref.perturbed()
+        g, _ = ref.grad_at(w_tilde, [(x, y)])
+        g = {k: g[k] + 2e-2 * ref.w[k] for k in g}
+        ref.t += 1
+        ref.v = g if ref.v is None else {k: 0.9 * ref.v[k] + g[k] for k in g}
+        ref.w = {k: ref.w[k] - LR * ref.v[k] for k in ref.w}
+        _assert_weights(model, ref.w)
 
 
 def test_a_newer_optimizer_takes_over_and_a_stale_one_stands_aside():
@@ -560,6 +556,24 @@ def test_a_newer_optimizer_takes_over_and_a_stale_one_stands_aside():
         _train_step(model, new, batch)
         ref.step(batch)
         _assert_weights(model, ref.w)
+    # the newer one retired (detach, or dropped): the older one, driven again, perturbs again
+    new.detach()
+    _train_step(model, old, [_batch(20)])
+    model(_batch(21)[0])
+    assert old.is_perturbed
+    old.restore()
+    # a newer OnePassSAM built and dropped without a step (an LR finder, a look at the groups) takes nothing away
+    model3 = _mlp()
+    first = OnePassSAM(model3.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    ref3 = Reference(_mlp(), "sgd")
+    for step in range(2):
+        _train_step(model3, first, [_batch(step)])
+        ref3.step([_batch(step)])
+    OnePassSAM(model3.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)  # dropped at once
+    for step in range(2, 5):
+        _train_step(model3, first, [_batch(step)])
+        ref3.step([_batch(step)])
+        _assert_weights(model3, ref3.w)
     # a plain optimizer next to a live OnePassSAM: the SAM stops perturbing, and says so
     model2 = _mlp()
     sam = OnePassSAM(model2.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
@@ -585,7 +599,7 @@ def test_a_step_whose_forward_bypassed_the_model_warns():
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    with pytest.warns(UserWarning, match="no training forward of the model it watches"):
+    with pytest.warns(UserWarning, match="no training forward .* of the model it watches"):
         F.cross_entropy(model.forward_head(model.forward_features(x)), y).backward()
         opt.step()
 
@@ -595,3 +609,73 @@ def test_exact_sam_keywords_through_timm_names_are_refused_with_the_fix(name, ke
     # What --opt-kwargs adaptive=True reaches: a ConfigError naming create_sam, not a TypeError from the signature.
     with pytest.raises(ConfigError, match="create_sam"):
         timm.optim.create_optimizer_v2(_mlp(), name, lr=0.1, **{keyword: 1})
+
+
+def test_loop_side_writes_after_a_skipped_step_are_not_taken_for_another_optimizer():
+    # A step GradScaler skips (opt.step() not called), then weight clipping: the loop still drives this optimizer
+    # (zero_grad), so it keeps perturbing, with no warning, and follows the reference that clips the same way.
+    import warnings as _warnings
+
+    model = _mlp()
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    ref = Reference(_mlp(), "sgd")
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        for step in range(6):
+            batch = [_batch(step)]
+            x, y = batch[0]
+            F.cross_entropy(model(x), y).backward()
+            if step in (2, 3):  # skipped: no step; the reference skips too
+                opt.zero_grad()
+            else:
+                opt.step()
+                opt.zero_grad()
+                ref.step(batch)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.clamp_(-0.5, 0.5)
+            ref.w = {k: v.clamp(-0.5, 0.5) for k, v in ref.w.items()}
+            _assert_weights(model, ref.w)
+    assert opt.stats.perturbed
+
+
+def test_an_exception_in_a_no_grad_forward_inside_a_step_leaves_w():
+    model = _mlp()
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    for step in range(2):
+        _train_step(model, opt, [_batch(step)])
+    clean = _weights(model)
+    x, _ = _batch(5)
+    model(x)  # a training forward: w + e
+    assert opt.is_perturbed
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        model(torch.randn(3, 7, dtype=torch.float64))  # wrong width: raises inside the forward
+    assert not opt.is_perturbed
+    _assert_weights(model, clean)
+
+
+def test_a_copy_of_a_detached_optimizer_stays_detached():
+    model = _mlp()
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9)
+    for step in range(2):
+        _train_step(model, opt, [_batch(step)])
+    opt.detach()
+    model2, opt2 = copy.deepcopy((model, opt))
+    model2(_batch(3)[0])
+    assert not opt2.is_perturbed and not opt.is_perturbed
+
+
+def test_state_dict_of_a_module_frozen_when_hooked_and_unfrozen_later_reads_w():
+    model = _mlp()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
+    for p in model[0].parameters():
+        p.requires_grad_(True)
+    for step in range(2):
+        _train_step(model, opt, [_batch(step)])
+    clean = {k: v.clone() for k, v in model[0].state_dict().items()}
+    model(_batch(3)[0])
+    assert opt.is_perturbed
+    for k, v in model[0].state_dict().items():
+        torch.testing.assert_close(v, clean[k], rtol=0, atol=0)

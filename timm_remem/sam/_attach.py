@@ -80,11 +80,11 @@ class Attachment:
         return self._discovery is not None
 
     def add_params(self, params: Iterable[torch.Tensor]) -> None:
-        """Parameters added to the optimizer later (``add_param_group``)."""
-        new = [p for p in params if p not in self._params]
-        self._params.update(new)
+        """Parameters added to the optimizer later (``add_param_group``), or trainable since they were hooked."""
+        params = list(params)
+        self._params.update(params)
         if self.roots:
-            self._hook_params(new)
+            self._hook_params(params)
 
     def add_root(self, module: nn.Module) -> None:
         """Watch ``module`` as a root: perturb before its training forwards, restore around everything else."""
@@ -181,9 +181,8 @@ def _before_forward(owner: _Owner, module: nn.Module, args: Any) -> None:
 
 
 def _after_forward(owner: _Owner, module: nn.Module, args: Any, output: Any) -> None:
-    if owner._end_visit():  # an eval / no_grad forward ran at w inside a training step: back to w + e
-        return
-    if sys.exc_info()[0] is not None:  # the forward raised: no backward will come
+    owner._end_visit()  # an eval / no_grad forward ran at w inside a training step: back to w + e
+    if sys.exc_info()[0] is not None:  # the forward raised: w, whatever comes next
         owner._restore()
 
 

@@ -73,6 +73,13 @@ def _claim(param: torch.Tensor, owner: weakref.ReferenceType) -> None:
     _CLAIMS[key] = owner
 
 
+def _claimed_by_another(param: torch.Tensor, me: weakref.ReferenceType) -> bool:
+    """Whether a live, attached OnePassSAM other than ``me`` claimed ``param`` more recently (built or stepped)."""
+    ref = _CLAIMS.get(id(param))
+    other = ref() if ref is not None and ref is not me else None
+    return other is not None and not getattr(other, "_detached", False)
+
+
 @dataclass
 class OnePassStats:
     """Diagnostics of the latest step of a ``OnePassSAM`` (plain Python numbers).
@@ -145,7 +152,7 @@ class OnePassSAM(Optimizer):
 
     # Per-step buffers and hooks: never pickled or deep-copied; a copy finds its model again by itself.
     _TRANSIENT = ("_attachment", "_spare", "_live", "_scales", "_grad_seen", "_n_perturbed", "_current", "_visiting",
-                  "_released", "_versions", "_stepped", "_aside", "_swapped", "_self_ref")
+                  "_versions", "_driven", "_foreign", "_aside", "_swapped", "_self_ref")
 
     def __init__(
         self,
@@ -189,15 +196,18 @@ class OnePassSAM(Optimizer):
         self._n_perturbed = 0
         self._current = OnePassStats(step=self._step_index)  # the step under way; ``stats`` is the latest one
         self._visiting: dict[torch.Tensor, torch.Tensor] = {}  # a no_grad forward runs at w: param -> its w + e
-        self._released: set[torch.Tensor] = set()  # restored by their gradient since the latest perturbation
         self._versions: dict[torch.Tensor, int] = {}  # autograd versions as this optimizer last left them
-        self._stepped = True  # step() ran since the latest training forward
+        self._driven = True  # the loop called step() or zero_grad() since the latest training forward
+        self._foreign = 0  # training forwards in a row that found the weights updated elsewhere, undriven
         self._aside = False  # another optimizer updates these weights: no perturbation until step() runs again
         self._swapped = False  # a swap since autocast's cache was last cleared
         self._self_ref = weakref.ref(self)
         for p in self._trainable():
             _claim(p, self._self_ref)
-        self._attachment = Attachment(self, self._trainable(), self._model)
+        self._attachment = Attachment(self, self._all_params(), self._model)
+        if getattr(self, "_detached", False):  # a copy of a detached optimizer stays detached
+            self._attachment.remove()
+            self._aside = True
 
     def __getstate__(self) -> dict[str, Any]:
         self._restore()
@@ -209,6 +219,9 @@ class OnePassSAM(Optimizer):
 
     def _trainable(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _all_params(self) -> list[torch.Tensor]:  # frozen ones too: they may be unfrozen later
+        return [p for group in self.param_groups for p in group["params"]]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to this optimizer and to the base optimizer (they share it); it may set ``rho``.
@@ -231,7 +244,7 @@ class OnePassSAM(Optimizer):
         self._restore()
         param_group.setdefault("rho", self.defaults["rho"])
         self.base_optimizer.add_param_group(param_group)
-        added = [p for p in param_group["params"] if p.requires_grad]
+        added = list(param_group["params"])
         for p in added:
             _claim(p, self._self_ref)
         self._attachment.add_params(added)
@@ -243,7 +256,7 @@ class OnePassSAM(Optimizer):
         for group in self.param_groups:
             params, dirs = [], []
             for p in group["params"]:
-                if not p.requires_grad or _CLAIMS.get(id(p), self._self_ref) is not self._self_ref:
+                if not p.requires_grad or _claimed_by_another(p, self._self_ref):
                     continue
                 state = self.state.get(p)
                 v = None
@@ -264,10 +277,9 @@ class OnePassSAM(Optimizer):
         if self._live and len(self._live) == self._n_perturbed:
             return
         self._restore()
-        self._released.clear()  # a new graph: each parameter's gradient completes once more
         if self._aside or self._updated_elsewhere():
             return
-        self._stepped = False
+        self._driven = False
         directions = self._directions()
         if not directions:
             return
@@ -306,14 +318,18 @@ class OnePassSAM(Optimizer):
             self._current.perturbed = True
 
     def _updated_elsewhere(self) -> bool:
-        """Whether the weights changed outside this optimizer twice in a row (another optimizer trains them).
+        """Whether another optimizer trains these weights: stand aside (with a warning) until ``step()`` runs again.
 
-        A change after this optimizer's ``step()`` (a load, weight clipping, an EMA swap) is the loop's business; a
-        change with no ``step()`` of ours since the previous training forward means something else steps these
-        weights: the perturbation then stands aside, with a warning, until ``step()`` runs again.
+        A change of the weights while the loop drives this optimizer (it calls ``step()`` or ``zero_grad()`` between
+        training forwards) is the loop's business: a load, weight clipping, an EMA swap, a step GradScaler skipped.
+        Changes found at two training forwards in a row with neither call of ours in between mean that something else
+        steps these weights.
         """
         changed = any(p._version != v for p, v in self._versions.items())
-        if changed and not self._stepped:
+        if changed:
+            self._record_versions()
+        self._foreign = self._foreign + 1 if changed and not self._driven else 0
+        if self._foreign >= 2:
             self._aside = True
             warnings.warn(
                 "OnePassSAM: these weights were updated by something other than this optimizer's step() (another "
@@ -322,8 +338,6 @@ class OnePassSAM(Optimizer):
                 "trains with another optimizer, drop this one (del opt) or call opt.detach() first.",
                 UserWarning, stacklevel=2)
             return True
-        if changed:
-            self._record_versions()
         return False
 
     def _record_versions(self) -> None:
@@ -340,15 +354,6 @@ class OnePassSAM(Optimizer):
         self._grad_seen = True
         if param in self._live:
             self._swap_back(param, self._live.pop(param))
-            self._released.add(param)
-        elif param in self._released:
-            raise ConfigError(
-                "OnePassSAM: a parameter's gradient was accumulated twice after one training forward, so the second "
-                "part would be taken at w, not w + e. This happens with activation checkpointing "
-                "(use_reentrant=True) over a parameter shared by two checkpointed segments, or a second backward "
-                "through the same graph: use torch.utils.checkpoint(..., use_reentrant=False), one backward per "
-                "forward, or the exact timm_remem.SAM."
-            )
 
     def _swap_back(self, param: torch.Tensor, w: torch.Tensor) -> None:
         self._spare[param] = param.data  # w + e, the next step's buffer
@@ -408,6 +413,9 @@ class OnePassSAM(Optimizer):
         self._attachment.remove()
         self._aside = True
         self._detached = True
+        for p in self._all_params():  # what it claimed goes back to any other optimizer over these weights
+            if _CLAIMS.get(id(p)) is self._self_ref:
+                del _CLAIMS[id(p)]
 
     def restore(self) -> None:
         """Put the weights back at ``w`` now (they are already, except between a training forward and its backward).
@@ -461,6 +469,7 @@ class OnePassSAM(Optimizer):
         """
         if self._live and self._grad_seen:
             self._restore()
+        self._driven = True
         super().zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
@@ -495,9 +504,12 @@ class OnePassSAM(Optimizer):
             self.base_optimizer.step()
             self._keep_last_gradients()
             self._record_versions()
-            self._stepped = True
             self._aside = getattr(self, "_detached", False)
-        self._released.clear()
+            if not self._aside:
+                for p in self._trainable():  # stepping these weights: this optimizer perturbs them
+                    if _CLAIMS.get(id(p)) is not self._self_ref:
+                        _claim(p, self._self_ref)
+        self._driven = True
         self.stats = self._current
         self._step_index += 1
         self._current = OnePassStats(step=self._step_index)
@@ -513,9 +525,10 @@ class OnePassSAM(Optimizer):
             return
         self._bypass_warned = True
         warnings.warn(
-            "OnePassSAM: step() got gradients, but no training forward of the model it watches ran since the last "
-            "step (a method such as forward_features called directly?), so this step was not sharpness-aware. Call "
-            "the model itself, or build the optimizer with model= the module whose forward the loop calls.",
+            "OnePassSAM: step() got gradients, but no training forward (train mode, gradients enabled) of the model "
+            "it watches ran since the last step, so this step was not sharpness-aware. If the model trains in eval "
+            "mode, call model.train(); if the loop calls a method such as forward_features directly, call the model "
+            "itself or build the optimizer with model= the module whose forward the loop calls.",
             UserWarning, stacklevel=3)
 
     @torch.no_grad()
