@@ -95,3 +95,17 @@ def test_study_config_bools_take_only_bools():
 
     with pytest.raises(ConfigError, match="progress must be True or False, got 'false'"):
         StudyConfig(quick=True, progress="false")
+
+
+def test_paths_given_as_pathlib_are_recorded_as_text():
+    # Python callers pass pathlib.Path for folders; the settings are recorded as JSON and compared on resume.
+    from pathlib import Path
+
+    from timm_remem.study import StudyConfig
+    from timm_remem.train import DistillConfig, FinetuneConfig
+
+    cfg = FinetuneConfig(model="test_vit", output=Path("runs/a"), data_dir=Path("data"), resume=Path("runs/a/x"))
+    assert (cfg.output, cfg.data_dir, cfg.resume) == ("runs/a", "data", "runs/a/x")
+    assert DistillConfig(model="test_resnet", teacher=Path("runs/a/checkpoints/epoch-001")).teacher == \
+        "runs/a/checkpoints/epoch-001"
+    assert StudyConfig(teacher="test_vit", student="test_resnet", output=Path("s")).output == "s"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import sys
 import types
 import typing
@@ -29,7 +30,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["check_int", "check_float", "check_bool", "check_choice", "check_class_count", "describe_range",
-           "check_fields", "matches_type", "describe_type", "type_options"]
+           "check_fields", "paths_as_strings", "matches_type", "describe_type", "type_options"]
 
 
 def describe_range(kind: str, low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -204,3 +205,25 @@ def check_fields(config: Any) -> None:
                 digits = int(item.bit_length() * math.log10(2)) + 1  # str() of a huge int raises itself
                 raise ConfigError(f"{f.name} is out of range: an integer of about {digits} digits (at most "
                                   f"{sys.maxsize})")
+
+
+def paths_as_strings(config: Any) -> None:
+    """Turn ``pathlib.Path`` (any ``os.PathLike``) values of string fields into strings, in place.
+
+    Python callers pass ``output=Path("runs/x")``; the settings are recorded as JSON and compared on resume, so they
+    hold the path's text.
+
+    Example:
+        >>> import dataclasses, pathlib
+        >>> @dataclasses.dataclass
+        ... class C:
+        ...     output: str = "runs"
+        >>> c = C(output=pathlib.Path("runs/a"))
+        >>> paths_as_strings(c); c.output
+        'runs/a'
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, os.PathLike) and str in type_options(hints[f.name]):
+            setattr(config, f.name, os.fspath(value))

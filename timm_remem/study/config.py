@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .._serialization import dataclass_from_dict, dataclass_to_dict, documented
-from .._validation import check_bool, check_float, check_int
+from .._validation import check_bool, check_float, check_int, paths_as_strings
 from ..errors import ConfigError
 from ..reweighting.config import SCHEDULES
 from ..train.config import DistillConfig, FinetuneConfig
@@ -147,6 +147,7 @@ class StudyConfig:
     quick: bool = _opt(False, "tiny test models on digits, 2 seeds, 1 epoch (seconds; a smoke test); recorded")
 
     def __post_init__(self) -> None:
+        paths_as_strings(self)  # output=Path(...), data_dir=Path(...): recorded as text
         for f in dataclasses.fields(self):  # a bool setting takes True or False, never a string that reads as true
             if typing.get_type_hints(type(self))[f.name] is bool:
                 check_bool(f.name, getattr(self, f.name))

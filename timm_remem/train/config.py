@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._serialization import dataclass_from_dict, dataclass_to_dict, documented
-from .._validation import check_choice, check_fields, check_float, check_int
+from .._validation import check_choice, check_fields, check_float, check_int, paths_as_strings
 from ..distill.losses import DISTILL_METHODS
 from ..errors import ConfigError
 from ..lora.config import LORA_TARGETS, check_lora_settings
@@ -131,6 +131,7 @@ class TrainConfig:
         "choices": TRACKERS})
 
     def __post_init__(self) -> None:
+        paths_as_strings(self)  # output=Path(...), data_dir=Path(...): recorded as text
         for name in ("model", "dataset", "optimizer", "sched", "device", "output"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
