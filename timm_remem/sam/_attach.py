@@ -81,10 +81,12 @@ class Attachment:
 
     def add_params(self, params: Iterable[torch.Tensor]) -> None:
         """Parameters added to the optimizer later (``add_param_group``), or trainable since they were hooked."""
-        params = list(params)
-        self._params.update(params)
+        new = [p for p in params if p not in self._hooked_params]  # every training forward asks: mostly none
+        if not new:
+            return
+        self._params.update(new)
         if self.roots:
-            self._hook_params(params)
+            self._hook_params(new)
 
     def add_root(self, module: nn.Module) -> None:
         """Watch ``module`` as a root: perturb before its training forwards, restore around everything else."""
