@@ -1,11 +1,9 @@
 """The forward-pass probe behind :func:`~timm_remem.reweighting.find_branches` (private to the room).
 
-One eval-mode forward pass at batch 1 with hooks on every block's children follows the tensor the MLP returns
-through the modules that consume it before the residual add. A normalisation layer on that path (post-norm and
-sandwich-norm blocks: Swin V2, ``vit_*_rpn``, EVA post-norm, Gemma4, FocalNet post-norm) would undo a scale placed
-on the MLP output, so the branch moves after it. Two more passes zero a branch: an "mlp" that then returns its own
-input holds its own residual (the branch moves to the child computing the main path), and a block that then becomes
-the identity has an "mlp" that is the whole residual branch (ConvNeXt-style, dropped). None of these passes touches
+One eval-mode pass at batch 1 follows the MLP's output to the residual add; a normalisation layer on the way
+(post-norm blocks: Swin V2, ``vit_*_rpn``, EVA post-norm) would undo a scale on the MLP, so the branch moves after it.
+Two more passes zero a branch: an "mlp" that then returns its input holds its own residual (the branch moves to the
+child computing the main path); a block that then becomes the identity is ConvNeXt-style (dropped). No pass touches
 the global RNG.
 """
 
@@ -29,14 +27,7 @@ from .layer import is_foldable, is_norm
 if TYPE_CHECKING:
     from .branches import Branch
 
-__all__ = [
-    "descend_self_residual",
-    "drop_whole_branch_blocks",
-    "probe",
-    "probe_any_size",
-    "probe_inputs",
-    "resolve",
-]
+__all__ = ["descend_self_residual", "drop_whole_branch_blocks", "probe", "probe_any_size", "probe_inputs", "resolve"]
 
 # Layers that are per-channel linear, so a scale commutes with them (the path from an MLP to its residual add).
 _TRANSPARENT = re.compile(r"^(Identity|Dropout\w*|DropPath\w*|\w*LayerScale\w*|Scale\w*)$")
@@ -64,10 +55,10 @@ def probe(model: nn.Module, candidates: list[Branch], inputs: torch.Tensor):
         events.append(Event(mod, tensors, output))
 
     def span_hooks(block_path: str):
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        def pre(*_: Any) -> None:
             spans.setdefault(block_path, [len(events), -1])
 
-        def post(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def post(*_: Any) -> None:
             if spans[block_path][1] < 0:
                 spans[block_path][1] = len(events)
 
@@ -77,8 +68,7 @@ def probe(model: nn.Module, candidates: list[Branch], inputs: torch.Tensor):
         for block_path in dict.fromkeys(c.block_path for c in candidates):
             block = modules[block_path]
             pre, post = span_hooks(block_path)
-            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(block.register_forward_hook(post, with_kwargs=True))
+            handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
             for sub in block.modules():
                 if sub is not block and id(sub) not in hooked:
                     hooked.add(id(sub))
@@ -101,7 +91,8 @@ def probe_any_size(model: nn.Module, candidates: list[Branch], example_inputs: t
         return (first, *probe(model, candidates, first))
     except Exception as error:  # noqa: BLE001 - wrong guess of the input size; try others below
         failure = error
-    chans = dict.fromkeys((first.shape[1], _cfg_chans(model), 3))
+    cfg_size = _cfg_input_size(_cfg(model))
+    chans = dict.fromkeys((first.shape[1], int(cfg_size[0]) if cfg_size else 3, 3))
     sides = (first.shape[2], 224, 256, 384, 192, 160, 128, 112, 96, 64, 56, 32, 28)
     for c, side in itertools.product(chans, sides):
         size = (c, side, side)
@@ -137,13 +128,13 @@ def resolve(model: nn.Module, candidates: list[Branch], events: list[Event], spa
         inside = {id(m) for m in cand.module.modules()}
         target = cand.module
         if cand.columns is None:
-            targets = {id(follow_to_post_norm(events, i, end, inside, cand.module)) for i in calls}
+            targets = {id(t): t for t in (follow_to_post_norm(events, i, end, inside, cand.module) for i in calls)}
             if len(targets) > 1:
                 raise UnsupportedModelError(
                     f"{type(model).__name__}: the branch {cand.path} is followed by different normalisation "
                     "layers on different calls; timm-remem cannot place one scale for it."
                 )
-            target = follow_to_post_norm(events, calls[0], end, inside, cand.module)
+            target = next(iter(targets.values()))
         fold_path = fold_path_of(target, events, calls[0]) if target is cand.module else ""
         target_paths = tuple(paths[id(target)])
         branches.append(
@@ -210,7 +201,7 @@ def descend_self_residual(model: nn.Module, branches: list[Branch], inputs: torc
     try:
         for b in probed:
             handles.append(b.module.get_submodule(b.fold_path).register_forward_hook(lambda m, a, out: out * 0))
-            handles.append(b.module.register_forward_hook(recorder(io)))
+            handles.append(b.module.register_forward_hook(recorder(io, id(b.module))))
         if not handles:
             return None
         with torch.no_grad():
@@ -232,9 +223,10 @@ def descend_self_residual(model: nn.Module, branches: list[Branch], inputs: torc
     return result if changed else None
 
 
-def recorder(io: dict[int, tuple]) -> Callable[..., None]:
+def recorder(io: dict[Any, tuple], key: Any) -> Callable[..., None]:
+    """A forward hook keeping the ``(args, output)`` of the first call in ``io[key]``."""
     def hook(module: nn.Module, args: tuple, out: Any) -> None:
-        io.setdefault(id(module), (args, out))  # first call only; returns None so the output is untouched
+        io.setdefault(key, (args, out))  # returns None so the output is untouched
 
     return hook
 
@@ -266,12 +258,6 @@ def drop_whole_branch_blocks(model, branches, inputs, events, spans) -> list[Bra
 
         return branch.module.register_forward_pre_hook(pre)
 
-    def record(path: str):
-        def hook(m: nn.Module, args: tuple, out: Any) -> None:
-            io.setdefault(path, (args, out))
-
-        return hook
-
     # Zero-initialised layers (Swin V2's post-norms, LayerScale at 0) would make other branches vanish too and
     # fake an identity block: jitter every parameterised leaf outside the MLP branches.
     gen = torch.Generator().manual_seed(1)
@@ -284,7 +270,7 @@ def drop_whole_branch_blocks(model, branches, inputs, events, spans) -> list[Bra
 
     try:
         handles += [zero(b) for b in branches]
-        handles += [blk.register_forward_hook(record(p)) for p, blk in blocks.items()]
+        handles += [blk.register_forward_hook(recorder(io, p)) for p, blk in blocks.items()]
         for blk in blocks.values():
             for m in blk.modules():
                 if id(m) not in in_branch and not list(m.children()) and any(True for _ in m.parameters(False)):
@@ -321,17 +307,11 @@ def mixer_in_series(branch: Branch, events: list[Event], spans: dict[str, list[i
 
 
 def probe_inputs(model: nn.Module, example_inputs: torch.Tensor | None) -> torch.Tensor:
+    """``example_inputs`` on the model's device, else seeded noise of the model's input size and dtype."""
     ref = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None else torch.float32
+    device, dtype = (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), torch.float32)
     if example_inputs is not None:
         return example_inputs.to(device)
-    size = model_input_size(model)
     gen = torch.Generator().manual_seed(0)  # never touch the global RNG
-    return torch.randn((1, *size), generator=gen).to(device=device, dtype=dtype)
+    return torch.randn((1, *model_input_size(model)), generator=gen).to(device=device, dtype=dtype)
 
-
-def _cfg_chans(model: nn.Module) -> int:
-    """Input channels in the model's pretrained cfg (3 when it has none)."""
-    size = _cfg_input_size(_cfg(model))
-    return int(size[0]) if size else 3

@@ -1,11 +1,7 @@
-"""The public reweighting API: ``reweight``, ``merge``, ``unreweight``, ``get_scales``, ``get_reweight_config``,
-``is_reweighted`` and ``check_factors``.
+"""The public reweighting API: ``reweight``, ``merge``, ``unreweight`` and the reports on a reweighted model.
 
-One source of truth for the factors: while a model is reweighted they live in its :class:`ScaledBranch` modules only,
-and every report (``get_scales``, ``get_reweight_config``, hence ``config.json`` and the model card) is read from
-those modules when it is asked for. The model keeps a record of the settings (``alpha``, ``schedule``, ``top_k``,
-the block count); once ``merge`` has folded the factors into the weights, that record is all that is left of them,
-and a later ``reweight`` refuses to stack new factors on them unless told to (``compose=True``).
+The factors live in the :class:`ScaledBranch` modules only and every report is read from them; the model keeps a
+record of the settings, which is all that is left once ``merge`` folded them (docs/guarantees.md, section 4).
 
 Example:
     >>> import timm, timm_remem
@@ -59,33 +55,15 @@ def reweight(
 ) -> nn.Module:
     """Scale each transformer block's MLP residual branch, top blocks most (in place).
 
-    Blocks are counted bottom-up in the order the forward pass runs them (across all stages of hierarchical
-    models). With ``top_k=k`` only the top ``k`` blocks are reweighted; the ``i``-th of those from the bottom
-    (``i = 0..k-1``) gets ``alpha ** (i + 1)`` under ``schedule="exponential"`` (so the top block gets
-    ``alpha ** k``), ``alpha`` under ``"constant"``, ``schedule[i]`` for a sequence of ``k`` floats, or
-    ``schedule(i, k)`` for a callable. Blocks outside the set are left alone (factor 1). This exponential default
-    is ours: ReMem's exact per-block schedule is not public.
+    Blocks are counted bottom-up in forward order (across all stages). With ``top_k=k`` only the top ``k`` are
+    reweighted; the ``i``-th of those from the bottom gets ``alpha ** (i + 1)`` under ``"exponential"`` (our
+    default: ReMem's exact schedule is not public), ``alpha`` under ``"constant"``, ``schedule[i]`` for a sequence,
+    or ``schedule(i, k)`` for a callable. Other blocks keep factor 1.
 
-    ReMem scales branches down: every factor must be in ``(0, 1]`` unless ``allow_amplify=True`` (factors > 1) or
-    ``allow_zero=True`` (factors of exactly 0, which switch a branch off) says otherwise.
-
-    Calling it again on a reweighted model replaces the factors (it never stacks them). If the model has learnable
-    factors, the same ``nn.Parameter`` objects are kept and set to the new values (an optimizer built earlier keeps
-    training them); a call that would replace them (``learnable=False`` or another set of blocks) is refused.
-
-    A model that was reweighted and then merged holds its factors in its weights, and remembers them (its record
-    travels with ``copy.deepcopy``, ``torch.save`` and :func:`timm_remem.save_pretrained` /
-    :func:`timm_remem.load_teacher`). Reweighting it again would multiply the new factors with those, so it is
-    refused unless ``compose=True`` asks for exactly that: the product is then what the model computes and what
-    :func:`get_reweight_config` reports (``folded``: the factors already in the weights, ``factors``: the new ones,
-    :meth:`ReweightConfig.total_factors`: their product per block). To start again from the original weights
-    instead, call :func:`unreweight` rather than :func:`merge`. A merged state dict loaded into a fresh
-    ``timm.create_model`` carries no record: it is a plain timm checkpoint.
-
-    A peft model (``peft.get_peft_model(model, LoraConfig(...))`` or ``peft.inject_adapter_in_model``) works in
-    either order: the branches and factors are those of the timm model inside, LoRA updates included. A
-    ``torch.compile`` module is seen through (the model inside is reweighted; the compiled module recompiles).
-    A model already wrapped in ``DistributedDataParallel`` or FSDP (anywhere in it) is refused: reweight first.
+    Calling it again replaces the factors (never stacks them); learnable factors are set in place, so an optimizer
+    built earlier keeps training them. A merged model's weights hold its factors: reweighting it again is refused
+    unless ``compose=True`` (the new factors then multiply them; see :meth:`ReweightConfig.total_factors`). peft
+    models work in either order, ``torch.compile`` is seen through, and a model wrapped in DDP / FSDP is refused.
 
     Args:
         model: A timm vision transformer (any family with a transformer MLP branch), or a peft model of one.
@@ -102,10 +80,9 @@ def reweight(
         The same model, with its MLP branches turned into :class:`ScaledBranch` modules (same paths and objects).
 
     Raises:
-        ConfigError: Bad ``alpha``, ``schedule``, ``top_k`` or flags, a factor outside (0, 1] without the
-            opt-in, a call that would replace learnable factors, a model whose weights hold merged factors
-            (without ``compose=True``), a branch module or folded weight shared by two blocks, or a model wrapped
-            in ``DistributedDataParallel`` / FSDP.
+        ConfigError: Bad ``alpha``, ``schedule``, ``top_k`` or flags, a factor outside (0, 1] without the opt-in,
+            a call that would replace learnable factors, a merged model without ``compose=True``, a branch module or
+            folded weight shared by two blocks, or a model wrapped in DDP / FSDP.
         UnsupportedModelError: The model has no transformer MLP branch.
 
     Example:
@@ -122,10 +99,9 @@ def reweight(
             f"unknown schedule {schedule!r}: use 'exponential', 'constant', a sequence of factors (one per "
             "reweighted block, bottom-up) or a callable (i, k) -> factor."
         )
-    check_bool("learnable", learnable)
-    check_bool("allow_amplify", allow_amplify)
-    check_bool("allow_zero", allow_zero)
-    check_bool("compose", compose)
+    for flag, value in (("learnable", learnable), ("allow_amplify", allow_amplify), ("allow_zero", allow_zero),
+                        ("compose", compose)):
+        check_bool(flag, value)
     if not custom:
         check_factor("alpha", alpha, allow_zero=False)
         check_factor_range("alpha", alpha, allow_amplify=allow_amplify, allow_zero=False)
@@ -137,7 +113,7 @@ def reweight(
 
     # Validate against the block count before touching anything (a reweighted model keeps its factors on error).
     target = _unwrap(model)
-    current = _unique(_wrappers(target))
+    current = [w for _, w in _unique(_wrappers(target))]
     folded = _folded_before(target, bool(current), compose)
     branches = find_branches(target, "mlp", example_inputs=example_inputs)
     num_blocks = branches[-1].index + 1
@@ -168,14 +144,9 @@ def reweight(
                 f"{b.path.rsplit('.', 1)[-1]!r} out of target_modules."
             )
     check_not_shared(target, branches, chosen)
-    record = ReweightConfig(
-        alpha=None if custom else float(alpha),
-        schedule="custom" if custom else schedule,
-        top_k=top_k,
-        learnable=learnable,
-        num_blocks=num_blocks,
-        folded=folded,
-    )  # settings only: the factors live in the modules
+    # settings only: the factors live in the modules
+    record = ReweightConfig(alpha=None if custom else float(alpha), schedule="custom" if custom else schedule,
+                            top_k=top_k, learnable=learnable, num_blocks=num_blocks, folded=folded)
     trained = [w for w in current if isinstance(w.remem_scale, nn.Parameter)]
     if trained:
         _check_keeps_parameters(target, trained, current, chosen, learnable)
@@ -236,8 +207,12 @@ def _check_keeps_parameters(model, trained, current, chosen, learnable) -> None:
     )
 
 
-def _unique(found: list[tuple[str, ScaledBranch]]) -> list[ScaledBranch]:
-    return list({id(w): w for _, w in found}.values())
+def _unique(found: list[tuple[str, ScaledBranch]]) -> list[tuple[str, ScaledBranch]]:
+    """Each wrapper in ``found`` once, with its first path (CoaT registers one Mlp under several names)."""
+    first: dict[int, tuple[str, ScaledBranch]] = {}
+    for path, w in found:
+        first.setdefault(id(w), (path, w))
+    return list(first.values())
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, ScaledBranch]]:
@@ -316,22 +291,18 @@ def _require_wrappers(model: nn.Module, action: str) -> list[tuple[str, ScaledBr
     if found:
         return found
     record = _record(model)
-    hint = (
-        " It was already merged: its factors are in the weights."
-        if record is not None and record.merged
-        else " Call timm_remem.reweight(model, alpha=...) first."
-    )
+    if record is not None and record.merged:
+        hint = " It was already merged: its factors are in the weights."
+    else:
+        hint = " Call timm_remem.reweight(model, alpha=...) first."
     raise NotReweightedError(f"cannot {action} {type(model).__name__}: it is not reweighted.{hint}")
 
 
 def check_factors(model: nn.Module) -> None:
     """Refuse a reweighted model whose factors, or the weights of its scaled branches, are NaN or infinite.
 
-    The one check every path that merges or exports the factors runs first: :func:`merge` (so
-    :func:`timm_remem.lora.merge_lora` too) and :func:`get_reweight_config`, which
-    :func:`timm_remem.save_pretrained` and :func:`timm_remem.push_to_hub` call before writing anything. A factor
-    that training drove to NaN is never folded into the weights or written to ``config.json``. A model without
-    wrappers passes.
+    Every merge and export runs it first (:func:`merge`, :func:`get_reweight_config`, hence ``save_pretrained``). A
+    model without wrappers passes.
 
     Raises:
         TrainingError: Naming the branch (and the tensor) that is not finite; nothing was changed.
@@ -346,16 +317,10 @@ def check_factors(model: nn.Module) -> None:
         Traceback (most recent call last):
         ...
         timm_remem.errors.TrainingError: the factor of the MLP branch blocks.5.mlp (block 5) is nan: non-finite \
-factors are never merged, exported or reported, and nothing was changed. A training run that diverged leaves them: \
-resume from an earlier checkpoint, or set the factors again with timm_remem.reweight(model, ...).
+factors are never merged, exported or reported, and nothing was changed. ...
     """
     check_model(model)
-    found = _wrappers(_unwrap(model))
-    seen: set[int] = set()
-    for path, w in found:
-        if id(w) in seen:
-            continue
-        seen.add(id(w))
+    for path, w in _unique(_wrappers(_unwrap(model))):
         scale = w.remem_scale.detach()
         if not scale.is_meta and not torch.isfinite(scale).all():
             raise TrainingError(
@@ -376,25 +341,18 @@ resume from an earlier checkpoint, or set the factors again with timm_remem.rewe
 def merge(model: nn.Module) -> nn.Module:
     """Fold the factors into the weights exactly and take every scale off (in place).
 
-    The result is a plain timm model: its ``state_dict()`` loads with ``strict=True`` into
-    ``timm.create_model(same name and kwargs)`` and reproduces the reweighted outputs. Folding is done in fp32
-    (fp64 for the product) and cast back, so fp16/bf16 models merge as exactly as their dtype allows. The
-    reweighting settings stay readable through :func:`get_reweight_config` (with ``merged=True``), and a later
-    :func:`reweight` refuses to stack factors on them unless ``compose=True``.
-
-    Everything is checked before anything changes: the factors and the branch weights are finite
-    (:func:`check_factors`), every factor has a layer to fold into, and no tensor it folds into is shared with
-    another layer (a tied weight would take the factor twice).
-
-    On a peft model the factor goes into the LoRA layer a branch ends in (its base weights and every ``lora_B``), so
-    the adapted outputs are kept; ``peft_model.merge_and_unload()`` before or after gives the plain timm model.
+    The result is a plain timm model whose ``state_dict()`` loads with ``strict=True`` into a fresh
+    ``timm.create_model`` and reproduces the reweighted outputs (the product is taken in fp64 and cast back). The
+    settings stay readable through :func:`get_reweight_config` (``merged=True``). On a peft model the factor goes
+    into the LoRA layer a branch ends in (base weights and every ``lora_B``). Everything is checked first: on any
+    error below, nothing was changed.
 
     Raises:
         NotReweightedError: The model holds no wrapper (never reweighted, or merged already).
-        UnsupportedModelError: A branch ends in a layer without an affine weight; nothing was changed.
-        TrainingError: A factor or a branch weight is NaN or infinite; nothing was changed.
+        UnsupportedModelError: A branch ends in a layer without an affine weight.
+        TrainingError: A factor or a branch weight is NaN or infinite.
         ConfigError: A tensor a factor folds into is shared with another layer, the branches of one block hold
-            different factors, or the model is sharded by FSDP; nothing was changed.
+            different factors, or the model is sharded by FSDP.
 
     Example:
         >>> import timm, timm_remem, torch
@@ -407,13 +365,13 @@ def merge(model: nn.Module) -> nn.Module:
     """
     found = _require_wrappers(model, "merge")
     target = _unwrap(model)
-    unique = _unique(found)
+    unique = [w for _, w in _unique(found)]
     check_factors(target)
     for w in unique:  # check everything before changing anything
         if w.remem_columns is None:
             w.fold_target()
         else:
-            w._column_weights()
+            w._fold_tensors()
     check_not_shared(target, _branches_of(found))
     config = _report(target, found)  # the factors as folded (learnable ones may have trained)
     for w in unique:
@@ -429,14 +387,13 @@ def _branches_of(found: list[tuple[str, ScaledBranch]]) -> list[Branch]:
     for path, w in found:
         paths.setdefault(id(w), []).append(path)
     return [Branch(w.remem_index, paths[id(w)][0], w, "", tuple(paths[id(w)]), w.remem_columns, w.remem_fold_path)
-            for w in _unique(found)]
+            for _, w in _unique(found)]
 
 
 def unreweight(model: nn.Module) -> nn.Module:
     """Remove every wrapper without folding: the original model back, bit for bit (in place).
 
-    On a model reweighted with ``compose=True`` on top of merged factors, that is the merged model again: its
-    weights still hold the earlier factors, and :func:`get_reweight_config` reports them (``merged=True``).
+    After ``reweight(..., compose=True)`` on a merged model, that is the merged model again (``merged=True``).
 
     Raises:
         NotReweightedError: The model holds no wrapper.
@@ -450,7 +407,7 @@ def unreweight(model: nn.Module) -> nn.Module:
     found = _require_wrappers(model, "unreweight")
     target = _unwrap(model)
     record = _record(target)
-    for w in _unique(found):
+    for _, w in _unique(found):
         unscale(w)
     if record is not None and any(f != 1.0 for f in record.folded):
         setattr(target, _RECORD, ReweightConfig(alpha=None, schedule="custom", learnable=record.learnable,
@@ -464,10 +421,8 @@ def unreweight(model: nn.Module) -> nn.Module:
 def get_scales(model: nn.Module) -> dict[str, float]:
     """Return ``{branch path: current factor}`` for every reweighted branch, in forward order.
 
-    Read from the :class:`ScaledBranch` modules at the time of the call (learnable factors as trained). Paths are
-    those of the timm model inside any peft, ``torch.compile`` or ``DistributedDataParallel`` wrapper. On a model
-    reweighted with ``compose=True`` these are the wrappers' own factors; the weights hold the earlier ones, and
-    ``get_reweight_config(model).total_factors()`` gives the product per block.
+    Read from the :class:`ScaledBranch` modules now (learnable factors as trained); paths are those of the timm
+    model inside any peft, ``torch.compile`` or DDP wrapper. Factors folded by an earlier merge are not included.
 
     Example:
         >>> import timm, timm_remem
@@ -485,11 +440,8 @@ def get_scales(model: nn.Module) -> dict[str, float]:
 def get_reweight_config(model: nn.Module) -> ReweightConfig | None:
     """Return what the model's reweighting is now, as a new :class:`ReweightConfig`, or ``None`` if it has none.
 
-    Built at each call: on a reweighted model the factors are read from its :class:`ScaledBranch` modules (learnable
-    ones as trained), the settings (``alpha``, ``schedule``, ``top_k``, ``num_blocks``, ``folded``) from the record
-    ``reweight`` left; the record is checked against the modules (the wrapped blocks must be the top ``top_k``) and
-    refused when they disagree. On a merged model the factors are in the weights, where no module holds them, and
-    the record of what ``merge`` folded is returned (``merged=True``). Changing the returned object changes nothing.
+    The factors are read from the :class:`ScaledBranch` modules, the settings from the record ``reweight`` left
+    (checked against the modules); on a merged model, the record of what ``merge`` folded (``merged=True``).
 
     Raises:
         TrainingError: A factor or a branch weight is NaN or infinite (see :func:`check_factors`).
@@ -526,11 +478,8 @@ def _report(target: nn.Module, found: list[tuple[str, ScaledBranch]]) -> Reweigh
             )
         return dataclasses.replace(record)
     by_block: dict[int, dict[str, float]] = {}  # block -> {path of each wrapper: its factor}
-    seen: set[int] = set()
-    for path, w in found:
-        if id(w) not in seen:
-            seen.add(id(w))
-            by_block.setdefault(w.remem_index, {})[path] = float(w.remem_scale.detach())
+    for path, w in _unique(found):
+        by_block.setdefault(w.remem_index, {})[path] = float(w.remem_scale.detach())
     for index, values in sorted(by_block.items()):
         if len(set(values.values())) > 1:
             shown = ", ".join(f"{p}={f:g}" for p, f in values.items())
@@ -549,35 +498,18 @@ def _report(target: nn.Module, found: list[tuple[str, ScaledBranch]]) -> Reweigh
             f"{n} blocks), but its wrappers are on blocks {wrapped}: a wrapper was added or removed by hand. Call "
             "timm_remem.reweight(model, ...) again to set them all, or timm_remem.unreweight(model)."
         )
-    return ReweightConfig(
-        alpha=record.alpha,
-        schedule=record.schedule,
-        top_k=record.top_k,
-        learnable=all(isinstance(w.remem_scale, nn.Parameter) for w in _unique(found)),
-        factors=[next(iter(by_block[i].values())) for i in wrapped],
-        num_blocks=n,
-        merged=False,
-        folded=list(record.folded),
-        version=record.version,
-    )
+    learnable = all(isinstance(w.remem_scale, nn.Parameter) for _, w in found)
+    factors = [next(iter(by_block[i].values())) for i in wrapped]
+    return dataclasses.replace(record, learnable=learnable, factors=factors, merged=False, folded=list(record.folded))
 
 
 def restore_reweight_config(model: nn.Module, config: ReweightConfig) -> ReweightConfig:
     """Give a loaded model the reweighting record its files kept, checked against the model; return the report.
 
-    For loaders: ``config`` is the ``remem`` block of a ``config.json`` read back
-    (``ReweightConfig.from_dict``). That block is a record of what was saved, never an instruction: an export
-    written with ``merge=True`` holds its factors in the weights, and one written with ``merge=False`` holds them
-    in its ``remem_scale`` tensors, which the model loaded. So:
-
-    - On a reweighted model (``merge=False``), what the record says is compared with what the model establishes:
-      its factors with the loaded ``remem_scale`` tensors (to fp32 precision), ``learnable`` with their kind,
-      ``top_k`` and ``num_blocks`` with the wrapped blocks and the probe's block count. Where they disagree (the
-      file was edited, or the two files come from different saves), a ``UserWarning`` names each difference and
-      the model wins: reports are read from the modules. The settings nothing can check (``alpha``, ``schedule``,
-      ``folded``) are kept as recorded.
-    - On a model without wrappers, the record must say ``merged=True`` (else it is refused); its factors are in the
-      weights, where nothing can check them, and the record is kept as the report of what was folded.
+    For loaders: ``config`` is the ``remem`` block of a ``config.json`` read back, a record, never an instruction.
+    On a reweighted model its ``factors``, ``learnable``, ``top_k`` and ``num_blocks`` are compared with the loaded
+    model; a ``UserWarning`` names each difference and the model wins (``alpha``, ``schedule`` and ``folded`` are
+    kept as recorded). On a model without wrappers the record must say ``merged=True`` and is kept as it is.
 
     Raises:
         ConfigError: ``config`` is not a :class:`ReweightConfig`, or it says the factors were kept separate while
@@ -625,9 +557,9 @@ def restore_reweight_config(model: nn.Module, config: ReweightConfig) -> Reweigh
         problems.append(f"num_blocks {config.num_blocks} in the record, {num_blocks} in the model")
     if (config.top_k or config.num_blocks) != (top_k or num_blocks):
         problems.append(f"top_k {config.top_k} in the record, {top_k} in the model (blocks {wrapped})")
-    if len(config.factors) != len(live) or not all(
-        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) for a, b in zip(config.factors, live, strict=False)
-    ):
+    same = len(config.factors) == len(live) and all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12) for a, b in zip(config.factors, live, strict=False))
+    if not same:
         problems.append(f"factors {_floats(config.factors)} in the record, {_floats(live)} in the model")
     if config.learnable != learnable:
         problems.append(f"learnable={config.learnable} in the record, {learnable} in the model")

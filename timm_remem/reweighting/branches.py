@@ -1,8 +1,6 @@
 """Finding each block's MLP (or attention) residual branch: :class:`Branch` and :func:`find_branches`.
 
-Candidates are found by name (``mlp``, ``attn`` and their aliases, grouped with their block); the forward-pass
-probe in :mod:`timm_remem.reweighting._probe` then orders the blocks, moves a branch past a post-norm, descends into
-an "mlp" that holds its own residual, and drops ConvNeXt-style blocks whose "mlp" is the whole residual branch.
+Candidates are found by name (``mlp``, ``attn`` and aliases); the probe in :mod:`._probe` then places each one.
 
 Example:
     >>> import timm
@@ -42,10 +40,8 @@ _EXTRA_MLP_NAMES = {("timm.models.swiftformer", "Block"): "linear"}
 # ConvNeXt-style blocks (the "mlp" is the whole residual branch) that the identity probe cannot see because their
 # shortcut changes the shape (first block of a stage).
 _WHOLE_BRANCH_BLOCKS = (
-    ("timm.models.convnext", "ConvNeXtBlock"),
-    ("timm.models.maxxvit", "ConvNeXtBlock"),
-    ("timm.models.edgenext", "ConvBlock"),
-    ("timm.models.edgenext", "SplitTransposeBlock"),
+    ("timm.models.convnext", "ConvNeXtBlock"), ("timm.models.maxxvit", "ConvNeXtBlock"),
+    ("timm.models.edgenext", "ConvBlock"), ("timm.models.edgenext", "SplitTransposeBlock"),
     ("timm.models.inception_next", "MetaNeXtBlock"),
 )
 _READABLE_NAMES = {
@@ -72,23 +68,16 @@ class Branch:
 
     Attributes:
         index: Block index, bottom-up in the order the forward pass runs the blocks.
-        path: Dotted path of the module whose output is the branch's contribution to the residual add
-            (for a fused projection: the projection, with ``columns``).
+        path: Dotted path of the module whose output is the branch's contribution to the residual add.
         module: That module.
         block_path: Dotted path of the block.
         aliases: Every path under which the module is registered (CoaT registers one Mlp three times).
         columns: ``(start, end)`` input columns of a fused projection that belong to this branch, else ``None``.
         fold_path: Path, relative to ``module``, of the last affine layer the branch output is linear in.
-        kind: Where a scale on this branch sits, one of :data:`BRANCH_KINDS` (default: ``"fused-columns"`` when
-            ``columns`` is set, else ``"output"``):
-
-            - ``"output"``: on the output of the branch's own module (the block's ``mlp`` / ``attn``, or the child
-              of a self-residual "mlp" that computes its main path).
-            - ``"post-norm"``: on the output of the normalisation layer that follows the branch before the residual
-              add (post-norm and sandwich-norm blocks: Swin V2, ``vit_*_rpn``, EVA post-norm); ``module`` is that
-              norm.
-            - ``"fused-columns"``: on the input columns ``columns`` of a projection the block's attention and MLP
-              share (``ParallelScalingBlock(fuse_out_proj=True)``); ``module`` is that projection.
+        kind: Where the scale sits, one of :data:`BRANCH_KINDS`: ``"output"`` (default) of ``module``;
+            ``"post-norm"``: ``module`` is the norm that follows the branch before the residual add (Swin V2,
+            ``vit_*_rpn``); ``"fused-columns"`` (default when ``columns`` is set): input columns of a projection
+            attention and MLP share (``ParallelScalingBlock(fuse_out_proj=True)``).
 
     Example:
         >>> import torch
@@ -117,14 +106,12 @@ class Branch:
 def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.Tensor | None = None) -> list[Branch]:
     """Find every transformer block's MLP (or attention) residual branch, in forward order.
 
-    Scaling the output of ``branch.module`` by ``c`` (for ``branch.columns``: scaling those input columns) scales
-    that branch's contribution to the residual stream by ``c`` exactly; use it with forward hooks for ablations.
+    Scaling the output of ``branch.module`` (or its ``columns``) by ``c`` scales that branch's contribution to the
+    residual stream by ``c`` exactly. The probe runs in eval mode; every submodule's mode is restored.
 
     Args:
-        model: A timm model (works on reweighted models too: scaled branches are reported at their paths). A peft
-            model (``peft.get_peft_model`` / ``inject_adapter_in_model``) is seen through: paths are those of the
-            timm model inside (``peft_model.get_base_model()``), LoRA layers included. On the ``meta`` device only
-            the blocks of ViT, DeiT, BEiT, EVA, CaiT and Swin are probed (the other checks need real values).
+        model: A timm model, reweighted or not, or a peft model of one (paths are those of the timm model inside).
+            On the ``meta`` device only ViT, DeiT, BEiT, EVA, CaiT and Swin blocks can be probed.
         kind: ``"mlp"`` or ``"attn"``.
         example_inputs: Probe input (batch 1 is enough); by default one is built from the model's image size.
 
@@ -133,8 +120,6 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
 
     Raises:
         UnsupportedModelError: No such branch, with what was looked for and why candidates were rejected.
-
-    Every submodule's train/eval mode is the same afterwards as before (the probe runs in eval mode).
 
     Example:
         >>> import timm, timm_remem
@@ -150,10 +135,10 @@ def find_branches(model: nn.Module, kind: str = "mlp", *, example_inputs: torch.
     candidates = _candidates(model, kind)
     name = type(model).__name__
     looked_for = _READABLE_NAMES[kind]
-    whole = [m for m in model.modules() if (type(m).__module__, type(m).__name__) in _WHOLE_BRANCH_BLOCKS]
-    if not candidates and whole and kind == "mlp":
-        raise UnsupportedModelError(_whole_branch_message(name, looked_for))
     if not candidates:
+        whole = any((type(m).__module__, type(m).__name__) in _WHOLE_BRANCH_BLOCKS for m in model.modules())
+        if kind == "mlp" and whole:
+            raise UnsupportedModelError(_whole_branch_message(name, looked_for))
         raise UnsupportedModelError(
             f"{name} has no transformer {kind.upper()} residual branch: no submodule named {looked_for} "
             "inside a block. timm-remem reweights vision transformers (ViT, DeiT, Swin, EVA, CaiT, ...); "
@@ -201,11 +186,8 @@ def check_no_bypass(model: nn.Module) -> None:
 def check_not_shared(model: nn.Module, branches: list[Branch], folded: list[Branch] | None = None) -> None:
     """Refuse a branch that another block shares: its module, or a tensor ``merge`` folds its factor into.
 
-    A module registered in two blocks is found once, so the blocks would be miscounted (``top_k`` would pick the
-    wrong ones) and one factor would scale both: checked over ``branches``. A tensor tied between two layers (an
-    ``fc2`` weight shared by two blocks, or with the head) would take every factor folded into it, so ``merge`` would
-    change what the other layers compute: checked over the branches that get a factor, ``folded`` (default: all
-    ``branches``). Aliases inside one block (CoaT registers one Mlp under several names) are not sharing.
+    Modules are checked over ``branches`` (a shared one would miscount the blocks), tensors over ``folded`` (the
+    branches that get a factor; default: all). Aliases inside one block (CoaT) are not sharing.
 
     Raises:
         ConfigError: Naming the shared module or tensor paths and the fix (a copy for each block).
@@ -218,10 +200,7 @@ def check_not_shared(model: nn.Module, branches: list[Branch], folded: list[Bran
         Traceback (most recent call last):
         ...
         timm_remem.errors.ConfigError: blocks.0.mlp.fc2.weight is also blocks.1.mlp.fc2.weight (one tensor shared \
-by two layers): folding the factor of the MLP branch blocks.0.mlp into it would also scale blocks.1.mlp.fc2.weight, \
-so merge would change what the model computes. Give each layer its own copy before reweighting, e.g. \
-model.get_submodule('blocks.1.mlp.fc2').weight = torch.nn.Parameter(model.get_parameter('blocks.1.mlp.fc2.weight')\
-.detach().clone()).
+by two layers): ... Give each layer its own copy before reweighting, ...
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     for b in branches:
@@ -343,8 +322,8 @@ def _candidates(model: nn.Module, kind: str) -> list[Branch]:
     for path, mod in modules.items():
         if path and _is_fused_parallel(mod):
             proj = mod.out_proj  # the Linear, or its ScaledBranch on a reweighted model
-            dim = _fused_out_proj(mod).out_features
-            columns = (dim, _fused_out_proj(mod).in_features) if kind == "mlp" else (0, dim)
+            fused = _fused_out_proj(mod)
+            columns = (fused.out_features, fused.in_features) if kind == "mlp" else (0, fused.out_features)
             key = id(proj) * 2 + (kind == "mlp")
             found[key] = Branch(-1, f"{path}.out_proj", proj, path, tuple(aliases[id(proj)]), columns)
     for path, mod in modules.items():
@@ -365,16 +344,9 @@ def _candidates(model: nn.Module, kind: str) -> list[Branch]:
         found[id(mod)] = Branch(-1, path, mod, block_path, tuple(aliases[id(mod)]))
     # A candidate inside another candidate's block (RelPosMlp's mlp inside attention) is not a block branch.
     blocks = {b.block_path for b in found.values()}
-    return [
-        b
-        for b in found.values()
-        if not any(b.block_path != other and b.block_path.startswith(other + ".") for other in blocks)
-        and not _inside_another(b, found.values())
-    ]
-
-
-def _inside_another(branch: Branch, others: Any) -> bool:
-    return any(o is not branch and branch.path.startswith(o.path + ".") for o in others)
+    return [b for b in found.values()
+            if not any(b.block_path.startswith(other + ".") for other in blocks)
+            and not any(o is not b and b.path.startswith(o.path + ".") for o in found.values())]
 
 
 def _is_fused_parallel(module: nn.Module) -> bool:

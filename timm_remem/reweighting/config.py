@@ -35,23 +35,18 @@ _FACTOR_HINT = "ReMem uses factors in (0, 1], e.g. alpha=0.85."
 class ReweightConfig:
     """What ``reweight`` did to a model, as :func:`~timm_remem.get_reweight_config` reports it.
 
-    A report, never an instruction: ``get_reweight_config`` builds a new one from the model's modules each time it is
-    called (the factors are those the wrappers hold at that moment), and changing one changes nothing in a model.
-    Only once ``merge`` has folded the factors into the weights, where no module holds them any more, is the record
-    kept on the model the report.
+    A report, never an instruction: changing one changes nothing in a model.
 
     Attributes:
         alpha: The MLP weight (``None`` for a custom schedule).
         schedule: ``"exponential"``, ``"constant"`` or ``"custom"``.
         top_k: Number of reweighted blocks counted from the top (``None``: all).
         learnable: Whether the factors are trainable parameters.
-        factors: Factor of each reweighted block, bottom-up (length ``top_k`` or the number of blocks).
+        factors: Factor of each reweighted block, bottom-up (length ``top_k`` or ``num_blocks``).
         num_blocks: Number of blocks with an MLP branch.
         merged: ``True`` once ``merge`` folded the factors into the weights.
-        folded: Factor of every block (bottom-up, length ``num_blocks``) that earlier merges had already folded into
-            the weights when this reweighting was made; empty unless ``reweight(..., compose=True)`` was called on a
-            merged model. The total factor of a block is its ``folded`` factor times its ``factors`` entry (see
-            :meth:`total_factors`).
+        folded: Per-block factors earlier merges had already folded into the weights (bottom-up, length
+            ``num_blocks``); empty unless ``reweight(..., compose=True)`` was called on a merged model.
         version: timm-remem version that wrote this config.
 
     Raises:
@@ -110,11 +105,7 @@ class ReweightConfig:
                               f"(num_blocks={n}): the record is inconsistent.")
 
     def total_factors(self) -> list[float]:
-        """The factor each block's MLP branch is scaled by, relative to the weights before any reweighting.
-
-        One float per block, bottom-up: ``folded[i] * factors[i - (num_blocks - k)]``, where a block outside the
-        reweighted top ``k`` has factor 1 from this reweighting and every block has ``folded`` factor 1 when nothing
-        was folded before it.
+        """Each block's factor (bottom-up) relative to the weights before any reweighting: ``folded`` times ``factors``.
 
         Example:
             >>> ReweightConfig(alpha=0.5, top_k=1, factors=[0.5], num_blocks=2, folded=[0.9, 0.8]).total_factors()
@@ -140,10 +131,7 @@ class ReweightConfig:
 
 
 def check_factor(name: str, value: Any, *, allow_zero: bool) -> None:
-    """Check one reweighting factor: a real number (a one-element tensor counts), finite, ``>= 0`` or ``> 0``.
-
-    Raises:
-        ConfigError: Naming the value, its type, and the range ReMem uses.
+    """Check one factor: a finite real number (a one-element tensor counts), ``>= 0`` or ``> 0``.
 
     Example:
         >>> check_factor("alpha", 0.85, allow_zero=False)
@@ -160,13 +148,9 @@ def check_factor(name: str, value: Any, *, allow_zero: bool) -> None:
 
 
 def check_factor_range(name: str, value: float, *, allow_amplify: bool, allow_zero: bool) -> None:
-    """Check that a factor (already a finite number >= 0) is in ReMem's range (0, 1], unless opted out.
-
-    Raises:
-        ConfigError: A factor > 1 without ``allow_amplify``, or 0 without ``allow_zero``, naming the opt-in.
+    """Check that a finite factor ``>= 0`` is in ReMem's range (0, 1], unless ``allow_amplify`` / ``allow_zero``.
 
     Example:
-        >>> check_factor_range("alpha", 1.2, allow_amplify=True, allow_zero=False)
         >>> try:
         ...     check_factor_range("alpha", 1.2, allow_amplify=False, allow_zero=False)
         ... except ConfigError as error:
@@ -188,7 +172,7 @@ def check_factor_range(name: str, value: float, *, allow_amplify: bool, allow_ze
 
 
 def check_model(model: Any) -> None:
-    """Check that ``model`` is an ``nn.Module`` (a model name given instead gets a hint to create it first).
+    """Check that ``model`` is an ``nn.Module`` (a model name gets a hint to create it first).
 
     Example:
         >>> check_model("vit_base_patch16_224")
@@ -205,13 +189,7 @@ Create it first: timm.create_model(name, pretrained=...).
 def schedule_factors(
     alpha: float, schedule: str | Sequence[float] | Callable[[int, int], float], k: int
 ) -> list[float]:
-    """The factor of each of ``k`` reweighted blocks, bottom-up, under ``schedule`` (checked, as floats).
-
-    ``"exponential"`` gives block ``i`` the factor ``alpha ** (i + 1)``, ``"constant"`` gives ``alpha`` to all, a
-    sequence must hold exactly ``k`` factors, and a callable is called as ``schedule(i, k)``.
-
-    Raises:
-        ConfigError: A factor is not a finite number ``>= 0``, or a sequence has the wrong length.
+    """The checked factors of ``k`` reweighted blocks, bottom-up (see :func:`~timm_remem.reweight` for ``schedule``).
 
     Example:
         >>> schedule_factors(0.8, "constant", 2)
@@ -224,16 +202,15 @@ def schedule_factors(
     if schedule == "constant":
         return [float(alpha)] * k
     if callable(schedule):
-        values = [schedule(i, k) for i in range(k)]
-        for i, v in enumerate(values):
-            check_factor(f"schedule({i}, {k})", v, allow_zero=True)
-        return [float(v) for v in values]
-    values = list(schedule)
-    if len(values) != k:
-        raise ConfigError(
-            f"schedule has {len(values)} factors but {k} blocks are reweighted: give one factor per reweighted "
-            f"block, bottom-up (or change top_k to {len(values)})."
-        )
-    for i, v in enumerate(values):
-        check_factor(f"schedule[{i}]", v, allow_zero=True)
-    return [float(v) for v in values]
+        named = {f"schedule({i}, {k})": schedule(i, k) for i in range(k)}
+    else:
+        values = list(schedule)
+        if len(values) != k:
+            raise ConfigError(
+                f"schedule has {len(values)} factors but {k} blocks are reweighted: give one factor per reweighted "
+                f"block, bottom-up (or change top_k to {len(values)})."
+            )
+        named = {f"schedule[{i}]": v for i, v in enumerate(values)}
+    for name, v in named.items():
+        check_factor(name, v, allow_zero=True)
+    return [float(v) for v in named.values()]

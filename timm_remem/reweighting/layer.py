@@ -1,24 +1,12 @@
 """The branch scale (:class:`ScaledBranch`), folding it into the weights, and taking it off again.
 
-A branch is scaled *in place*: the module keeps its identity, its path and its children, and its class becomes a
-subclass of both :class:`ScaledBranch` and its own class (``Mlp`` becomes ``ScaledMlp``) that multiplies the output
-by one more tensor, ``remem_scale``. So every state-dict key is a real attribute path (``get_parameter``,
-``torch.func.functional_call``, ``torch.distributed.checkpoint`` and ``load_state_dict(assign=True)`` work), forward
-hooks on the module see the scaled output with or without grad, and peft can adapt the layers inside.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.reweighting.layer import ScaledBranch, unscale
-    >>> linear = torch.nn.Linear(4, 4)
-    >>> branch = ScaledBranch(linear, 0.5)
-    >>> branch is linear, type(branch).__name__, sorted(branch.state_dict())
-    (True, 'ScaledLinear', ['bias', 'remem_scale', 'weight'])
-    >>> type(unscale(branch)).__name__
-    'Linear'
+A branch is scaled *in place* (``Mlp`` becomes ``ScaledMlp``, a subclass of both), so every state-dict key stays a
+real attribute path, hooks on the module see the scaled output, and peft can adapt the layers inside.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -34,12 +22,10 @@ __all__ = ["ScaledBranch", "fold_tensors", "is_foldable", "is_norm", "unscale"]
 _NORM_NAME = re.compile(r"Norm(\d?d|1)?$")
 _SCALE = "remem_scale"
 _ATTRS = ("remem_columns", "remem_fold_path", "remem_index")
-_SCALED_CLASSES: dict[type, type] = {}
 
 
 class _Alias:
-    """Read-only alias of a ``remem_*`` attribute; a non-data descriptor, so the module's own attribute of the same
-    name (if it has one) still wins and its forward is unchanged."""
+    """Read-only alias of a ``remem_*`` attribute (non-data, so a module's own attribute of that name wins)."""
 
     def __init__(self, attr: str) -> None:
         self.attr = attr
@@ -51,24 +37,18 @@ class _Alias:
 class ScaledBranch(nn.Module):
     """A module whose output (or some input columns) is multiplied by a scalar factor ``remem_scale``.
 
-    ``ScaledBranch(module, scale)`` turns ``module`` itself into a scaled branch and returns it (the same object:
-    paths, children, hooks and train/eval mode are kept). It is called with whatever arguments the block passes.
-    For a fused projection shared by attention and MLP (``ParallelScalingBlock(fuse_out_proj=True)``) it scales the
-    MLP's input columns ``[start, end)`` instead. The factor is one more state-dict entry, ``<path>.remem_scale``;
-    a checkpoint without it (a plain timm checkpoint) loads too and keeps the current factor. ``unscale`` gives the
-    module its own class back.
+    ``ScaledBranch(module, scale)`` turns ``module`` itself into a scaled branch and returns it (same object, paths,
+    hooks and mode). The factor is one more state-dict entry, ``<path>.remem_scale``; a plain timm checkpoint without
+    it loads too and keeps the current factor. :func:`unscale` gives the module its own class back.
 
     Args:
         module: The module to scale (changed in place and returned).
-        scale: Initial factor.
+        scale: Initial factor (a 0-dim fp32 tensor ``remem_scale``).
         learnable: Make the factor an ``nn.Parameter`` (otherwise a buffer).
-        columns: ``(start, end)`` input columns to scale instead of the output, or ``None``.
-        fold_path: Path, relative to ``module``, of the affine layer ``merge`` folds the factor into
-            (``""``: ``module`` itself). A peft LoRA layer there is folded through (base weights and ``lora_B``).
+        columns: ``(start, end)`` input columns to scale instead of the output (a projection that attention and MLP
+            share: ``ParallelScalingBlock(fuse_out_proj=True)``), or ``None``.
+        fold_path: Path, relative to ``module``, of the affine (or peft LoRA) layer ``merge`` folds the factor into.
         index: Block index, bottom-up in forward order.
-
-    Attributes:
-        remem_scale: The factor (0-dim fp32 tensor); ``index``, ``columns`` and ``fold_path`` read the settings.
 
     Raises:
         ConfigError: ``module`` is not an ``nn.Module`` or is scaled already.
@@ -79,8 +59,10 @@ class ScaledBranch(nn.Module):
         >>> x = torch.randn(1, 3)
         >>> y = layer(x)
         >>> branch = ScaledBranch(layer, 0.5)
-        >>> torch.allclose(branch(x), y * 0.5), branch.index
-        (True, 0)
+        >>> branch is layer, type(branch).__name__, sorted(branch.state_dict()), branch.index
+        (True, 'ScaledLinear', ['bias', 'remem_scale', 'weight'], 0)
+        >>> torch.allclose(branch(x), y * 0.5)
+        True
     """
 
     _remem_base_class: type = nn.Module
@@ -123,8 +105,8 @@ class ScaledBranch(nn.Module):
         return super().forward(x * mult, *rest, **kwargs)
 
     def extra_repr(self) -> str:
-        where = "output" if self.remem_columns is None else f"input columns [{self.remem_columns[0]}:" \
-            f"{self.remem_columns[1]}]"
+        cols = self.remem_columns
+        where = "output" if cols is None else f"input columns [{cols[0]}:{cols[1]}]"
         learnable = isinstance(self.remem_scale, nn.Parameter)
         own = super().extra_repr()
         mine = f"remem_scale={float(self.remem_scale.detach()):.6g}, on={where}, learnable={learnable}"
@@ -150,9 +132,7 @@ class ScaledBranch(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Multiply the wrapped weights by the factor (in fp64, then cast back), exactly as the forward would.
-
-        The scale stays in place (call :func:`unscale` afterwards, as ``merge`` does).
+        """Multiply the wrapped weights by the factor (in fp64, then cast back); :func:`unscale` takes it off after.
 
         Raises:
             UnsupportedModelError: The layer to fold into has no affine weight, or is a peft layer other than plain
@@ -168,19 +148,15 @@ class ScaledBranch(nn.Module):
             True
         """
         c = self.remem_scale.detach().double()
-        if self.remem_columns is not None:
-            start, end = self.remem_columns
-            for w in self._column_weights():
-                w[:, start:end] = (w[:, start:end].double() * c).to(w.dtype)
-            return
-        for t in self._output_tensors():
-            t.copy_((t.double() * c).to(t.dtype))
+        for t in self._fold_tensors():
+            part = t if self.remem_columns is None else t[:, slice(*self.remem_columns)]  # a view: changed in place
+            part.copy_((part.double() * c).to(part.dtype))
 
     def fold_target(self) -> nn.Module:
-        """The affine layer :meth:`fold` multiplies (this module at ``fold_path``; a peft layer is seen through).
+        """The affine layer :meth:`fold` multiplies (at ``fold_path``; a peft layer is seen through).
 
         Raises:
-            UnsupportedModelError: That layer has no affine weight, so the factor cannot be folded.
+            UnsupportedModelError: That layer has no affine weight.
 
         Example:
             >>> import torch
@@ -192,10 +168,7 @@ class ScaledBranch(nn.Module):
     def _what(self) -> str:
         return f"{type(self).__name__} (block {self.remem_index})"
 
-    def _output_tensors(self) -> list[torch.Tensor]:
-        return fold_tensors(self, None, self.remem_fold_path, self._what())
-
-    def _column_weights(self) -> list[torch.Tensor]:
+    def _fold_tensors(self) -> list[torch.Tensor]:
         return fold_tensors(self, self.remem_columns, self.remem_fold_path, self._what())
 
 
@@ -215,12 +188,11 @@ def _fold_layer(module: nn.Module, fold_path: str, what: str, label: str = "") -
 def fold_tensors(module: nn.Module, columns: tuple[int, int] | None, fold_path: str, what: str) -> list[torch.Tensor]:
     """The tensors ``merge`` multiplies to fold a factor on a branch ending in ``module`` (scaled or not yet).
 
-    For a factor on the output: the weight and bias of the layer at ``fold_path`` (a LoRA layer there: its base
-    weights and every ``lora_B``); for a factor on input ``columns``: the weight of ``module`` (and every ``lora_A``).
+    On the output: weight and bias at ``fold_path`` (LoRA: base and every ``lora_B``); on input ``columns``: the
+    weight of ``module`` (and every ``lora_A``).
 
     Raises:
-        UnsupportedModelError: The layer cannot take the factor (no affine weight, or a peft layer other than plain
-            LoRA); ``what`` names the branch in the message.
+        UnsupportedModelError: No affine weight, or a peft layer other than plain LoRA (``what`` names the branch).
 
     Example:
         >>> import torch
@@ -241,13 +213,9 @@ def fold_tensors(module: nn.Module, columns: tuple[int, int] | None, fold_path: 
     return [t for m in layers for t in (m.weight, getattr(m, "bias", None)) if isinstance(t, torch.Tensor)]
 
 
+@functools.cache
 def _scaled_class(cls: type) -> type:
-    scaled = _SCALED_CLASSES.get(cls)
-    if scaled is None:
-        scaled = type(f"Scaled{cls.__name__}", (ScaledBranch, cls), {"__module__": __name__,
-                                                                     "_remem_base_class": cls})
-        _SCALED_CLASSES[cls] = scaled
-    return scaled
+    return type(f"Scaled{cls.__name__}", (ScaledBranch, cls), {"__module__": __name__, "_remem_base_class": cls})
 
 
 def _restore(cls: type) -> ScaledBranch:
@@ -275,10 +243,7 @@ def unscale(module: nn.Module) -> nn.Module:
 
 
 def is_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a normalisation layer.
-
-    torch's LayerNorm, GroupNorm, BatchNorm/InstanceNorm and RMSNorm count, and so does any class whose name ends in
-    ``Norm``, ``Norm1d``/``Norm2d``/``Norm3d``, ``Norm2d``-style or ``Norm1`` (timm's ``LayerNorm2d``, ``GroupNorm1``).
+    """Whether ``module`` is a normalisation layer: torch's norms, or a class named ``*Norm``, ``*Norm2d``, ``*Norm1``.
 
     Example:
         >>> import torch
