@@ -86,24 +86,18 @@ def probe_any_size(model: nn.Module, candidates: list[Branch], example_inputs: t
     first = probe_inputs(model, example_inputs)
     if example_inputs is not None:
         return (first, *probe(model, candidates, first))
-    tried = [tuple(first.shape[1:])]
-    try:
-        return (first, *probe(model, candidates, first))
-    except Exception as error:  # noqa: BLE001 - wrong guess of the input size; try others below
-        failure = error
+    own = tuple(first.shape[1:])
     cfg_size = _cfg_input_size(_cfg(model))
     chans = dict.fromkeys((first.shape[1], int(cfg_size[0]) if cfg_size else 3, 3))
     sides = (first.shape[2], 224, 256, 384, 192, 160, 128, 112, 96, 64, 56, 32, 28)
-    for c, side in itertools.product(chans, sides):
-        size = (c, side, side)
-        if size in tried:
-            continue
-        tried.append(size)
-        inputs = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(first)
+    tried = list(dict.fromkeys([own, *((c, side, side) for c, side in itertools.product(chans, sides))]))
+    failure = None
+    for size in tried:
+        inputs = first if size == own else torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(first)
         try:
             return (inputs, *probe(model, candidates, inputs))
-        except Exception:  # noqa: BLE001
-            continue
+        except Exception as error:  # noqa: BLE001 - wrong guess of the input size; try the next one
+            failure = failure if failure is not None else error
     raise UnsupportedModelError(
         f"could not run {type(model).__name__} to find its blocks (tried input sizes {tried}; first error: "
         f"{type(failure).__name__}: {failure}). Pass example_inputs=torch.randn(1, C, H, W) with the size the "

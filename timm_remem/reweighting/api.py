@@ -2,12 +2,6 @@
 
 The factors live in the :class:`ScaledBranch` modules only and every report is read from them; the model keeps a
 record of the settings, which is all that is left once ``merge`` folded them (docs/guarantees.md, section 4).
-
-Example:
-    >>> import timm, timm_remem
-    >>> model = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), alpha=0.5, top_k=1)
-    >>> timm_remem.get_scales(model)
-    {'blocks.5.mlp': 0.5}
 """
 
 from __future__ import annotations
@@ -183,11 +177,10 @@ def _folded_before(target: nn.Module, wrapped: bool, compose: bool) -> list[floa
     if not any(f != 1.0 for f in earlier):
         return []
     if not compose:
-        shown = ", ".join(f"{f:.6g}" for f in earlier)
         raise ConfigError(
             f"{type(target).__name__} was reweighted and merged before: its weights already hold the factors "
-            f"[{shown}] (one per block, bottom-up), so reweighting it again would multiply the new factors with "
-            "them. Pass compose=True to reweight to do that on purpose (get_reweight_config(model) then reports "
+            f"{_floats(earlier)} (one per block, bottom-up), so reweighting it again would multiply the new factors "
+            "with them. Pass compose=True to reweight to do that on purpose (get_reweight_config(model) then reports "
             "both, and total_factors() their product), or keep the original weights: timm_remem.unreweight(model) "
             "before merging gives them back."
         )
@@ -433,8 +426,8 @@ def get_scales(model: nn.Module) -> dict[str, float]:
     check_model(model)
     model = _unwrap(model)
     check_no_bypass(model)
-    found = sorted(enumerate(_wrappers(model)), key=lambda t: (t[1][1].remem_index, t[0]))
-    return {path: float(w.remem_scale.detach()) for _, (path, w) in found}
+    found = sorted(_wrappers(model), key=lambda item: item[1].remem_index)  # stable: paths in module order
+    return {path: float(w.remem_scale.detach()) for path, w in found}
 
 
 def get_reweight_config(model: nn.Module) -> ReweightConfig | None:

@@ -1,13 +1,6 @@
 """Finding each block's MLP (or attention) residual branch: :class:`Branch` and :func:`find_branches`.
 
 Candidates are found by name (``mlp``, ``attn`` and aliases); the probe in :mod:`._probe` then places each one.
-
-Example:
-    >>> import timm
-    >>> from timm_remem.reweighting import find_branches
-    >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
-    >>> [(b.index, b.path, b.kind) for b in find_branches(model)][:2]
-    [(0, 'blocks.0.mlp', 'output'), (1, 'blocks.1.mlp', 'output')]
 """
 
 from __future__ import annotations

@@ -1,12 +1,4 @@
-"""What ``reweight`` did to a model (:class:`ReweightConfig`), the factor schedules, and the input checks.
-
-Example:
-    >>> from timm_remem.reweighting.config import ReweightConfig, schedule_factors
-    >>> schedule_factors(0.5, "exponential", 3)
-    [0.5, 0.25, 0.125]
-    >>> ReweightConfig(alpha=0.5, factors=[0.5, 0.25], num_blocks=2).to_dict()["factors"]
-    [0.5, 0.25]
-"""
+"""What ``reweight`` did to a model (:class:`ReweightConfig`), the factor schedules, and the input checks."""
 
 from __future__ import annotations
 
@@ -131,15 +123,7 @@ class ReweightConfig:
 
 
 def check_factor(name: str, value: Any, *, allow_zero: bool) -> None:
-    """Check one factor: a finite real number (a one-element tensor counts), ``>= 0`` or ``> 0``.
-
-    Example:
-        >>> check_factor("alpha", 0.85, allow_zero=False)
-        >>> check_factor("alpha", "0.85", allow_zero=False)
-        Traceback (most recent call last):
-        ...
-        timm_remem.errors.ConfigError: alpha must be a real number, got '0.85' (str).
-    """
+    """Check one factor: a finite real number (a one-element tensor counts), ``>= 0`` or ``> 0``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -148,15 +132,7 @@ def check_factor(name: str, value: Any, *, allow_zero: bool) -> None:
 
 
 def check_factor_range(name: str, value: float, *, allow_amplify: bool, allow_zero: bool) -> None:
-    """Check that a finite factor ``>= 0`` is in ReMem's range (0, 1], unless ``allow_amplify`` / ``allow_zero``.
-
-    Example:
-        >>> try:
-        ...     check_factor_range("alpha", 1.2, allow_amplify=False, allow_zero=False)
-        ... except ConfigError as error:
-        ...     print(str(error)[:34])
-        alpha=1.2 is > 1: it would amplify
-    """
+    """Check that a finite factor ``>= 0`` is in ReMem's range (0, 1], unless ``allow_amplify`` / ``allow_zero``."""
     value = float(value)
     if value > 1 and not allow_amplify:
         raise ConfigError(

@@ -193,12 +193,6 @@ def fold_tensors(module: nn.Module, columns: tuple[int, int] | None, fold_path: 
 
     Raises:
         UnsupportedModelError: No affine weight, or a peft layer other than plain LoRA (``what`` names the branch).
-
-    Example:
-        >>> import torch
-        >>> layer = torch.nn.Linear(3, 2)
-        >>> [t is layer.weight or t is layer.bias for t in fold_tensors(layer, None, "", "fc")]
-        [True, True]
     """
     if columns is not None:
         if is_tuner_layer(module):
