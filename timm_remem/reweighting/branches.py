@@ -184,16 +184,6 @@ def check_not_shared(model: nn.Module, branches: list[Branch], folded: list[Bran
 
     Raises:
         ConfigError: Naming the shared module or tensor paths and the fix (a copy for each block).
-
-    Example:
-        >>> import timm
-        >>> model = timm.create_model("test_vit", pretrained=False, img_size=32)
-        >>> model.blocks[1].mlp.fc2.weight = model.blocks[0].mlp.fc2.weight
-        >>> check_not_shared(model, find_branches(model))
-        Traceback (most recent call last):
-        ...
-        timm_remem.errors.ConfigError: blocks.0.mlp.fc2.weight is also blocks.1.mlp.fc2.weight (one tensor shared \
-by two layers): ... Give each layer its own copy before reweighting, ...
     """
     modules = dict(model.named_modules(remove_duplicate=False))
     for b in branches:
