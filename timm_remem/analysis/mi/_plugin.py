@@ -1,13 +1,4 @@
-"""Count tables and the plug-in MI of discrete cells: labels as they are, continuous columns cut into equal-width
-bins. Shared by the estimators (both sides discrete), ``binning`` and the streaming class (exact joint counts).
-
-Example:
-    >>> import math, torch
-    >>> from timm_remem.analysis.mi._plugin import _plugin_discrete
-    >>> y = torch.tensor([0, 1, 0, 1])
-    >>> abs(_plugin_discrete(y, y) - math.log(2)) < 1e-12  # I(Y; Y) = H(Y)
-    True
-"""
+"""Count tables and the plug-in MI of discrete cells (labels, or continuous columns cut into equal-width bins)."""
 
 from __future__ import annotations
 
