@@ -36,12 +36,10 @@ def _spectrum_tokens(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([half, half[1 : (c + 1) // 2].flip(0)])
 
 
-def _entropy_from_counts(counts: torch.Tensor, total: torch.Tensor | int) -> torch.Tensor:
-    """Shannon entropy in bits of each row of a ``[N, bins]`` count matrix (rows normalised by ``total``)."""
+def _entropy_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in bits of each row of a ``[N, bins]`` count matrix."""
     counts = counts.to(torch.float64)
-    if isinstance(total, torch.Tensor):
-        total = total.to(torch.float64).clamp_min(1.0).unsqueeze(-1)
-    p = counts / total
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     plogp = torch.where(counts > 0, p * torch.log2(torch.where(counts > 0, p, 1.0)), 0.0)
     return -plogp.sum(-1)
 
@@ -113,7 +111,7 @@ def _token_entropy_tokens(
         idx.masked_fill_(outside, bins)
         idx.add_(torch.arange(0, n * stride, stride, dtype=torch.int32, device=x.device).unsqueeze(1))
         counts = torch.bincount(idx.view(-1), minlength=n * stride).view(n, stride)[:, :bins]
-        ent = _entropy_from_counts(counts, counts.sum(-1))
+        ent = _entropy_from_counts(counts)
         return (ent.mean() if reduction == "mean" else ent).to(x.dtype)
     # Every row sums to C, so each entropy term -p log2 p depends only on the integer count: look it up.
     terms = _plogp_table(c, x.device)[counts.long()]

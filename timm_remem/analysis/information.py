@@ -107,7 +107,6 @@ def _collect(
     max_samples: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    desc: str = "teacher",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(features [n, d], labels [n] or None, correct [n] or None)`` of the model in eval mode over the loader."""
     check_choice("features", features, FEATURES)
@@ -124,7 +123,7 @@ def _collect(
     feats, labels, correct = [], [], []
     n = 0
     try:
-        for batch in _progress(loader, progress, desc):
+        for batch in _progress(loader, progress, "teacher"):
             images, y = _split_batch(batch)
             images = images.to(device)
             if use_head:

@@ -55,12 +55,9 @@ def _save_png(build: Callable[[], Any], path: str | os.PathLike) -> Path | None:
     return Path(path)
 
 
-def _integer_colorbar(fig: Any, mappable: Any, ax: Any, n: int, label: str) -> Any:
+def _integer_colorbar(fig: Any, mappable: Any, ax: Any, n: int, label: str) -> None:
     """A colour bar over ``n`` ordered items with integer ticks only (at most ~10)."""
-    step = max(1, -(-n // 10))
-    bar = fig.colorbar(mappable, ax=ax, label=label)
-    bar.set_ticks(list(range(0, n, step)))
-    return bar
+    fig.colorbar(mappable, ax=ax, label=label).set_ticks(list(range(0, n, max(1, -(-n // 10)))))
 
 
 def _save(fig: Any, path: str | os.PathLike | None) -> Any:
@@ -139,14 +136,13 @@ def plot_layer_dynamics(dynamics: Any, path: str | os.PathLike | None = None, *,
         im = ax.imshow(np.log10(img[:, :half] + 1e-12), aspect="auto", origin="lower", cmap="magma",
                        extent=(0, half - 1, layers[0] - 0.5, layers[-1] + 0.5))
         fig.colorbar(im, ax=ax, label="log10 amplitude")
-        ax.set_xlabel("channel frequency")
         ax.set_ylabel("block")
     else:
         for layer, s in zip(layers, spectra, strict=True):
             ax.plot(s[: len(s) // 2 + 1], label=str(layer), lw=0.8)
         ax.set_yscale("log")
-        ax.set_xlabel("channel frequency")
         ax.legend(fontsize=6, title="block")
+    ax.set_xlabel("channel frequency")
     ax.set_title("channel spectrum", fontsize=10)
     fig.suptitle(title or f"Layer dynamics (entropy range: {d.get('entropy_range', 'global')})")
     return _save(fig, path)

@@ -99,9 +99,7 @@ class Sharpness:
             >>> s.to_dict()["sam_increase_per_batch"], s.to_dict()["top_eigenvalue"]
             ([0.1], None)
         """
-        data = dataclass_to_dict(self)
-        data["sam_increase_per_batch"] = list(self.sam_increase_per_batch)
-        return data
+        return dataclass_to_dict(self) | {"sam_increase_per_batch": list(self.sam_increase_per_batch)}
 
 
 def _check_model(model: Any) -> list[tuple[str, nn.Parameter]]:

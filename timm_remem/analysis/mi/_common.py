@@ -37,9 +37,6 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------- inputs
-
-
 def _as_samples(x: Any, name: str, allow_empty: bool = False) -> tuple[torch.Tensor, bool]:
     """Validate one side and return ``(tensor, discrete)``: ``[n, d]`` float or ``[n]`` int64 labels."""
     if not isinstance(x, torch.Tensor):
@@ -105,9 +102,6 @@ def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**allowed, **options}
 
 
-# ----------------------------------------------------------------------------------------------------- sampling
-
-
 def _check_max_samples(value: Any) -> int:
     return check_int("max_samples", value, low=2, hint="pass 'auto', None (every sample) or an integer >= 2")
 
@@ -155,9 +149,6 @@ def _chunk_rows(n: int, chunk_size: Any) -> int:
     if chunk_size is None:
         return max(1, min(n, _CHUNK_ELEMENTS // max(n, 1)))
     return check_int("chunk_size", chunk_size, low=1, hint="or None (automatic)")
-
-
-# ----------------------------------------------------------------------------------------------------- CPU workers
 
 
 _WORKERS: ContextVar[int | None] = ContextVar("_timm_remem_mi_workers", default=None)

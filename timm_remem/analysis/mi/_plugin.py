@@ -44,9 +44,6 @@ def _plugin_discrete(a: torch.Tensor, b: torch.Tensor, correction: Any = None) -
     return _plugin_from_table(rows, counts, 1, correction)
 
 
-# ----------------------------------------------------------------------------------------------------- bins
-
-
 def _bin_edges(x: torch.Tensor, range_: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension ``(low, high)``: from ``range_`` = (low, high) for every column, or the data min/max."""
     if range_ is None:

@@ -59,8 +59,7 @@ class MutualInformation:
             _check_max_samples(max_samples)
         if method == "binning":
             _check_binning(self._opts)
-            if self._opts["range"] is not None:
-                _bin_edges(torch.zeros(1, 1), self._opts["range"])
+            _bin_edges(torch.zeros(1, 1), self._opts["range"])  # checks ``range`` now, not at the first update
         self.method = method
         self.max_samples = max_samples
         self.seed = int(seed)
