@@ -153,8 +153,7 @@ def _collect(
         raise ConfigError("the loader yielded no samples; pass a non-empty loader.")
     if labels and len(labels) != len(feats):
         raise ConfigError("some loader batches carry labels and others do not; make every batch (images, labels).")
-    y_all = torch.cat(labels) if labels else None
-    return torch.cat(feats), y_all, (torch.cat(correct) if correct else None)
+    return torch.cat(feats), (torch.cat(labels) if labels else None), (torch.cat(correct) if correct else None)
 
 
 def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
@@ -166,12 +165,8 @@ def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
     elif isinstance(checkpoints, (str, os.PathLike)):
         items = [(p.name, p) for p in list_exports(checkpoints)]
     elif isinstance(checkpoints, Iterable):
-        items = []
-        for i, c in enumerate(checkpoints):
-            if isinstance(c, (str, os.PathLike)):
-                items.append((Path(c).name or str(c), c))
-            else:
-                items.append((f"checkpoint_{i}", c))
+        items = [((Path(c).name or str(c)) if isinstance(c, (str, os.PathLike)) else f"checkpoint_{i}", c)
+                 for i, c in enumerate(checkpoints)]
     else:
         raise ConfigError(f"checkpoints must be a list, a dict name -> checkpoint or a folder, got {checkpoints!r}.")
     if not items:
