@@ -1,18 +1,5 @@
-"""Analysis of teachers: mutual information, information plane, MLP expertness, pruning, layer dynamics.
-
-- :mod:`~timm_remem.analysis.mi`: ``estimate_mi`` and its streaming twin ``MutualInformation``, one estimator per
-  module (``mi.gaussian``, ``mi.ksg``, ``mi.binning``, ``mi.renyi``).
-- :mod:`~timm_remem.analysis.information`: ``teacher_information``, ``information_plane``, ``rank_checkpoints``.
-- :mod:`~timm_remem.analysis.expertness`: ``mlp_expertness``.
-- :mod:`~timm_remem.analysis.pruning`: ``pruning_diagnostic``.
-- :mod:`~timm_remem.analysis.dynamics`: ``layer_dynamics``, ``channel_spectrum``, ``token_entropy``.
-- :mod:`~timm_remem.analysis.sharpness`: ``measure_sharpness``, ``sam_sharpness``, ``hessian_top_eigenvalue`` (did
-  SAM flatten the teacher?).
-- :mod:`~timm_remem.analysis.plots`: matplotlib figures through the Figure API (matplotlib is imported only when
-  plotting), including ``plot_select`` and ``plot_demo`` for ``timm-remem select`` and ``timm-remem demo``.
-
-Private plumbing shared by the analyses lives in ``_common`` (batches, progress, devices) and ``_kernels`` (the
-vectorised per-token kernels of the layer dynamics).
+"""Analysis of teachers: mutual information (``mi``), information plane (``information``), MLP expertness,
+pruning, layer dynamics, sharpness, and their plots (docs/analysis.md).
 
 Example:
     >>> import timm, torch

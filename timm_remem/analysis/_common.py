@@ -1,13 +1,4 @@
-"""Plumbing shared by the analyses that run a model over a loader (information, expertness, pruning, dynamics):
-reading a batch, the progress bar, the input device and the sample cap.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.analysis._common import _split_batch
-    >>> images, labels = _split_batch({"image": torch.zeros(2, 3, 8, 8), "label": torch.tensor([0, 1])})
-    >>> tuple(images.shape), labels.tolist()
-    ((2, 3, 8, 8), [0, 1])
-"""
+"""Plumbing shared by the analyses that run a model over a loader: batches, progress, input device, sample cap."""
 
 from __future__ import annotations
 
@@ -27,8 +18,7 @@ from ..errors import ConfigError
 class _Renormalised(nn.Module):
     """``model`` fed inputs normalised with ``(src_mean, src_std)`` re-normalised to its own ``(mean, std)``.
 
-    Exposes ``forward_features``/``forward_head`` (and ``num_classes``) when the model has them, so the analyses
-    can read penultimate features through it.
+    Exposes ``forward_features``/``forward_head`` when the model has them, for penultimate features.
     """
 
     def __init__(self, model: nn.Module, src_mean, src_std, mean, std) -> None:
@@ -78,12 +68,12 @@ def _hard_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _input_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """``device`` if given, else the device of the model's parameters (the model itself is never moved)."""
+    """``device`` if given, else the device of the model's parameters."""
     return torch.device(device) if device is not None else model_device(model)
 
 
 def _progress(iterable: Iterable[Any], progress: bool | None, desc: str) -> Iterable[Any]:
-    """A tqdm bar when asked (``progress=True``) or, by default (None), only on an interactive terminal."""
+    """A tqdm bar when ``progress`` is True or, when None, on an interactive terminal."""
     show = progress if progress is not None else sys.stderr.isatty()
     return tqdm(iterable, desc=desc, leave=False) if show else iterable
 

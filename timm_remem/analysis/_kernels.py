@@ -1,13 +1,5 @@
-"""Vectorised per-token kernels behind the layer dynamics: channels-last tokens, the channel spectrum, and the
-histogram entropy of every token counted in one pass (``bincount``/``scatter_add`` over ``token * bins + bin``,
-never a Python loop over tokens), with scratch buffers reused across same-shaped blocks.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.analysis._kernels import _token_entropy_tokens, _tokens
-    >>> x = _tokens(torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 4, 1, 1))  # one token, two values equally often
-    >>> float(_token_entropy_tokens(x, 0.0, 1.0, 100, covered=True, reduction="mean"))
-    1.0
+"""Vectorised per-token kernels behind the layer dynamics: the channel spectrum, and the histogram entropy of every
+token counted in one pass (never a Python loop over tokens), with scratch buffers reused across same-shaped blocks.
 """
 
 from __future__ import annotations
@@ -18,10 +10,7 @@ from ..errors import ConfigError
 
 
 def _tokens(features: torch.Tensor, ws: _Workspace | None = None) -> torch.Tensor:
-    """``[B, C, *spatial]`` -> contiguous ``[N, C]`` (float32 or float64) with one row per token (B x spatial).
-
-    With a workspace the channels-last copy goes into a reused buffer (no fresh allocation per block).
-    """
+    """``[B, C, *spatial]`` -> contiguous float ``[N, C]``, one row per token (in ``ws``'s buffer when given)."""
     x = features.detach()
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     c = x.shape[1]
@@ -36,8 +25,7 @@ def _tokens(features: torch.Tensor, ws: _Workspace | None = None) -> torch.Tenso
 def _spectrum_tokens(x: torch.Tensor) -> torch.Tensor:
     """Mean ``|FFT| / C`` along the channel axis of ``[N, C]`` tokens -> ``[C]``.
 
-    A real input has a conjugate-symmetric spectrum (``|X_k| = |X_{C-k}|``), so only the ``C // 2 + 1``
-    non-redundant bins are computed with ``rfft`` and the rest are mirrored.
+    A real input's spectrum is symmetric (``|X_k| = |X_{C-k}|``): ``rfft`` computes half, the rest is mirrored.
     """
     n, c = x.shape
     spec = torch.fft.rfft(x, dim=-1)
@@ -48,12 +36,10 @@ def _spectrum_tokens(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([half, half[1 : (c + 1) // 2].flip(0)])
 
 
-def _entropy_from_counts(counts: torch.Tensor, total: torch.Tensor | int) -> torch.Tensor:
-    """Shannon entropy in bits of each row of a ``[N, bins]`` count matrix (rows normalised by ``total``)."""
+def _entropy_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in bits of each row of a ``[N, bins]`` count matrix."""
     counts = counts.to(torch.float64)
-    if isinstance(total, torch.Tensor):
-        total = total.to(torch.float64).clamp_min(1.0).unsqueeze(-1)
-    p = counts / total
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     plogp = torch.where(counts > 0, p * torch.log2(torch.where(counts > 0, p, 1.0)), 0.0)
     return -plogp.sum(-1)
 
@@ -91,9 +77,8 @@ def _token_entropy_tokens(
 ) -> torch.Tensor:
     """Entropy (bits) of ``[N, C]`` tokens with a ``bins``-bin histogram over ``[lo, hi]``: ``[N]`` or their mean.
 
-    ``covered=True`` promises every value lies in ``[lo, hi]`` (true for ranges computed from the data) and skips
-    the out-of-range bookkeeping. Otherwise out-of-range values are ignored, as ``torch.histc`` does, and each
-    token's probabilities are normalised by its number of in-range values.
+    ``covered=True`` promises every value lies in ``[lo, hi]``; otherwise out-of-range values are ignored, as
+    ``torch.histc`` does.
     """
     ws = ws or _Workspace()
     n, c = x.shape
@@ -126,7 +111,7 @@ def _token_entropy_tokens(
         idx.masked_fill_(outside, bins)
         idx.add_(torch.arange(0, n * stride, stride, dtype=torch.int32, device=x.device).unsqueeze(1))
         counts = torch.bincount(idx.view(-1), minlength=n * stride).view(n, stride)[:, :bins]
-        ent = _entropy_from_counts(counts, counts.sum(-1))
+        ent = _entropy_from_counts(counts)
         return (ent.mean() if reduction == "mean" else ent).to(x.dtype)
     # Every row sums to C, so each entropy term -p log2 p depends only on the integer count: look it up.
     terms = _plogp_table(c, x.device)[counts.long()]

@@ -1,24 +1,7 @@
-"""Layer dynamics of a network: channel spectrum, token entropy, activation and gradient magnitude per block.
+"""Layer dynamics (*Distillation Dynamics*, arXiv 2511.06848): channel spectrum, token entropy, activation and
+gradient magnitude per block, from the raw ``[B, C, H, W]`` block outputs of timm's ``forward_intermediates``.
 
-These are the per-layer measurements of *Distillation Dynamics* (arXiv 2511.06848), computed from the raw block
-outputs that timm's ``forward_intermediates`` returns (patch tokens only, ``[B, C, H, W]``):
-
-- **Channel spectrum** of a block: ``|FFT(x_t)| / C`` of every token's channel vector ``x_t`` (FFT along the
-  channel axis), averaged over all tokens (B, H, W): one ``[C]`` vector per block, ``[L, C]`` for the model.
-  Its mean over frequency is the block's **frequency intensity**.
-- **Token entropy**: the Shannon entropy, in bits, of a token's channel vector seen as a sample of values,
-  estimated with a ``bins``-bin (100 by default) histogram; averaged over all tokens. As in the authors' code the
-  histogram range is one global min/max shared by every block of the batch (``entropy_range="global"``); the
-  measure is therefore not scale invariant and partly tracks magnitude. ``entropy_range="layer"`` (our option)
-  uses each block's own min/max instead. Bin edges follow ``torch.histc``: ``bins`` equal-width bins from the
-  minimum to the maximum, the maximum itself falling in the last bin.
-- **Activation magnitude**: mean ``|x|`` over the block's patch-token output.
-- **Gradient magnitude** (optional): mean ``|dz/dx|`` over the block's patch tokens, where ``z`` is the sum over
-  the batch of each image's target logit (its label or, by default, the predicted class).
-
-The pure functions (:func:`channel_spectrum`, :func:`token_entropy`, :func:`activation_magnitude`) work on any
-``[B, C, *spatial]`` tensor and are fully vectorised: the histogram of every token is counted in one pass
-(``bincount`` over ``token * bins + bin``), never in a Python loop over tokens.
+The pure functions work on any ``[B, C, *spatial]`` tensor. Definitions: docs/analysis.md, "Layer dynamics".
 """
 
 from __future__ import annotations
@@ -50,11 +33,6 @@ __all__ = [
 ENTROPY_RANGES = ("global", "layer")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Pure functions
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _check_features(features: torch.Tensor, name: str = "features") -> None:
     if not isinstance(features, torch.Tensor):
         raise ConfigError(f"{name} must be a torch.Tensor of shape [B, C, H, W], got {type(features).__name__}.")
@@ -70,16 +48,9 @@ def _check_features(features: torch.Tensor, name: str = "features") -> None:
 
 
 def channel_spectrum(features: torch.Tensor) -> torch.Tensor:
-    """Channel-axis amplitude spectrum of a block output, averaged over tokens.
+    """``|FFT(x)| / C`` of every token's channel vector ``x``, averaged over tokens: ``[B, C, *spatial] -> [C]``.
 
-    For every token (every position of every image) the channel vector ``x`` of length ``C`` is transformed with a
-    discrete Fourier transform along the channel axis; ``|FFT(x)| / C`` is averaged over all tokens.
-
-    Args:
-        features: Block output of shape ``[B, C, H, W]`` (any number of trailing spatial axes, or ``[B, C]``).
-
-    Returns:
-        The ``[C]`` spectrum (float32); bin ``0`` is the DC term (``|mean of the channels|`` averaged over tokens).
+    The FFT runs along the channel axis; bin 0 of the float32 result is the DC term.
 
     Example:
         >>> import torch
@@ -111,22 +82,14 @@ def token_entropy(
     value_range: tuple[float, float] | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Shannon entropy (bits) of each token's channel vector, from a histogram of its values.
-
-    For every token the ``C`` channel values are counted into ``bins`` equal-width bins over ``value_range``
-    (``torch.histc`` edges; values outside the range are ignored), normalised to probabilities ``p_b`` and the
-    entropy ``-sum_b p_b log2 p_b`` is taken. A token whose channels take ``k`` values equally often has ``log2 k``
-    bits; the maximum is ``log2(min(bins, C))``.
+    """Shannon entropy (bits) of each token's ``C`` channel values, from a ``bins``-bin ``torch.histc``-style histogram.
 
     Args:
         features: Block output ``[B, C, *spatial]``.
-        bins: Number of histogram bins (the paper uses 100).
-        value_range: ``(min, max)`` of the histogram; by default the tensor's own min and max. Pass one range shared
-            by several blocks to compare them on the same scale (what :func:`layer_dynamics` does by default).
-        reduction: ``"mean"`` (one scalar, averaged over tokens) or ``"none"`` (shape ``[B, *spatial]``).
-
-    Returns:
-        The mean entropy (0-dim tensor) or the per-token entropies.
+        bins: Histogram bins (the paper uses 100).
+        value_range: ``(min, max)`` of the histogram (values outside are ignored); default the tensor's own min and
+            max. Share one range across blocks to compare them on one scale.
+        reduction: ``"mean"`` (a 0-dim tensor) or ``"none"`` (``[B, *spatial]``).
 
     Example:
         >>> import torch
@@ -168,25 +131,17 @@ def activation_magnitude(features: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, ord=1) / x.numel()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The model-level measurement
-# ---------------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class LayerDynamics:
-    """Per-block measurements of one batch; every per-layer tensor has one entry per block in ``indices``.
+    """Per-block measurements of one batch: one entry per block in ``indices`` (bottom-up).
 
     Attributes:
-        indices: Block indices measured, bottom-up (as ``forward_intermediates`` counts them).
-        spectra: Channel spectrum of each block (``[C_l]`` each; widths differ across stages of hierarchical models).
+        spectra: Channel spectrum ``[C_l]`` of each block (widths differ across stages of hierarchical models).
         intensity: ``[L]`` mean of each spectrum over frequency.
         entropy: ``[L]`` mean token entropy in bits.
-        magnitude: ``[L]`` mean absolute activation.
-        gradient: ``[L]`` mean absolute gradient of the target logit w.r.t. the block output, or ``None``.
-        bins: Histogram bins used for the entropy.
-        entropy_range: ``"global"`` or ``"layer"``.
-        value_ranges: The ``(min, max)`` histogram range used for each block.
+        magnitude: ``[L]`` mean ``|activation|``.
+        gradient: ``[L]`` mean ``|gradient|`` of the target logit w.r.t. the block output, or ``None``.
+        value_ranges: The ``(min, max)`` histogram range of each block.
     """
 
     indices: list[int]
@@ -268,7 +223,7 @@ def _target_logits(logits: torch.Tensor, target: int | torch.Tensor | None) -> t
 def _measure(
     feats: list[torch.Tensor], layers: list[int], bins: int, entropy_range: str, name: str = "the model"
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[tuple[float, float]]]:
-    """Spectrum, mean token entropy and magnitude of each ``[B, C, H, W]`` block output (the part after the forward)."""
+    """Spectrum, mean token entropy and magnitude of each ``[B, C, H, W]`` block output."""
     ranges = [tuple(float(v) for v in torch.aminmax(f.detach())) for f in feats]
     bad = [i for i, (lo, hi) in zip(layers, ranges, strict=True) if not (math.isfinite(lo) and math.isfinite(hi))]
     if bad:
@@ -299,24 +254,17 @@ def layer_dynamics(
     gradient: bool = False,
     target: int | torch.Tensor | None = None,
 ) -> LayerDynamics:
-    """Measure spectrum, token entropy, activation (and gradient) magnitude of every block on a batch.
+    """Spectrum, token entropy, activation (and gradient) magnitude of every block on a batch.
 
-    Runs ``model.forward_intermediates(images, output_fmt="NCHW", norm=False)`` in eval mode (the model's mode is
-    restored afterwards) and measures each returned block output; see the module docstring for the definitions.
-    A ViT compresses then expands: entropy and intensity typically trace a U over depth.
+    Runs ``model.forward_intermediates(images, output_fmt="NCHW", norm=False)`` in eval mode (mode restored).
 
     Args:
-        model: A timm model implementing ``forward_intermediates``.
         images: Input batch ``[B, 3, H, W]``, already normalised for the model.
         indices: Blocks to measure (timm convention: ``None`` all, ``n`` the last n, a list of indices).
-        bins: Histogram bins for the entropy (100 as in the paper).
         entropy_range: ``"global"`` (one min/max over all measured blocks, the paper's choice) or ``"layer"``.
         gradient: Also measure the gradient magnitude (one backward pass; needs ``model.feature_info``).
-        target: For ``gradient``: the class whose logit is back-propagated: ``None`` (each image's predicted class),
-            an int, or a ``[B]`` tensor of labels.
-
-    Returns:
-        A :class:`LayerDynamics`.
+        target: The class whose logit is back-propagated for ``gradient``: ``None`` (each image's predicted class),
+            an int, or ``[B]`` labels.
 
     Raises:
         UnsupportedModelError: The model has no ``forward_intermediates``.

@@ -1,27 +1,8 @@
-"""MLP "expertness": how selectively each block's MLP neurons fire.
+"""MLP "expertness": how selectively each block's MLP neurons fire (all definitions ours; the paper's are not public).
 
-ReMem argues that the top MLP blocks of strong pretrained ViTs behave like sparse experts (a bipartite neuron-input
-graph, a mixture-of-experts view) and that this costs mutual information. The paper's formula is not public; the
-statistics below are **our definitions**, chosen to be simple, bounded and streamable.
-
-For each block, the *hidden activation* is the input of the MLP's last linear layer (``fc2`` for timm's ``Mlp``,
-i.e. after the activation, dropout and any hidden norm), one ``H``-vector per token. An *input* is one token of one
-image (class/register tokens included), and neuron ``j`` *fires* on an input when its hidden value is
-``> threshold`` (default 0: for GELU/ReLU MLPs this is exactly "pre-activation > 0"). That defines a bipartite graph
-between the ``H`` neurons and the inputs, with an edge wherever a neuron fires. Per block we report:
-
-- ``fire_rate[j]``: the fraction of inputs neuron ``j`` fires on (its degree in the graph, normalised);
-  ``dead_fraction``: neurons that never fire.
-- ``selectivity[j]`` (needs labels): with ``r_i[j]`` the fraction of image ``i``'s tokens on which ``j`` fires and
-  ``mu_c[j]`` the mean of ``r_i[j]`` over the images of class ``c``, ``(mu_max - mu_rest) / (mu_max + mu_rest)``
-  where ``mu_max`` is the largest class mean and ``mu_rest`` the mean of the other classes' means (the class
-  selectivity index of Morcos et al. 2018 applied to firing rates); 0 when the neuron never fires. It is 0 for a
-  neuron that fires equally for every class and 1 for a neuron that fires for one class only.
-- Bipartite statistics: ``input_degree``, the distribution of the fraction of neurons each input activates
-  (a histogram over ``0..H`` active neurons), with its mean (``density``, the edge density of the graph, equal to
-  the mean fire rate); and the Gini coefficients of the neuron degrees (``neuron_gini``: 0 when every neuron fires
-  equally often, towards 1 when a few neurons do all the firing) and of the input degrees (``input_gini``).
-  Sparse, expert-like blocks have a low density, a high neuron Gini and a high selectivity.
+A neuron fires on an input (one token of one image) when its hidden activation, the input of the MLP's last linear
+layer, is ``> threshold``; neurons and inputs form a bipartite graph. The statistics (fire rate, class selectivity,
+graph density and Gini coefficients) are defined in docs/analysis.md, "MLP expertness".
 """
 
 from __future__ import annotations
@@ -42,11 +23,7 @@ __all__ = ["BlockExpertness", "mlp_expertness", "neuron_statistics"]
 
 
 def _gini(values: torch.Tensor, weights: torch.Tensor | None = None) -> float:
-    """Gini coefficient of non-negative values (optionally with integer frequency weights): mean |x_i - x_j| / 2 mean.
-
-    Computed from the sorted values in O(m log m): with weights ``w`` (frequencies) and values sorted ascending,
-    ``G = sum_i w_i x_i (2 W_{<i} + w_i - W) / (W * sum_i w_i x_i)`` where ``W_{<i}`` is the weight before ``i``.
-    """
+    """Gini coefficient of non-negative values with optional frequency weights, from the sorted values."""
     x = values.double().flatten()
     w = torch.ones_like(x) if weights is None else weights.double().flatten()
     keep = w > 0
@@ -63,7 +40,7 @@ def _gini(values: torch.Tensor, weights: torch.Tensor | None = None) -> float:
 
 @dataclass
 class BlockExpertness:
-    """Neuron firing statistics of one MLP block (definitions in the module docstring).
+    """Neuron firing statistics of one MLP block (definitions in docs/analysis.md).
 
     Attributes:
         index: Block index (bottom-up).
@@ -72,8 +49,6 @@ class BlockExpertness:
         selectivity: ``[H]`` class selectivity index, or ``None`` without labels.
         input_degree_hist: ``[H + 1]`` number of inputs on which exactly ``k`` neurons fire.
         num_inputs: Inputs (tokens) seen.
-        num_images: Images seen.
-        threshold: Firing threshold.
     """
 
     index: int
@@ -91,7 +66,7 @@ class BlockExpertness:
 
     @property
     def density(self) -> float:
-        """Edge density of the neuron-input graph (= mean fire rate = mean fraction of neurons per input)."""
+        """Edge density of the neuron-input graph (= mean fire rate)."""
         return float(self.fire_rate.double().mean())
 
     @property
@@ -138,7 +113,7 @@ class BlockExpertness:
 
 
 class _Accumulator:
-    """Streaming sums behind :class:`BlockExpertness` for one block."""
+    """Streaming sums behind one block's :class:`BlockExpertness`."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
@@ -210,15 +185,12 @@ def _as_tokens(hidden: torch.Tensor, channel_dim: int) -> torch.Tensor:
 def neuron_statistics(
     hidden: torch.Tensor, labels: torch.Tensor | None = None, *, threshold: float = 0.0
 ) -> BlockExpertness:
-    """Expertness statistics of hidden activations already computed (the pure function behind :func:`mlp_expertness`).
+    """:func:`mlp_expertness`'s statistics of hidden activations you already have (``index`` 0, ``path`` empty).
 
     Args:
         hidden: ``[n, H]`` (one input per image) or ``[n, T, H]`` (``T`` tokens per image) hidden activations.
         labels: ``[n]`` integer labels of the images, or ``None``.
         threshold: A neuron fires on an input when its value is ``> threshold``.
-
-    Returns:
-        A :class:`BlockExpertness` (``index`` 0, ``path`` empty).
 
     Example:
         >>> import torch
@@ -287,22 +259,17 @@ def mlp_expertness(
     device: torch.device | str | None = None,
     progress: bool | None = None,
 ) -> list[BlockExpertness]:
-    """Per-block firing statistics of the MLP neurons over a data loader (definitions in the module docstring).
+    """Per-block firing statistics of the MLP neurons over a data loader, one :class:`BlockExpertness` per block.
 
-    MLP blocks are found with :func:`~timm_remem.reweighting.find_branches` (forward order, reweighted models
-    included); a forward pre-hook on each MLP's last linear layer records its input. The model runs in eval mode under
-    ``no_grad``; hooks are removed and the mode restored afterwards.
+    MLP blocks come from :func:`~timm_remem.reweighting.find_branches`; a pre-hook on each MLP's last linear layer
+    records its input. Eval mode under ``no_grad``; hooks removed and mode restored afterwards.
 
     Args:
-        model: A timm vision transformer.
         loader: Iterable of ``(images, labels, ...)`` batches (images alone: no selectivity).
         threshold: Firing threshold on the hidden activation.
         max_samples: Use at most this many images.
-        device: Device for the inputs (default: that of the model's parameters); the model is not moved.
+        device: Device for the inputs (default: the model's); the model is not moved.
         progress: Show a progress bar (None: only on an interactive terminal).
-
-    Returns:
-        One :class:`BlockExpertness` per MLP branch, bottom-up.
 
     Raises:
         UnsupportedModelError: The model has no transformer MLP branch.

@@ -1,30 +1,9 @@
 """How much a teacher's outputs say about its inputs: I(X; F_T), I(F_T; Y), I(X; F_T | Y), the information plane,
 and a checkpoint ranking built on them.
 
-Definitions (X an input image, Y its label, F = f(X) the teacher's logits or penultimate features):
-
-- ``I(X; F)``: how much the distillation target tells about the input. For a deterministic network and continuous
-  ``F`` this is infinite (``H(F | X) = -inf``), so every estimate is made through a **noise channel** (ours, the
-  standard fix of Saxe et al. 2018 and Goldfeld et al. 2019): ``T = F + sigma * s * Z`` with ``Z ~ N(0, I)``,
-  ``sigma = noise`` (default 0.1) and ``s`` the root-mean-square standard deviation of ``F``'s dimensions, so the
-  noise is relative to the feature scale and the result is invariant to rescaling all features. Because ``F`` is a
-  function of ``X`` and ``T`` depends on ``X`` only through ``F``, ``I(X; T) = I(F; T)``, which is what we
-  estimate (with :func:`~timm_remem.analysis.mi.estimate_mi` on paired ``(F, T)`` samples).
-- ``I(F; Y)``, reported as ``I(T; Y)`` through the same channel: how much the target says about the label.
-  The estimate is clipped at the exact plug-in label entropy ``H(Y)``, its ceiling (the Gaussian and binning
-  estimators are biased upwards on small samples).
-- ``I(X; F | Y)``, reported as ``I(X; T | Y)``: what the target says about the input beyond its label (the "dark
-  knowledge" a student can learn). By the chain rule ``I(X; T | Y) = I(X, Y; T) - I(Y; T)``, and ``I(X, Y; T) =
-  I(X; T) + I(Y; T | X) = I(X; T)`` because the teacher's output depends on the image only (``Y -> X -> T`` is a
-  Markov chain, whether or not labels are noisy), so ``conditional="chain"`` (default) reports
-  ``I(X; T) - I(T; Y)``; ``conditional="classwise"`` estimates ``sum_c p(c) I(F; T | Y = c)`` within each class
-  instead (needs enough samples per class). Estimator bias can make the chain difference slightly negative.
-
-Optionally ``F`` is first compressed to its top ``max_dim`` principal components (``max_dim``), which keeps the
-estimators' sample needs and cost bounded for 768-d features or 1000-class logits; the noise channel then acts on
-the compressed features. Estimates are in nats. The default estimator is ``method="gaussian"`` (log-det of the
-covariances: for the Gaussian channel this is the capacity given ``F``'s covariance, an upper bound when ``F`` is not
-Gaussian); ``"ksg"``, ``"binning"`` and ``"renyi"`` are available (see :mod:`timm_remem.analysis.mi`).
+A deterministic network's I(X; F) is infinite for continuous F, so every quantity is measured through a noise
+channel ``T = F + noise * s * Z`` (``s`` the RMS standard deviation of F's dimensions), in nats. Definitions:
+docs/analysis.md, "Mutual information of a teacher".
 """
 
 from __future__ import annotations
@@ -61,26 +40,17 @@ _CONDITIONAL = ("chain", "classwise")
 SCORES = ("combined", "mi", "conditional_mi", "accuracy")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Results
-
-
 @dataclass
 class TeacherInformation:
     """Information measurements of one teacher (nats) and its accuracy on the same samples.
 
     Attributes:
-        i_xf: ``I(X; T)``, T the noisy target (see the module docstring).
-        i_fy: ``I(T; Y)``; ``None`` without labels.
-        i_xf_given_y: ``I(X; T | Y)``; ``None`` without labels.
-        accuracy: Top-1 accuracy of the logits against the labels (``None`` without labels).
-        h_y: Plug-in entropy of the labels, ``H(Y)`` (the ceiling of ``I(T; Y)``); ``None`` without labels.
-        n: Number of samples used.
+        i_xf: ``I(X; T)``, T the noisy target.
+        i_fy: ``I(T; Y)``; ``None`` without labels (as ``i_xf_given_y``, ``accuracy`` and ``h_y``).
+        i_xf_given_y: ``I(X; T | Y)``.
+        accuracy: Top-1 accuracy of the logits against the labels.
+        h_y: Plug-in entropy of the labels, ``H(Y)`` (the ceiling of ``I(T; Y)``).
         dim: Dimension of the features after compression.
-        features: ``"logits"`` or ``"pre_logits"``.
-        method: MI estimator used.
-        noise: Relative noise level ``sigma``.
-        conditional: ``"chain"`` or ``"classwise"``.
         name: Checkpoint name, when measured from a list of checkpoints.
     """
 
@@ -128,10 +98,6 @@ class CheckpointScore:
         }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Running the teacher
-
-
 @torch.no_grad()
 def _collect(
     model: nn.Module,
@@ -141,9 +107,8 @@ def _collect(
     max_samples: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    desc: str = "teacher",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Run the model in eval mode over the loader: ``(features [n, d], labels [n] or None, correct [n] or None)``."""
+    """``(features [n, d], labels [n] or None, correct [n] or None)`` of the model in eval mode over the loader."""
     check_choice("features", features, FEATURES)
     _check_max_samples(max_samples)
     use_head = callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))
@@ -158,7 +123,7 @@ def _collect(
     feats, labels, correct = [], [], []
     n = 0
     try:
-        for batch in _progress(loader, progress, desc):
+        for batch in _progress(loader, progress, "teacher"):
             images, y = _split_batch(batch)
             images = images.to(device)
             if use_head:
@@ -188,8 +153,7 @@ def _collect(
         raise ConfigError("the loader yielded no samples; pass a non-empty loader.")
     if labels and len(labels) != len(feats):
         raise ConfigError("some loader batches carry labels and others do not; make every batch (images, labels).")
-    y_all = torch.cat(labels) if labels else None
-    return torch.cat(feats), y_all, (torch.cat(correct) if correct else None)
+    return torch.cat(feats), (torch.cat(labels) if labels else None), (torch.cat(correct) if correct else None)
 
 
 def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
@@ -201,21 +165,13 @@ def _checkpoint_items(checkpoints: Any) -> list[tuple[str, Any]]:
     elif isinstance(checkpoints, (str, os.PathLike)):
         items = [(p.name, p) for p in list_exports(checkpoints)]
     elif isinstance(checkpoints, Iterable):
-        items = []
-        for i, c in enumerate(checkpoints):
-            if isinstance(c, (str, os.PathLike)):
-                items.append((Path(c).name or str(c), c))
-            else:
-                items.append((f"checkpoint_{i}", c))
+        items = [((Path(c).name or str(c)) if isinstance(c, (str, os.PathLike)) else f"checkpoint_{i}", c)
+                 for i, c in enumerate(checkpoints)]
     else:
         raise ConfigError(f"checkpoints must be a list, a dict name -> checkpoint or a folder, got {checkpoints!r}.")
     if not items:
         raise ConfigError("no checkpoints given; pass at least one model or checkpoint folder.")
     return items
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Estimation
 
 
 def _compress(f: torch.Tensor, max_dim: int | None) -> torch.Tensor:
@@ -249,17 +205,12 @@ def information_from_features(
     seed: int = 0,
     **mi_options: Any,
 ) -> dict[str, float | None]:
-    """``I(X; T)``, ``I(T; Y)`` and ``I(X; T | Y)`` from features already computed (see the module docstring).
+    """``I(X; T)``, ``I(T; Y)`` and ``I(X; T | Y)`` from features already computed (arguments as
+    :func:`teacher_information`).
 
     Args:
         features: ``[n, d]`` deterministic features ``F`` of ``n`` inputs.
         labels: ``[n]`` integer labels, or ``None`` (then only ``i_xf`` is computed).
-        method: Estimator name from :data:`timm_remem.analysis.mi.MI_METHODS`.
-        noise: Relative noise level ``sigma > 0`` of the channel ``T = F + sigma * s * Z``.
-        conditional: ``"chain"`` or ``"classwise"``.
-        max_dim: Compress ``F`` to this many principal components first (``None``: keep all).
-        seed: Seed of the channel noise (the same seed gives the same noise draw for every model of one size).
-        **mi_options: Passed to :func:`~timm_remem.analysis.mi.estimate_mi`.
 
     Returns:
         ``{"i_xf", "i_fy", "i_xf_given_y", "h_y", "dim"}`` in nats (``None`` entries without labels).
@@ -335,27 +286,21 @@ def teacher_information(
 ) -> TeacherInformation:
     """Measure ``I(X; F_T)``, ``I(F_T; Y)``, ``I(X; F_T | Y)`` and the accuracy of a teacher on a data loader.
 
-    The model runs in eval mode under ``no_grad`` (its mode is restored). Features are the logits or, with
-    ``features="pre_logits"``, the penultimate features ``forward_head(forward_features(x), pre_logits=True)``.
-    They are kept on the CPU (``n x d`` floats; cap with ``max_samples``) and measured through the noise channel
-    described in the module docstring.
+    Eval mode under ``no_grad`` (mode restored); the ``n x d`` features are kept on the CPU.
 
     Args:
         model: A classifier (a timm model for ``pre_logits``).
-        loader: Iterable of batches: ``(images, labels, ...)``, a dict, or images alone (no label-based measures).
-        features: ``"logits"`` or ``"pre_logits"``.
-        method: MI estimator (``"gaussian"``, ``"ksg"``, ``"binning"``, ``"renyi"``).
+        loader: Batches ``(images, labels, ...)``, dicts, or images alone (no label-based measures).
+        features: ``"logits"`` or ``"pre_logits"`` (``forward_head(forward_features(x), pre_logits=True)``).
+        method: MI estimator, one of :data:`~timm_remem.analysis.mi.MI_METHODS`.
         noise: Relative noise ``sigma > 0`` of the channel (fraction of the features' RMS standard deviation).
-        conditional: How ``I(X; F | Y)`` is estimated: ``"chain"`` (``I(X;T) - I(T;Y)``) or ``"classwise"``.
+        conditional: ``"chain"`` (``I(X; T) - I(T; Y)``) or ``"classwise"``.
         max_dim: Compress features to this many principal components first (``None``: all).
         max_samples: Use at most this many samples from the loader.
         seed: Seed of the channel noise.
-        device: Device for the inputs (default: that of the model's parameters); the model is not moved.
+        device: Device for the inputs (default: the model's); the model is not moved.
         progress: Show a progress bar (None: only on an interactive terminal).
-        **mi_options: Options of the estimator (see :func:`~timm_remem.analysis.mi.estimate_mi`).
-
-    Returns:
-        A :class:`TeacherInformation`.
+        **mi_options: Options of :func:`~timm_remem.analysis.mi.estimate_mi`.
 
     Example:
         >>> import timm, torch
@@ -385,8 +330,7 @@ def teacher_information(
 
 
 def _loader_normalisation(loader: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The ``(mean, std)`` a loader's images were normalised with, when its dataset says so (``mean``/``std``
-    attributes, as :class:`timm_remem.data.DigitsDataset` has, or a ``Normalize`` in its transform)."""
+    """The ``(mean, std)`` of a loader's images, from its dataset's ``mean``/``std`` or ``Normalize`` transform."""
     ds = getattr(loader, "dataset", None)
     if ds is None:
         return None
@@ -413,26 +357,18 @@ def information_plane(
     data_std: tuple[float, ...] | list[float] | None = None,
     **kwargs: Any,
 ) -> list[TeacherInformation]:
-    """One :func:`teacher_information` point per checkpoint: the (teacher error, MI) information plane.
+    """One :func:`teacher_information` point (``name`` set) per checkpoint: the (teacher error, MI) plane.
 
-    Each checkpoint sees the loader's images re-normalised to its own mean/std (from its pretrained config, as
-    :class:`timm_remem.distill.Teacher` does), so checkpoints that expect different normalisations are measured on
-    the same images. The loader's normalisation is ``data_mean``/``data_std`` when given, else read from its
-    dataset (``mean``/``std`` attributes or a ``Normalize`` transform); when it is unknown, the checkpoints must
-    agree on one normalisation (the loader is taken to use it), otherwise the call is refused.
+    Each checkpoint sees the loader's images re-normalised to its own mean/std (its pretrained config). The loader's
+    normalisation is ``data_mean``/``data_std`` when given, else read from its dataset; when it is unknown, the
+    checkpoints must agree on one (the loader is taken to use it).
 
     Args:
         checkpoints: A list of models and/or checkpoint folders (written by ``timm_remem.save_pretrained``), a dict
             ``name -> model or folder``, or one folder holding checkpoint folders (taken in natural name order).
-        loader: Iterable of ``(images, labels)`` batches (labels are needed for the error axis).
-        progress: Show progress bars (None: only on an interactive terminal).
-        data_mean: Per-channel mean the loader's images were normalised with.
-        data_std: Per-channel std the loader's images were normalised with.
-        **kwargs: Passed to :func:`teacher_information` (``features``, ``method``, ``noise``, ...).
-
-    Returns:
-        One :class:`TeacherInformation` per checkpoint, in the given order, with ``name`` set. Plot it with
-        :func:`timm_remem.analysis.plots.plot_information_plane`.
+        loader: ``(images, labels)`` batches (labels are needed for the error axis).
+        data_mean: Per-channel mean the loader's images were normalised with (``data_std`` likewise).
+        **kwargs: Passed to :func:`teacher_information`.
 
     Raises:
         ConfigError: Checkpoints that expect different normalisations while the loader's is unknown, or only one
@@ -493,27 +429,14 @@ def rank_checkpoints(
     progress: bool | None = None,
     **kwargs: Any,
 ) -> list[CheckpointScore]:
-    """Order teacher checkpoints by an MI-based score, to pick which to distill without distilling from each.
-
-    Scores (ours; the paper states that student quality depends on both the teacher error and ``I(X; F_T)`` but
-    gives no formula):
-
-    - ``"combined"`` (default): ``z(accuracy) + mi_weight * z(I(X; T))``, with ``z`` the z-score across the given
-      checkpoints (standard deviation 0 gives 0). It favours the checkpoints on the upper-right of the
-      (accuracy, MI) plane, ReMem's Pareto front, rather than the most accurate or the most informative alone.
-    - ``"mi"``: ``I(X; T)`` alone. ``"conditional_mi"``: ``I(X; T | Y)``. ``"accuracy"``: accuracy alone (the
-      usual baseline).
+    """Order teacher checkpoints by an MI-based score (ours), best first; ties keep the given order.
 
     Args:
         checkpoints: As in :func:`information_plane`.
-        loader: Iterable of ``(images, labels)`` batches (held-out data).
-        score: One of ``"combined"``, ``"mi"``, ``"conditional_mi"``, ``"accuracy"``.
-        mi_weight: Weight of the MI term in ``"combined"``.
-        progress: Show progress bars (None: only on an interactive terminal).
+        loader: ``(images, labels)`` batches of held-out data.
+        score: ``"combined"``: ``z(accuracy) + mi_weight * z(I(X; T))``, z-scores across the checkpoints (ReMem's
+            Pareto front); ``"mi"``: ``I(X; T)``; ``"conditional_mi"``: ``I(X; T | Y)``; ``"accuracy"``.
         **kwargs: Passed to :func:`teacher_information`.
-
-    Returns:
-        :class:`CheckpointScore` entries, best first (higher score is better; ties keep the given order).
 
     Example:
         >>> import timm, torch
@@ -530,17 +453,14 @@ def rank_checkpoints(
     needs_labels = score in ("combined", "conditional_mi", "accuracy")
     if needs_labels and any(p.accuracy is None for p in points):
         raise ConfigError(f"score={score!r} needs labels; make the loader yield (images, labels) or use score='mi'.")
-    mi = [p.i_xf for p in points]
+    comps: list[dict[str, float]] = [{} for _ in points]
     if score == "combined":
-        za, zm = _zscores([p.accuracy for p in points]), _zscores(mi)
+        za, zm = _zscores([p.accuracy for p in points]), _zscores([p.i_xf for p in points])
         values = [a + mi_weight * m for a, m in zip(za, zm, strict=True)]
         comps = [{"z_accuracy": a, "z_mi": m} for a, m in zip(za, zm, strict=True)]
-    elif score == "mi":
-        values, comps = mi, [{} for _ in points]
-    elif score == "conditional_mi":
-        values, comps = [p.i_xf_given_y for p in points], [{} for _ in points]
     else:
-        values, comps = [p.accuracy for p in points], [{} for _ in points]
+        key = {"mi": "i_xf", "conditional_mi": "i_xf_given_y", "accuracy": "accuracy"}[score]
+        values = [getattr(p, key) for p in points]
     order = sorted(range(len(points)), key=lambda i: -values[i])
     return [
         CheckpointScore(name=points[i].name or f"checkpoint_{i}", score=float(values[i]), rank=r + 1,

@@ -1,15 +1,14 @@
-"""Matplotlib figures for the analysis results.
+"""Matplotlib figures for the analysis results, built with the Figure API (no pyplot, no global backend change).
 
-Every function builds a ``matplotlib.figure.Figure`` directly (no pyplot, no global backend change, so it works
-headless and inside notebooks alike), saves it as PNG when ``path`` is given, and returns it. matplotlib is
-imported only when a plot is made (``pip install timm-remem[demo]``).
+``plot_*`` functions save the figure as PNG at ``path`` (when given); matplotlib is imported only when a plot is
+made (``pip install timm-remem[demo]``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,22 +44,20 @@ def _figure(ncols: int = 1, width: float = 5.0, height: float = 4.0) -> tuple[An
     return fig, axes
 
 
-def _figure_or_none(**kwargs: Any) -> Any:
-    """A bare ``Figure``, or ``None`` (with a warning naming the extra) when matplotlib is missing."""
+def _save_png(build: Callable[[], Any], path: str | os.PathLike) -> Path | None:
+    """``build()``'s figure saved at ``path``, or ``None`` (with a warning naming the extra) without matplotlib."""
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
         _log.warning(_MISSING)
         return None
-    return Figure(**kwargs)
+    _save(build(), path)
+    return Path(path)
 
 
-def _integer_colorbar(fig: Any, mappable: Any, ax: Any, n: int, label: str) -> Any:
-    """A colour bar over ``n`` ordered items with integer ticks only (item 0 .. n-1, at most ~10 ticks)."""
-    step = max(1, -(-n // 10))
-    bar = fig.colorbar(mappable, ax=ax, label=label)
-    bar.set_ticks(list(range(0, n, step)))
-    return bar
+def _integer_colorbar(fig: Any, mappable: Any, ax: Any, n: int, label: str) -> None:
+    """A colour bar over ``n`` ordered items with integer ticks only (at most ~10)."""
+    fig.colorbar(mappable, ax=ax, label=label).set_ticks(list(range(0, n, max(1, -(-n // 10)))))
 
 
 def _save(fig: Any, path: str | os.PathLike | None) -> Any:
@@ -78,12 +75,7 @@ def plot_information_plane(
     Args:
         points: :class:`~timm_remem.analysis.information.TeacherInformation` items (or dicts with the same keys),
             e.g. from :func:`~timm_remem.analysis.information.information_plane`.
-        path: Save the figure here as PNG.
         mi: Which quantity on the y axis: ``"i_xf"``, ``"i_fy"`` or ``"i_xf_given_y"``.
-        title: Figure title.
-
-    Returns:
-        The matplotlib ``Figure``.
 
     Example:
         >>> from timm_remem.analysis.information import TeacherInformation
@@ -115,15 +107,8 @@ def plot_information_plane(
 
 
 def plot_layer_dynamics(dynamics: Any, path: str | os.PathLike | None = None, *, title: str | None = None) -> Any:
-    """The U over depth: token entropy, frequency intensity and activation magnitude per block, plus the spectrum.
-
-    Args:
-        dynamics: A :class:`~timm_remem.analysis.dynamics.LayerDynamics` (or its ``to_dict()``).
-        path: Save the figure here as PNG.
-        title: Figure title.
-
-    Returns:
-        The matplotlib ``Figure``.
+    """Token entropy, frequency intensity and activation magnitude per block, plus the spectrum, of a
+    :class:`~timm_remem.analysis.dynamics.LayerDynamics` (or its ``to_dict()``).
 
     Example:
         >>> import timm, torch
@@ -151,29 +136,21 @@ def plot_layer_dynamics(dynamics: Any, path: str | os.PathLike | None = None, *,
         im = ax.imshow(np.log10(img[:, :half] + 1e-12), aspect="auto", origin="lower", cmap="magma",
                        extent=(0, half - 1, layers[0] - 0.5, layers[-1] + 0.5))
         fig.colorbar(im, ax=ax, label="log10 amplitude")
-        ax.set_xlabel("channel frequency")
         ax.set_ylabel("block")
     else:
         for layer, s in zip(layers, spectra, strict=True):
             ax.plot(s[: len(s) // 2 + 1], label=str(layer), lw=0.8)
         ax.set_yscale("log")
-        ax.set_xlabel("channel frequency")
         ax.legend(fontsize=6, title="block")
+    ax.set_xlabel("channel frequency")
     ax.set_title("channel spectrum", fontsize=10)
     fig.suptitle(title or f"Layer dynamics (entropy range: {d.get('entropy_range', 'global')})")
     return _save(fig, path)
 
 
 def plot_pruning(result: Any, path: str | os.PathLike | None = None, *, title: str | None = None) -> Any:
-    """Accuracy and ``I(X; F_T)`` against the number of pruned top blocks, MLP versus attention.
-
-    Args:
-        result: A :class:`~timm_remem.analysis.pruning.PruningResult` (or its ``to_dict()``).
-        path: Save the figure here as PNG.
-        title: Figure title.
-
-    Returns:
-        The matplotlib ``Figure``.
+    """Accuracy and ``I(X; F_T)`` against the number of pruned top blocks, MLP versus attention, of a
+    :class:`~timm_remem.analysis.pruning.PruningResult` (or its ``to_dict()``).
 
     Example:
         >>> rows = [{"kind": "mlp", "k": 0, "accuracy": 0.9, "i_xf": 2.0}, {"kind": "mlp", "k": 1, "accuracy": 0.8,
@@ -207,15 +184,8 @@ def plot_pruning(result: Any, path: str | os.PathLike | None = None, *, title: s
 
 
 def plot_expertness(blocks: Sequence[Any], path: str | os.PathLike | None = None, *, title: str | None = None) -> Any:
-    """Per-block expertness: edge density, neuron/input Gini, mean class selectivity and dead neurons.
-
-    Args:
-        blocks: :class:`~timm_remem.analysis.expertness.BlockExpertness` items (or their ``summary()`` dicts).
-        path: Save the figure here as PNG.
-        title: Figure title.
-
-    Returns:
-        The matplotlib ``Figure``.
+    """Edge density, neuron/input Gini, mean class selectivity and dead neurons per block of
+    :class:`~timm_remem.analysis.expertness.BlockExpertness` items (or their ``summary()`` dicts).
 
     Example:
         >>> import torch
@@ -243,7 +213,7 @@ def plot_expertness(blocks: Sequence[Any], path: str | os.PathLike | None = None
 
 
 def _text_block(fig: Any, lines: Sequence[str | None]) -> None:
-    """Caveat and settings printed on the figure itself (below the panels), wrapped to the figure's width."""
+    """Caveat and settings printed below the panels, wrapped to the figure's width."""
     import textwrap
 
     width = max(60, int(fig.get_figwidth() * 15))
@@ -253,15 +223,10 @@ def _text_block(fig: Any, lines: Sequence[str | None]) -> None:
 
 
 def select_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
-    """Student and teacher accuracy per teacher checkpoint, the best one starred (``timm-remem select``'s figure).
-
-    The accuracy axis starts at 0, so a small difference looks small.
+    """Student and teacher accuracy (axis from 0) per teacher checkpoint, the best starred: ``timm-remem select``'s.
 
     Args:
         rows: One mapping per checkpoint with ``checkpoint``, ``student_acc`` and ``teacher_acc``.
-
-    Returns:
-        The matplotlib ``Figure``.
 
     Example:
         >>> fig = select_figure([{"checkpoint": "epoch-1", "student_acc": 0.5, "teacher_acc": 0.6}])
@@ -287,10 +252,7 @@ def select_figure(rows: Sequence[Mapping[str, Any]]) -> Any:
 
 
 def plot_select(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path | None:
-    """:func:`select_figure` saved as PNG at ``path``.
-
-    Returns:
-        ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
+    """:func:`select_figure` saved as PNG at ``path``; ``None`` (and a warning) when matplotlib is missing.
 
     Example:
         >>> import os, tempfile
@@ -300,10 +262,7 @@ def plot_select(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> P
         >>> out is None or os.path.isfile(out)
         True
     """
-    if _figure_or_none() is None:
-        return None
-    _save(select_figure(rows), path)
-    return Path(path)
+    return _save_png(lambda: select_figure(rows), path)
 
 
 def demo_figure(rows: Sequence[Mapping[str, Any]], *, caveat: str | None = None, settings: str | None = None) -> Any:
@@ -311,13 +270,8 @@ def demo_figure(rows: Sequence[Mapping[str, Any]], *, caveat: str | None = None,
 
     Args:
         rows: One mapping per stage with ``stage``, ``teacher_acc``, ``student_acc`` (``None`` for a teacher stage)
-            and ``time_s``; optional ``student_acc_low``/``_high`` (or ``teacher_acc_low``/``_high``) give the
-            interval drawn as an error bar.
-        caveat: Printed on the figure.
-        settings: The run's settings, printed on the figure.
-
-    Returns:
-        The matplotlib ``Figure``.
+            and ``time_s``; optional ``student_acc_low``/``_high`` (or ``teacher_acc_low``/``_high``).
+        caveat: Printed on the figure, as ``settings``.
 
     Example:
         >>> fig = demo_figure([{"stage": "teacher: plain", "teacher_acc": 0.9, "student_acc": None, "time_s": 2.0}],
@@ -354,10 +308,7 @@ def demo_figure(rows: Sequence[Mapping[str, Any]], *, caveat: str | None = None,
 
 def plot_demo(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, caveat: str | None = None,
               settings: str | None = None) -> Path | None:
-    """:func:`demo_figure` saved as PNG at ``path``.
-
-    Returns:
-        ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
+    """:func:`demo_figure` saved as PNG at ``path``; ``None`` (and a warning) when matplotlib is missing.
 
     Example:
         >>> import os, tempfile
@@ -367,10 +318,7 @@ def plot_demo(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, cav
         >>> out is None or os.path.isfile(out)
         True
     """
-    if _figure_or_none() is None:
-        return None
-    _save(demo_figure(rows, caveat=caveat, settings=settings), path)
-    return Path(path)
+    return _save_png(lambda: demo_figure(rows, caveat=caveat, settings=settings), path)
 
 
 def _err(entry: Mapping[str, Any] | None) -> tuple[float, float] | None:
@@ -382,19 +330,14 @@ def _err(entry: Mapping[str, Any] | None) -> tuple[float, float] | None:
 
 def study_figure(arms: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], *,
                  caveat: str | None = None, settings: str | None = None) -> Any:
-    """A study's three panels: accuracy per arm (bars from 0, interval error bars, seeds as dots); the paired
-    student-accuracy difference against ``plain`` (interval error bars, a line at 0); ``I(X; F_T)`` against teacher
-    accuracy per arm (the information plane of the arms, error bars in both directions).
+    """A study's panels: accuracy per arm (seeds as dots), the paired student difference against ``plain``, and
+    ``I(X; F_T)`` against teacher accuracy, all with interval error bars.
 
     Args:
         arms: The ``arms`` of a :class:`~timm_remem.study.StudyResult` (interval dicts with ``mean`` and
             ``half_width``).
         runs: Its per-seed ``runs``.
-        caveat: Printed on the figure.
-        settings: The study's settings, printed on the figure.
-
-    Returns:
-        The matplotlib ``Figure``.
+        caveat: Printed on the figure, as ``settings``.
 
     Example:
         >>> iv = {"mean": 0.9, "half_width": 0.02}
@@ -452,10 +395,7 @@ def study_figure(arms: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, 
 
 def plot_study(arms: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                caveat: str | None = None, settings: str | None = None) -> Path | None:
-    """:func:`study_figure` saved as PNG at ``path``.
-
-    Returns:
-        ``path``, or ``None`` (and a warning naming ``pip install timm-remem[demo]``) when matplotlib is missing.
+    """:func:`study_figure` saved as PNG at ``path``; ``None`` (and a warning) when matplotlib is missing.
 
     Example:
         >>> import os, tempfile
@@ -465,7 +405,4 @@ def plot_study(arms: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, An
         >>> out is None or os.path.isfile(out)
         True
     """
-    if _figure_or_none() is None:
-        return None
-    _save(study_figure(arms, runs, caveat=caveat, settings=settings), path)
-    return Path(path)
+    return _save_png(lambda: study_figure(arms, runs, caveat=caveat, settings=settings), path)

@@ -1,15 +1,8 @@
-"""Top-down pruning diagnostic: remove the top-k MLP branches versus the top-k attention branches.
+"""Top-down pruning diagnostic (ReMem): zero the top-k MLP branches versus the top-k attention branches of a timm
+vision transformer and measure accuracy and :func:`~timm_remem.analysis.information.teacher_information` per k.
 
-ReMem reports that pruning MLP blocks from the top raises ``I(X; F_T)`` sharply before accuracy drops, while
-pruning attention blocks trades the two almost linearly. :func:`pruning_diagnostic` reproduces that experiment on
-any timm vision transformer: for ``k = 0..L`` it zeroes the residual contribution of the ``k`` top blocks' MLP (or
-attention) branches, then measures accuracy and the information quantities of
-:func:`~timm_remem.analysis.information.teacher_information` on the same data.
-
-Branches come from :func:`~timm_remem.reweighting.find_branches` (so post-norm blocks are cut after their norm,
-where the branch enters the residual add). A branch is removed with a forward hook that replaces its module's output
-by zeros (for a fused attention+MLP projection, a pre-hook that zeroes the MLP's input columns); every hook is
-removed afterwards, so the model is left exactly as it was.
+Branches are removed by hooks (from :func:`~timm_remem.reweighting.find_branches`) that are taken off afterwards, so
+the model is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -38,9 +31,8 @@ class PruningResult:
     Attributes:
         num_blocks: ``L``, the number of blocks with branches of every measured kind.
         rows: One entry per (kind, k): ``{"kind", "k", "blocks", "accuracy", "error", "i_xf", "i_fy",
-            "i_xf_given_y"}``; ``blocks`` lists the pruned block indices. ``k = 0`` (the unpruned model) is measured
-            once and reported under every kind.
-        infos: The full :class:`TeacherInformation` per row, same order.
+            "i_xf_given_y"}``, ``blocks`` the pruned block indices; ``k = 0`` is measured once, reported per kind.
+        infos: The full :class:`TeacherInformation` per row.
     """
 
     num_blocks: int
@@ -79,7 +71,7 @@ def _zero_columns(columns: tuple[int, int]):
 
 @contextlib.contextmanager
 def zero_branches(branches: Sequence[Any]) -> Iterator[None]:
-    """Context manager: zero the residual contribution of the given branches (``find_branches``).
+    """Context manager: zero the residual contribution of the given branches (from ``find_branches``).
 
     Example:
         >>> import timm, torch, timm_remem
@@ -94,13 +86,11 @@ def zero_branches(branches: Sequence[Any]) -> Iterator[None]:
     try:
         seen: set[int] = set()
         for b in branches:
-            if id(b.module) in seen and getattr(b, "columns", None) is None:
-                continue
-            seen.add(id(b.module))
             if getattr(b, "columns", None) is not None:
                 handles.append(b.module.register_forward_pre_hook(_zero_columns(tuple(b.columns))))
-            else:
+            elif id(b.module) not in seen:
                 handles.append(b.module.register_forward_hook(_zero_output))
+            seen.add(id(b.module))
         yield
     finally:
         for h in handles:
@@ -119,17 +109,11 @@ def pruning_diagnostic(
     """Zero the top-k MLP branches versus the top-k attention branches and measure accuracy and MI for each k.
 
     Args:
-        model: A timm vision transformer (reweighted models work too).
-        loader: Iterable of ``(images, labels)`` batches; it is read once per (kind, k), so keep it small and
-            deterministic (no random augmentation, no shuffling).
+        loader: ``(images, labels)`` batches, read once per (kind, k): keep it small and deterministic.
         kinds: Branch kinds to prune, from ``("mlp", "attn")``.
         ks: Numbers of top blocks to prune (default ``0..L``).
         progress: Show progress bars (None: only on an interactive terminal).
-        **kwargs: Passed to :func:`~timm_remem.analysis.information.teacher_information` (``features``, ``method``,
-            ``noise``, ``max_samples``, ...). The channel noise uses the same seed for every k.
-
-    Returns:
-        A :class:`PruningResult`.
+        **kwargs: Passed to :func:`~timm_remem.analysis.information.teacher_information` (same noise seed for every k).
 
     Raises:
         UnsupportedModelError: The model has no MLP (or attention) branches.
@@ -150,9 +134,7 @@ def pruning_diagnostic(
     found = {kind: find_branches(model, kind) for kind in kinds}
     levels = {kind: sorted({b.index for b in branches}) for kind, branches in found.items()}
     num_blocks = min(len(v) for v in levels.values())
-    if ks is None:
-        ks = list(range(num_blocks + 1))
-    ks = list(ks)
+    ks = list(range(num_blocks + 1)) if ks is None else list(ks)
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_blocks:
             raise ConfigError(f"each k must be an int in 0..{num_blocks} (the number of blocks), got {k!r}.")

@@ -1,27 +1,8 @@
-"""Sharpness of a model's loss at its current weights: SAM's own objective and the Hessian's top eigenvalue.
+"""Sharpness of a model's loss at its current weights, SAM's own objective and the Hessian's top eigenvalue: a
+manipulation check for SAM ("did SAM training flatten the teacher?"). Definitions: docs/analysis.md, "Sharpness".
 
-A manipulation check for SAM ("did SAM training flatten the teacher?"): measure a teacher fine-tuned with SAM and one
-fine-tuned without it on the same held-out batches, and compare.
-
-- **SAM increase** (:func:`sam_sharpness`): for each batch ``b``, with ``g_b`` the gradient of its loss ``L_b`` at the
-  weights ``w``, the increase of the loss along SAM's ascent step, ``L_b(w + rho g_b / ||g_b||) - L_b(w)``. The
-  perturbation is computed per batch, as SAM does at each step (m-sharpness with m the batch size), and the increases
-  are averaged over batches (each batch counts once). A batch whose gradient is exactly zero has no ascent direction:
-  its increase is 0.
-- **Top Hessian eigenvalue** (:func:`hessian_top_eigenvalue`): the eigenvalue of largest magnitude of the Hessian of
-  the mean loss over all samples (each batch's mean loss weighted by its sample count), by power iteration on
-  Hessian-vector products computed with :mod:`torch.func` (forward-over-reverse).
-- :func:`measure_sharpness` runs both and returns a :class:`Sharpness`.
-
-Everything is measured with respect to the parameters that require grad (a reweighted model's factors are buffers,
-so only its ordinary weights count), in eval mode (dropout off, BatchNorm on its running statistics). Nothing is
-written to the model: the perturbed and differentiated weights are separate tensors swapped in by
-``torch.func.functional_call``, gradients come from ``torch.autograd.grad`` (never ``backward``), and each function
-restores, even when a forward raises, every module's ``training`` flag, every parameter's ``.grad`` (``None``
-included) and ``requires_grad``. The forward passes run in the model's dtype on the device of its parameters (each
-batch is moved there, floating inputs and labels cast); losses and sample counts are summed in float64 on the host,
-vector sums (Hessian-vector products over batches, norms) in float64 on the model's device (on the host for MPS,
-which has no float64).
+Everything is measured with respect to the parameters that require grad, in eval mode, and nothing is written to the
+model: every module's ``training`` flag, every parameter's ``.grad`` and ``requires_grad`` are restored.
 
 Example:
     >>> import torch
@@ -65,9 +46,8 @@ class SAMSharpness(NamedTuple):
 
     Attributes:
         increase: Mean over batches of ``L_b(w + rho g_b / ||g_b||) - L_b(w)``.
-        per_batch: The increase of each batch, in the order the batches came.
-        loss: Mean loss at ``w`` over all samples (each batch's loss weighted by its sample count).
-        num_samples: Number of samples in all batches.
+        per_batch: The increase of each batch, in order.
+        loss: Mean loss at ``w`` over all samples.
     """
 
     increase: float
@@ -80,8 +60,8 @@ class TopEigenvalue(NamedTuple):
     """What :func:`hessian_top_eigenvalue` returns.
 
     Attributes:
-        value: The Hessian's eigenvalue of largest magnitude (its sign kept), as estimated at the last iteration.
-        iterations: Hessian-vector products computed over all batches (power iterations run).
+        value: The Hessian's eigenvalue of largest magnitude (sign kept), as estimated at the last iteration.
+        iterations: Power iterations run.
         converged: Whether the relative change of the estimate fell below ``tol`` within ``iters`` iterations.
     """
 
@@ -95,15 +75,10 @@ class Sharpness:
     """Sharpness of a model on some batches (:func:`measure_sharpness`).
 
     Attributes:
-        sam_increase: Mean over batches of SAM's loss increase ``L_b(w + rho g_b / ||g_b||) - L_b(w)``.
-        sam_increase_per_batch: The increase of each batch.
+        sam_increase: :attr:`SAMSharpness.increase` (``sam_increase_per_batch`` its ``per_batch``).
         loss: Mean loss at the current weights over all samples.
-        top_eigenvalue: The Hessian's eigenvalue of largest magnitude, or ``None`` when not asked (``eigen=False``).
-        eigen_iterations: Power iterations run, or ``None``.
-        eigen_converged: Whether the power iteration converged within its budget, or ``None``.
-        rho: SAM's radius used.
-        num_batches: Number of batches.
-        num_samples: Number of samples in all batches.
+        top_eigenvalue: :attr:`TopEigenvalue.value`, or ``None`` with ``eigen=False`` (as ``eigen_iterations`` and
+            ``eigen_converged``).
     """
 
     sam_increase: float
@@ -117,25 +92,18 @@ class Sharpness:
     num_samples: int
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary with sorted keys (the per-batch increases as a list).
+        """JSON-ready dictionary with sorted keys.
 
         Example:
             >>> s = Sharpness(0.1, (0.1,), 1.0, None, None, None, 0.05, 1, 8)
             >>> s.to_dict()["sam_increase_per_batch"], s.to_dict()["top_eigenvalue"]
             ([0.1], None)
         """
-        data = dataclass_to_dict(self)
-        data["sam_increase_per_batch"] = list(self.sam_increase_per_batch)
-        return data
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plumbing: arguments, batches, the model's state
-# ---------------------------------------------------------------------------------------------------------------
+        return dataclass_to_dict(self) | {"sam_increase_per_batch": list(self.sam_increase_per_batch)}
 
 
 def _check_model(model: Any) -> list[tuple[str, nn.Parameter]]:
-    """The trainable named parameters of ``model`` (shared parameters once)."""
+    """The trainable named parameters of ``model``."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -161,6 +129,13 @@ def _check_loss_fn(loss_fn: Any) -> LossFn:
 
 def _check_rho(rho: Any) -> float:
     return check_float("rho", rho, low=0, low_open=True, hint="SAM's radius is a positive number such as 0.05")
+
+
+def _check_power(iters: Any, tol: Any, seed: Any) -> tuple[int, float, int]:
+    """The power iteration's ``(iters, tol, seed)``, checked."""
+    return (check_int("iters", iters, low=1, hint="the number of power iterations, e.g. 100"),
+            check_float("tol", tol, low=0, low_open=True, hint="a relative tolerance such as 1e-3"),
+            check_int("seed", seed, low=0, hint="any non-negative integer"))
 
 
 def _reiterable(batches: Any) -> Iterable[Any]:
@@ -247,11 +222,6 @@ def _norm64(tensors: Iterable[torch.Tensor], device: torch.device) -> float:
     return math.sqrt(float(total))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# SAM's loss increase
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _sam_pass(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, rho: float) -> SAMSharpness:
     named = _check_model(model)
     names, params = [n for n, _ in named], [p for _, p in named]
@@ -290,20 +260,13 @@ def sam_sharpness(
 ) -> SAMSharpness:
     """SAM's loss increase ``L_b(w + rho g_b / ||g_b||) - L_b(w)`` per batch, and its mean over batches.
 
-    ``g_b`` is the gradient of batch ``b``'s loss at the current weights ``w`` with respect to every parameter that
-    requires grad; ``||g_b||`` is its norm over all of them. The perturbation is computed for each batch, as SAM
-    does at each step, so the result depends on the batch size (m-sharpness): measure models you compare on the
-    same batches. See the module docstring for eval mode, dtypes and what is restored.
+    ``g_b`` is the gradient of batch ``b``'s loss at the current weights ``w``. The step is taken per batch, as SAM
+    does, so the result depends on the batch size: compare models on the same batches.
 
     Args:
-        model: Any ``nn.Module`` (a timm model, reweighted or not).
         batches: ``(inputs, labels)`` pairs: a list, a DataLoader, or any iterable (read once).
         loss_fn: ``loss_fn(outputs, labels)`` returning the batch mean as a scalar tensor; default cross-entropy.
         rho: SAM's radius (> 0).
-
-    Returns:
-        A :class:`SAMSharpness`: ``increase`` (mean over batches), ``per_batch``, ``loss`` (mean loss at ``w``) and
-        ``num_samples``.
 
     Raises:
         ConfigError: A bad ``rho`` or ``loss_fn``, no batches, a batch without labels or samples, a model without
@@ -324,21 +287,15 @@ def sam_sharpness(
     return _sam_pass(model, _reiterable(batches), loss_fn, rho)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The Hessian's top eigenvalue
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _hvp(
     model: nn.Module, params: _Params, vector: _Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
     mode: str = "forward",
 ) -> _Params:
-    """Hessian-vector product of ``loss_fn(model(x), y)`` at ``params`` (a dict swapped in by ``functional_call``).
+    """Hessian-vector product of ``loss_fn(model(x), y)`` at ``params``, ``jvp`` (``mode="forward"``) or ``vjp``
+    (``"reverse"``) of ``grad``.
 
-    ``mode="forward"``: forward-over-reverse, ``jvp`` of ``grad``; ``"reverse"``: reverse-over-reverse, ``vjp`` of
-    ``grad`` (the same product since the Hessian is symmetric; used only for models with an operation that has no
-    forward-mode derivative). Attention runs on SDPA's math kernel: the fused kernels (flash, memory-efficient, and
-    PyTorch's CPU flash kernel) have neither a forward-mode derivative nor a derivative of their backward.
+    Attention runs on SDPA's math kernel: the fused kernels (flash, memory-efficient, and PyTorch's CPU flash kernel)
+    have neither a forward-mode derivative nor a derivative of their backward.
     """
 
     def loss_of(p: _Params) -> torch.Tensor:
@@ -356,9 +313,8 @@ def _first_hvp(
 ) -> tuple[str, _Params]:
     """The first product, and the mode every later one uses: forward-over-reverse where ``torch.func`` can run it.
 
-    Reverse-over-reverse is the fallback, not the default, because it keeps the whole first backward graph alive.
-    It is needed where PyTorch has no forward-mode derivative of an operation in the model or the loss
-    (NotImplementedError) or a forward-mode derivative that fails (RuntimeError: ``F.mse_loss``'s backward raises
+    Reverse-over-reverse, which keeps the whole first backward graph alive, is the fallback where a forward-mode
+    derivative is missing (NotImplementedError) or fails (RuntimeError: ``F.mse_loss``'s backward raises
     "ZeroTensors are immutable" under ``jvp`` in torch 2.14). Running out of memory is not retried.
     """
     try:
@@ -378,10 +334,10 @@ def _power_iteration(
     params = {n: p.detach() for n, p in named}
     # The start: one N(0, I) draw over all parameters, on the host (the same for every device), normalised.
     gen = torch.Generator().manual_seed(seed)
-    flat = torch.randn(sum(p.numel() for p in params.values()), generator=gen, dtype=torch.float64)
+    sizes = [p.numel() for p in params.values()]
+    flat = torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
     flat /= torch.linalg.vector_norm(flat)
-    v64 = dict(zip(params, (c.view(p.shape).to(acc) for c, p in zip(
-        flat.split([p.numel() for p in params.values()]), params.values(), strict=True)), strict=True))
+    v64 = {n: c.view(p.shape).to(acc) for (n, p), c in zip(params.items(), flat.split(sizes), strict=True)}
     mode: str | None = None
     samples, estimate, prev = None, 0.0, None
     with _measuring(model):
@@ -427,29 +383,18 @@ def hessian_top_eigenvalue(
     tol: float = 1e-3,
     seed: int = 0,
 ) -> TopEigenvalue:
-    """The eigenvalue of largest magnitude of the loss's Hessian at the current weights, by power iteration.
+    """The eigenvalue of largest magnitude of the Hessian of the mean loss over all samples, by power iteration.
 
-    The loss is the mean over all samples of the batches (each batch's mean loss weighted by its sample count), the
-    Hessian is taken with respect to every parameter that requires grad. Each iteration computes ``H v`` as the
-    weighted mean of the batches' Hessian-vector products (:mod:`torch.func`: ``functional_call``, ``jvp`` over
-    ``grad``), takes the Rayleigh quotient ``v^T H v`` as the estimate and ``H v / ||H v||`` as the next ``v``. The
-    start is a normalised N(0, I) draw from a ``torch.Generator`` seeded with ``seed``. It stops when the estimate
-    changes by less than ``tol`` relative to itself (so after at least 2 iterations) or after ``iters``.
-
-    The batches are read once per iteration: a list or a DataLoader is read again each time (keep it deterministic,
-    without random augmentation); a one-shot iterator (a generator) is first collected into a list.
+    Each iteration takes the Rayleigh quotient ``v^T H v`` as the estimate and ``H v / ||H v||`` as the next ``v``,
+    from a normalised N(0, I) start seeded with ``seed``.
 
     Args:
-        model: Any ``nn.Module`` whose forward ``torch.func`` can differentiate twice (timm models can; attention
-            runs on SDPA's math kernel here).
-        batches: ``(inputs, labels)`` pairs.
+        model: Any ``nn.Module`` whose forward ``torch.func`` can differentiate twice (timm models can).
+        batches: ``(inputs, labels)`` pairs, read once per iteration: a list or a deterministic DataLoader (a
+            one-shot iterator is collected into a list first).
         loss_fn: ``loss_fn(outputs, labels)`` returning the batch mean as a scalar tensor; default cross-entropy.
-        iters: Most power iterations (each one forward-over-reverse pass per batch), at least 1.
+        iters: Most power iterations, at least 1.
         tol: Relative change of the estimate below which it has converged (> 0).
-        seed: Seed of the random start.
-
-    Returns:
-        A :class:`TopEigenvalue`: ``value``, ``iterations`` and ``converged``.
 
     Raises:
         ConfigError: A bad ``iters``, ``tol``, ``seed`` or ``loss_fn``, no batches, a batch without labels or
@@ -465,16 +410,9 @@ def hessian_top_eigenvalue(
         >>> round(top.value, 3), top.converged  # Hessian 2 X^T X / n = diag(1, 4)
         (4.0, True)
     """
-    iters = check_int("iters", iters, low=1, hint="the number of power iterations, e.g. 100")
-    tol = check_float("tol", tol, low=0, low_open=True, hint="a relative tolerance such as 1e-3")
-    seed = check_int("seed", seed, low=0, hint="any non-negative integer")
+    iters, tol, seed = _check_power(iters, tol, seed)
     loss_fn = _check_loss_fn(loss_fn)
     return _power_iteration(model, _reiterable(batches), loss_fn, iters, tol, seed)[0]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Both
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def measure_sharpness(
@@ -488,24 +426,14 @@ def measure_sharpness(
     tol: float = 1e-3,
     seed: int = 0,
 ) -> Sharpness:
-    """SAM's loss increase and (``eigen=True``) the Hessian's top eigenvalue of a model on the same batches.
+    """:func:`sam_sharpness` and (``eigen=True``) :func:`hessian_top_eigenvalue` on the same batches.
 
-    Runs :func:`sam_sharpness` then :func:`hessian_top_eigenvalue` (see them for the definitions); a one-shot
-    iterator of batches is collected into a list first, so both see the same data. All arguments are checked before
-    anything runs.
+    A one-shot iterator of batches is collected into a list first; all arguments are checked before anything runs.
 
     Args:
-        model: Any ``nn.Module`` (a timm model, reweighted or not).
-        batches: ``(inputs, labels)`` pairs: a list, a deterministic DataLoader, or an iterator.
-        loss_fn: ``loss_fn(outputs, labels)`` returning the batch mean as a scalar tensor; default cross-entropy.
         rho: SAM's radius (> 0); use the ``rho`` the teacher was (or would be) trained with.
-        eigen: Also estimate the top Hessian eigenvalue (one forward-over-reverse pass per batch and iteration).
-        iters: Most power iterations.
-        tol: Relative tolerance of the power iteration.
-        seed: Seed of the power iteration's random start.
-
-    Returns:
-        A :class:`Sharpness`.
+        eigen: Also estimate the top Hessian eigenvalue.
+        iters: Most power iterations (``tol`` and ``seed``: as :func:`hessian_top_eigenvalue`).
 
     Raises:
         ConfigError: As :func:`sam_sharpness` and :func:`hessian_top_eigenvalue`, or ``eigen`` not a bool.
@@ -521,9 +449,7 @@ def measure_sharpness(
     """
     rho = _check_rho(rho)
     eigen = check_bool("eigen", eigen, hint="eigen=False skips the Hessian's top eigenvalue")
-    iters = check_int("iters", iters, low=1, hint="the number of power iterations, e.g. 100")
-    tol = check_float("tol", tol, low=0, low_open=True, hint="a relative tolerance such as 1e-3")
-    seed = check_int("seed", seed, low=0, hint="any non-negative integer")
+    iters, tol, seed = _check_power(iters, tol, seed)
     loss_fn = _check_loss_fn(loss_fn)
     _check_model(model)
     batches = _reiterable(batches)

@@ -1,14 +1,5 @@
 """What every MI estimator shares: the method table, input checks, option resolution, subsampling, and the CPU
 worker pool behind the estimators' parallel loops.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.analysis.mi._common import _as_samples, _resolve_options
-    >>> x, discrete = _as_samples(torch.tensor([0, 1, 1]), "a")
-    >>> x.dtype, discrete
-    (torch.int64, True)
-    >>> _resolve_options("gaussian", {})
-    {'ridge': 1e-06}
 """
 
 from __future__ import annotations
@@ -44,9 +35,6 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "renyi": {"alpha": 2.0, "sigma": "median", "max_samples": "auto", "seed": 0, "standardize": True,
               "chunk_size": None},
 }
-
-
-# ----------------------------------------------------------------------------------------------------- inputs
 
 
 def _as_samples(x: Any, name: str, allow_empty: bool = False) -> tuple[torch.Tensor, bool]:
@@ -110,15 +98,8 @@ def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     allowed = _OPTIONS[method]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"unexpected option(s) {unknown} for method={method!r}; it accepts {sorted(allowed)}."
-        )
-    out = dict(allowed)
-    out.update(options)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------- sampling
+        raise ConfigError(f"unexpected option(s) {unknown} for method={method!r}; it accepts {sorted(allowed)}.")
+    return {**allowed, **options}
 
 
 def _check_max_samples(value: Any) -> int:
@@ -126,10 +107,9 @@ def _check_max_samples(value: Any) -> int:
 
 
 def _auto_max_samples(method: str, dims: int, alpha: float = 2.0) -> int:
-    """The sample count behind ``max_samples="auto"`` (one rule for the one-shot and the streaming estimators).
+    """The sample count behind ``max_samples="auto"``, one-shot and streaming.
 
-    ``dims``: for ``ksg`` the continuous columns of both sides (labels count 0); for ``renyi`` every column, a
-    label side counting 1.
+    ``dims``: for ``ksg`` the continuous columns (labels count 0); for ``renyi`` every column, a label side counting 1.
     """
     if method == "ksg":
         return int(math.sqrt(_KSG_BUDGET / (dims + 8)))
@@ -171,20 +151,15 @@ def _chunk_rows(n: int, chunk_size: Any) -> int:
     return check_int("chunk_size", chunk_size, low=1, hint="or None (automatic)")
 
 
-# ----------------------------------------------------------------------------------------------------- CPU workers
-
-
 _WORKERS: ContextVar[int | None] = ContextVar("_timm_remem_mi_workers", default=None)
 
 
 @contextmanager
 def _cpu_workers() -> Iterator[int]:
-    """Single-threaded torch ops inside the block; yields how many worker threads to use instead.
+    """Single-threaded torch ops inside the block; yields how many worker threads (``torch.get_num_threads()``) to use.
 
-    The worker count is the caller's ``torch.get_num_threads()``, restored on exit. Reason: the estimators run
-    many small ops, and each intra-op-parallel op ends in a thread barrier; on a shared, oversubscribed machine
-    those barriers made the k-NN loop and ``eigvalsh`` 10-20x slower than one thread, whereas independent worker
-    threads (torch releases the GIL inside ops) never wait for each other.
+    Why: each intra-op-parallel op ends in a thread barrier, and on a shared, oversubscribed machine those barriers
+    made the estimators' many small ops 10-20x slower than one thread; worker threads never wait for each other.
     """
     current = _WORKERS.get()
     if current is not None:  # already inside an estimator call

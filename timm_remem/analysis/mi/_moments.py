@@ -1,14 +1,5 @@
-"""Exact running moments (mean, centred scatter, per-class sums) and the Gaussian (log-determinant) MI computed
-from them: the one-shot ``gaussian`` estimator and the streaming class both go through here, so streaming is exact.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.analysis.mi._moments import _Moments
-    >>> mom = _Moments()
-    >>> mom.update(torch.tensor([[1.0], [3.0]]))
-    >>> mom.update(torch.tensor([[5.0]]))
-    >>> mom.n, mom.mean.tolist(), mom.scatter.tolist()  # of [1, 3, 5]
-    (3, [3.0], [[8.0]])
+"""Exact running moments and the Gaussian (log-determinant) MI computed from them: the one-shot ``gaussian``
+estimator and the streaming class both go through here, so streaming is exact.
 """
 
 from __future__ import annotations
@@ -99,12 +90,8 @@ def _gaussian_from_moments(mom: _Moments, d_a: int | None, ridge: float) -> floa
     return float(0.5 * (_logdet_spd(total_c) - _logdet_spd(within_c)))
 
 
-def _gaussian_min_n(d_a: int, d_b: int | None, n_classes: int) -> int:
-    return (d_a + d_b + 2) if d_b is not None else (d_a + n_classes + 1)
-
-
 def _check_gaussian_n(n: int, d_a: int, d_b: int | None, n_classes: int = 0) -> None:
-    need = _gaussian_min_n(d_a, d_b, n_classes)
+    need = (d_a + d_b + 2) if d_b is not None else (d_a + n_classes + 1)
     if n < need:
         what = f"d_a + d_b = {d_a + d_b}" if d_b is not None else f"d = {d_a} features and {n_classes} classes"
         raise ConfigError(

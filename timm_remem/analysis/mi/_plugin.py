@@ -1,13 +1,4 @@
-"""Count tables and the plug-in MI of discrete cells: labels as they are, continuous columns cut into equal-width
-bins. Shared by the estimators (both sides discrete), ``binning`` and the streaming class (exact joint counts).
-
-Example:
-    >>> import math, torch
-    >>> from timm_remem.analysis.mi._plugin import _plugin_discrete
-    >>> y = torch.tensor([0, 1, 0, 1])
-    >>> abs(_plugin_discrete(y, y) - math.log(2)) < 1e-12  # I(Y; Y) = H(Y)
-    True
-"""
+"""Count tables and the plug-in MI of discrete cells (labels, or continuous columns cut into equal-width bins)."""
 
 from __future__ import annotations
 
@@ -51,9 +42,6 @@ def _table(rows: torch.Tensor, counts: torch.Tensor | None = None) -> tuple[torc
 def _plugin_discrete(a: torch.Tensor, b: torch.Tensor, correction: Any = None) -> float:
     rows, counts = _table(torch.stack([a, b], dim=1))
     return _plugin_from_table(rows, counts, 1, correction)
-
-
-# ----------------------------------------------------------------------------------------------------- bins
 
 
 def _bin_edges(x: torch.Tensor, range_: Any) -> tuple[torch.Tensor, torch.Tensor]:

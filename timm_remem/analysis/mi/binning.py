@@ -1,18 +1,5 @@
 """The ``binning`` estimator: histogram plug-in MI, the classic of information-plane papers (Shwartz-Ziv & Tishby
-2017).
-
-Every continuous column is cut into ``bins`` equal-width bins over its own ``[min, max]`` (or over the fixed
-``range=(low, high)`` given for all columns, e.g. ``(-1, 1)`` for tanh units); a row's tuple of bin indices
-is its cell; labels are their own cells. ``I = H(A) + H(B) - H(A, B)`` of the empirical cell frequencies.
-Exact for data that take one value per bin. Otherwise biased *upwards*: the plug-in bias is about
-``(m_a - 1)(m_b - 1) / (2 n)`` for ``m`` occupied cells, and with many columns almost every sample gets a cell
-of its own, so the estimate saturates at ``log n`` whatever the dependence (the compression artefact
-discussed by Saxe et al. 2018). ``correction="miller-madow"`` adds ``(m_a + m_b - m_ab - 1) / (2 n)``, which
-removes the first-order bias in the low-occupancy regime only. Invariant to increasing per-dimension affine
-maps only up to rounding at bin edges.
-
-Use it through :func:`~timm_remem.analysis.mi.estimate_mi` (``method="binning"``) or
-:class:`~timm_remem.analysis.mi.MutualInformation`, which streams the cell counts exactly.
+2017). Biased upwards; ``correction="miller-madow"`` removes the first-order bias in the low-occupancy regime only.
 """
 
 from __future__ import annotations
@@ -28,10 +15,7 @@ __all__ = ["estimate"]
 
 
 def estimate(a: torch.Tensor, b: torch.Tensor, a_discrete: bool, b_discrete: bool, options: dict[str, Any]) -> float:
-    """Binning MI (nats) of samples already checked by :func:`~timm_remem.analysis.mi.estimate_mi`.
-
-    The arguments are every estimator's (see :mod:`timm_remem.analysis.mi`); this one's options:
-    ``bins``, ``range``, ``correction``.
+    """Binning MI (nats); options ``bins``, ``range``, ``correction``.
 
     Example:
         >>> import math, torch

@@ -1,13 +1,5 @@
-"""The functional estimator: :func:`estimate_mi`, one call on all the samples (the streaming twin is
-:class:`~timm_remem.analysis.mi.MutualInformation`).
-
-Example:
-    >>> import torch
-    >>> from timm_remem.analysis.mi.functional import estimate_mi
-    >>> y = torch.tensor([0, 1, 0, 1])
-    >>> round(estimate_mi(y, y, method="binning"), 4)  # H(Y) = log 2
-    0.6931
-"""
+"""The functional estimator :func:`estimate_mi` (the streaming twin is
+:class:`~timm_remem.analysis.mi.MutualInformation`)."""
 
 from __future__ import annotations
 
@@ -46,32 +38,13 @@ def estimate_mi(a: Any, b: Any, *, method: str = "ksg", **options: Any) -> float
             - ``renyi``: ``alpha=2.0``; ``sigma="median"`` or a float; ``max_samples="auto"``; ``seed=0``;
               ``standardize=True``; ``chunk_size=None``.
 
-    Methods, their assumptions and biases:
-
-    - ``gaussian``: ``0.5 * (logdet S_a + logdet S_b - logdet S_ab)``. Exact for jointly Gaussian data, linear
-      dependence only otherwise; upward finite-sample bias ~ ``d_a d_b / (2n)``; the ridge caps deterministic
-      relations at ~``0.5 log(1 / (2 ridge))`` nats per dimension. With labels: ``0.5 * (logdet S_total -
-      logdet S_within)`` (pooled within-class covariance), an upper bound for Gaussian classes with shared
-      covariance. Needs ``n >= d_a + d_b + 2`` (``n >= d + classes + 1`` with labels).
-    - ``ksg``: Kraskov et al. (2004) estimator 1; Ross (2014) with labels. Assumption-free and consistent;
-      biased downwards for large MI or high dimension (at n = 10,000: within 7% up to 3 + 3 dimensions, -45% at
-      10 + 10). Exactly invariant to per-dimension affine maps (columns are z-scored). Uses a seeded random
-      subsample of ``max_samples`` rows when ``n`` is large (``"auto"``: every row while
-      ``n^2 (d_a + d_b + 8) <= 2e9``, so 2,250 rows at d_a = d_b = 192).
-    - ``binning``: equal-width bins per dimension, plug-in MI of the cells. Biased upwards; saturates at
-      ``log n`` when most samples fall in cells of their own (many dimensions or bins).
-    - ``renyi``: matrix-based Renyi alpha-order MI (Giraldo et al. 2015) with a Gaussian kernel (median-distance
-      width on z-scored columns) or a delta kernel for labels. Not Shannon MI; for ranking representations of
-      hundreds of dimensions (values there are small, ~1e-3 to 1e-2, but ordered); bounded by ``log m``.
-      ``"auto"`` subsample: 3,160 rows at d_a = d_b = 192 for alpha = 2, at most 1,000 rows otherwise.
-    - Both sides discrete: the exact plug-in MI of the empirical joint distribution (``renyi``: its Renyi
-      counterpart).
-
-    CPU threads: the estimators run ``torch.get_num_threads()`` worker threads of single-threaded torch ops (the
-    setting is restored on return), which stays fast on a shared, oversubscribed machine.
+    The methods' assumptions and biases are in docs/mi.md: ``gaussian`` is exact for jointly Gaussian data
+    (needs ``n >= d_a + d_b + 2``, or ``n >= d + classes + 1`` with labels); ``ksg`` is assumption-free but biased
+    down for large MI or many dimensions; ``binning`` is biased up; ``renyi`` is not Shannon MI (for ranking).
+    Both sides discrete: the exact plug-in MI (``renyi``: its Renyi counterpart).
 
     Returns:
-        The estimate in nats (a Python float). Estimators can return small negative values at independence.
+        The estimate in nats (small negative values are possible at independence).
 
     Raises:
         ConfigError: Unknown method or option, mismatched sample counts, NaN/inf features, too few samples for the

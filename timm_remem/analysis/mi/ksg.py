@@ -1,29 +1,5 @@
-"""The ``ksg`` estimator: Kraskov-Stoegbauer-Grassberger k-nearest-neighbour MI (estimator 1, max-norm).
-
-Continuous pair: for each sample, ``eps`` is the distance to its k-th neighbour in the joint space under the
-max-norm; ``n_x``, ``n_y`` count samples strictly closer than ``eps`` in each marginal space;
-``I = psi(k) + psi(n) - <psi(n_x + 1) + psi(n_y + 1)>``. No distributional assumption, consistent, and
-nearly unbiased at independence; it is biased *downwards* when the MI is large or the dimension is high
-(the k-NN ball stops being small). Measured at n = 10,000 on Gaussians with per-dimension correlations: within
-7% of the truth for up to 3 correlated pairs (d_a = d_b = 3), but about -13% at 5 pairs and -45% at 10 pairs
-(r = 0.5 each; at 10 pairs the truth is 1.44 nats and the estimate 0.79); above a few dimensions per side use
-it to compare, not to measure. Each column is z-scored first (``standardize=True``), so the estimate is
-invariant to per-dimension affine maps ``x -> s * x + t`` (``s != 0``); invariance to other monotone maps holds
-only in the large-``n`` limit. A tiny Gaussian jitter (``noise`` times the unit standard deviation, default
-1e-6) breaks ties such as ReLU zeros.
-
-One discrete side: Ross (2014), "Mutual information between discrete and continuous data sets": ``k_i`` =
-min(k, class size - 1), ``r_i`` the distance to the ``k_i``-th neighbour of the same class, ``m_i`` the
-samples of any class within ``r_i``; ``I = psi(n) + <psi(k_i)> - <psi(N_class)> - <psi(m_i)>``. Classes with a
-single sample are dropped. Both sides discrete: the plug-in MI.
-
-Cost is O(m^2 (d_a + d_b)) in time and O(m * chunk) in memory (chunked exact distances, no tree), with ``m``
-samples. ``max_samples="auto"`` (default) uses every sample while ``m^2 (d_a + d_b + 8) <= 2e9`` and otherwise
-a uniform random subsample of that size (about 8,450 samples for d_a = d_b = 10, 2,250 for d_a = d_b = 192),
-drawn with ``seed``; ``max_samples=None`` always uses every sample.
-
-Use it through :func:`~timm_remem.analysis.mi.estimate_mi` (``method="ksg"``, the default) or
-:class:`~timm_remem.analysis.mi.MutualInformation` (a reservoir sample of the stream).
+"""The ``ksg`` estimator: Kraskov-Stoegbauer-Grassberger k-nearest-neighbour MI (estimator 1, max-norm), with
+Ross (2014) for one discrete side; chunked exact distances, O(m^2 (d_a + d_b)) time.
 """
 
 from __future__ import annotations
@@ -60,7 +36,7 @@ def _ksg_prepare(x: torch.Tensor, opts: dict[str, Any], gen: torch.Generator) ->
 
 
 def _ksg_continuous(x: torch.Tensor, y: torch.Tensor, k: int, chunk: int) -> float:
-    """KSG estimator 1: ``psi(k) + psi(n) - <psi(n_x + 1) + psi(n_y + 1)>`` with max-norm neighbourhoods."""
+    """KSG estimator 1: ``psi(k) + psi(n) - <psi(n_x + 1) + psi(n_y + 1)>``."""
     n = x.shape[0]
     xt, yt = x.T.contiguous(), y.T.contiguous()
     n_x = torch.empty(n, dtype=torch.float64, device=x.device)
@@ -119,10 +95,7 @@ def _ksg_mixed(x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int) -> flo
 
 
 def estimate(a: torch.Tensor, b: torch.Tensor, a_discrete: bool, b_discrete: bool, options: dict[str, Any]) -> float:
-    """KSG MI (nats) of samples already checked by :func:`~timm_remem.analysis.mi.estimate_mi`.
-
-    The arguments are every estimator's (see :mod:`timm_remem.analysis.mi`); this one's options:
-    ``k``, ``max_samples``, ``seed``, ``noise``, ``standardize``, ``chunk_size``.
+    """KSG MI (nats); options ``k``, ``max_samples``, ``seed``, ``noise``, ``standardize``, ``chunk_size``.
 
     Example:
         >>> import torch

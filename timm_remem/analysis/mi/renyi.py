@@ -1,32 +1,8 @@
-"""The ``renyi`` estimator: matrix-based Renyi alpha-order MI (Giraldo, Rao & Principe 2015), for
-high-dimensional features.
+"""The ``renyi`` estimator: matrix-based Renyi alpha-order MI (Giraldo, Rao & Principe 2015), for ranking
+high-dimensional features; ``I_alpha = S(A) + S(B) - S(A o B / tr(A o B))`` of normalised Gram matrices.
 
-With Gram matrices ``K_a``, ``K_b`` (Gaussian kernel ``exp(-|x_i - x_j|^2 / (2 sigma^2))`` on features,
-``1[y_i == y_j]`` on labels), ``A = K / tr K`` and ``S_alpha(A) = log(sum_i lambda_i(A)^alpha) / (1 - alpha)``:
-``I_alpha = S_alpha(A) + S_alpha(B) - S_alpha(A o B / tr(A o B))`` (``o`` the Hadamard product), in nats.
-It is a *functional* of the Gram matrices, not Shannon MI: values depend on ``alpha`` and on the kernel width
-and are comparable only between runs with the same settings (use it to rank layers or checkpoints); it is
-bounded by ``log m`` (``m`` samples) and needs no density estimate, which is why it copes with hundreds of
-dimensions. alpha close to 1 approaches a Shannon-like quantity. For labels, ``I_alpha(y; y)`` is exactly
-the Renyi entropy ``log(sum_c p_c^alpha) / (1 - alpha)`` of the class frequencies.
-
-Kernel width rule (ours): each continuous side is z-scored per column (``standardize=True``), then
-``sigma`` = the median pairwise Euclidean distance among (up to) the first 1,000 subsampled rows
-(``sigma="median"``), or a fixed float for every continuous side. With both, the estimate is invariant to
-per-dimension affine maps ``x -> s * x + t`` (``s != 0``). In high dimension pairwise distances concentrate
-around the median, so kernel values vary little and the estimates are small but ordered (64 dimensions per
-side, 1,000 samples: about 0.003 when independent, 0.008 at per-dimension correlation 0.4, 0.02 at 0.8, with
-a seed-to-seed spread of 0.0004). A narrower fixed ``sigma`` raises the values but adds a positive bias at
-independence.
-
-``alpha=2`` (default) needs no eigendecomposition (``sum lambda^2`` is the squared Frobenius norm), so it is
-computed in row chunks in O(m^2 (d_a + d_b)) time and O(m * chunk) memory; ``max_samples="auto"`` then uses
-every sample while ``m^2 (d_a + d_b + 16) <= 4e9`` (about 3,200 samples at d_a = d_b = 192). Other alphas need
-three O(m^3) eigendecompositions and ``"auto"`` means at most 1,000 samples. Subsamples are uniform and
-drawn with ``seed``.
-
-Use it through :func:`~timm_remem.analysis.mi.estimate_mi` (``method="renyi"``) or
-:class:`~timm_remem.analysis.mi.MutualInformation` (a reservoir sample of the stream).
+Kernel width (ours): columns z-scored, ``sigma`` the median pairwise distance among (up to) the first 1,000
+subsampled rows. ``alpha=2`` needs no eigendecomposition (``sum lambda^2`` is the squared Frobenius norm).
 """
 
 from __future__ import annotations
@@ -71,24 +47,18 @@ def _renyi_kernel(x: torch.Tensor, discrete: bool, sigma: Any, standardize: bool
     if discrete:
         return lambda rows: (x[rows][:, None] == x[None, :]).to(torch.float64)
     z = _standardize(x) if standardize else x.to(torch.float64)
-    if isinstance(sigma, str):
-        if sigma != "median":
-            raise ConfigError(f"`sigma` must be 'median' or a positive float; got {sigma!r}.")
-        s = _median_sigma(z)
-    else:
-        s = float(sigma)
-        if not s > 0:
-            raise ConfigError(f"`sigma` must be 'median' or a positive float; got {sigma!r}.")
+    s = _median_sigma(z) if isinstance(sigma, str) and sigma == "median" else sigma
+    if isinstance(s, str) or not float(s) > 0:
+        raise ConfigError(f"`sigma` must be 'median' or a positive float; got {sigma!r}.")
+    s = float(s)
     sq = z.pow(2).sum(dim=1)
     gamma = 1.0 / (2.0 * s * s)
     return lambda rows: torch.exp(-gamma * _sq_dists(rows, z, sq))
 
 
 def estimate(a: torch.Tensor, b: torch.Tensor, a_discrete: bool, b_discrete: bool, options: dict[str, Any]) -> float:
-    """Matrix-based Renyi MI (nats) of samples already checked by :func:`~timm_remem.analysis.mi.estimate_mi`.
-
-    The arguments are every estimator's (see :mod:`timm_remem.analysis.mi`); this one's options:
-    ``alpha``, ``sigma``, ``max_samples``, ``seed``, ``standardize``, ``chunk_size``.
+    """Matrix-based Renyi MI (nats); options ``alpha``, ``sigma``, ``max_samples``, ``seed``, ``standardize``,
+    ``chunk_size``.
 
     Example:
         >>> import math, torch

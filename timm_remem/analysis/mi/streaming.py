@@ -1,15 +1,5 @@
-"""The streaming estimator: :class:`MutualInformation`, ``update(a, b)`` per batch, ``compute()``, ``reset()``
-(torchmetrics style; the functional twin is :func:`~timm_remem.analysis.mi.estimate_mi`).
-
-Example:
-    >>> import torch
-    >>> from timm_remem.analysis.mi.streaming import MutualInformation
-    >>> metric = MutualInformation(method="binning")
-    >>> metric.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
-    >>> metric.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
-    >>> round(metric.compute(), 4), metric.num_samples  # H(Y) = log 2 over the 4 samples
-    (0.6931, 4)
-"""
+"""The streaming estimator :class:`MutualInformation` (the functional twin is
+:func:`~timm_remem.analysis.mi.estimate_mi`)."""
 
 from __future__ import annotations
 
@@ -29,28 +19,16 @@ __all__ = ["MutualInformation"]
 class MutualInformation:
     """Streaming mutual information in nats: ``update(a, b)`` per batch, ``compute()``, ``reset()``.
 
-    How each method streams (so that a whole dataset never has to sit in memory):
-
-    - ``gaussian``: exact. Running mean and centred scatter in float64 (pairwise merge of per-batch moments), plus
-      per-class counts and sums when one side is labels. ``compute()`` equals :func:`estimate_mi` on all the data
-      up to float64 rounding. Memory O((d_a + d_b)^2).
-    - ``binning``: exact counts of the joint cells. Bin edges are fixed at the first ``update``: ``range=(low,
-      high)`` if given (then ``compute()`` equals the one-shot estimate with the same ``range``), otherwise each
-      column's min/max *in the first batch*; later values outside those edges fall in the end bins. Use a first
-      batch that covers the range, or pass ``range``. Memory O(occupied cells).
-    - ``ksg`` and ``renyi``: a uniform reservoir sample (Vitter's algorithm R, seeded by ``seed``) of at most
-      ``max_samples`` rows is kept, and ``compute()`` runs the one-shot estimator on it. ``max_samples="auto"``
-      resolves at the first ``update`` to the sample count the one-shot ``"auto"`` rule would use for these
-      dimensions; ``None`` keeps everything. While no more than ``max_samples`` rows have been seen, ``compute()``
-      equals the one-shot estimate on all rows.
-    - Both sides discrete (``gaussian``/``binning``): an exact joint count table.
+    ``gaussian`` streams exact float64 moments and ``binning`` exact cell counts (bin edges fixed at the first
+    ``update`` unless ``range`` is given); ``ksg`` and ``renyi`` keep a uniform reservoir sample (algorithm R) and
+    run the one-shot estimator on it.
 
     Args:
         method: One of ``MI_METHODS``.
-        max_samples: Reservoir size for ``ksg``/``renyi``: an int, ``"auto"`` or None. Must stay ``"auto"``/None
-            for the exact ``gaussian`` and ``binning`` methods.
+        max_samples: Reservoir size for ``ksg``/``renyi``: an int, ``"auto"`` (the one-shot rule for the dimensions
+            of the first batch) or None (keep all). Must stay ``"auto"``/None for ``gaussian`` and ``binning``.
         seed: Seed of the reservoir, the subsample and the jitter.
-        **options: The method's options as in :func:`estimate_mi` (``max_samples`` and ``seed`` excluded here).
+        **options: The method's options as in :func:`estimate_mi`.
 
     Example:
         >>> import torch
@@ -81,8 +59,7 @@ class MutualInformation:
             _check_max_samples(max_samples)
         if method == "binning":
             _check_binning(self._opts)
-            if self._opts["range"] is not None:
-                _bin_edges(torch.zeros(1, 1), self._opts["range"])
+            _bin_edges(torch.zeros(1, 1), self._opts["range"])  # checks ``range`` now, not at the first update
         self.method = method
         self.max_samples = max_samples
         self.seed = int(seed)
@@ -170,14 +147,11 @@ class MutualInformation:
     def _reservoir_update(self, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
         if first:
             da, db, d_a, d_b = self._layout
-            dims = d_a + d_b + (1 if da else 0) + (1 if db else 0)
             if self.max_samples is None:
                 self._capacity = None
-            elif self.max_samples == "auto":
-                if self.method == "ksg":
-                    self._capacity = _auto_max_samples("ksg", d_a + d_b)
-                else:
-                    self._capacity = _auto_max_samples("renyi", dims, float(self._opts["alpha"]))
+            elif self.max_samples == "auto":  # labels count 0 columns for ksg, 1 for renyi (as one-shot)
+                dims = d_a + d_b if self.method == "ksg" else d_a + d_b + da + db
+                self._capacity = _auto_max_samples(self.method, dims, float(self._opts.get("alpha", 2.0)))
             else:
                 self._capacity = int(self.max_samples)
         cap = self._capacity
