@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
@@ -60,23 +61,19 @@ class HubLimits:
                 min_speed: float | None = None) -> HubLimits:
         """The limits from the arguments, else the environment variables, else the defaults; checked."""
         values = {}
-        for name, value, env, low in (("timeout", timeout, ENV_TIMEOUT, 0.0),
-                                      ("retry_budget", retry_budget, ENV_RETRY_BUDGET, None),
-                                      ("min_speed", min_speed, ENV_MIN_SPEED, None)):
+        for name, value, env, strict in (("timeout", timeout, ENV_TIMEOUT, True),
+                                         ("retry_budget", retry_budget, ENV_RETRY_BUDGET, False),
+                                         ("min_speed", min_speed, ENV_MIN_SPEED, False)):
             source = name
             if value is None and os.environ.get(env, "").strip():
                 value, source = os.environ[env].strip(), f"the environment variable {env}"
-                try:
+                with contextlib.suppress(ValueError):
                     value = float(value)
-                except ValueError:
-                    pass
             if value is None:
                 continue
             unit = "bytes per second" if name == "min_speed" else "seconds"
-            strict = low is not None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                value <= 0 if strict else value < 0
-            ):
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not number or (value <= 0 if strict else value < 0):
                 raise ConfigError(f"{source} must be a finite number of {unit} "
                                   f"{'> 0' if strict else '>= 0'} (see docs/hub.md, 'Timeouts'), got {value!r}.")
             values[name] = float(value)
@@ -305,21 +302,15 @@ class _WatchedStream(httpcore2.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
-class _WatchedBackend(httpcore2.NetworkBackend):
+class _WatchedBackend(httpcore2.SyncBackend):
     def __init__(self, limits: HubLimits) -> None:
-        self._inner, self._limits = httpcore2.SyncBackend(), limits
+        self._limits = limits
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> httpcore2.NetworkStream:
-        return _WatchedStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options),
-                              self._limits)
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
+        return _WatchedStream(super().connect_tcp(*args, **kwargs), self._limits)
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Any = None) -> httpcore2.NetworkStream:
-        return _WatchedStream(self._inner.connect_unix_socket(path, timeout, socket_options), self._limits)
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
+        return _WatchedStream(super().connect_unix_socket(*args, **kwargs), self._limits)
 
 
 # httpcore2's exceptions and the httpx2 ones of the same name that the client expects, most specific first.
