@@ -31,12 +31,6 @@ from .adapters import is_lora
 __all__ = ["merge_lora", "merged_copy"]
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
-
-
 def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
     """Fold every LoRA adapter into its layer's weights with peft, then (``factors=True``) the reweighting factors.
 
@@ -80,7 +74,7 @@ def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
         for m in {id(m): m for _, m in found}.values():
             m.merge(safe_merge=True)
         for path, m in found:
-            _set_submodule(model, path, m.get_base_layer())
+            model.set_submodule(path, m.get_base_layer())
         if hasattr(model, "peft_config"):
             del model.peft_config
     if factors and is_reweighted(model):
