@@ -5,7 +5,6 @@ timm-remem operation runs its requests through a client of its own whose transpo
 nothing changes for the rest of the process (see :func:`bounded` and docs/hub.md, 'Timeouts').
 
 Example:
-    >>> from timm_remem.hub._network import HubLimits
     >>> HubLimits.resolve(timeout=2.0)
     HubLimits(timeout=2.0, retry_budget=45.0, min_speed=1024.0)
     >>> HubLimits.resolve(retry_budget=-1)  # doctest: +ELLIPSIS

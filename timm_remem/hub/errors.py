@@ -1,13 +1,6 @@
 """One :class:`~timm_remem.errors.HubError` for every way the Hub can fail, with what happened and what to do.
 
 huggingface_hub's and httpx2's errors are recognised by class anywhere in the chain of causes.
-
-Example:
-    >>> from huggingface_hub.errors import LocalTokenNotFoundError
-    >>> from timm_remem.hub.errors import explain_hub_error
-    >>> explain_hub_error(LocalTokenNotFoundError(), "push to", "alice/vit", None, "https://huggingface.co")
-    "cannot push to 'alice/vit' on https://huggingface.co without a token: pass token=..., set the HF_TOKEN \
-environment variable or run `hf auth login`."
 """
 
 from __future__ import annotations
@@ -63,18 +56,7 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 
 
 def find_in_chain(err: BaseException, *classes: type[BaseException]) -> BaseException | None:
-    """The first exception in ``err``'s chain of causes that is an instance of one of ``classes``.
-
-    Example:
-        >>> try:
-        ...     try:
-        ...         raise KeyError("inner")
-        ...     except KeyError as e:
-        ...         raise RuntimeError("outer") from e
-        ... except RuntimeError as e:
-        ...     find_in_chain(e, LookupError)
-        KeyError('inner')
-    """
+    """The first exception in ``err``'s chain of causes that is an instance of one of ``classes``, or ``None``."""
     return next((e for e in _chain(err) if isinstance(e, classes)), None)
 
 

@@ -60,22 +60,16 @@ def save_pretrained(
 ) -> Path:
     """Write a teacher to ``path`` in timm's Hugging Face format, with a ReMem model card (see docs/hub.md).
 
-    The folder holds ``config.json``, ``model.safetensors`` and ``README.md``. With ``merge=True`` the factors are
-    folded into a copy of the weights: a plain timm checkpoint (``timm.create_model("local-dir:DIR",
-    pretrained=True)``). With ``merge=False`` they are kept as ``...remem_scale`` tensors, which :func:`load_teacher`
-    restores exactly. A LoRA teacher (peft) is written merged; with ``adapter_only=True`` a ``peft.PeftModel`` is
-    written as its adapter alone in peft's format (plus ``remem.json`` with the factors when reweighted).
-    ``pretrained_cfg`` fields inherited from the base checkpoint are rewritten to be true of the teacher.
-
-    A ``torch.compile`` / DDP / ``DataParallel`` wrapper is saved as the model it wraps. Everything is checked before
-    the folder is touched; the files are written into a private folder and renamed into place (``config.json``
+    The folder (``config.json``, ``model.safetensors``, ``README.md``) loads in plain timm
+    (``timm.create_model("local-dir:DIR", pretrained=True)``); a LoRA teacher is written merged. A wrapper
+    (``torch.compile``, DDP) is saved as the model it wraps. The files are renamed into place (``config.json``
     last), so a failed save leaves the folder's previous files as they were.
 
     Args:
         model: A timm model, reweighted (see :func:`timm_remem.reweight`) or not.
         path: Folder to write: missing, empty, or a model folder timm-remem wrote (its files are replaced).
-        merge: Fold the factors into the weights (plain timm checkpoint) or keep them separate.
-        adapter_only: For a ``peft.PeftModel``: write the adapter alone (needs ``base_model``).
+        merge: Fold the factors into a copy of the weights, or keep them (``...remem_scale`` tensors).
+        adapter_only: For a ``peft.PeftModel``: write the adapter alone in peft's format (needs ``base_model``).
         metadata: Training metadata; the keyword ``fields`` override its values.
         repo_id: Hub id the folder is meant for (``"namespace/name"``), recorded as ``hf_hub_id``.
         data_config: Preprocessing to record, as ``timm.models.save_for_hf`` takes it (default: the input size).

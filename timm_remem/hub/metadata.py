@@ -68,9 +68,8 @@ class TeacherMetadata:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a non-empty string or None, got {value!r}.")
         if self.rho is not None:
-            if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (
-                math.isfinite(self.rho) and self.rho >= 0
-            ):
+            number = not isinstance(self.rho, bool) and isinstance(self.rho, (int, float))
+            if not (number and math.isfinite(self.rho) and self.rho >= 0):
                 raise ConfigError(f"rho must be a finite number >= 0 (the SAM radius, e.g. 0.05), got {self.rho!r}.")
             self.rho = float(self.rho)
         if self.adaptive is not None:

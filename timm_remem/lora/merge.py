@@ -2,18 +2,6 @@
 
 Injected adapters (:func:`~timm_remem.lora.apply_lora`) have no peft tuner to call ``merge_and_unload`` on, so each
 layer is merged by peft (``merge(safe_merge=True)``) and replaced by its ``get_base_layer()``, as that loop does.
-
-Example:
-    >>> import timm, torch
-    >>> from timm_remem.lora import apply_lora, merge_lora
-    >>> model = apply_lora(timm.create_model("test_vit", pretrained=False, img_size=32), rank=4).eval()
-    >>> with torch.no_grad():
-    ...     _ = model.blocks[0].mlp.fc1.lora_B.default.weight.fill_(0.01)
-    >>> x = torch.randn(1, 3, 32, 32)
-    >>> y = model(x)
-    >>> plain = merge_lora(model)
-    >>> type(plain.blocks[0].mlp.fc1).__name__, torch.allclose(plain(x), y, atol=1e-5)
-    ('Linear', True)
 """
 
 from __future__ import annotations
@@ -51,12 +39,19 @@ def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
         UnsupportedModelError: A reweighting factor cannot be folded (see :func:`timm_remem.merge`).
 
     Example:
-        >>> import timm, timm_remem
+        >>> import timm, timm_remem, torch
         >>> from timm_remem.lora import apply_lora
-        >>> model = apply_lora(timm_remem.reweight(timm.create_model("test_vit", pretrained=False), 0.8), rank=2)
+        >>> vit = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), 0.8)
+        >>> model = apply_lora(vit, rank=2).eval()
+        >>> with torch.no_grad():
+        ...     _ = model.blocks[0].mlp.fc1.lora_B.default.weight.fill_(0.01)
+        >>> x = torch.randn(1, 3, 32, 32)
+        >>> y = model(x)
         >>> plain = merge_lora(model)
         >>> timm_remem.is_reweighted(plain), timm_remem.get_reweight_config(plain).merged
         (False, True)
+        >>> type(plain.blocks[0].mlp.fc1).__name__, torch.allclose(plain(x), y, atol=1e-5)
+        ('Linear', True)
     """
     if not isinstance(model, nn.Module) or not is_lora(model):
         raise ConfigError(f"merge_lora: {type(model).__name__} holds no peft LoRA adapter; nothing to merge (apply "
