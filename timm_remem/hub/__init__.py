@@ -1,20 +1,8 @@
-"""Publish ReMem teachers on the Hugging Face Hub in timm's format, and load them back.
+"""Publish ReMem teachers on the Hugging Face Hub in timm's format, and load them back (see docs/hub.md).
 
-``save_pretrained`` writes a folder that plain timm loads (``timm.create_model("local-dir:DIR", pretrained=True)``):
-``config.json`` (architecture, ``num_classes``, ``model_args``, ``pretrained_cfg`` and a ``remem`` block with the
-reweighting and training settings), ``model.safetensors`` and ``README.md``, a model card built with
-huggingface_hub's ``ModelCard``. ``push_to_hub`` uploads that folder as one commit, so that anyone loads the teacher
-with ``timm.create_model("hf-hub:org/name", pretrained=True)``. ``load_teacher`` loads it back, with the reweighting
-wrappers and their exact factors when it was saved with ``merge=False``.
-
-Only safetensors are written or read (never a pickle), keys are checked strictly, and every failure of the Hub
-(bad or missing token, foreign namespace, missing repository, revision or file, network) surfaces as one
-:class:`~timm_remem.errors.HubError` that says what happened and what to do.
-
-The room, one concern per file: ``metadata`` (:class:`TeacherMetadata` and the ``remem`` block of ``config.json``),
-``io`` (:func:`save_pretrained`, :func:`fetch_teacher_files`, :func:`load_teacher`), ``push``
-(:func:`push_to_hub`), ``card`` (the model card, rendered from ``card_template.md``) and ``errors`` (the Hub's
-errors turned into one :class:`~timm_remem.errors.HubError`).
+``save_pretrained`` writes a folder that plain timm loads, ``push_to_hub`` uploads it as one commit (then
+``timm.create_model("hf-hub:org/name", pretrained=True)`` loads it) and ``load_teacher`` loads it back. Only
+safetensors are written or read, and every failure of the Hub is one :class:`~timm_remem.errors.HubError`.
 
 Example:
     >>> import tempfile, timm, torch, timm_remem

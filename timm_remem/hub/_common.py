@@ -1,20 +1,4 @@
-"""What every file of the hub room shares: the file names of a teacher folder, the paper, and the name checks.
-
-Example:
-    >>> from timm_remem.hub._common import CONFIG_NAME, WEIGHTS_NAME, check_repo_id, check_revision
-    >>> CONFIG_NAME, WEIGHTS_NAME
-    ('config.json', 'model.safetensors')
-    >>> check_repo_id("alice/vit-remem"), check_revision("refs/pr/1")
-    (None, None)
-    >>> check_repo_id("vit-remem")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    timm_remem.errors.ConfigError: repo_id must be 'namespace/name' (your user or organisation, ...), got 'vit-remem'.
-    >>> check_revision("../../x")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    timm_remem.errors.ConfigError: revision must be a branch, tag or commit id ..., got '../../x': it contains '..'. ...
-"""
+"""What every file of the hub room shares: the file names of a teacher folder, the paper, and the name checks."""
 
 from __future__ import annotations
 
@@ -50,6 +34,13 @@ def check_repo_id(repo_id: Any) -> None:
     """Raise :class:`~timm_remem.errors.ConfigError` unless ``repo_id`` is a Hub id ``"namespace/name"``.
 
     The name rules are huggingface_hub's own (``validate_repo_id``); the namespace is required here.
+
+    Example:
+        >>> check_repo_id("alice/vit-remem")
+        >>> check_repo_id("vit-remem")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: repo_id must be 'namespace/name' (...), got 'vit-remem'.
     """
     try:
         if not isinstance(repo_id, str) or repo_id.count("/") != 1:
@@ -88,13 +79,15 @@ def _revision_problem(revision: str) -> str | None:
 
 
 def check_revision(revision: Any, name: str = "revision") -> None:
-    """Raise :class:`~timm_remem.errors.ConfigError` unless ``revision`` is a branch, tag or commit id.
+    """Raise :class:`~timm_remem.errors.ConfigError` unless ``revision`` is a branch, tag or commit id (the rules:
+    docs/hub.md). huggingface_hub writes it into the cache as a path (``refs/<revision>``) without checking it.
 
-    Accepted: branch and tag names (``main``, ``v1.0``, ``feature/x``), 40-character commit ids and pull-request
-    refs (``refs/pr/3``). Refused, before anything touches the network or the disk: an empty or overlong value,
-    ``..``, an absolute path, backslashes, NUL and other control characters, spaces and the other characters git
-    forbids in a ref name. huggingface_hub writes the revision into the cache as a path (``refs/<revision>``)
-    without checking it.
+    Example:
+        >>> check_revision("refs/pr/1")
+        >>> check_revision("../../x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: revision must be ... got '../../x': it contains '..'. ...
     """
     problem = f"is not a string but {type(revision).__name__}" if not isinstance(revision, str) \
         else _revision_problem(revision)

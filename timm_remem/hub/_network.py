@@ -1,27 +1,10 @@
-"""Bounded Hub traffic: every request timm-remem makes has timeouts, a minimum speed and a total retry budget.
+"""Bounded Hub traffic: every request timm-remem makes has a timeout, a minimum speed and a total retry budget.
 
-huggingface_hub sends its requests through one shared ``httpx2.Client`` (``get_session()``), made by the factory
-given to ``huggingface_hub.set_client_factory``; its default client has no timeout at all (``timeout=None``), its
-API offers none for most calls (``HfApi.create_repo``, ``upload_folder``...), a per-read timeout cannot stop a
-server that trickles, and its retry helper (``http_backoff``) retries timeouts, network errors and 5xx answers five
-times (a download retries its metadata request with a 60 s timeout). So each timm-remem operation (a push, a
-download) runs its requests through a client of its own whose transport bounds each request:
-
-- ``timeout``: connect, read, write and pool timeout of every request (no byte for this long is a failure);
-- ``min_speed``: once an answer has started, it must keep an average of at least this many bytes per second
-  after its first ``timeout`` seconds (a server that trickles bytes is cut off);
-- ``retry_budget``: once a request of an operation has failed, the operation's retries stop after this many
-  seconds: the next failure, or the next attempt, ends it.
-
-A dead server therefore ends an operation after at most about ``timeout + retry_budget`` seconds (55 s by
-default). Each limit is a function argument, else an environment variable read at each call
-(``TIMM_REMEM_HUB_TIMEOUT``, ``TIMM_REMEM_HUB_RETRY_BUDGET``, ``TIMM_REMEM_HUB_MIN_SPEED``), else the default
-(the timeout is huggingface_hub's own default, ``constants.DEFAULT_REQUEST_TIMEOUT``).
-
-Only timm-remem's own requests are bounded: nothing changes for the rest of the process (see :func:`bounded`).
+huggingface_hub's shared client has no timeout and its retries cannot stop a server that trickles, so each
+timm-remem operation runs its requests through a client of its own whose transport applies :class:`HubLimits`;
+nothing changes for the rest of the process (see :func:`bounded` and docs/hub.md, 'Timeouts').
 
 Example:
-    >>> from timm_remem.hub._network import HubLimits
     >>> HubLimits.resolve(timeout=2.0)
     HubLimits(timeout=2.0, retry_budget=45.0, min_speed=1024.0)
     >>> HubLimits.resolve(retry_budget=-1)  # doctest: +ELLIPSIS
@@ -32,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import math
@@ -64,14 +48,8 @@ RETRY_STATUSES: tuple[int, ...] = tuple(getattr(_hf_http, "_DEFAULT_RETRY_ON_STA
 
 @dataclass(frozen=True)
 class HubLimits:
-    """The bounds of every Hub request (see the module docstring).
-
-    Attributes:
-        timeout: Seconds without a byte (connecting, sending, waiting for or reading an answer) before a request
-            fails.
-        retry_budget: Seconds an operation keeps retrying after its first failed request.
-        min_speed: Bytes per second an answer must average after its first ``timeout`` seconds.
-    """
+    """Seconds without a byte before a request fails; seconds an operation keeps retrying after its first failure;
+    bytes per second an answer must average after its first ``timeout`` seconds."""
 
     timeout: float = float(constants.DEFAULT_REQUEST_TIMEOUT)
     retry_budget: float = 45.0
@@ -82,24 +60,20 @@ class HubLimits:
                 min_speed: float | None = None) -> HubLimits:
         """The limits from the arguments, else the environment variables, else the defaults; checked."""
         values = {}
-        for name, value, env, low in (("timeout", timeout, ENV_TIMEOUT, 0.0),
-                                      ("retry_budget", retry_budget, ENV_RETRY_BUDGET, None),
-                                      ("min_speed", min_speed, ENV_MIN_SPEED, None)):
+        for name, value, env, strict in (("timeout", timeout, ENV_TIMEOUT, True),
+                                         ("retry_budget", retry_budget, ENV_RETRY_BUDGET, False),
+                                         ("min_speed", min_speed, ENV_MIN_SPEED, False)):
             source = name
             if value is None and os.environ.get(env, "").strip():
                 value, source = os.environ[env].strip(), f"the environment variable {env}"
-                try:
+                with contextlib.suppress(ValueError):
                     value = float(value)
-                except ValueError:
-                    pass
             if value is None:
                 continue
             unit = "bytes per second" if name == "min_speed" else "seconds"
-            strict = low is not None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                value <= 0 if strict else value < 0
-            ):
-                raise ConfigError(f"{source if source != name else name} must be a finite number of {unit} "
+            number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not number or (value <= 0 if strict else value < 0):
+                raise ConfigError(f"{source} must be a finite number of {unit} "
                                   f"{'> 0' if strict else '>= 0'} (see docs/hub.md, 'Timeouts'), got {value!r}.")
             values[name] = float(value)
         return cls(**values)
@@ -153,8 +127,7 @@ class Operation:
                 f"{self.limits.retry_budget:g} s ({ENV_RETRY_BUDGET})")
 
     def session(self) -> httpx2.Client:
-        """This operation's client: huggingface_hub's default one (its request hook: offline mode, request ids),
-        with the bounded transport."""
+        """huggingface_hub's default client (its request hook: offline mode, request ids), bounded."""
         if self.client is None:
             self.client = httpx2.Client(event_hooks={"request": [_hf_http.hf_request_event_hook]},
                                         follow_redirects=True, timeout=self.limits.timeout,
@@ -175,29 +148,13 @@ _OPERATION: contextvars.ContextVar[Operation | None] = contextvars.ContextVar("t
 def bounded(limits: HubLimits) -> Iterator[Operation]:
     """Run the Hub calls of one operation under ``limits``; yields the :class:`Operation` record.
 
-    huggingface_hub takes its client from ``get_session()`` and offers no per-call client, so while at least one
-    timm-remem operation runs (on any thread), the shared client slot holds a stand-in (:class:`_Session`) that
-    hands each attribute to the operation's own bounded client on a thread running the operation (a context
-    variable), and to the client of the user's own factory everywhere else. When the last operation ends, the
-    user's factory and the user's client (the same object, never closed by us) are put back.
-
-    What is guaranteed:
-
-    - the user's Hub calls, before, during (on other threads) and after ours, go through the user's own client,
-      made by the user's own factory, with its timeouts, hooks and connection pool: none of our limits apply;
-    - afterwards the factory in effect is the user's, including one the user set while ours ran;
-    - ``close_session()`` (huggingface_hub calls it after a connection error) closes the client of whoever
-      called it: ours inside an operation, the user's elsewhere.
-
-    What is not:
-
-    - while ours runs, ``get_session()`` on another thread returns the stand-in, which forwards every attribute
-      to the user's client but is not that object (``is`` and ``isinstance`` see the difference);
-    - if the user calls ``set_client_factory`` while an operation runs, their factory takes effect at once and
-      the rest of that operation runs through their client, without our limits;
-    - requests that huggingface_hub makes from worker threads of its own do not see the operation and go to the
-      user's client: our calls avoid them (downloads are one ``hf_hub_download`` per file, a push pre-uploads
-      one file at a time, see ``push.py``); Xet transfers (``hf_xet``) bypass httpx2 and are not bounded.
+    huggingface_hub offers no per-call client, so while at least one operation runs (on any thread), its shared
+    client slot holds a stand-in (:class:`_Session`) that hands the operation's thread the operation's own bounded
+    client and every other thread the client of the user's own factory. When the last operation ends, the user's
+    factory and client (never closed by us) are put back. Not guaranteed (see docs/hub.md, 'Timeouts'): the
+    stand-in is not the user's client object; a factory the user sets meanwhile takes over at once; requests from
+    huggingface_hub's own worker threads, and Xet transfers, are not bounded (downloads fetch one file per call and
+    a push pre-uploads one file at a time to avoid those threads).
     """
     _start()
     operation = Operation(limits)
@@ -297,8 +254,7 @@ def _finish() -> None:
         client.close()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The transport: an httpcore2 connection pool whose sockets watch the speed of each answer
+# The transport: an httpcore2 connection pool whose sockets watch the speed of each answer.
 
 
 class _WatchedStream(httpcore2.NetworkStream):
@@ -345,43 +301,22 @@ class _WatchedStream(httpcore2.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
-class _WatchedBackend(httpcore2.NetworkBackend):
+class _WatchedBackend(httpcore2.SyncBackend):
     def __init__(self, limits: HubLimits) -> None:
-        self._inner, self._limits = httpcore2.SyncBackend(), limits
+        self._limits = limits
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> httpcore2.NetworkStream:
-        return _WatchedStream(self._inner.connect_tcp(host, port, timeout, local_address, socket_options),
-                              self._limits)
+    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
+        return _WatchedStream(super().connect_tcp(*args, **kwargs), self._limits)
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Any = None) -> httpcore2.NetworkStream:
-        return _WatchedStream(self._inner.connect_unix_socket(path, timeout, socket_options), self._limits)
-
-    def sleep(self, seconds: float) -> None:
-        self._inner.sleep(seconds)
+    def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore2.NetworkStream:
+        return _WatchedStream(super().connect_unix_socket(*args, **kwargs), self._limits)
 
 
-# httpcore2's exceptions and the httpx2 ones the client expects, most specific first.
-_EXCEPTIONS = (
-    (httpcore2.ConnectTimeout, httpx2.ConnectTimeout), (httpcore2.ReadTimeout, httpx2.ReadTimeout),
-    (httpcore2.WriteTimeout, httpx2.WriteTimeout), (httpcore2.PoolTimeout, httpx2.PoolTimeout),
-    (httpcore2.ConnectError, httpx2.ConnectError), (httpcore2.ReadError, httpx2.ReadError),
-    (httpcore2.WriteError, httpx2.WriteError), (httpcore2.RemoteProtocolError, httpx2.RemoteProtocolError),
-    (httpcore2.LocalProtocolError, httpx2.LocalProtocolError), (httpcore2.UnsupportedProtocol,
-                                                                 httpx2.UnsupportedProtocol),
-    (httpcore2.ProxyError, httpx2.ProxyError), (httpcore2.TimeoutException, httpx2.TimeoutException),
-    (httpcore2.NetworkError, httpx2.NetworkError), (httpcore2.ProtocolError, httpx2.ProtocolError),
-)
-
-
-@contextmanager
-def _mapped() -> Iterator[None]:
-    try:
-        yield
-    except tuple(core for core, _ in _EXCEPTIONS) as err:
-        mapped = next(ours for core, ours in _EXCEPTIONS if isinstance(err, core))
-        raise mapped(str(err)) from err
+# httpcore2's exceptions and the httpx2 ones of the same name that the client expects, most specific first.
+_EXCEPTIONS = tuple((getattr(httpcore2, name), getattr(httpx2, name)) for name in (
+    "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "ConnectError", "ReadError", "WriteError",
+    "RemoteProtocolError", "LocalProtocolError", "UnsupportedProtocol", "ProxyError", "TimeoutException",
+    "NetworkError", "ProtocolError"))
 
 
 def _kind(err: BaseException) -> str:
@@ -398,18 +333,28 @@ def _kind(err: BaseException) -> str:
     return "network"
 
 
+@contextmanager
+def _counted(operation: Operation) -> Iterator[None]:
+    """Raise httpcore2's errors as httpx2's, each one a failure of ``operation`` (past its budget: the end)."""
+    try:
+        try:
+            yield
+        except tuple(core for core, _ in _EXCEPTIONS) as err:
+            mapped = next(ours for core, ours in _EXCEPTIONS if isinstance(err, core))
+            raise mapped(str(err)) from err
+    except httpx2.TransportError as err:
+        if operation.failed(_kind(err)):
+            raise RetryBudgetExhausted(operation.spent()) from err
+        raise
+
+
 class _ResponseStream(httpx2.SyncByteStream):
     def __init__(self, inner: Any, operation: Operation) -> None:
         self._inner, self._operation = inner, operation
 
     def __iter__(self) -> Iterator[bytes]:
-        try:
-            with _mapped():
-                yield from self._inner
-        except httpx2.TransportError as err:
-            if self._operation.failed(_kind(err)):
-                raise RetryBudgetExhausted(self._operation.spent()) from err
-            raise
+        with _counted(self._operation):
+            yield from self._inner
 
     def close(self) -> None:
         if hasattr(self._inner, "close"):
@@ -439,13 +384,8 @@ class BoundedTransport(httpx2.BaseTransport):
                               target=request.url.raw_path),
             headers=request.headers.raw, content=request.stream, extensions=request.extensions,
         )
-        try:
-            with _mapped():
-                answer = self._pool.handle_request(core)
-        except httpx2.TransportError as err:
-            if operation.failed(_kind(err)):
-                raise RetryBudgetExhausted(operation.spent()) from err
-            raise
+        with _counted(operation):
+            answer = self._pool.handle_request(core)
         response = httpx2.Response(status_code=answer.status, headers=answer.headers,
                                    stream=_ResponseStream(answer.stream, operation), extensions=answer.extensions)
         operation.content_types = [*operation.content_types[-3:], response.headers.get("content-type", "")]

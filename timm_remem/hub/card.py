@@ -1,22 +1,5 @@
-"""The model card (``README.md``) of a teacher folder: YAML metadata for the Hub plus a page for people.
-
-The page is the Jinja template ``card_template.md`` next to this file, rendered by huggingface_hub's
-``ModelCard.from_template``; this module computes what goes into it (the metadata, the settings table, the factor
-of each reweighted block, the accuracies).
-
-Example:
-    >>> import timm, timm_remem
-    >>> from timm_remem.hub.card import model_card
-    >>> from timm_remem.hub.metadata import TeacherMetadata, remem_block
-    >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False), alpha=0.5, top_k=2)
-    >>> meta = TeacherMetadata(dataset="cifar100", teacher_accuracy=91.5)
-    >>> remem = remem_block(teacher, meta, merged=True)
-    >>> card = model_card({"architecture": "test_vit", "num_classes": 1000}, remem, meta, {}, "alice/vit")
-    >>> card.data.datasets, card.text.splitlines()[0]
-    (['cifar100'], '# vit')
-    >>> "| Reweighted blocks | top 2 |" in card.text and "| this teacher | 91.5 |" in card.text
-    True
-"""
+"""The model card (``README.md``) of a teacher folder: YAML metadata for the Hub plus a page for people, rendered
+from the Jinja template ``card_template.md`` next to this file by huggingface_hub's ``ModelCard.from_template``."""
 
 from __future__ import annotations
 
@@ -42,15 +25,19 @@ CITATION = f"""@article{{dong2025remem,
 
 def model_card(hf_config: dict, remem: dict, meta: TeacherMetadata, scales: dict[str, float],
                repo_id: str | None, adapter: bool = False) -> ModelCard:
-    """The card of a teacher folder (see the module example).
+    """The card of a teacher folder; ``scales`` (``{branch path: factor}``, or ``{}``) names each factor's branch.
 
-    Args:
-        hf_config: The folder's ``config.json`` (``architecture`` and ``num_classes`` are shown).
-        remem: Its ``remem`` block (see :func:`timm_remem.hub.metadata.remem_block`).
-        meta: The teacher metadata.
-        scales: ``{branch path: factor}`` of the reweighted model (names the branch of each factor), or ``{}``.
-        repo_id: The Hub id the folder is meant for, or ``None`` (the card then names ``<namespace>/<name>``).
-        adapter: The folder holds a LoRA adapter alone (peft's format), not a timm checkpoint.
+    Example:
+        >>> import timm, timm_remem
+        >>> from timm_remem.hub.metadata import remem_block
+        >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False), alpha=0.5, top_k=2)
+        >>> meta = TeacherMetadata(dataset="cifar100", teacher_accuracy=91.5)
+        >>> remem = remem_block(teacher, meta, merged=True)
+        >>> card = model_card({"architecture": "test_vit", "num_classes": 1000}, remem, meta, {}, "alice/vit")
+        >>> card.data.datasets, card.text.splitlines()[0]
+        (['cifar100'], '# vit')
+        >>> "| Reweighted blocks | top 2 |" in card.text and "| this teacher | 91.5 |" in card.text
+        True
     """
     arch = hf_config["architecture"]
     name = repo_id.split("/")[1] if repo_id else f"{arch}-remem"
@@ -81,21 +68,16 @@ def model_card(hf_config: dict, remem: dict, meta: TeacherMetadata, scales: dict
 
 def _card_data(meta: TeacherMetadata, name: str, adapter: bool = False) -> ModelCardData:
     """The YAML header: what the Hub indexes (library, task, tags, base model, dataset, license, results)."""
-    results = []
-    if meta.teacher_accuracy is not None:
-        results.append(EvalResult(task_type="image-classification", dataset_type=meta.dataset,
-                                  dataset_name=meta.dataset, metric_type="accuracy",
-                                  metric_value=meta.teacher_accuracy, metric_name="Top-1 accuracy (%)"))
-    for student, acc in sorted(meta.student_accuracies.items()):
-        results.append(EvalResult(task_type="image-classification", dataset_type=meta.dataset,
-                                  dataset_name=meta.dataset, metric_type="accuracy", metric_value=acc,
-                                  metric_name=f"Top-1 accuracy (%) of a {student} student distilled from it"))
+    accuracies = [("Top-1 accuracy (%)", meta.teacher_accuracy)] if meta.teacher_accuracy is not None else []
+    accuracies += [(f"Top-1 accuracy (%) of a {student} student distilled from it", acc)
+                   for student, acc in sorted(meta.student_accuracies.items())]
+    results = [EvalResult(task_type="image-classification", dataset_type=meta.dataset, dataset_name=meta.dataset,
+                          metric_type="accuracy", metric_value=acc, metric_name=what) for what, acc in accuracies]
     return ModelCardData(
         library_name="peft" if adapter else "timm", pipeline_tag="image-classification",
         tags=[*CARD_TAGS, "lora", "peft"] if adapter else list(CARD_TAGS), model_name=name,
         base_model=base_model_hub_id(meta.base_model), datasets=[meta.dataset] if meta.dataset else None,
-        license=meta.license,
-        eval_results=results or None,
+        license=meta.license, eval_results=results or None,
     )
 
 

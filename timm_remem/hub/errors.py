@@ -1,15 +1,6 @@
 """One :class:`~timm_remem.errors.HubError` for every way the Hub can fail, with what happened and what to do.
 
-huggingface_hub raises its own classes (:mod:`huggingface_hub.errors`) for what the Hub answered, and its HTTP
-client (httpx2) raises for connections that fail; both are recognised here with ``isinstance`` anywhere in the
-chain of causes, so a wrapped error is explained as well as a bare one.
-
-Example:
-    >>> from huggingface_hub.errors import LocalTokenNotFoundError
-    >>> from timm_remem.hub.errors import explain_hub_error
-    >>> explain_hub_error(LocalTokenNotFoundError(), "push to", "alice/vit", None, "https://huggingface.co")
-    "cannot push to 'alice/vit' on https://huggingface.co without a token: pass token=..., set the HF_TOKEN \
-environment variable or run `hf auth login`."
+huggingface_hub's and httpx2's errors are recognised by class anywhere in the chain of causes.
 """
 
 from __future__ import annotations
@@ -65,28 +56,15 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 
 
 def find_in_chain(err: BaseException, *classes: type[BaseException]) -> BaseException | None:
-    """The first exception in ``err``'s chain of causes that is an instance of one of ``classes``.
-
-    Example:
-        >>> try:
-        ...     try:
-        ...         raise KeyError("inner")
-        ...     except KeyError as e:
-        ...         raise RuntimeError("outer") from e
-        ... except RuntimeError as e:
-        ...     find_in_chain(e, LookupError)
-        KeyError('inner')
-    """
+    """The first exception in ``err``'s chain of causes that is an instance of one of ``classes``, or ``None``."""
     return next((e for e in _chain(err) if isinstance(e, classes)), None)
 
 
 @contextmanager
 def hub_errors(action: str, repo_id: str, revision: str | None, endpoint: str, pushing: bool = False,
                limits: HubLimits | None = None) -> Iterator:
-    """Run Hub calls bounded by ``limits``; turn their errors into one :class:`HubError` with a clear message.
-
-    Errors of timm-remem pass through, and so do errors that are not the Hub's. The requests made inside obey
-    ``limits`` (default: :meth:`HubLimits.resolve`, i.e. the environment variables or the defaults).
+    """Run Hub calls bounded by ``limits`` (default: :meth:`HubLimits.resolve`); the Hub's errors become one
+    :class:`HubError` (timm-remem's own errors, and errors that are not the Hub's, pass through).
 
     Example:
         >>> from huggingface_hub.errors import LocalTokenNotFoundError
@@ -110,17 +88,8 @@ def hub_errors(action: str, repo_id: str, revision: str | None, endpoint: str, p
 
 def explain_hub_error(err: BaseException, action: str, repo_id: str, revision: str | None, endpoint: str,
                       pushing: bool = False, operation: Operation | None = None) -> str | None:
-    """What ``err`` means for someone trying to ``action`` ``repo_id``, or ``None`` when it is not the Hub's.
-
-    Args:
-        err: The exception raised by huggingface_hub (or anything it was raised from).
-        action: What was being done, in words (``"download"``, ``"push to"``).
-        repo_id: The repository.
-        revision: The revision asked for (``None``: ``main``).
-        endpoint: The Hub's address (named in the message).
-        pushing: Whether it was a push (the message then says that nothing was published).
-        operation: The record of the operation's requests (what its failed attempts ran into), if any.
-    """
+    """What ``err`` means for someone trying to ``action`` (``"download"``, ``"push to"``) ``repo_id``, or ``None``
+    when it is not the Hub's. ``pushing`` adds what became of the push; ``operation`` tells what the attempts met."""
     where = f"{repo_id!r} on {endpoint}"
     undone = (" The push did not complete; it is a single commit, so the repository shows the previous revision "
               "(or the complete new one if the Hub applied it just before the failure): run it again.") if pushing \

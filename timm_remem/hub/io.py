@@ -1,13 +1,4 @@
-"""Write a teacher folder in timm's Hugging Face format, find one (a folder or the Hub), and load it back.
-
-Example:
-    >>> import tempfile, timm, timm_remem
-    >>> from timm_remem.hub import fetch_teacher_files
-    >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False, img_size=32), alpha=0.8)
-    >>> folder = timm_remem.save_pretrained(teacher, tempfile.mkdtemp(), merge=False)
-    >>> sorted(p.name for p in fetch_teacher_files(f"local-dir:{folder}").iterdir())
-    ['README.md', 'config.json', 'model.safetensors']
-"""
+"""Write a teacher folder in timm's Hugging Face format, find one (a folder or the Hub), and load it back."""
 
 from __future__ import annotations
 
@@ -56,10 +47,6 @@ _HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 _LOCAL_PREFIX = "local-dir:"
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Saving
-
-
 def save_pretrained(
     model: nn.Module,
     path: str | os.PathLike,
@@ -71,52 +58,30 @@ def save_pretrained(
     data_config: dict[str, Any] | None = None,
     **fields: Any,
 ) -> Path:
-    """Write a teacher to ``path`` in timm's Hugging Face format, with a ReMem model card.
+    """Write a teacher to ``path`` in timm's Hugging Face format, with a ReMem model card (see docs/hub.md).
 
-    A LoRA teacher (a timm model adapted with peft, e.g. by ``peft.get_peft_model``) is written as the plain timm
-    checkpoint of its merged weights (peft's ``merge_and_unload`` on a copy, then the factors folded). With
-    ``adapter_only=True`` the folder holds the adapter alone in peft's format (``adapter_config.json``,
-    ``adapter_model.safetensors``, loadable with ``peft.PeftModel.from_pretrained`` onto the base model) and, for
-    a reweighted teacher, ``remem.json`` with its factors; this needs ``base_model``, since an adapter is useless
-    without the exact weights it adapts.
-
-    The folder holds ``config.json``, ``model.safetensors`` and ``README.md``. With ``merge=True`` (the default)
-    the reweighting factors are folded into a copy of the weights (``model`` is not changed): the folder is a plain
-    timm checkpoint that ``timm.create_model("local-dir:DIR", pretrained=True)`` loads and that reproduces the
-    teacher's outputs. With ``merge=False`` the wrappers' factors are saved as ``...remem_scale`` tensors (e.g. to
-    keep learnable factors for further fine-tuning); :func:`load_teacher` restores them exactly.
-
-    ``pretrained_cfg`` fields inherited from the base checkpoint that would be false for the teacher are rewritten:
-    ``tag``, ``license``, ``num_classes``, ``hf_hub_id`` (``repo_id``), description and paper; the input size is
-    the model's current one.
-
-    A model wrapped by ``torch.compile``, ``DistributedDataParallel`` or ``DataParallel`` is saved as the model
-    it wraps. Everything is checked before the folder is touched; the folder must be one timm-remem may write (see
-    :func:`timm_remem._io.claim_output_dir`: missing, empty, or a model folder timm-remem wrote), and every file is
-    written into a fresh private folder first and renamed into place (``config.json`` last), so nothing is written
-    through a symlink in the folder and a failed save leaves the previous files of the folder as they were.
+    The folder (``config.json``, ``model.safetensors``, ``README.md``) loads in plain timm
+    (``timm.create_model("local-dir:DIR", pretrained=True)``); a LoRA teacher is written merged. A wrapper
+    (``torch.compile``, DDP) is saved as the model it wraps. The files are renamed into place (``config.json``
+    last), so a failed save leaves the folder's previous files as they were.
 
     Args:
         model: A timm model, reweighted (see :func:`timm_remem.reweight`) or not.
-        path: Folder to write (created if needed; files of the same names that timm-remem wrote are replaced).
-        merge: Fold the factors into the weights (plain timm checkpoint) or keep them separate.
-        adapter_only: For a ``peft.PeftModel``: write the adapter alone instead of the merged checkpoint.
+        path: Folder to write: missing, empty, or a model folder timm-remem wrote (its files are replaced).
+        merge: Fold the factors into a copy of the weights, or keep them (``...remem_scale`` tensors).
+        adapter_only: For a ``peft.PeftModel``: write the adapter alone in peft's format (needs ``base_model``).
         metadata: Training metadata; the keyword ``fields`` override its values.
         repo_id: Hub id the folder is meant for (``"namespace/name"``), recorded as ``hf_hub_id``.
-        data_config: Preprocessing to record (``input_size``, ``crop_pct``, ``interpolation``, ``mean``,
-            ``std``...), as accepted by ``timm.models.save_for_hf`` (default: the model's current input size).
-        **fields: :class:`TeacherMetadata` fields (``base_model``, ``dataset``, ``rho``, ``adaptive``,
-            ``epochs``, ``teacher_accuracy``, ``student_accuracies``, ``license``). Give ``base_model`` only
-            when the teacher started from those pretrained weights: ``None`` (the default) records "trained from
-            random initialisation" in ``config.json`` and on the card; nothing is taken from ``pretrained_cfg``.
+        data_config: Preprocessing to record, as ``timm.models.save_for_hf`` takes it (default: the input size).
+        **fields: :class:`TeacherMetadata` fields. Give ``base_model`` only when the teacher started from those
+            pretrained weights: ``None`` records "trained from random initialisation".
 
     Returns:
         The folder written.
 
     Raises:
-        ConfigError: Unknown or invalid metadata, a malformed ``repo_id``, ``adapter_only=True`` for a model
-            without a peft adapter or without ``base_model``, or a folder that is not timm-remem's to write (not
-            empty and holding no timm-remem model, a run folder, ``path=""``).
+        ConfigError: Unknown or invalid metadata, a malformed ``repo_id``, ``adapter_only=True`` without a peft
+            adapter or ``base_model``, or a folder that is not timm-remem's to write (see ``path``).
         UnsupportedModelError: ``model`` is not a timm model.
         CheckpointError: A write failed (a full disk, a read-only folder); the folder's earlier files are kept.
 
@@ -155,8 +120,8 @@ def save_pretrained(
 
 
 def _remove_other_exports(folder: Path, written: set[str]) -> None:
-    """A folder holds one export: remove the export files this save did not write (a merged save over an adapter
-    folder would leave adapter files that peft loads; the reverse, a config.json that load_teacher prefers)."""
+    """A folder holds one export: remove the export files this save did not write (peft or load_teacher would
+    read them)."""
     for name in EXPORT_FILES:
         stale = folder / name
         if name not in written and (stale.is_file() or stale.is_symlink()):
@@ -164,8 +129,7 @@ def _remove_other_exports(folder: Path, written: set[str]) -> None:
 
 
 def _unwrapped(model: Any) -> Any:
-    """The model inside ``torch.compile`` / ``DistributedDataParallel`` / ``DataParallel`` wrappers (timm's
-    ``unwrap_model``); any other object as it is."""
+    """The model inside ``torch.compile`` / DDP / ``DataParallel`` wrappers; any other object as it is."""
     while isinstance(model, nn.Module) and (
             (type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"))
             or isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))):
@@ -175,8 +139,7 @@ def _unwrapped(model: Any) -> Any:
 
 @contextlib.contextmanager
 def _writing(claim: OutputClaim):
-    """Writing into a claimed folder: a failed write becomes a ``CheckpointError`` naming the folder, and a folder
-    created for this save is removed again when nothing was written into it."""
+    """A failed write becomes a ``CheckpointError``; a folder created for this save is removed if still empty."""
     try:
         yield
     except BaseException as err:
@@ -202,15 +165,14 @@ def _save_merged(model: nn.Module, timm_model: nn.Module, adapted: bool, folder:
         remem["lora"] = "merged"
     scales = get_scales(plain) if wrapped else {}
     weights = merge_factors(plain if adapted else copy.deepcopy(plain)) if merge and wrapped else plain
-    model = plain
     if data_config is None:
-        data_config = {"input_size": model_input_config(model)}
+        data_config = {"input_size": model_input_config(plain)}
 
     def write(tmp: Path) -> None:  # a fresh private folder; write_into renames the files into place
         save_for_hf(weights, str(tmp), model_config={"remem": remem}, safe_serialization=True, data_config=data_config)
         config_file = tmp / CONFIG_NAME
         hf_config = json.loads(config_file.read_text(encoding="utf-8"))
-        rewrite_pretrained_cfg(hf_config["pretrained_cfg"], model, meta, repo_id)
+        rewrite_pretrained_cfg(hf_config["pretrained_cfg"], plain, meta, repo_id)
         atomic_write_text(config_file, json.dumps(hf_config, indent=2) + "\n", fsync=False)
         card = model_card(hf_config, remem, meta, scales, repo_id)
         atomic_write_text(tmp / CARD_NAME, str(card), fsync=False)
@@ -237,10 +199,6 @@ def _save_adapter(model: nn.Module, timm_model: nn.Module, folder: Path, meta: T
     return write_into(folder, write)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Finding the files
-
-
 def fetch_teacher_files(
     name_or_path: str | os.PathLike,
     *,
@@ -252,22 +210,12 @@ def fetch_teacher_files(
 ) -> Path:
     """The local folder that holds a teacher's ``config.json`` and ``model.safetensors``, downloading if needed.
 
-    Args:
-        name_or_path: ``"hf-hub:namespace/name"`` (optionally ``@revision``), ``"local-dir:DIR"`` or a folder.
-        revision: Branch, tag or commit for ``hf-hub:`` (same as ``@revision`` in the name).
-        token: Token for private repositories (default: ``HF_TOKEN`` or the stored login).
-        cache_dir: Hub cache folder (default: huggingface_hub's).
-        timeout: Seconds without a byte before a request fails (default: ``TIMM_REMEM_HUB_TIMEOUT`` or 10).
-        retry_budget: Seconds of retries after a first failure (default: ``TIMM_REMEM_HUB_RETRY_BUDGET`` or 45).
-
-    Returns:
-        The folder (for ``hf-hub:``, the snapshot in the Hub cache).
+    Takes the arguments of :func:`load_teacher`; returns the folder (for ``hf-hub:``, the snapshot in the Hub cache).
 
     Raises:
-        ConfigError: ``name_or_path`` is not one of the accepted forms, two revisions are given, or the revision
-            is not a branch, tag or commit id (checked before any request or file access).
-        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason), or a file that
-            huggingface_hub hands back lies outside the Hub cache (nothing is read then).
+        ConfigError: A bad ``name_or_path`` or revision, or two revisions (before any request or file access).
+        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason), or a file lies
+            outside the Hub cache (nothing is read then).
         CheckpointError: ``model.safetensors`` is missing.
 
     Example:
@@ -338,11 +286,8 @@ def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: 
 
 
 def _inside_cache(path: str, cache_dir: Any, repo_id: str) -> Path:
-    """``path`` (handed back by huggingface_hub) once it is known to lie in the Hub cache, symlinks resolved.
-
-    The cache's file names come from the server (the commit id, the ``ETag`` of each file): a hostile server can
-    make huggingface_hub write and link a file outside the cache, so nothing is read before this check.
-    """
+    """``path`` once it is known to lie in the Hub cache, symlinks resolved: the cache's file names come from the
+    server (commit id, ``ETag``), so a hostile one can make huggingface_hub link a file outside the cache."""
     cache = Path(constants.HF_HUB_CACHE if cache_dir is None else cache_dir).expanduser().resolve()
     given = Path(os.path.abspath(path))
     target = given.resolve()
@@ -354,10 +299,6 @@ def _inside_cache(path: str, cache_dir: Any, repo_id: str) -> Path:
             f"delete {str(target)!r} unless you put it there."
         )
     return given
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Loading
 
 
 def load_teacher(
@@ -373,14 +314,12 @@ def load_teacher(
 ) -> nn.Module:
     """Load a teacher written by :func:`save_pretrained` / :func:`push_to_hub` (or any timm Hub-format model).
 
-    Accepts ``"hf-hub:namespace/name"`` (optionally ``@revision``), ``"local-dir:DIR"`` or a folder. The model is
-    built from ``config.json`` (architecture, ``model_args``, ``pretrained_cfg``) and the weights are read from
-    ``model.safetensors`` only (never a pickle), with a strict key check. A teacher saved with ``merge=False`` comes
-    back reweighted, with its exact factors (learnable ones stay learnable), unless ``merge=True`` folds them. For a
-    merged teacher, :func:`timm_remem.get_reweight_config` still reports its settings (``merged=True``).
+    The weights are read from ``model.safetensors`` only (never a pickle), with a strict key check. A teacher saved
+    with ``merge=False`` comes back reweighted with its exact factors (learnable ones stay learnable); for a merged
+    one, :func:`timm_remem.get_reweight_config` still reports its settings (``merged=True``).
 
     Args:
-        name_or_path: Where the teacher is.
+        name_or_path: ``"hf-hub:namespace/name"`` (optionally ``@revision``), ``"local-dir:DIR"`` or a folder.
         merge: Fold kept factors into the weights and return a plain timm model.
         revision: Branch, tag or commit for ``hf-hub:`` (same as ``@revision`` in the name).
         token: Token for private repositories (default: ``HF_TOKEN`` or the stored login).
@@ -393,10 +332,8 @@ def load_teacher(
         The teacher in eval mode, with ``pretrained_cfg`` describing its preprocessing.
 
     Raises:
-        ConfigError: ``name_or_path`` is not one of the accepted forms, or the revision is not a branch, tag or
-            commit id (checked before any request or file access).
-        HubError: The repository, revision or ``config.json`` cannot be fetched (with the reason), or a file that
-            huggingface_hub hands back lies outside the Hub cache (nothing is read then).
+        ConfigError: A bad ``name_or_path`` or revision (checked before any request or file access).
+        HubError: As for :func:`fetch_teacher_files`.
         CheckpointError: ``model.safetensors`` is missing or unreadable, or its keys or shapes do not match.
 
     Example:

@@ -1,18 +1,5 @@
-"""What ``config.json`` records about a teacher: :class:`TeacherMetadata` and the ``remem`` block.
-
-The ``remem`` block holds the reweighting settings (the :class:`~timm_remem.ReweightConfig` fields, flat), the live
-factor of each reweighted block, whether the factors were folded into the weights, and the training metadata.
-:func:`rewrite_pretrained_cfg` replaces what a base checkpoint's ``pretrained_cfg`` says about itself with what is
-true of the teacher.
-
-Example:
-    >>> import timm, timm_remem
-    >>> from timm_remem.hub.metadata import TeacherMetadata, remem_block
-    >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False), alpha=0.5, top_k=2)
-    >>> block = remem_block(teacher, TeacherMetadata(rho=0.1), merged=False)
-    >>> block["factors"], block["merged"], block["rho"]
-    ([0.5, 0.25], False, 0.1)
-"""
+"""What ``config.json`` records about a teacher: :class:`TeacherMetadata`, the ``remem`` block (reweighting settings,
+factors, training metadata) and the teacher's own ``pretrained_cfg`` fields."""
 
 from __future__ import annotations
 
@@ -48,16 +35,11 @@ _ACCURACY_HINT = "give the top-1 accuracy in percent, between 0 and 100"
 
 @dataclass
 class TeacherMetadata:
-    """How a teacher was made, recorded in ``config.json`` and shown on the model card.
-
-    Every field is optional; pass them to :func:`save_pretrained` / :func:`push_to_hub` as keyword arguments or
-    as one ``metadata=TeacherMetadata(...)``.
+    """How a teacher was made, recorded in ``config.json`` and shown on the model card; every field is optional.
 
     Attributes:
-        base_model: The pretrained checkpoint whose weights the teacher started from (a timm name such as
-            ``"vit_base_patch16_224.augreg_in21k"`` or a Hub id), given only when those weights were really loaded.
-            ``None`` (the default) records that the teacher was trained from random initialisation: nothing is
-            guessed from the model's ``pretrained_cfg``, which timm fills in even without pretrained weights.
+        base_model: The pretrained checkpoint the teacher started from (a timm name or a Hub id), only when those
+            weights were really loaded; ``None``: trained from random initialisation (never guessed).
         dataset: Dataset the teacher was fine-tuned on (a Hub dataset id or a name, e.g. ``"cifar100"``).
         rho: SAM neighbourhood radius used for fine-tuning.
         adaptive: Whether SAM was adaptive (ASAM).
@@ -86,9 +68,8 @@ class TeacherMetadata:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name} must be a non-empty string or None, got {value!r}.")
         if self.rho is not None:
-            if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (
-                math.isfinite(self.rho) and self.rho >= 0
-            ):
+            number = not isinstance(self.rho, bool) and isinstance(self.rho, (int, float))
+            if not (number and math.isfinite(self.rho) and self.rho >= 0):
                 raise ConfigError(f"rho must be a finite number >= 0 (the SAM radius, e.g. 0.05), got {self.rho!r}.")
             self.rho = float(self.rho)
         if self.adaptive is not None:
@@ -108,7 +89,7 @@ class TeacherMetadata:
             raise ConfigError("accuracies need the dataset they were measured on: pass dataset='...' too.")
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the fields as a JSON-ready dict with sorted keys."""
+        """The fields as a JSON-ready dict with sorted keys."""
         return dataclass_to_dict(self)
 
     @classmethod
@@ -124,13 +105,7 @@ class TeacherMetadata:
 
 
 def metadata_from_fields(metadata: TeacherMetadata | None, fields: dict[str, Any]) -> TeacherMetadata:
-    """``metadata`` (or empty metadata) with the keyword ``fields`` of ``save_pretrained`` applied on top.
-
-    Example:
-        >>> meta = metadata_from_fields(TeacherMetadata(rho=0.1), {"epochs": 3})
-        >>> meta.rho, meta.epochs
-        (0.1, 3)
-    """
+    """``metadata`` (or empty metadata) with the keyword ``fields`` of ``save_pretrained`` applied on top."""
     if metadata is not None and not isinstance(metadata, TeacherMetadata):
         raise ConfigError(f"metadata must be a TeacherMetadata, got {type(metadata).__name__}.")
     known = known_fields(TeacherMetadata)
@@ -159,17 +134,20 @@ def base_model_hub_id(base_model: str | None) -> str | None:
 
 
 def initialisation(meta: TeacherMetadata) -> str:
-    """How the teacher's weights started, in words: ``fine-tuned from <base>`` or :data:`RANDOM_INIT`.
-
-    Example:
-        >>> initialisation(TeacherMetadata())
-        'trained from random initialisation (no pretrained weights were loaded)'
-    """
+    """How the teacher's weights started, in words: ``fine-tuned from <base>`` or :data:`RANDOM_INIT`."""
     return f"fine-tuned from {meta.base_model}" if meta.base_model else RANDOM_INIT
 
 
 def remem_block(model: nn.Module, meta: TeacherMetadata, merged: bool) -> dict[str, Any]:
-    """The ``remem`` block of ``config.json`` for ``model``, sorted by key (see the module example)."""
+    """The ``remem`` block of ``config.json`` for ``model``, sorted by key.
+
+    Example:
+        >>> import timm, timm_remem
+        >>> teacher = timm_remem.reweight(timm.create_model("test_vit", pretrained=False), alpha=0.5, top_k=2)
+        >>> block = remem_block(teacher, TeacherMetadata(rho=0.1), merged=False)
+        >>> block["factors"], block["merged"], block["rho"]
+        ([0.5, 0.25], False, 0.1)
+    """
     config = get_reweight_config(model)
     block: dict[str, Any] = {"library": "timm-remem", "version": __version__, "reweighted": config is not None}
     if config is not None:  # read from the model's modules at this moment (get_reweight_config checks them)
@@ -185,15 +163,8 @@ def remem_block(model: nn.Module, meta: TeacherMetadata, merged: bool) -> dict[s
 
 
 def reweight_config_from_block(remem: Mapping[str, Any]) -> ReweightConfig | None:
-    """The :class:`~timm_remem.ReweightConfig` a ``remem`` block records, or ``None`` for a plain teacher.
-
-    Raises:
-        CheckpointError: The block is damaged.
-
-    Example:
-        >>> reweight_config_from_block({"reweighted": False, "factors": []}) is None
-        True
-    """
+    """The :class:`~timm_remem.ReweightConfig` a ``remem`` block records, or ``None`` for a plain teacher;
+    :class:`~timm_remem.errors.CheckpointError` when the block is damaged."""
     if not remem.get("reweighted") or not remem.get("factors"):
         return None
     try:
@@ -204,7 +175,7 @@ def reweight_config_from_block(remem: Mapping[str, Any]) -> ReweightConfig | Non
 
 
 def rewrite_pretrained_cfg(cfg: dict, model: nn.Module, meta: TeacherMetadata, repo_id: str | None) -> None:
-    """Replace what the base checkpoint's pretrained_cfg says about itself with what is true of the teacher.
+    """Replace what the base checkpoint's ``pretrained_cfg`` says about itself with what is true of the teacher.
 
     Example:
         >>> cfg = {"tag": "augreg_in21k", "license": "mit", "origin_url": "https://example.org"}

@@ -1,12 +1,4 @@
-"""Publish a teacher on the Hugging Face Hub as one commit, loadable with ``timm.create_model("hf-hub:...")``.
-
-Example:
-    >>> from timm_remem.hub import push_to_hub
-    >>> push_to_hub(object(), "not a repo id", token="hf_x")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    timm_remem.errors.ConfigError: repo_id must be 'namespace/name' (...), got 'not a repo id'.
-"""
+"""Publish a teacher on the Hugging Face Hub as one commit, loadable with ``timm.create_model("hf-hub:...")``."""
 
 from __future__ import annotations
 
@@ -46,26 +38,17 @@ def push_to_hub(
 ) -> str:
     """Publish a teacher on the Hugging Face Hub, loadable with ``timm.create_model("hf-hub:<repo_id>")``.
 
-    Creates the repository if needed (``private`` applies only then) and the branch ``revision`` if it does not
-    exist, writes the folder of :func:`save_pretrained` to a temporary directory and uploads it as one commit: an
-    interrupted push publishes nothing, the branch shows either the previous revision or the complete new one.
+    Writes the folder of :func:`save_pretrained` (same ``merge``, ``adapter_only``, ``metadata``, ``data_config``
+    and ``fields``) to a temporary directory and uploads it as one commit: an interrupted push publishes nothing.
 
     Args:
-        model: The teacher (see :func:`save_pretrained` for ``merge``, ``metadata``, ``data_config``, ``fields``).
         repo_id: ``"namespace/name"``: your user name or an organisation where you may write.
-        merge: Fold the factors into the weights (loadable by plain timm) or keep them (timm-remem only).
-        adapter_only: For a LoRA teacher (``peft.PeftModel``): publish the adapter alone in peft's format
-            (needs ``base_model``); by default the merged plain timm checkpoint is published.
-        private: Create the repository private.
+        private: Create the repository private (applies only when it is created).
         token: Hugging Face token with the write role (default: ``HF_TOKEN`` or the token of ``hf auth login``).
         revision: Branch to commit to (default ``main``); created from ``main`` when missing.
         commit_message: Commit title (default: ``"Upload ReMem teacher <architecture>"``).
-        metadata: Training metadata, see :class:`TeacherMetadata`.
-        data_config: Preprocessing to record, see :func:`save_pretrained`.
         timeout: Seconds without a byte before a request fails (default: ``TIMM_REMEM_HUB_TIMEOUT`` or 10).
-        retry_budget: Seconds of retries after a first failure (default: ``TIMM_REMEM_HUB_RETRY_BUDGET`` or 45);
-            a dead server ends the push after about ``timeout + retry_budget`` seconds.
-        **fields: :class:`TeacherMetadata` fields.
+        retry_budget: Seconds of retries after a first failure (default: ``TIMM_REMEM_HUB_RETRY_BUDGET`` or 45).
 
     Returns:
         The URL of the commit.
@@ -77,7 +60,10 @@ def push_to_hub(
 
     Example:
         >>> url = timm_remem.push_to_hub(teacher, "me/vit-b-remem-cifar100", dataset="cifar100")  # doctest: +SKIP
-        >>> timm.create_model("hf-hub:me/vit-b-remem-cifar100", pretrained=True)  # doctest: +SKIP
+        >>> push_to_hub(object(), "not a repo id", token="hf_x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        timm_remem.errors.ConfigError: repo_id must be 'namespace/name' (...), got 'not a repo id'.
     """
     check_repo_id(repo_id)
     if revision is not None:

@@ -1,17 +1,7 @@
 """LoRA teachers: peft adapters on timm vision transformers, trained with ReMem and folded back into plain timm.
 
 The one home of peft in timm-remem. Optional: needs peft (``pip install timm-remem[lora]``), imported only by
-:func:`apply_lora`; everything else recognises peft objects without importing it (the shared leaf
-``timm_remem/_peft.py``, which the reweighting room uses too).
-
-- ``config.py``: :data:`LORA_TARGETS` and :func:`check_lora_settings` (the one check of the settings, also the
-  training config's; importing it does not import peft).
-- ``adapters.py``: :func:`apply_lora` (peft's ``LoraConfig`` injected with ``inject_adapter_in_model``; the base
-  weights frozen, the head trained fully), :func:`is_lora`, :func:`lora_config`, :func:`linear_layer_names`,
-  :func:`trainable_parameters`, and the one import of peft (:class:`PeftMissingError`).
-- ``merge.py``: :func:`merge_lora` (the one merge: peft's, then the reweighting factors: a plain timm model) and
-  :func:`merged_copy` (what the hub publishes).
-- ``save.py``: :func:`save_adapter` (the adapter alone in peft's format: the hub's ``adapter_only=True``).
+:func:`apply_lora`; everything else recognises peft objects without importing it (``timm_remem/_peft.py``).
 
 Example:
     >>> import timm, timm_remem
@@ -26,16 +16,5 @@ from .config import LORA_TARGETS, check_lora_settings
 from .merge import merge_lora, merged_copy
 from .save import save_adapter
 
-__all__ = [
-    "LORA_TARGETS",
-    "PeftMissingError",
-    "apply_lora",
-    "check_lora_settings",
-    "is_lora",
-    "linear_layer_names",
-    "lora_config",
-    "merge_lora",
-    "merged_copy",
-    "save_adapter",
-    "trainable_parameters",
-]
+__all__ = ["LORA_TARGETS", "PeftMissingError", "apply_lora", "check_lora_settings", "is_lora", "linear_layer_names",
+           "lora_config", "merge_lora", "merged_copy", "save_adapter", "trainable_parameters"]

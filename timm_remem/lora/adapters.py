@@ -1,17 +1,7 @@
-"""LoRA adapters on a timm model with peft: :func:`apply_lora`, :func:`is_lora`, :func:`lora_config`,
-:func:`linear_layer_names`, :func:`trainable_parameters`, and the one import of peft (:class:`PeftMissingError`).
+"""LoRA adapters on a timm model with peft, and the one import of peft (:class:`PeftMissingError`).
 
-The adapters are injected in place with ``peft.inject_adapter_in_model`` (peft's ``LoraConfig``), so the model stays
-the timm model it was: same class, ``num_classes``, ``pretrained_cfg``, ``forward_features``, and the same
-state-dict keys outside the adapted layers. Only the adapters, the classifier head and learnable reweighting factors
-train; every other weight is frozen.
-
-Example:
-    >>> import timm
-    >>> from timm_remem.lora import apply_lora, trainable_parameters
-    >>> model = apply_lora(timm.create_model("test_vit", pretrained=False, num_classes=10), rank=4)
-    >>> trainable_parameters(model) < sum(p.numel() for p in model.parameters())
-    True
+The adapters are injected in place (``peft.inject_adapter_in_model``), so the model stays the timm model it was
+(same class, attributes and state-dict keys outside the adapted layers).
 """
 
 from __future__ import annotations
@@ -51,9 +41,7 @@ def _import_peft() -> ModuleType:
 
 
 def is_lora(model: nn.Module) -> bool:
-    """Whether ``model`` (a timm model, or a ``peft.PeftModel`` of one) holds peft adapter layers.
-
-    Checked without importing peft (see :mod:`timm_remem._peft`); the hub's ``save_pretrained`` asks it too.
+    """Whether ``model`` (a timm model, or a ``peft.PeftModel`` of one) holds peft adapter layers (peft not imported).
 
     Example:
         >>> import timm
@@ -172,14 +160,11 @@ def apply_lora(
 ) -> nn.Module:
     """Add peft LoRA adapters to a timm vision transformer's Linear layers (in place) and freeze its base weights.
 
-    The adapters (``peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=...)``, peft's
-    default initialisation: ``B = 0``, so the model's outputs are unchanged until it trains) go on every Linear layer
-    whose path is, or ends with, one of ``targets``. A layer whose weight the model reads without calling the layer
-    (EVA-02, BEiT and Swin V2 attention compute ``F.linear(x, qkv.weight, q/v bias)``) would ignore its adapter in
-    the forward pass while the merge folded it in; such a layer is never adapted: named explicitly it is refused,
-    in the default targets it is left out with a warning. Afterwards only the adapters, the classifier head
-    (``model.get_classifier()``, trained fully) and learnable reweighting factors require grad. Works before or
-    after :func:`timm_remem.reweight`; :func:`merge_lora` folds it all back into a plain timm model.
+    The adapters (``peft.LoraConfig``, ``B = 0``: the outputs are unchanged until it trains) go on every Linear layer
+    whose path is, or ends with, one of ``targets``. A layer the forward reads by weight without calling it (EVA-02,
+    BEiT and Swin V2 attention) would ignore its adapter, so it is never adapted. Afterwards only the adapters, the
+    classifier head and learnable reweighting factors require grad. Works before or after
+    :func:`timm_remem.reweight`; :func:`merge_lora` folds it all back into a plain timm model.
 
     Args:
         model: A timm model with transformer MLP branches (ViT, DeiT, BEiT, EVA-02, Swin, ...).
@@ -187,7 +172,7 @@ def apply_lora(
         alpha: LoRA scaling numerator (the update is scaled by ``alpha / rank``); None: equal to the rank.
         dropout: Dropout on the LoRA path, in [0, 1).
         targets: Linear-layer names (or path suffixes such as ``"mlp.fc1"``); None: :data:`LORA_TARGETS`, less
-            the layers the model's forward never calls (see below), with a warning naming them.
+            the layers the model's forward never calls, with a warning naming them.
         example_inputs: Input of the probe passes (batch 1 is enough); default: built from the model's image size.
 
     Returns:
@@ -196,8 +181,7 @@ def apply_lora(
     Raises:
         ConfigError: A bad setting, a target that matches no Linear layer (the message lists the model's names),
             the classifier or a layer the forward never calls named as a target, a model that holds adapters
-            already, or peft not installed
-            (``pip install timm-remem[lora]``; also an ``ImportError``).
+            already, or peft not installed (``pip install timm-remem[lora]``; also an ``ImportError``).
         UnsupportedModelError: The model has no transformer MLP branch (as for :func:`timm_remem.reweight`).
 
     Example:
@@ -220,17 +204,16 @@ def apply_lora(
     find_branches(model, "mlp", example_inputs=example_inputs)
     names = _resolve_targets(model, LORA_TARGETS if targets is None else targets)
     skipped = _uncalled(model, names, example_inputs)
+    shown = f"{skipped[:3]}{' ...' if len(skipped) > 3 else ''}"
     if skipped and targets is not None:
         raise ConfigError(
             f"lora_targets {sorted({n.rsplit('.', 1)[-1] for n in skipped})} include layers that "
-            f"{type(model).__name__}'s forward never calls ({skipped[:3]}{' ...' if len(skipped) > 3 else ''}: it "
-            "reads their weight directly), so an adapter there would do nothing in training; drop them from "
-            "lora_targets"
+            f"{type(model).__name__}'s forward never calls ({shown}: it reads their weight directly), so an adapter "
+            "there would do nothing in training; drop them from lora_targets"
         )
     if skipped:
-        warnings.warn(f"apply_lora: {len(skipped)} {type(model).__name__} layers ({skipped[:3]}"
-                      f"{' ...' if len(skipped) > 3 else ''}) are read by weight, never called: they get no adapter",
-                      UserWarning, stacklevel=2)
+        warnings.warn(f"apply_lora: {len(skipped)} {type(model).__name__} layers ({shown}) are read by weight, never "
+                      "called: they get no adapter", UserWarning, stacklevel=2)
         names = [n for n in names if n not in skipped]
     factors = [m.remem_scale for m in model.modules() if isinstance(m, ScaledBranch)
                and isinstance(m.remem_scale, nn.Parameter) and m.remem_scale.requires_grad]

@@ -1,14 +1,6 @@
 """The LoRA settings and their one check, shared by :func:`~timm_remem.lora.apply_lora` and the training config.
 
-Importing this module never imports peft (the training config and the CLI flags check the settings with or without
-peft installed; only :func:`~timm_remem.lora.apply_lora` needs it).
-
-Example:
-    >>> from timm_remem.lora.config import LORA_TARGETS, check_lora_settings
-    >>> LORA_TARGETS
-    ('qkv', 'proj', 'fc1', 'fc2')
-    >>> check_lora_settings(8, None, 0.1, ["qkv", "qkv", "fc1"])
-    (8, None, 0.1, ['qkv', 'fc1'])
+Importing this module never imports peft: the settings are checked with or without peft installed.
 """
 
 from __future__ import annotations
@@ -24,6 +16,7 @@ __all__ = ["LORA_TARGETS", "check_lora_settings"]
 # The Linear layers of a transformer block that get adapters by default: attention in/out, MLP in/out (timm's
 # ViT, DeiT, BEiT, EVA-02, Swin, ... all name them so).
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+_TARGETS_HINT = "lora_targets must be a list of Linear-layer names such as ['qkv', 'fc1'], got "
 
 
 def check_lora_settings(
@@ -45,13 +38,11 @@ def check_lora_settings(
     dropout = check_float("lora_dropout", dropout, low=0, high=1, high_open=True)
     if targets is not None:
         if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
-            raise ConfigError(f"lora_targets must be a list of Linear-layer names such as ['qkv', 'fc1'], got "
-                              f"{targets!r}")
+            raise ConfigError(f"{_TARGETS_HINT}{targets!r}")
         targets = list(targets)
         bad = [t for t in targets if not isinstance(t, str) or not t.strip()]
         if bad:
-            raise ConfigError(f"lora_targets must be a list of Linear-layer names such as ['qkv', 'fc1'], got "
-                              f"{targets!r} (bad entries: {bad!r})")
+            raise ConfigError(f"{_TARGETS_HINT}{targets!r} (bad entries: {bad!r})")
         if not targets:
             raise ConfigError("lora_targets is empty; name at least one Linear layer (e.g. qkv) or leave it unset")
         targets = list(dict.fromkeys(t.strip() for t in targets))

@@ -1,17 +1,4 @@
-"""A LoRA teacher's adapter alone, in peft's format: :func:`save_adapter` (the hub's ``adapter_only=True``).
-
-The merged form (the default of :func:`timm_remem.save_pretrained`) is :func:`~timm_remem.lora.merged_copy`. peft is
-not imported here: a ``peft.PeftModel`` writes its own files.
-
-Example:
-    >>> import tempfile, timm
-    >>> from timm_remem.lora import save_adapter
-    >>> try:
-    ...     save_adapter(timm.create_model("test_vit", pretrained=False), tempfile.mkdtemp())
-    ... except ValueError as e:
-    ...     print(str(e)[:43])
-    adapter_only=True needs a peft.PeftModel (a
-"""
+"""A LoRA teacher's adapter alone, in peft's format: :func:`save_adapter` (the hub's ``adapter_only=True``)."""
 
 from __future__ import annotations
 
@@ -29,12 +16,18 @@ __all__ = ["save_adapter"]
 def save_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
     """Write the adapter alone in peft's format (``adapter_config.json``, ``adapter_model.safetensors``).
 
-    Refused when the adapter would not hold everything that was trained: a model whose adapters were injected
-    without a ``PeftModel`` (:func:`~timm_remem.lora.apply_lora`, ``peft.inject_adapter_in_model``), or trained
-    parameters outside the adapter (a head trained fully but not in ``LoraConfig(modules_to_save=[...])``).
-
     Raises:
-        ConfigError: ``model`` is not a ``peft.PeftModel`` with adapters, or trained parameters would be left out.
+        ConfigError: ``model`` is not a ``peft.PeftModel`` with adapters (e.g. injected by
+            :func:`~timm_remem.lora.apply_lora`), or trained parameters lie outside the adapter (a head trained
+            fully but not in ``LoraConfig(modules_to_save=[...])``).
+
+    Example:
+        >>> import tempfile, timm
+        >>> try:
+        ...     save_adapter(timm.create_model("test_vit", pretrained=False), tempfile.mkdtemp())
+        ... except ValueError as e:
+        ...     print(str(e)[:43])
+        adapter_only=True needs a peft.PeftModel (a
     """
     adapted = is_lora(model)
     if not adapted or not is_peft_model(model):
