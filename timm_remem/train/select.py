@@ -199,7 +199,11 @@ def select_teacher(teachers: str | os.PathLike | Sequence[str | os.PathLike], /,
     claim_output_dir(out, "select", create=False)  # checked before anything runs; claimed below
     dirs = list_exports(teachers)
     names = _unique_names(dirs)
-    distributed.run_on_main(lambda: claim_output_dir(out, "select"))  # rank 0 decides; every rank raises its refusal
+
+    def claim() -> None:  # rank 0 decides; every rank raises its refusal (the claim itself is not sent)
+        claim_output_dir(out, "select")
+
+    distributed.run_on_main(claim)
     rows: list[dict[str, Any]] = []
     main = distributed.is_main_process()
     for i, (d, name) in enumerate(zip(dirs, names, strict=True)):
