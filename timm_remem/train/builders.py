@@ -1,18 +1,6 @@
 """What a training run is built from: the device (and process group), the model, the data, the optimizer, the
-learning-rate schedule, mixed precision, the weight EMA and Mixup/CutMix.
-
-Each builder reads a :class:`~timm_remem.train.TrainConfig` and leans on timm (``create_optimizer_v2``,
-``create_scheduler_v2``, ``ModelEmaV3``, ``Mixup``); with ``rho > 0`` the optimizer is timm_remem's SAM (exact or
-one-pass) around the named base optimizer, on the parameter groups timm's factory builds for it.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.train import TrainConfig
-    >>> from timm_remem.train.builders import create_optimizer
-    >>> cfg = TrainConfig(model="test_vit", optimizer="momentum", rho=0.05)
-    >>> opt = create_optimizer(cfg, torch.nn.Linear(2, 2))
-    >>> type(opt).__name__, opt.base_optimizer.defaults["nesterov"]
-    ('SAM', False)
+learning-rate schedule, mixed precision, the weight EMA and Mixup/CutMix, each from a
+:class:`~timm_remem.train.TrainConfig` through timm's own factories.
 """
 
 from __future__ import annotations
@@ -41,37 +29,15 @@ from ..sam import create_sam
 from ..subsets import training_subset
 from .config import FinetuneConfig, TrainConfig
 
-__all__ = [
-    "resolve_device",
-    "setup_device",
-    "wrap_ddp",
-    "seed_everything",
-    "dataset_classes",
-    "default_img_size",
-    "create_model",
-    "check_input_size",
-    "check_training_setup",
-    "adapt_teacher",
-    "base_model_name",
-    "build_data",
-    "create_optimizer",
-    "create_scheduler",
-    "create_scaler",
-    "autocast_factory",
-    "create_ema",
-    "create_mixup",
-]
+__all__ = ["resolve_device", "setup_device", "wrap_ddp", "seed_everything", "dataset_classes", "default_img_size",
+           "create_model", "check_input_size", "check_training_setup", "adapt_teacher", "base_model_name", "build_data",
+           "create_optimizer", "create_scheduler", "create_scaler", "autocast_factory", "create_ema", "create_mixup"]
 
 _NO_SCHED = ("none", "constant", "")
 
 
 def resolve_device(name: str) -> torch.device:
-    """The training device; under torchrun (``WORLD_SIZE > 1``) CUDA means this process's ``cuda:LOCAL_RANK``.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
+    """The training device; under torchrun (``WORLD_SIZE > 1``) CUDA means this process's ``cuda:LOCAL_RANK``."""
     launched = distributed.env_world_size() > 1
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,8 +92,7 @@ def default_img_size(cfg: TrainConfig) -> int | None:
 
 
 def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, int]:
-    """The model to train (a head for ``num_classes``) and the input size it trains at (checked: see
-    :func:`check_input_size`)."""
+    """The model to train (a head for ``num_classes``) and its checked input size."""
     img_size = default_img_size(cfg)
     model = create_timm_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, img_size=img_size,
                               kwargs=cfg.model_kwargs)
@@ -138,7 +103,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, int]:
 
 
 def _patch_size(model: nn.Module) -> tuple[int, int] | None:
-    """The patch size of a model that cuts its input into patches (timm's ``patch_embed``), unless it pads."""
+    """The patch size of a timm ``patch_embed`` that does not pad (None otherwise)."""
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "patch_size", None)
     if size is None or getattr(embed, "dynamic_img_pad", False):
@@ -150,21 +115,12 @@ def _patch_size(model: nn.Module) -> tuple[int, int] | None:
 def check_input_size(model: nn.Module, img_size: int, name: str) -> None:
     """Refuse an input size the model cannot take, before anything is trained or written.
 
-    A patch model (ViT, Swin, ...) needs ``img_size`` to be a multiple of its patch size (timm refuses other sizes
-    in the forward pass, or silently drops the pixels past the last whole patch). Then the forward pass is run on
-    ``meta`` tensors (shapes only: no computation, no memory), so that timm's own input checks speak now; an
-    operation that ``meta`` tensors cannot run leaves the decision to the real forward pass.
+    A patch model needs a multiple of its patch size (timm refuses others or drops the pixels past the last whole
+    patch); then a forward pass on ``meta`` tensors (shapes only) lets timm's own input checks speak now. An
+    operation ``meta`` tensors cannot run leaves the decision to the real forward pass.
 
     Raises:
         ConfigError: Naming the size, the model and the sizes that work.
-
-    Example:
-        >>> import timm
-        >>> check_input_size(timm.create_model("test_vit", img_size=32), 32, "test_vit")
-        >>> check_input_size(timm.create_model("test_vit", img_size=33), 33, "test_vit")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        timm_remem.errors.ConfigError: img_size=33 is not a multiple of test_vit's patch size 16: ... or 48
     """
     patch = _patch_size(model)
     if patch is not None and (img_size % patch[0] or img_size % patch[1]):
@@ -192,12 +148,8 @@ def check_input_size(model: nn.Module, img_size: int, name: str) -> None:
 
 
 def check_training_setup(cfg: TrainConfig) -> None:
-    """Build the run's optimizer and learning-rate schedule for a one-parameter stand-in, so that a name timm does
-    not know fails now, before the run's folder is made (the real ones are built by the training loop).
-
-    Raises:
-        ConfigError: An unknown optimizer or scheduler (see :func:`create_optimizer`, :func:`create_scheduler`).
-    """
+    """Build the optimizer and schedule for a stand-in, so that an unknown name fails (ConfigError) before the run's
+    folder is made."""
     stand_in = nn.Module()
     stand_in.weight = nn.Parameter(torch.zeros(2, 2))
     with torch.random.fork_rng(devices=[]):
@@ -207,18 +159,8 @@ def check_training_setup(cfg: TrainConfig) -> None:
 def adapt_teacher(cfg: FinetuneConfig, model: nn.Module) -> nn.Module:
     """The teacher's training form (in place): LoRA adapters first (``lora_rank``), then the reweighting (``alpha``).
 
-    LoRA goes first so that peft adapts the plain timm model (the targets are the model's own Linear-layer paths,
-    as in any peft recipe) and the reweighting factors, made afterwards, are never frozen by peft; the factors then
+    LoRA goes first so that peft adapts the plain timm model and never freezes the reweighting factors, which then
     scale the adapted MLP branches. :func:`timm_remem.lora.merge_lora` undoes both in the opposite order.
-
-    Example:
-        >>> import timm
-        >>> from timm_remem import get_scales
-        >>> from timm_remem.lora import is_lora
-        >>> cfg = FinetuneConfig(model="test_vit", alpha=0.5, top_k=1, lora_rank=2)
-        >>> model = adapt_teacher(cfg, timm.create_model("test_vit", pretrained=False, img_size=32))
-        >>> is_lora(model), get_scales(model)
-        (True, {'blocks.5.mlp': 0.5})
     """
     if cfg.lora_rank is not None:
         apply_lora(model, cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
@@ -228,19 +170,8 @@ def adapt_teacher(cfg: FinetuneConfig, model: nn.Module) -> nn.Module:
 
 
 def base_model_name(cfg: TrainConfig, model: nn.Module) -> str | None:
-    """The checkpoint a run fine-tuned from, for the export's provenance; None when it trained from random weights.
-
-    Only with ``cfg.pretrained``: then the Hub id of the weights timm loaded (``pretrained_cfg["hf_hub_id"]``),
-    else the model name as given (``hf-hub:`` dropped).
-
-    Example:
-        >>> import timm
-        >>> model = timm.create_model("test_vit", pretrained=False)
-        >>> base_model_name(TrainConfig(model="test_vit"), model) is None
-        True
-        >>> base_model_name(TrainConfig(model="test_vit", pretrained=True), model)
-        'timm/test_vit.r160_in1k'
-    """
+    """The export's base model: with ``cfg.pretrained``, the Hub id of the weights timm loaded, else the model name
+    (``hf-hub:`` dropped); None without ``cfg.pretrained``."""
     if not cfg.pretrained:
         return None
     hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
@@ -253,11 +184,7 @@ def base_model_name(cfg: TrainConfig, model: nn.Module) -> str | None:
 
 
 def build_data(cfg: TrainConfig, model: nn.Module, img_size: int):
-    """``(train set, val set, train loader, val loader)`` normalised with the model's mean/std.
-
-    Under torchrun each rank takes every world-th sample of the epoch's shared permutation (``batch_size`` is per
-    process) and a disjoint shard of the validation set.
-    """
+    """``(train set, val set, train loader, val loader)`` normalised with the model's mean/std."""
     dc = data_config(model)
     common = dict(img_size=img_size, mean=dc["mean"], std=dc["std"], download=cfg.download)
     train = create_dataset(cfg.dataset, cfg.data_dir, "train", augment=cfg.augment, **common)
@@ -286,12 +213,8 @@ def build_data(cfg: TrainConfig, model: nn.Module, img_size: int):
 
 
 def create_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """``timm.optim.create_optimizer_v2`` with the config's settings; with rho > 0, SAM around that optimizer.
-
-    SAM is built by ``timm_remem.sam.create_sam`` on the groups timm's factory builds for the base optimizer: the
-    exact two-pass ``SAM`` (``cfg.sam == "exact"``) or the one-pass ``OnePassSAM`` (``"onepass"``), which hooks
-    ``model`` directly.
-    """
+    """``timm.optim.create_optimizer_v2`` with the config's settings; with rho > 0, timm_remem's SAM (exact or
+    one-pass) around that optimizer."""
     base = cfg.optimizer.lower()
     try:
         if cfg.rho > 0:

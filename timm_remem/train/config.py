@@ -1,9 +1,5 @@
 """Training configurations: :class:`TrainConfig` (shared), :class:`FinetuneConfig` (teacher) and
-:class:`DistillConfig` (student).
-
-Every field carries its command-line help in ``field(metadata={"help": ...})``, so the ``timm-remem finetune`` and
-``timm-remem distill`` flags are generated from these classes. Configs validate in ``__post_init__``, serialise to
-sorted JSON stamped with the timm-remem version, and drop unknown keys with a warning on load.
+:class:`DistillConfig` (student). Each field's ``metadata["help"]`` is its command-line help.
 
 Example:
     >>> from timm_remem.train import FinetuneConfig
@@ -31,31 +27,20 @@ from ..reweighting.config import SCHEDULES
 __all__ = ["TrainConfig", "FinetuneConfig", "DistillConfig", "SAM_BASES", "SAM_MODES", "TRACKERS", "LORA_TARGETS",
            "RESUME_MISMATCH", "make_config"]
 
+TRACKERS = ("tensorboard", "wandb")
+# What a resume does when the data or the library versions changed since the run started.
+RESUME_MISMATCH = ("refuse", "allow")
 # Base optimizer name -> the timm_remem SAM optimizer registered in timm's factory (see timm_remem.sam).
 # "sgd" and "nesterov" are Nesterov SGD (timm's "sgd" is Nesterov too); "momentum" is classical momentum.
-TRACKERS = ("tensorboard", "wandb")
-# What a resume does when the data or the library versions differ from when the run started (see
-# timm_remem.train.identity.run_identity): refuse, naming what changed, or go on anyway.
-RESUME_MISMATCH = ("refuse", "allow")
 SAM_BASES = {"sgd": "samsgd", "momentum": "sammomentum", "nesterov": "samsgd", "adam": "samadam",
              "adamw": "samadamw"}
-# The SAM algorithms a run can use (timm_remem.sam): the exact two-pass SAM, or the one-pass Momentum-SAM.
 SAM_MODES = ("exact", "onepass")
 
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" is the argparse word
-    """A dataclass field with a default (a factory for dicts) and its one-line command-line help."""
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
-
-
-def _positive_int(name: str, value: Any) -> None:
-    check_int(name, value, low=1)
-
-
-def _non_negative(name: str, value: Any) -> None:
-    check_float(name, value, low=0)
 
 
 @documented
@@ -140,10 +125,10 @@ class TrainConfig:
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model_kwargs must be a dict of timm.create_model arguments, got {self.model_kwargs!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "keep_last"):
-            _positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), low=1)
         for name in ("weight_decay", "momentum", "warmup_epochs", "min_lr", "mixup", "cutmix", "rho", "ema_decay",
                      "checkpoint_every"):
-            _non_negative(name, getattr(self, name))
+            check_float(name, getattr(self, name), low=0)
         check_float("lr", self.lr, low=0, low_open=True)
         check_float("label_smoothing", self.label_smoothing, low=0, high=1, high_open=True)
         check_float("ema_decay", self.ema_decay, low=0, high=1, high_open=True, hint="0.998 is a common choice")
@@ -181,7 +166,7 @@ class TrainConfig:
         check_fields(self)  # every field (a subclass's too) against its annotation: "false" is no bool, 1.5 no int
 
     def _check_own(self) -> None:
-        """A subclass's own checks (they run before the type check of every field, for their clearer words)."""
+        """A subclass's own checks (before the type check of every field, for their clearer words)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Sorted JSON-ready dict, stamped with the timm-remem version."""
@@ -259,8 +244,8 @@ class DistillConfig(TrainConfig):
                 "labels_per_class"
             )
         check_float("temperature", self.temperature, low=0, low_open=True)
-        _non_negative("task_weight", self.task_weight)
-        _non_negative("distill_weight", self.distill_weight)
+        check_float("task_weight", self.task_weight, low=0)
+        check_float("distill_weight", self.distill_weight, low=0)
         if self.cache_teacher and self.stochastic_inputs:
             raise ConfigError(
                 "cache_teacher=True needs deterministic inputs, but augment/mixup/cutmix are on: the cached logits "
@@ -269,17 +254,12 @@ class DistillConfig(TrainConfig):
 
     @property
     def stochastic_inputs(self) -> bool:
-        """Whether the training inputs change from epoch to epoch."""
+        """Whether the training inputs change from epoch to epoch (augmentation, mixup or cutmix)."""
         return bool((self.augment and self.dataset.lower() != "digits") or self.mixup > 0 or self.cutmix > 0)
 
 
 def make_config(cls: type, config: Any, kwargs: dict[str, Any]) -> Any:
-    """``config`` (an instance of ``cls`` or None) updated with ``kwargs``; unknown keyword names are refused.
-
-    Example:
-        >>> make_config(DistillConfig, None, {"model": "test_resnet", "epochs": 2}).epochs
-        2
-    """
+    """``config`` (an instance of ``cls`` or None) updated with ``kwargs``; unknown keyword names are refused."""
     if config is not None and not isinstance(config, cls):
         raise ConfigError(f"config must be a {cls.__name__}, got {type(config).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}

@@ -1,11 +1,5 @@
-"""The offline demo's settings. The demo itself (``timm-remem demo``, :func:`timm_remem.train.run_demo`) is a small
-instance of :func:`timm_remem.study.run_study` (plain vs ReMem teacher on digits, the same small CNN student from each
-and alone, two seeds, confidence intervals) and lives in :mod:`timm_remem.study.demo`, which sits above this room.
-
-Example:
-    >>> from timm_remem.train.demo import DEMO_ALPHA, DEMO_RHO
-    >>> DEMO_ALPHA, DEMO_RHO
-    (0.85, 0.05)
+"""The offline demo's settings; the demo itself (``timm-remem demo``) is a small study in
+:mod:`timm_remem.study.demo`, which sits above this room.
 """
 
 from __future__ import annotations

@@ -1,17 +1,5 @@
-"""A run's identity: everything that defines what it computes, recorded when it starts and checked on resume.
-
-:func:`run_identity` collects the settings (less :data:`RESUME_FREE`), what the run resolved (class count, input
-size), the data (:func:`dataset_identity`: an image folder's files with sizes and modification times, a dataset's
-name, split and size otherwise, the training subset's digest), a teacher folder's files and the library versions;
-the run writes it to ``run-identity.json``. :func:`check_run_identity`, called by every resume, refuses a resume
-whose identity changed, naming each difference (:func:`identity_differences`), unless
-``resume_mismatch="allow"``.
-
-Example:
-    >>> from timm_remem.data import create_dataset
-    >>> ident = dataset_identity(create_dataset("digits", split="train", img_size=8))
-    >>> ident["kind"], ident["size"]
-    ('digits', 1437)
+"""A run's identity: what defines what it computes (settings, data, teacher folder, library versions), recorded in
+``run-identity.json`` when it starts and checked on every resume (:func:`check_run_identity`).
 """
 
 from __future__ import annotations
@@ -54,9 +42,6 @@ def _as_saved(value: Any) -> Any:
 
 def _shown(value: Any) -> str:
     return "unset" if value is None else json.dumps(value, sort_keys=True)
-
-
-# ------------------------------------------------------------------------------------------------ data
 
 # An image folder's identity keeps its file list (path, size, modification time) up to this many files, so that a
 # changed folder can be told file by file; above it, per-class counts and digests only (the list would be large).
@@ -107,23 +92,8 @@ def _folder_identity(root: str, paths: list[str]) -> dict[str, Any]:
 
 
 def dataset_identity(dataset: Dataset) -> dict[str, Any]:
-    """What a dataset holds, as JSON data, to tell later whether a run would see the same data.
-
-    - an image folder (any dataset reading files through timm's folder reader): every file's path (relative to the
-      folder), size and modification time, summed up per class and as one digest (the list itself is kept up to
-      :data:`FILE_LIST_LIMIT` files); file contents are not read;
-    - a ``Subset`` (a training subset): its size and a digest of its indices, and the identity of what it is cut from;
-    - ``digits``: its split, size and a digest of the images it holds;
-    - anything else (torchvision sets, Hugging Face datasets): its type, split and size (and the Hugging Face
-      dataset's fingerprint when it has one).
-
-    Example:
-        >>> from timm_remem.data import create_dataset
-        >>> train = create_dataset("digits", split="train", img_size=8)
-        >>> ident = dataset_identity(train)
-        >>> ident["kind"], ident["split"], ident["size"]
-        ('digits', 'train', 1437)
-    """
+    """What a dataset holds, as JSON data: an image folder's files (path, size, modification time; contents are not
+    read), a ``Subset``'s indices and source, digits' images, else the dataset's type, split and size."""
     if isinstance(dataset, IndexedDataset):
         return dataset_identity(dataset.dataset)
     if isinstance(dataset, Subset):
@@ -201,25 +171,18 @@ def dataset_differences(saved: Any, now: dict[str, Any], what: str = "the traini
                if k != "kind" and saved.get(k) != now.get(k)]
     return [f"{what} ({now['kind']}): " + ", ".join(changes)]
 
-
-# ------------------------------------------------------------------------------------------------ the run
-
 _IDENTITY_ATTR = "_timm_remem_run_identity"
 
 
 def _library_versions() -> dict[str, str]:
-    versions = {"timm-remem": __version__, "timm": timm.__version__, "torch": torch.__version__}
-    try:  # timm's training transforms are torchvision's
-        import torchvision
+    import torchvision  # timm's training transforms are torchvision's (timm depends on it)
 
-        versions["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover - timm depends on it
-        pass
-    return versions
+    return {"timm-remem": __version__, "timm": timm.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__}
 
 
 def _teacher_identity(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The files of a distillation teacher given as a folder (size and modification time of each)."""
+    """The files (size, modification time) of a distillation teacher given as a folder."""
     name = getattr(cfg, "teacher", None)
     if not isinstance(name, str):
         return None
@@ -235,16 +198,8 @@ def _teacher_identity(cfg: TrainConfig) -> dict[str, Any] | None:
 
 
 def run_identity(cfg: TrainConfig, train: Any, val: Any, *, num_classes: int, img_size: int) -> dict[str, Any]:
-    """What a run computes from, as JSON data: recorded when it starts (``run-identity.json``), compared on resume.
-
-    - ``settings``: the configuration, less the fields in :data:`RESUME_FREE` (display, saving, logging, where it
-      runs: they may change between a run and its resumption);
-    - ``resolved``: what the settings left open and the run decided (class count, input size);
-    - ``data``: :func:`dataset_identity` of the training set (with its training subset) and of the
-      validation set: an image folder's files with their sizes and modification times, a dataset's name, split and
-      size otherwise;
-    - ``teacher``: the files of a distillation teacher given as a folder (sizes and modification times);
-    - ``versions``: timm-remem, timm, torch and torchvision.
+    """What a run computes from, as JSON data: the settings less :data:`RESUME_FREE`, the resolved class count and
+    input size, the training and validation data, a teacher folder's files and the library versions.
 
     Example:
         >>> from timm_remem.data import create_dataset
@@ -262,13 +217,7 @@ def run_identity(cfg: TrainConfig, train: Any, val: Any, *, num_classes: int, im
 
 
 def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """What differs between two :func:`run_identity` records, one line each (empty: the same run).
-
-    Example:
-        >>> a = {"versions": {"timm": "1.0.31"}, "resolved": {"img_size": 32}}
-        >>> identity_differences(a, {"versions": {"timm": "1.0.32"}, "resolved": {"img_size": 32}})
-        ['timm 1.0.31 -> 1.0.32']
-    """
+    """What differs between two :func:`run_identity` records, one line each (the settings are not compared here)."""
     lines: list[str] = []
     old_v, new_v = saved.get("versions") or {}, now.get("versions") or {}
     lines += [f"{lib} {old_v.get(lib, 'unrecorded')} -> {new_v.get(lib, 'not installed')}"
@@ -295,14 +244,13 @@ def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> li
 
 
 def attach_identity(cfg: TrainConfig, identity: Mapping[str, Any]) -> None:
-    """Hand a run's identity (computed by the recipe with its data) to :func:`restore` and :func:`prepare_output`,
-    which the training loop calls with the config alone. It rides on this config object only: a copy
-    (``dataclasses.replace``) has none, its serialisation never shows it."""
+    """Hand a run's identity to the loop, which sees only the config: it rides on this object (not on a copy, nor in
+    its serialisation)."""
     object.__setattr__(cfg, _IDENTITY_ATTR, dict(identity))
 
 
 def attached_identity(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The identity :func:`attach_identity` gave ``cfg`` (None: the run records none, e.g. ``fit`` called alone)."""
+    """The identity :func:`attach_identity` gave ``cfg`` (None: ``fit`` called alone)."""
     return getattr(cfg, _IDENTITY_ATTR, None)
 
 
@@ -319,11 +267,8 @@ def _recorded_identity(checkpoint: Path, out: Path) -> tuple[Path, Any]:
 
 
 def check_run_identity(cfg: TrainConfig, checkpoint: Path, out: Path) -> None:
-    """Refuse to resume from ``checkpoint`` when the run's data or library versions changed since it started.
-
-    Compares the identity attached to ``cfg`` (see :func:`run_identity`) with the one its run recorded. With
-    ``cfg.resume_mismatch == "allow"`` the differences are logged as a warning and the run goes on (recording the
-    new identity). A run that recorded none (written by an older timm-remem) is resumed with a warning.
+    """Refuse to resume from ``checkpoint`` when the run's data or library versions changed since it started (a
+    warning instead with ``resume_mismatch="allow"``, or when the run recorded no identity).
 
     Raises:
         ConfigError: Naming each difference, and the three ways on.

@@ -1,31 +1,10 @@
 """One run per output folder: the lock a training run holds on its ``output`` folder while it runs.
 
-A run creates ``OUTPUT/.timm-remem.lock`` holding its pid, host, start time and command, and holds an exclusive
-``flock`` on it until it ends. A second run on the same folder finds the ``flock`` taken and refuses at once with a
-:class:`~timm_remem.errors.TrainingError` naming the holder. The operating system releases the ``flock`` of a process
-that dies, however it dies (``SIGKILL`` included), so a lock file left behind by a killed run is stale: the next run
-(``--resume`` after a kill) takes it over and says so. Where ``flock`` is unavailable (a file system without it, or
-a platform without ``fcntl``) the lock falls back to the pid: a holder on this host whose pid no longer exists is
-stale; one on another host is taken as alive (the message says how to remove it).
-
-The lock is re-entrant within one process (a recipe may take it before building the data, then :func:`fit
-<timm_remem.train.loop.fit>` takes it again), and under torchrun only rank 0 takes it (see ``fit``).
-
-Taking the lock is where a run claims its folder (:func:`timm_remem._io.claim_output_dir`, kind ``"run"``): a
-folder that is not empty and not timm-remem's is refused before anything is written, a missing one is created and
-an empty one adopted (the ``.timm-remem`` marker is written once the lock is held). A run whose folder was created
-or adopted by this lock and that ends (however it ends) having written nothing but its bookkeeping
-(:data:`RUN_BOOKKEEPING`: it failed before it trained a step) leaves the folder as it found it.
-
-Example:
-    >>> import tempfile
-    >>> from timm_remem.train.lock import OutputLock, read_lock
-    >>> folder = tempfile.mkdtemp()
-    >>> with OutputLock(folder):
-    ...     read_lock(folder)["pid"] == os.getpid()
-    True
-    >>> read_lock(folder) is None  # released (and removed) at the end
-    True
+``OUTPUT/.timm-remem.lock`` holds the run's pid, host, start time and command under an exclusive ``flock``; a second
+run refuses, naming the holder. The OS releases the ``flock`` of a dead process, so a killed run's lock file is stale
+and taken over. Without ``flock`` the pid decides (a holder on another host counts as alive). The lock is re-entrant
+within a process; under torchrun rank 0 takes it. Taking it claims the folder (:func:`timm_remem._io.claim_output_dir`);
+a folder this lock created or adopted is left as found when the run wrote only :data:`RUN_BOOKKEEPING`.
 """
 
 from __future__ import annotations
@@ -67,13 +46,7 @@ _HELD: dict[str, list[Any]] = {}
 
 
 def read_lock(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The holder recorded in ``folder``'s lock file (pid, host, started, command), or None when there is none.
-
-    Example:
-        >>> import tempfile
-        >>> read_lock(tempfile.mkdtemp()) is None
-        True
-    """
+    """The holder recorded in ``folder``'s lock file (pid, host, started, command); None without one, {} unreadable."""
     path = Path(folder) / LOCK_FILE
     try:
         text = path.read_text(encoding="utf-8")
@@ -89,14 +62,7 @@ def read_lock(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def describe_holder(holder: dict[str, Any] | None) -> str:
-    """``pid P on host H, started T (command C)``: the holder of a lock in words.
-
-    Example:
-        >>> describe_holder({"pid": 7, "host": "node1", "started": "2025-01-01T10:00:00+00:00", "command": "x"})
-        'pid 7 on host node1, started 2025-01-01T10:00:00+00:00 (command: x)'
-        >>> describe_holder({})
-        'a run whose details are not readable yet'
-    """
+    """``pid P on host H, started T (command: C)``: the holder of a lock in words."""
     if not holder or "pid" not in holder:
         return "a run whose details are not readable yet"
     text = f"pid {holder.get('pid')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
@@ -110,19 +76,6 @@ def _this_holder() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command[:300]}
-
-
-def _pid_alive(pid: Any) -> bool:
-    """Whether process ``pid`` exists on this host (a process of another user counts as alive)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def _try_flock(fd: int) -> bool | None:
@@ -153,24 +106,9 @@ def _same_file(fd: int, path: Path) -> bool:
 class OutputLock:
     """The lock of one run on its output folder (a context manager; re-entrant within a process).
 
-    Args:
-        folder: The run's output folder (created if missing).
-        kind: What the folder is for (see :func:`timm_remem._io.claim_output_dir`).
-
-    Raises:
-        ConfigError: On :meth:`acquire`, when the folder is not timm-remem's to write (see
-            :func:`timm_remem._io.claim_output_dir`).
-        TrainingError: On :meth:`acquire`, when another live run holds the folder (its pid, host, start time and
-            command are named), or the lock file cannot be created.
-
-    Example:
-        >>> import tempfile
-        >>> folder = tempfile.mkdtemp()
-        >>> lock = OutputLock(folder)
-        >>> lock.acquire(); (Path(folder) / LOCK_FILE).is_file()
-        True
-        >>> lock.release(); (Path(folder) / LOCK_FILE).exists()
-        False
+    ``kind`` is what the folder is for (see :func:`timm_remem._io.claim_output_dir`). :meth:`acquire` raises
+    ConfigError when the folder is not timm-remem's to write, TrainingError when another live run holds it (named)
+    or the lock file cannot be created.
     """
 
     def __init__(self, folder: str | os.PathLike, *, kind: str = "run") -> None:
@@ -258,8 +196,6 @@ class OutputLock:
         finally:
             os.close(fd)
 
-    # ------------------------------------------------------------------------------------------------- helpers
-
     def _open(self) -> int:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -277,9 +213,19 @@ class OutputLock:
         os.fsync(fd)
 
     def _alive(self, holder: dict[str, Any]) -> bool:
+        """Whether the holder's process exists (one on another host, or of another user, counts as alive)."""
         if holder.get("host") != socket.gethostname():
             return True  # cannot tell from here
-        return holder.get("pid") != os.getpid() and _pid_alive(holder.get("pid"))
+        pid = holder.get("pid")
+        if pid == os.getpid() or not isinstance(pid, int) or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # PermissionError: another user's process
+            pass
+        return True
 
     def _wait_for_holder(self) -> dict[str, Any] | None:
         deadline = time.monotonic() + _READ_WAIT_S

@@ -1,25 +1,7 @@
-"""The training loop shared by teacher fine-tuning and student distillation.
+"""The training loop shared by teacher fine-tuning and student distillation: :func:`fit`.
 
-:func:`fit` trains a model with a ``compute(x, target, idx, teacher_logits) -> (loss, logits, teacher_logits)``
-callable: one :func:`train_step` per batch (SAM's two passes when the optimizer is SAM, the teacher run at most once
-per step), the learning-rate schedule and the EMA updated every step, an evaluation and one ``metrics.jsonl`` line
-per epoch, resumable training checkpoints (every epoch and every ``checkpoint_every`` steps) and exports at the
-``save_at`` epochs. Under torchrun every rank runs it: metrics are reduced over ranks and rank 0 alone writes files
-while the others wait at a barrier.
-
-Around it: the run holds the lock of its output folder (:mod:`~timm_remem.train.lock`), says what it does on the
-console (:mod:`~timm_remem.train.console`), stops with one clear error on a non-finite loss (either SAM pass), a
-non-finite gradient or weights (the same for the plain optimizers and both SAMs), broken teacher logits or bad labels
-(:mod:`~timm_remem.train.guards`) and logs to TensorBoard / wandb when asked (:mod:`~timm_remem.train.trackers`).
-
-Example:
-    >>> import torch
-    >>> from timm_remem.train.loop import evaluate
-    >>> model = torch.nn.Linear(4, 3)
-    >>> batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,)), torch.arange(5))]
-    >>> loss, acc = evaluate(model, batches, torch.device("cpu"))
-    >>> 0.0 <= acc <= 1.0
-    True
+One :func:`train_step` per batch, the schedule and EMA updated every step, an evaluation and a ``metrics.jsonl`` line
+per epoch, resumable checkpoints and exports. Under torchrun every rank runs it and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -67,9 +49,6 @@ __all__ = ["fit", "train_step", "evaluate", "accuracy", "check_finite", "checked
 Compute = Callable[..., tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
 
 
-# ---------------------------------------------------------------------------------------------------------- steps
-
-
 def accuracy(logits: torch.Tensor, target: torch.Tensor) -> int:
     """Number of correct top-1 predictions."""
     return int((logits.argmax(dim=-1) == target).sum())
@@ -78,11 +57,11 @@ def accuracy(logits: torch.Tensor, target: torch.Tensor) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> tuple[float, float]:
-    """Mean loss and accuracy; under torchrun the sums of every rank's shard are reduced (same result everywhere).
+    """Mean loss and accuracy, summed over every rank's shard.
 
     Raises:
-        ConfigError: A batch with labels outside the model's classes or no sample, or no sample at all.
-        TrainingError: A non-finite loss: the model's outputs hold NaN or inf.
+        ConfigError: A batch with no sample or labels outside the model's classes, or no sample at all.
+        TrainingError: A non-finite loss.
     """
     was_training = model.training
     model.eval()
@@ -149,42 +128,15 @@ def _sam_step(model, optimizer: SAM, compute: Compute, x, target, idx, *, scaler
     return value, logits
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    compute: Compute,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    idx: torch.Tensor,
-    *,
-    scaler: torch.amp.GradScaler | None,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-    clip_grad: float | None,
-    check: Callable[[torch.Tensor], float],
-) -> tuple[float, torch.Tensor]:
-    """One optimizer step; returns the loss value (checked finite by ``check``) and the logits of the first pass.
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute: Compute, x: torch.Tensor,
+               target: torch.Tensor, idx: torch.Tensor, *, scaler: torch.amp.GradScaler | None,
+               autocast: Callable[[], contextlib.AbstractContextManager], clip_grad: float | None,
+               check: Callable[[torch.Tensor], float]) -> tuple[float, torch.Tensor]:
+    """One optimizer step; returns the loss value (checked by ``check``) and the logits of the first pass.
 
-    With SAM the teacher logits returned by the first ``compute`` are handed to the second one, so the teacher runs
-    at most once per step; SAM's own AMP recipe is used (the scaler goes to ``first_step``/``second_step``, which
-    unscale, skip on inf/NaN and call ``scaler.update()``).
-
-    When ``check`` is a :class:`~timm_remem.train.guards.StepGuard` (what :func:`fit` passes), every optimizer path
-    stops with the same :class:`~timm_remem.errors.TrainingError` when the step diverged: a non-finite loss in either
-    SAM pass, a non-finite gradient that no GradScaler skipped (a plain optimizer's update is then not applied), or
-    non-finite weights after the update. Any other callable only checks the first pass's loss.
-
-    Example:
-        >>> import contextlib, torch
-        >>> model = torch.nn.Linear(4, 3)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> def compute(x, target, idx, teacher_logits):
-        ...     logits = model(x)
-        ...     return torch.nn.functional.cross_entropy(logits, target), logits, None
-        >>> value, logits = train_step(model, opt, compute, torch.randn(8, 4), torch.randint(0, 3, (8,)),
-        ...                            torch.arange(8), scaler=None, autocast=contextlib.nullcontext,
-        ...                            clip_grad=1.0, check=lambda loss: float(loss.detach()))
-        >>> tuple(logits.shape)
-        (8, 3)
+    With SAM the first pass's teacher logits are reused by the second (the teacher runs once per step). A
+    :class:`~timm_remem.train.guards.StepGuard` ``check`` stops every optimizer path the same way when the step
+    diverged; any other callable only checks the first pass's loss.
     """
     if isinstance(optimizer, SAM):
         return _sam_step(model, optimizer, compute, x, target, idx, scaler=scaler, autocast=autocast,
@@ -227,11 +179,8 @@ def write_metrics(path: Path, record: Mapping[str, Any]) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-# ---------------------------------------------------------------------------------------------- the loop's parts
-
-
 def _sync_buffers(model: nn.Module, ema: nn.Module | None) -> None:
-    """Rank 0's BatchNorm statistics everywhere: the model that rank 0 evaluates and saves."""
+    """Rank 0's BatchNorm statistics everywhere (rank 0 evaluates and saves)."""
     if distributed.get_world_size() > 1:
         distributed.broadcast_buffers(model)
         if ema is not None:
@@ -239,7 +188,7 @@ def _sync_buffers(model: nn.Module, ema: nn.Module | None) -> None:
 
 
 class _Checkpointer:
-    """Writes the resumable training checkpoints (rank 0; the other ranks wait until each one is complete)."""
+    """Writes the resumable training checkpoints on rank 0."""
 
     def __init__(self, cfg: TrainConfig, state_dir: Path | None, *, model, optimizer, scheduler, scaler, ema):
         self.cfg, self.state_dir = cfg, state_dir
@@ -258,11 +207,11 @@ class _Checkpointer:
             save_checkpoint(self.state_dir, **self.objects, epoch=state.epoch, step=state.step,
                             config=self.cfg.to_dict(), metrics=dict(metrics), keep_last=self.cfg.keep_last,
                             extra=extra)
-        distributed.barrier()  # the others wait until the checkpoint is complete
+        distributed.barrier()
 
 
 class _Exporter:
-    """Exports ``checkpoints/epoch-NNN`` after the ``save_at`` epochs (written aside, then swapped in)."""
+    """Exports ``checkpoints/epoch-NNN`` after the ``save_at`` epochs."""
 
     def __init__(self, cfg: TrainConfig, out: Path, write_export: Callable[..., Any], resumed: bool, desc: str):
         self.save_at = [cfg.epochs] if cfg.save_at is None else list(cfg.save_at)
@@ -306,7 +255,6 @@ def _sizes(train_loader, val_loader) -> tuple[int | None, int | None]:
 
 
 def _count(running: dict[str, Any], loss_value: float, logits: torch.Tensor, y: torch.Tensor) -> None:
-    """Add one step to the epoch's running sums (the correct count and sample count summed over ranks)."""
     n, correct = y.numel(), accuracy(logits.detach(), y)
     if distributed.get_world_size() > 1:  # loss_value is already the mean over ranks (every rank holds as many)
         correct, n = (int(v) for v in distributed.all_reduce_sum([correct, n]))
@@ -319,28 +267,19 @@ def _epoch_record(state: LoopState, *, val: tuple[float, float], lr: float) -> d
     running = state.running
     epoch_time = distributed.all_reduce_max([running["time"]])[0]  # the slowest rank's time
     record: dict[str, Any] = {
-        "epoch": state.epoch + 1,
-        "step": state.step,
+        "epoch": state.epoch + 1, "step": state.step,
         "train_loss": running["loss"] / max(running["count"], 1),
         "train_acc": running["correct"] / max(running["count"], 1),
-        "val_loss": val[0],
-        "val_acc": val[1],
-        "lr": lr,
-        "epoch_time_s": epoch_time,
-        "samples_per_s": running["count"] / max(epoch_time, 1e-9),
+        "val_loss": val[0], "val_acc": val[1], "lr": lr,
+        "epoch_time_s": epoch_time, "samples_per_s": running["count"] / max(epoch_time, 1e-9),
     }
     if distributed.get_world_size() > 1:
         record["world_size"] = distributed.get_world_size()
     return record
 
 
-# ---------------------------------------------------------------------------------------------------------- fit
-
-
 @dataclass
 class _Run:
-    """What one call of :func:`fit` trains with (built once, before the first epoch)."""
-
     cfg: TrainConfig
     model: nn.Module
     device: torch.device
@@ -359,7 +298,7 @@ class _Run:
 
 
 def _train_epoch(run: _Run, state: LoopState, train_loader) -> None:
-    """Train the rest of the current epoch (from the resumed batch on), checkpointing every ``checkpoint_every``."""
+    """Train the rest of the current epoch (from the resumed batch on)."""
     cfg = run.cfg
     run.model.train()
     train_loader.sampler.set_epoch(state.epoch, start_index=state.batch * cfg.batch_size)
@@ -397,7 +336,6 @@ def _train_epoch(run: _Run, state: LoopState, train_loader) -> None:
 
 
 def _evaluate_epoch(run: _Run, state: LoopState, val_loader, extra_metrics) -> dict[str, Any]:
-    """The epoch's metrics record: training sums, validation (and EMA validation), learning rate, throughput."""
     _sync_buffers(run.model, run.ema)
     record = _epoch_record(state, val=evaluate(run.model, val_loader, run.device, run.autocast),
                            lr=run.optimizer.param_groups[0]["lr"])
@@ -409,36 +347,22 @@ def _evaluate_epoch(run: _Run, state: LoopState, val_loader, extra_metrics) -> d
     return record
 
 
-def fit(
-    cfg: TrainConfig,
-    model: nn.Module,
-    *,
-    train_loader,
-    val_loader,
-    device: torch.device,
-    compute: Compute,
-    desc: str,
-    write_export: Callable[[nn.Module, Path, Mapping[str, Any]], Any],
-    extra_metrics: Callable[[], dict[str, Any]] | None = None,
-    train_model: nn.Module | None = None,
-) -> tuple[list[dict[str, Any]], list[Path], float]:
-    """Train ``model`` with ``compute(x, y, idx, teacher_logits) -> (loss, logits, teacher_logits)``.
+def fit(cfg: TrainConfig, model: nn.Module, *, train_loader, val_loader, device: torch.device, compute: Compute,
+        desc: str, write_export: Callable[[nn.Module, Path, Mapping[str, Any]], Any],
+        extra_metrics: Callable[[], dict[str, Any]] | None = None,
+        train_model: nn.Module | None = None) -> tuple[list[dict[str, Any]], list[Path], float]:
+    """Train ``model`` with ``compute(x, y, idx, teacher_logits) -> (loss, logits, teacher_logits)``, holding the
+    lock of ``cfg.output``.
 
-    ``train_model`` is what ``compute`` runs forward through: ``model`` itself, or its ``DistributedDataParallel``
-    wrapper under torchrun (SAM's first pass then runs under its ``no_sync``). The optimizer, EMA, checkpoints and
-    exports use the plain ``model``. ``write_export(model, folder, record=...)`` writes one export.
-
-    The run holds the lock of ``cfg.output`` (see :mod:`timm_remem.train.lock`; rank 0 takes it) from before it
-    looks at the folder until it returns, and logs its console lines (see :mod:`timm_remem.train.console`).
+    ``compute`` runs through ``train_model`` (``model`` or its DDP wrapper); the optimizer, EMA, checkpoints and
+    exports (``write_export(model, folder, record=...)``) use ``model``.
 
     Returns:
-        ``(history, exports, val_acc)``: the per-epoch metrics, the export folders and the final validation accuracy
-        (of the EMA weights when ``ema=True``).
+        ``(history, exports, val_acc)``; ``val_acc`` is the EMA's when ``ema=True``.
 
     Raises:
-        TrainingError: Another run holds the output folder; a non-finite loss or teacher logits (checkpoints
-            already written are kept).
-        ConfigError: A batch with no sample or with labels outside the model's classes (checkpoints kept).
+        TrainingError: Another run holds the output folder; a non-finite loss or teacher logits.
+        ConfigError: A batch with no sample or with labels outside the model's classes.
     """
     out = Path(cfg.output)
     lock = OutputLock(out) if distributed.is_main_process() else None
@@ -453,7 +377,7 @@ def fit(
 
 
 def _open_trackers(cfg: TrainConfig, out: Path, resumed_step: int | None) -> Trackers | None:
-    """The run's trackers on rank 0 (None elsewhere, or when none is asked for); a failure stops every rank."""
+    """The run's trackers on rank 0 (None elsewhere); a failure stops every rank."""
     if not cfg.log:
         return None
     opened: list[Trackers] = []

@@ -1,18 +1,7 @@
-"""The two training recipes: :func:`finetune_teacher` (optionally reweighted and with SAM) and
-:func:`distill_student` (from a teacher, or alone as the no-teacher baseline).
+"""The two training recipes: :func:`finetune_teacher` and :func:`distill_student`.
 
-Both start the same way (device and process group, seed, model, data; see :func:`start_run`) and train with
-:func:`timm_remem.train.loop.fit`; they differ in the loss (``compute``) and in what an export holds. Everything
-that can be checked without training is checked in :func:`start_run` (and, for a student, while loading its
-teacher), before the run's folder is made.
-
-Example:
-    >>> import tempfile
-    >>> from timm_remem.train import finetune_teacher
-    >>> result = finetune_teacher(model="test_vit", dataset="digits", img_size=16, epochs=1, batch_size=64,
-    ...                           limit_train_batches=2, output=tempfile.mkdtemp(), progress=False)
-    >>> [p.name for p in result.checkpoints]
-    ['epoch-001']
+Both start with :func:`start_run` (which checks everything it can before the run's folder is made) and train with
+:func:`timm_remem.train.loop.fit`; they differ in the loss and in what an export holds.
 """
 
 from __future__ import annotations
@@ -57,13 +46,8 @@ __all__ = ["finetune_teacher", "distill_student", "start_run", "load_distill_tea
 
 
 def start_run(cfg: TrainConfig) -> tuple[torch.device, int, int, nn.Module, tuple]:
-    """What every run does first: device, seed, the model, its input size and the data, every one checked.
-
-    Nothing is written: the output folder is checked (it must be timm-remem's to write, see
-    :func:`timm_remem._io.claim_output_dir`; the training loop claims it), the model is built and its input size
-    checked, the data found, and the optimizer and schedule tried, so that bad input fails before the run's folder
-    is made. The run's identity (its data and library versions, see :func:`timm_remem.train.identity.run_identity`) is
-    attached to ``cfg`` for the loop to record, or to compare on resume.
+    """What every run does first, writing nothing: check the output folder, set up the device and seed, build the
+    model and the data, try the optimizer and schedule, and attach the run's identity to ``cfg``.
 
     Returns:
         ``(device, num_classes, img_size, model, (train set, val set, train loader, val loader))``.
@@ -80,7 +64,7 @@ def start_run(cfg: TrainConfig) -> tuple[torch.device, int, int, nn.Module, tupl
 
 
 def _save_student(model: nn.Module, folder: Path, info: Mapping[str, Any]) -> None:
-    """A student export: timm's Hugging Face format with a ``remem_student`` block (in a folder that is ours)."""
+    """A student export: timm's Hugging Face format with a ``remem_student`` block."""
     claim_output_dir(folder, "export", what="path")
     try:
         write_into(folder, lambda tmp: save_for_hf(model, str(tmp), model_config={"remem_student": dict(info)},
@@ -101,12 +85,8 @@ def load_distill_teacher(cfg: DistillConfig, num_classes: int, device: torch.dev
 def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> TrainResult:
     """Fine-tune a teacher, optionally with ReMem's reweighting (``alpha``), SAM (``rho``) and LoRA (``lora_rank``).
 
-    The model is reweighted before training (its factors are trained too with ``learnable=True``). With
-    ``lora_rank`` peft LoRA adapters go on the ``lora_targets`` Linear layers first and only the adapters, the head
-    and learnable factors train (SAM then perturbs only those; see :func:`timm_remem.lora.apply_lora`). Every
-    export (``save_at`` epochs) is merged into plain timm weights (LoRA folded by peft, then the factors), so
-    ``timm.create_model("local-dir:<export>", pretrained=True)`` loads it; the export names a base model only when
-    ``pretrained=True`` loaded one (else it says the teacher was trained from random initialisation).
+    With ``lora_rank`` only the adapters, the head and learnable factors train. Every export (``save_at`` epochs) is
+    merged into plain timm weights, loadable with ``timm.create_model("local-dir:<export>", pretrained=True)``.
 
     Args:
         config: A :class:`~timm_remem.train.FinetuneConfig`; keyword arguments override its fields (or build one).
@@ -158,7 +138,7 @@ def finetune_teacher(config: FinetuneConfig | None = None, /, **kwargs: Any) -> 
 
 
 class _ForwardCounter:
-    """Counts a teacher's forward passes (a forward hook), summed over every rank."""
+    """Counts a teacher's forward passes, summed over every rank."""
 
     def __init__(self, module: nn.Module | None) -> None:
         self.calls = 0
@@ -198,14 +178,12 @@ def _labelled_task_loss(cfg: DistillConfig, logits: torch.Tensor, target: torch.
     return task_loss(logits[keep], target[keep], cfg.label_smoothing)
 
 
-def distill_student(
-    config: DistillConfig | None = None, /, *, teacher_model: nn.Module | None = None, **kwargs: Any
-) -> TrainResult:
+def distill_student(config: DistillConfig | None = None, /, *, teacher_model: nn.Module | None = None,
+                    **kwargs: Any) -> TrainResult:
     """Distill a student from a teacher (or, with no teacher, train it alone as the baseline).
 
-    The teacher runs in eval mode under ``no_grad``; its logits are computed once per step and reused by SAM's
-    second pass, and cached across epochs when the inputs are deterministic (``cache_teacher``). The teacher gets
-    the student's input re-normalised to its own mean/std (and resized to its input size).
+    The teacher runs in eval mode, once per step (SAM's second pass reuses its logits); its logits are cached across
+    epochs when the inputs are deterministic (``cache_teacher``).
 
     Args:
         config: A :class:`~timm_remem.train.DistillConfig`; keyword arguments override its fields (or build one).

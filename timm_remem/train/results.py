@@ -1,12 +1,4 @@
-"""What the training calls return: :class:`TrainResult`, :class:`SelectResult` and :class:`DemoResult`.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.train import TrainResult
-    >>> r = TrainResult(output="runs/x", model=torch.nn.Identity(), history=[], checkpoints=[], val_acc=0.5)
-    >>> r.teacher_acc is None, r.teacher_forwards, r.trainable_params
-    (True, 0, 0)
-"""
+"""What the training calls return: :class:`TrainResult`, :class:`SelectResult` and :class:`DemoResult`."""
 
 from __future__ import annotations
 

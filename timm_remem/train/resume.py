@@ -1,22 +1,8 @@
-"""The run folder and resuming a run from it.
+"""The run folder and resuming a run from it (``resume=True``, a checkpoint path, or ``"auto"``).
 
-A run writes ``config.json``, ``run-identity.json`` (what it is computed from, see
-:mod:`timm_remem.train.identity`),
-``metrics.jsonl`` (one JSON object per epoch), ``train-state/step-*`` (resumable training checkpoints, see
-:mod:`timm_remem.checkpoint`) and ``checkpoints/epoch-NNN`` (exports). Resuming (``resume=True``, a checkpoint
-path, or ``"auto"``) picks the checkpoint on rank 0, refuses one written with other settings or another number of
-processes, refuses data or library versions that changed since the run started (unless
-``resume_mismatch="allow"``), restores the loop position (epoch, batch, step, history, running sums), drops metric
-lines written after that checkpoint and cleans up exports a crash left half-written.
-
-Example:
-    >>> import tempfile, pathlib
-    >>> from timm_remem.train.resume import truncate_metrics
-    >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
-    >>> _ = path.write_text('{"step": 3}\\n{"step": 6}\\n')
-    >>> truncate_metrics(path, 3)
-    >>> path.read_text()
-    '{"step": 3}\\n'
+A resume picks the checkpoint on rank 0, refuses other settings, another process count or (unless
+``resume_mismatch="allow"``) changed data or library versions, restores the loop position, drops metric lines
+written after the checkpoint and cleans up exports a crash left half-written.
 """
 
 from __future__ import annotations
@@ -39,21 +25,9 @@ from .config import TrainConfig
 from .identity import RESUME_FREE, _as_saved, _shown, attached_identity, check_run_identity
 from .lock import CONFIG_FILE, IDENTITY_FILE, STATE_DIR
 
-__all__ = [
-    "METRICS_FILE",
-    "STATE_DIR",
-    "EXPORT_DIR",
-    "RESUME_FREE",
-    "LoopState",
-    "restore",
-    "resume_path",
-    "config_differences",
-    "check_resume_config",
-    "truncate_metrics",
-    "remove_stale_exports",
-    "resumed_epoch",
-    "prepare_output",
-]
+__all__ = ["METRICS_FILE", "STATE_DIR", "EXPORT_DIR", "RESUME_FREE", "LoopState", "restore", "resume_path",
+           "config_differences", "check_resume_config", "truncate_metrics", "remove_stale_exports", "resumed_epoch",
+           "prepare_output"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -64,14 +38,8 @@ def _zero_running() -> dict[str, Any]:
 
 @dataclass
 class LoopState:
-    """Where the training loop stands: the epoch and batch to run next, optimizer steps so far, the metrics of the
-    finished epochs and the running sums of the current one (all saved in every training checkpoint).
-
-    Example:
-        >>> s = LoopState()
-        >>> s.end_epoch(); (s.epoch, s.batch, s.running["count"])
-        (1, 0, 0)
-    """
+    """Where the training loop stands (saved in every training checkpoint): the epoch and batch to run next, the
+    optimizer steps so far, the finished epochs' metrics and the current one's running sums."""
 
     epoch: int = 0
     batch: int = 0
@@ -80,7 +48,6 @@ class LoopState:
     running: dict[str, Any] = field(default_factory=_zero_running)
 
     def end_epoch(self) -> None:
-        """Move to the start of the next epoch."""
         self.epoch += 1
         self.batch = 0
         self.running = _zero_running()
@@ -92,16 +59,7 @@ def resume_path(src: Path) -> Path:
 
 
 def config_differences(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
-    """The settings (outside :data:`RESUME_FREE`) that differ between a checkpoint's config and ``cfg``, as
-    ``name: saved -> now`` lines; a setting the checkpoint predates counts as its default.
-
-    Example:
-        >>> from timm_remem.train import FinetuneConfig
-        >>> cfg = FinetuneConfig(model="test_vit", lr=0.01)
-        >>> saved = FinetuneConfig(model="test_vit", alpha=0.8).to_dict()
-        >>> config_differences(saved, cfg)
-        ['alpha: 0.8 -> unset', 'lr: 0.001 -> 0.01']
-    """
+    """``name: saved -> now`` for each setting outside :data:`RESUME_FREE` that differs (a missing one: its default)."""
     current = _as_saved(cfg.to_dict())
     defaults = _as_saved({
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -125,8 +83,7 @@ def _mismatch(path: Path, diffs: list[str]) -> CheckpointError:
 
 
 def check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> None:
-    """Refuse to resume with settings other than the saved ones (except those in :data:`RESUME_FREE`), listing
-    every difference as a ``name: saved -> now`` line."""
+    """Refuse to resume with other settings than the saved ones (see :func:`config_differences`)."""
     diffs = config_differences(saved, cfg)
     if diffs:
         raise _mismatch(path, diffs)
@@ -147,8 +104,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def remove_stale_exports(folder: Path) -> None:
-    """Clean up after a crash during an export: delete half-written ``.tmp-*`` folders (their epoch is trained and
-    exported again) and put back an ``.old-<name>`` export whose replacement never arrived."""
+    """After a crash during an export: delete half-written ``.tmp-*`` folders and put back an ``.old-<name>``
+    export whose replacement never arrived."""
     if not folder.is_dir():
         return
     for stale in sorted(folder.iterdir()):
@@ -170,14 +127,10 @@ def _wants_resume(cfg: TrainConfig, state_dir: Path | None) -> bool | str | None
     return True if distributed.broadcast_object(found) else None
 
 
-def restore(
-    cfg: TrainConfig, out: Path, state_dir: Path | None, *, model, optimizer, scheduler, scaler, ema,
-) -> tuple[LoopState, Path | None]:
-    """Resume the run if asked to, else make sure ``out`` holds no run that would be overwritten.
-
-    Loads the checkpoint into ``model``/``optimizer``/``scheduler``/``scaler``/``ema`` (and this rank's random
-    state under torchrun). Returns the loop position and the checkpoint it resumed from (None: a fresh start).
-    Settings that differ from the checkpoint's are the first thing reported, before any weight mismatch.
+def restore(cfg: TrainConfig, out: Path, state_dir: Path | None, *, model, optimizer, scheduler, scaler,
+            ema) -> tuple[LoopState, Path | None]:
+    """Resume the run if asked to (loading the checkpoint into the given objects), else make sure ``out`` holds no
+    run that would be overwritten. Returns the loop position and the checkpoint (None: a fresh start).
 
     Raises:
         ConfigError: Resuming without a train-state folder, a fresh start in a folder that holds checkpoints, or
@@ -236,7 +189,7 @@ def restore(
 
 
 def _refuse_finished_run(out: Path, why: str) -> None:
-    """A run folder that holds a run's metrics or exports (a run without checkpoints) takes no other run's state."""
+    """A folder with a run's metrics or exports (but no checkpoints) takes no other run's state."""
     held = [name for name in (METRICS_FILE, EXPORT_DIR) if (out / name).exists() or (out / name).is_symlink()]
     if held and (held != [EXPORT_DIR] or any((out / EXPORT_DIR).iterdir())):
         raise ConfigError(f"{str(out)!r} already holds a run ({', '.join(held)}): {why}. Choose another output "
@@ -252,19 +205,14 @@ def _saved_config(path: Path) -> dict[str, Any]:
 
 
 def resumed_epoch(state: LoopState) -> int:
-    """The 1-based epoch a checkpoint was written in: the one in progress, or the one it ends.
-
-    Example:
-        >>> resumed_epoch(LoopState(epoch=0, batch=4, step=4)), resumed_epoch(LoopState(epoch=1, batch=0, step=12))
-        (1, 1)
-    """
+    """The 1-based epoch a checkpoint was written in: the one in progress, or the one it ends."""
     return state.epoch if state.batch == 0 and state.epoch > 0 else state.epoch + 1
 
 
 def prepare_output(cfg: TrainConfig, out: Path, resumed: bool | Path | None) -> None:
-    """Write ``config.json`` and ``run-identity.json`` (rank 0, after every rank has looked at the folder); a fresh
-    run drops old metrics. ``metrics.jsonl`` is appended to line by line, so a symlink in its place is removed (a
-    fresh run) or replaced by a regular file with its lines (a resumed one): it is never written through."""
+    """Write ``config.json`` and ``run-identity.json`` on rank 0; a fresh run drops old metrics. A symlinked
+    ``metrics.jsonl`` is removed (fresh) or replaced by a regular file with its lines (resumed): never written
+    through."""
     distributed.barrier()  # every rank has looked at the output folder before rank 0 writes into it
     if distributed.get_rank() == 0:
         claim_output_dir(out, "run")  # the lock's check again (this run's folder by now: nothing changes)

@@ -1,8 +1,5 @@
-"""ReMem's teacher-checkpoint selection: a short distillation from every checkpoint, the best student wins.
-
-:func:`select_teacher` writes ``select.json``, ``select.md`` (the table) and ``select.png`` (student and teacher
-accuracy per checkpoint). With ``mi_score=True`` each checkpoint is also scored by
-:func:`timm_remem.analysis.rank_checkpoints`, and :func:`spearman` says how well that score predicts the students.
+"""ReMem's teacher-checkpoint selection (:func:`select_teacher`): a short distillation from every checkpoint, the
+best student wins; :func:`spearman` says how well an MI score predicts the students.
 
 Example:
     >>> from timm_remem.train.select import spearman
@@ -45,7 +42,7 @@ _log = logging.getLogger(__name__)
 
 
 def _say(text: str) -> None:
-    """A line for the user (INFO on the ``timm_remem.train`` logger, shown on stderr whatever ``progress`` says)."""
+    """A line for the user, shown whatever ``progress`` says."""
     install_console()
     _log.info(text)
 
@@ -68,10 +65,10 @@ def average_ranks(values: Sequence[float] | torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rank correlation of ``a`` and ``b`` (Pearson's correlation of their average ranks).
+    """Spearman's rank correlation of ``a`` and ``b``; None with fewer than 3 pairs, a NaN or a constant side.
 
-    Returns ``None`` with fewer than 3 pairs (a rank correlation over 2 points says nothing), when a value is NaN,
-    or when either side is constant (the correlation is undefined).
+    Raises:
+        ConfigError: ``a`` and ``b`` differ in length.
 
     Example:
         >>> spearman([1, 2, 3], [3, 2, 1])
@@ -100,8 +97,6 @@ def spearman_missing(a: Sequence[float], b: Sequence[float], *, what: tuple[str,
     """Why :func:`spearman` gives no correlation for ``a`` and ``b`` (None when it gives one).
 
     Example:
-        >>> spearman_missing([1.0, 2.0], [0.5, 0.6])
-        'fewer than 3 checkpoints (2): a rank correlation needs at least 3'
         >>> spearman_missing([1.0, 1.0, 1.0], [0.5, 0.6, 0.7])
         'every MI score is the same (1.0000): a constant has no rank correlation'
     """
@@ -116,7 +111,7 @@ def spearman_missing(a: Sequence[float], b: Sequence[float], *, what: tuple[str,
 
 
 def _unique_names(dirs: Sequence[Path]) -> list[str]:
-    """Folder names, qualified by their parents where two checkpoints share a name (``run/checkpoints/epoch-005``)."""
+    """Folder names, qualified by their parents where two share a name (``run/checkpoints/epoch-005``)."""
     names = [d.name for d in dirs]
     if len(set(names)) == len(names):
         return names
@@ -125,7 +120,7 @@ def _unique_names(dirs: Sequence[Path]) -> list[str]:
 
 
 def _mi_scores(dirs: Sequence[Path], names: Sequence[str], cfg: DistillConfig) -> list[float]:
-    """The :func:`~timm_remem.analysis.rank_checkpoints` score of each checkpoint on the validation split."""
+    """The :func:`~timm_remem.analysis.rank_checkpoints` score of each checkpoint (validation split)."""
     num_classes = dataset_classes(cfg)
     teachers = {}
     for d, name in zip(dirs, names, strict=True):
@@ -148,7 +143,6 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def _table(rows: list[dict[str, Any]], best_i: int, mi_score: bool, spearman_value: float | None,
            missing: str | None) -> str:
-    """The table: accuracies and scores with 4 decimals, times with 1, whatever their size."""
     headers = ["checkpoint", "teacher acc", "student acc", "time (s)"] + (["MI score"] if mi_score else [])
     table_rows = [
         [("* " if i == best_i else "  ") + r["checkpoint"], _num(r["teacher_acc"]), _num(r["student_acc"]),
@@ -164,18 +158,12 @@ def _table(rows: list[dict[str, Any]], best_i: int, mi_score: bool, spearman_val
     return table
 
 
-def select_teacher(
-    teachers: str | os.PathLike | Sequence[str | os.PathLike],
-    /,
-    *,
-    mi_score: bool = False,
-    **kwargs: Any,
-) -> SelectResult:
+def select_teacher(teachers: str | os.PathLike | Sequence[str | os.PathLike], /, *, mi_score: bool = False,
+                   **kwargs: Any) -> SelectResult:
     """ReMem's checkpoint selection: distill a student briefly from each teacher checkpoint and keep the best.
 
-    Every student starts from the same initial weights (same seed) and sees the same deterministic inputs, so
-    teacher logits are computed once per training sample and cached for the later epochs. Writes ``select.json``,
-    ``select.md`` (the table) and ``select.png`` (student and teacher accuracy per checkpoint) into ``output``.
+    Every student starts from the same weights and sees the same inputs (teacher logits cached). Writes
+    ``select.json``, ``select.md`` (the table) and ``select.png`` into ``output``.
 
     Args:
         teachers: A folder of checkpoint folders (e.g. ``runs/teacher/checkpoints``), a finetune run folder, or a
@@ -184,9 +172,6 @@ def select_teacher(
             validation split) and report its Spearman correlation with student accuracy.
         **kwargs: :class:`~timm_remem.train.DistillConfig` fields for the short distillations (default
             ``epochs=3``, ``output="runs/select"``; ``save_at`` defaults to none and ``save_state`` to False).
-
-    Returns:
-        A :class:`~timm_remem.train.SelectResult`.
 
     Raises:
         ConfigError: No checkpoints, bad distillation settings, or an ``output`` folder that is not timm-remem's
@@ -215,7 +200,7 @@ def select_teacher(
     dirs = list_exports(teachers)
     names = _unique_names(dirs)
 
-    def claim() -> None:  # rank 0 decides; every rank raises its refusal
+    def claim() -> None:  # rank 0 decides; every rank raises its refusal (the claim itself is not sent)
         claim_output_dir(out, "select")
 
     distributed.run_on_main(claim)

@@ -1,19 +1,8 @@
-"""Experiment trackers beside ``metrics.jsonl``: TensorBoard and Weights & Biases (``log=["tensorboard", "wandb"]``).
+"""Experiment trackers beside ``metrics.jsonl`` (``log=["tensorboard", "wandb"]``), each an optional extra.
 
-Each is an optional extra, imported only when asked for: ``tensorboard`` writes torch's
-``torch.utils.tensorboard.SummaryWriter`` event files into ``OUTPUT/tensorboard`` (``pip install
-timm-remem[tensorboard]``); ``wandb`` starts a Weights & Biases run whose files live in ``OUTPUT/wandb`` (``pip install
-timm-remem[wandb]``; ``WANDB_MODE=offline`` logs locally without a network, ``wandb sync`` uploads later;
-``WANDB_PROJECT`` names the project, ``timm-remem`` by default). Both get every number of an epoch's ``metrics.jsonl``
-line (``train_loss``, ``val_acc``, ``lr``, ...) at the run's optimizer step, on rank 0 only.
-
-A resumed run continues the same TensorBoard folder, dropping events logged after the checkpoint it resumed from
-(the lines ``metrics.jsonl`` drops too), and the same wandb run (its id is kept in ``OUTPUT/wandb/run-id``).
-
-Example:
-    >>> from timm_remem.train.trackers import scalars
-    >>> scalars({"epoch": 1, "step": 23, "val_acc": 0.5, "lr": 0.001, "world_size": 2, "note": "x"})
-    {'lr': 0.001, 'val_acc': 0.5}
+Both log every number of an epoch's metrics at the run's optimizer step, on rank 0, into ``OUTPUT/tensorboard`` or
+``OUTPUT/wandb`` (``WANDB_MODE`` and ``WANDB_PROJECT`` are read at the start). A resumed run continues the same
+TensorBoard folder (dropping events after its checkpoint) and the same wandb run (id in ``OUTPUT/wandb/run-id``).
 """
 
 from __future__ import annotations
@@ -39,8 +28,8 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a metrics record a tracker logs (not the epoch/step/world size that place them).
 
     Example:
-        >>> scalars({"epoch": 2, "step": 6, "train_loss": 1.5, "teacher_acc": None})
-        {'train_loss': 1.5}
+        >>> scalars({"epoch": 1, "step": 23, "val_acc": 0.5, "lr": 0.001, "world_size": 2, "teacher_acc": None})
+        {'lr': 0.001, 'val_acc': 0.5}
     """
     return {k: float(v) for k, v in sorted(record.items())
             if k not in _NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -99,24 +88,11 @@ class _WandB:
 
 
 class Trackers:
-    """The trackers ``cfg.log`` names, for one run (create and use them on rank 0 only).
-
-    Args:
-        cfg: The run's config (``cfg.log``: ``"tensorboard"``, ``"wandb"``).
-        out: The output folder.
-        resumed_step: The optimizer step of the checkpoint the run resumed from (None: a fresh start).
+    """The trackers ``cfg.log`` names, for one run on rank 0 (``resumed_step``: None for a fresh start).
 
     Raises:
         ImportError: A tracker whose package is not installed (naming the extra to install).
         ConfigError: wandb cannot start (not logged in and not offline, no network).
-
-    Example:
-        >>> import tempfile
-        >>> from timm_remem.train import TrainConfig
-        >>> trackers = Trackers(TrainConfig(model="m", log=[]), Path(tempfile.mkdtemp()), None)  # none asked for
-        >>> trackers.log({"epoch": 1, "step": 3, "val_acc": 0.5}); trackers.close()
-        >>> trackers.trackers
-        []
     """
 
     def __init__(self, cfg: TrainConfig, out: Path, resumed_step: int | None) -> None:
@@ -130,7 +106,6 @@ class Trackers:
             raise
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Log one epoch's metrics record to every tracker."""
         for tracker in self.trackers:
             tracker.log(record)
 
