@@ -20,13 +20,10 @@ import torch
 from .._validation import check_class_count, check_float
 from ..errors import ConfigError
 
-__all__ = [
-    "CLASS_COUNT_TEMPLATE", "check_temperature", "check_weight", "check_label_smoothing", "check_logit_pair",
-    "check_nchw",
-]
+__all__ = ["CLASS_COUNT_TEMPLATE", "check_temperature", "check_weight", "check_label_smoothing", "check_logit_pair",
+           "check_nchw"]
 
-# The teacher/student wording of Teacher and RememDistillationTask ("teacher num_classes=10 differs from student
-# num_classes=5; ..."), for timm_remem._validation.check_class_count(template=...).
+# Teacher's and RememDistillationTask's wording for timm_remem._validation.check_class_count(template=...).
 CLASS_COUNT_TEMPLATE = "{teacher} num_classes={teacher_classes} differs from {other} num_classes={other_classes}; {fix}"
 
 _LOGIT_CLASS_FIX = (
@@ -40,9 +37,7 @@ def check_temperature(temperature: float) -> float:
     try:
         value = float(temperature)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"temperature must be a positive finite number, got {temperature!r}; use e.g. temperature=1.0 or 4.0."
-        ) from None
+        value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(
             f"temperature must be a positive finite number, got {temperature!r}; use e.g. temperature=1.0 or 4.0."

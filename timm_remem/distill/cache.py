@@ -1,5 +1,4 @@
-"""Teacher logits computed once and served by dataset index: :class:`TeacherLogitCache` and
-:func:`precompute_teacher_logits`.
+"""Teacher logits computed once and served by dataset index.
 
 Example:
     >>> import torch
@@ -30,10 +29,8 @@ __all__ = ["TeacherLogitCache", "precompute_teacher_logits"]
 class TeacherLogitCache:
     """Teacher logits stored by dataset sample index, for inputs that are the same every epoch.
 
-    Only valid when the teacher sees a deterministic view of each sample (no random augmentation): then logits
-    computed once serve every later epoch, which makes the checkpoint-selection protocol (many short distillations
-    from fixed teachers) cheap. With random augmentation this is "fixed teacher" distillation, which Beyer et al. 2022
-    found clearly worse than consistent teaching: leave the cache off there.
+    Only valid without random augmentation: with it, this is "fixed teacher" distillation, which Beyer et al. 2022
+    found clearly worse than consistent teaching.
 
     Args:
         num_samples: Dataset length (indices are ``0..num_samples-1``).
@@ -141,12 +138,9 @@ def precompute_teacher_logits(
 ) -> TeacherLogitCache:
     """Run the teacher once over a deterministic loader and fill a :class:`TeacherLogitCache`.
 
-    Each batch must be a sequence whose first element is the input (student-normalised) and whose last element is the
-    dataset indices of its samples, e.g. ``(input, target, index)``.
-
     Args:
         teacher: The :class:`~timm_remem.distill.Teacher`.
-        loader: Batches ``(input, ..., index)``; no random augmentation.
+        loader: Batches ``(input, ..., index)`` (student-normalised input, dataset indices); no random augmentation.
         cache: The cache to fill; ``None`` creates one of ``len(loader.dataset)`` samples (or ``teacher.cache``).
         device: Where to run the teacher (default: the device of its parameters).
         progress: Show a tqdm progress bar.
