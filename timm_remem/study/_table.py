@@ -1,7 +1,4 @@
-"""The Markdown tables of the study room (cells are formatted strings).
-
-The training room has its own (``train/_table.py``, private to it); one shared leaf module would serve both.
-"""
+"""The Markdown tables of the study room (cells are formatted strings)."""
 
 from __future__ import annotations
 

@@ -1,19 +1,7 @@
 """The settings of a study: :class:`StudyConfig`, its arms (:func:`plan_arms`) and config files (:func:`load_config`).
 
-A study is the ReMem ablation over seeds: for every arm and seed, fine-tune the teacher, optionally pick its
-checkpoint with ReMem's protocol (``select``), measure its ``I(X; F_T)`` and its sharpness (a manipulation check:
-did the SAM arms flatten the teacher?) and distill the student. The arms:
-
-- ``plain``: the teacher fine-tuned as it is (no reweighting, no SAM);
-- ``reweight``: reweighted (``alpha``, ``schedule``), no SAM;
-- ``sam``: the exact SAM (``rho``), no reweighting;
-- ``onepass``: the one-pass SAM (Momentum-SAM, ``FinetuneConfig(sam="onepass")``, same ``rho``), no reweighting;
-  not in the default arms (ask for it: ``arms=[..., "onepass"]``);
-- ``remem``: reweighting and the exact SAM;
-- ``student``: the student trained alone (no teacher).
-
-Several ``alpha`` values or schedules (a sweep) give one ``reweight`` and one ``remem`` arm per combination, named
-``reweight-a0.7``, ``remem-a0.7-constant``, ... (a part appears in the name only when it is swept).
+The arms (``plain``, ``reweight``, ``sam``, ``onepass``, ``remem``, ``student``) are described in
+``docs/evidence.md``; several ``alpha`` values or schedules give one ``reweight`` and one ``remem`` arm each.
 
 Example:
     >>> cfg = StudyConfig(teacher="test_vit", student="test_resnet", alpha=[0.7, 0.85], arms=["plain", "remem"])

@@ -1,20 +1,14 @@
 """Running a study: every (arm, seed) in its own resumable run folder, finished runs skipped.
 
-Layout of a study folder::
+Layout of a study folder (see ``docs/evidence.md``)::
 
     study-settings.json            the settings every invocation of this study must share
-    runs/<arm>/seed-<s>/
-        teacher/                   finetune_teacher's run folder (resumable: resume="auto")
-        select/                    select_teacher's folder (with select=True)
-        student/                   distill_student's run folder (resumable)
-        stages.json                the stages finished so far (a killed run restarts at the first missing one)
-        result.json                the run's numbers and settings: the run is finished when it exists and matches
+    runs/<arm>/seed-<s>/           teacher/, select/, student/ (stage folders), stages.json (the stages finished so
+                                   far), result.json (the run is finished when it exists and matches)
     study.json, study.md, study.png
 
-The stages of a run: ``teacher``, ``select`` (with ``select=True``), ``mi`` (unless ``mi=None``), ``sharpness``
-(unless ``sharpness=None``) and ``student``. The sharpness options are recorded with the sharpness stage, not in
-the run's settings: a finished run whose sharpness is missing or was measured with other options gets only that
-stage (from the teacher checkpoint on disk) and an updated ``result.json``; nothing is trained again.
+The sharpness options are recorded with the sharpness stage, not in the run's settings: changing them measures the
+sharpness again (from the teacher checkpoint on disk) and trains nothing.
 
 Example:
     >>> run_folder("runs/study", "student", 0).as_posix()
@@ -213,10 +207,8 @@ def _measure_mi(cfg: StudyConfig, tcfg: FinetuneConfig, checkpoint: str) -> floa
 
 @contextlib.contextmanager
 def _stage_lines(shown: bool):
-    """Without progress, a study shows one line per run (``_run_log``) instead of every stage's lines: for the
-    duration of the study the ``timm_remem.train`` logger (and so every child without a level of its own: select,
-    lock, ...) drops records below WARNING, then gets its level back. The run lines follow the level the application
-    had set, so ``logging.getLogger("timm_remem.train").setLevel(logging.WARNING)`` silences a study too."""
+    """Without progress, the ``timm_remem.train`` logger (and its children) drops records below WARNING while the
+    study runs, leaving one line per run (``_run_log``, at the level the application had set)."""
     stage_logger = logging.getLogger(LOGGER)
     previous = stage_logger.level
     _run_log.setLevel(stage_logger.getEffectiveLevel())  # its own level: a quiet parent does not drop it
@@ -343,9 +335,8 @@ def _run_one(cfg: StudyConfig, arm: Arm, seed: int, folder: Path, say: Callable[
 def run_study(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwargs: Any) -> StudyResult:
     """Run the ReMem ablation: every arm over every seed, then the statistics, the table and the plot.
 
-    Each (arm, seed) is its own run folder (see the module docstring); a study that was killed resumes where it
-    stopped when called again with the same settings, and finished runs are skipped. Adding arms or seeds to a
-    finished study runs only the new ones.
+    A killed study resumes when called again with the same settings; finished runs are skipped, so adding arms or
+    seeds to a finished study runs only the new ones.
 
     Args:
         config: A :class:`~timm_remem.study.StudyConfig`, or a mapping of its fields (e.g. from
