@@ -1,15 +1,4 @@
-"""Argument checks shared by the distillation losses (private to ``timm_remem.distill``).
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill._checks import check_logit_pair, check_temperature
-    >>> check_temperature(4)
-    4.0
-    >>> check_logit_pair(torch.zeros(2, 5), torch.zeros(2, 7))
-    Traceback (most recent call last):
-    ...
-    timm_remem.errors.ConfigError: teacher has 7 classes but student has 5; distillation needs the same label space...
-"""
+"""Argument checks shared by the distillation losses (private to ``timm_remem.distill``)."""
 
 from __future__ import annotations
 

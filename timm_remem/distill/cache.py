@@ -1,13 +1,4 @@
-"""Teacher logits computed once and served by dataset index.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill.cache import TeacherLogitCache
-    >>> cache = TeacherLogitCache(3)
-    >>> cache.put([0, 1, 2], torch.zeros(3, 4))
-    >>> cache.complete, len(cache)
-    (True, 3)
-"""
+"""Teacher logits computed once and served by dataset index."""
 
 from __future__ import annotations
 
@@ -141,7 +132,7 @@ def precompute_teacher_logits(
     Args:
         teacher: The :class:`~timm_remem.distill.Teacher`.
         loader: Batches ``(input, ..., index)`` (student-normalised input, dataset indices); no random augmentation.
-        cache: The cache to fill; ``None`` creates one of ``len(loader.dataset)`` samples (or ``teacher.cache``).
+        cache: The cache to fill; ``None``: ``teacher.cache``, else a new one of ``len(loader.dataset)`` samples.
         device: Where to run the teacher (default: the device of its parameters).
         progress: Show a tqdm progress bar.
 

@@ -1,12 +1,4 @@
-"""Feature distillation over (student block, teacher block) pairs, per Distillation Dynamics (arXiv 2511.06848).
-
-Example:
-    >>> import timm, torch
-    >>> from timm_remem.distill.features import FeatureDistillation
-    >>> vit = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10)
-    >>> FeatureDistillation(vit, vit).pairs
-    [(0, 0)]
-"""
+"""Feature distillation over (student block, teacher block) pairs, per Distillation Dynamics (arXiv 2511.06848)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""The task loss (the trainer's too, so both report the same number) and :class:`DistillationLoss`.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill.losses import task_loss
-    >>> round(float(task_loss(torch.zeros(2, 4), torch.tensor([0, 3]))), 4)  # uniform logits: log(4)
-    1.3863
-"""
+"""The task loss (the trainer's too, so both report the same number) and :class:`DistillationLoss`."""
 
 from __future__ import annotations
 
@@ -70,8 +63,7 @@ class DistillationLoss(nn.Module):
         distill_weight: Weight of the distillation term (>= 0).
         temperature: Softmax temperature for ``"kd"`` and ``"dist"``, in ``[1e-4, 1e8]``.
         label_smoothing: Label smoothing for integer targets, in ``[0, 1)``.
-        dist_beta: DIST inter-class weight.
-        dist_gamma: DIST intra-class weight.
+        dist_beta, dist_gamma: DIST's inter- and intra-class weights.
 
     Raises:
         ConfigError: Unknown method, bad temperature (outside ``[1e-4, 1e8]`` for kd and dist) / weights /

@@ -1,14 +1,4 @@
-"""The distillation training task (:class:`RememDistillationTask`).
-
-Example:
-    >>> import timm, torch
-    >>> from timm_remem.distill.task import RememDistillationTask
-    >>> vit = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10)
-    >>> task = RememDistillationTask(vit, timm.create_model("test_vit2", pretrained=False, img_size=32,
-    ...                                                     num_classes=10), verbose=False)
-    >>> task(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))["output"].shape
-    torch.Size([2, 10])
-"""
+"""The distillation training task (:class:`RememDistillationTask`)."""
 
 from __future__ import annotations
 
@@ -49,9 +39,7 @@ class RememDistillationTask(TrainingTask):
         consistent: ``True``: the teacher sees exactly the student's (augmented) input (Beyer et al. 2022) and a
             separate ``teacher_input`` is refused. ``False``: every call must pass ``teacher_input`` (or
             ``teacher_logits``).
-        device: Device for task tensors.
-        dtype: Dtype for task tensors.
-        verbose: Log the configuration.
+        device, dtype, verbose: As for ``timm.task.TrainingTask`` (``verbose`` logs the configuration).
 
     Example:
         >>> import timm, torch

@@ -1,12 +1,4 @@
-"""The frozen distillation teacher (:class:`Teacher`).
-
-Example:
-    >>> import timm, torch
-    >>> from timm_remem.distill.teacher import Teacher
-    >>> teacher = Teacher(timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10))
-    >>> teacher.logits(torch.randn(2, 3, 32, 32)).shape
-    torch.Size([2, 10])
-"""
+"""The frozen distillation teacher (:class:`Teacher`)."""
 
 from __future__ import annotations
 
@@ -48,15 +40,11 @@ class Teacher(DistillationTeacher):
     Args:
         model: The teacher (a timm model, or a ``timm.task.DistillationTeacher`` whose ``.model`` is used).
         student: The student, to read its mean/std and ``num_classes`` from (optional).
-        mean: Teacher normalisation mean (overrides its data config).
-        std: Teacher normalisation std.
-        student_mean: Student normalisation mean (overrides the student's data config).
-        student_std: Student normalisation std.
+        mean, std, student_mean, student_std: Override the normalisation of the models' data configs.
         input_size: ``(H, W)`` the teacher must see; ``None`` detects a fixed size from the model.
         interpolation: ``"bicubic"`` or ``"bilinear"``; ``None`` uses the teacher's data config.
         cache: Optional :class:`~timm_remem.distill.TeacherLogitCache` used when :meth:`forward` gets ``indices``.
-        use_inference_mode: Run under ``torch.inference_mode`` (outputs are cloned to normal tensors) instead of
-            ``torch.no_grad``.
+        use_inference_mode: Run under ``torch.inference_mode`` (outputs cloned) instead of ``torch.no_grad``.
 
     Raises:
         ConfigError: ``num_classes`` or channel counts differ, or bad mean/std/size arguments.

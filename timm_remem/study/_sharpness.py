@@ -2,13 +2,6 @@
 
 The images depend on the study's data settings and the sharpness options only, never on the arm or the run's seed.
 The measure is :func:`timm_remem.analysis.measure_sharpness` with the teacher's task loss, in float32.
-
-Example:
-    >>> from timm_remem.train.config import FinetuneConfig
-    >>> tcfg = FinetuneConfig(model="test_vit", img_size=16)
-    >>> b = sharpness_batches(tcfg, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=16, batches=2, batch_size=4, seed=0)
-    >>> [tuple(x.shape) for x, _ in b], [tuple(y.shape) for _, y in b]
-    ([(4, 3, 16, 16), (4, 3, 16, 16)], [(4,), (4,)])
 """
 
 from __future__ import annotations
@@ -39,7 +32,15 @@ _FIELDS = ("sam_increase", "top_eigenvalue", "loss", "eigen_iterations", "eigen_
 def sharpness_batches(tcfg: FinetuneConfig, *, mean: Sequence[float], std: Sequence[float], img_size: int,
                       batches: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``batches x batch_size`` images of a ``seed``-ed permutation of the teacher's fine-tuning split (its
-    few-label subset too), evaluation transform, as ``(images, labels)`` batches of ``batch_size``."""
+    few-label subset too), evaluation transform, as ``(images, labels)`` batches of ``batch_size``.
+
+    Example:
+        >>> from timm_remem.train.config import FinetuneConfig
+        >>> tcfg = FinetuneConfig(model="test_vit", img_size=16)
+        >>> b = sharpness_batches(tcfg, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=16, batches=2, batch_size=4, seed=0)
+        >>> [tuple(x.shape) for x, _ in b], [tuple(y.shape) for _, y in b]
+        ([(4, 3, 16, 16), (4, 3, 16, 16)], [(4,), (4,)])
+    """
     train = create_dataset(tcfg.dataset, tcfg.data_dir, "train", img_size=img_size, mean=mean, std=std,
                            download=tcfg.download)  # augment off: the evaluation transform
     train = training_subset(train, per_class=tcfg.train_per_class, imbalance=tcfg.train_imbalance,

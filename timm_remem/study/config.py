@@ -2,11 +2,6 @@
 
 The arms (``plain``, ``reweight``, ``sam``, ``onepass``, ``remem``, ``student``) are described in
 ``docs/evidence.md``; several ``alpha`` values or schedules give one ``reweight`` and one ``remem`` arm each.
-
-Example:
-    >>> cfg = StudyConfig(teacher="test_vit", student="test_resnet", alpha=[0.7, 0.85], arms=["plain", "remem"])
-    >>> [a.name for a in plan_arms(cfg)]
-    ['plain', 'remem-a0.7', 'remem-a0.85']
 """
 
 from __future__ import annotations
@@ -170,9 +165,6 @@ class StudyConfig:
             raise ConfigError(f"schedule must list 'exponential' and/or 'constant', got {self.schedule!r}")
         check_float("rho", self.rho, low=0, low_open=True,
                     hint="the sam, onepass and remem arms need a SAM radius, e.g. 0.05")
-        check_bool("select", self.select)
-        check_bool("pretrained", self.pretrained)
-        check_bool("amp", self.amp)
         if self.mi is not None:
             if not isinstance(self.mi, Mapping):
                 raise ConfigError(f"mi must be a mapping of teacher_information options or None, got {self.mi!r}")
@@ -194,10 +186,8 @@ class StudyConfig:
                     f"seeds={self.seeds}: a confidence interval needs at least 2 seeds per arm; pass seeds=2 or more "
                     "(--seeds 3 is the default), or confidence=None (--confidence none) for a run without intervals"
                 )
-        for name, cls, options in (("finetune", FinetuneConfig, self.finetune), ("distill", DistillConfig,
-                                                                                self.distill),
-                                   ("select_options", DistillConfig, self.select_options)):
-            _check_stage(name, cls, options)
+        for name, cls in (("finetune", FinetuneConfig), ("distill", DistillConfig), ("select_options", DistillConfig)):
+            _check_stage(name, cls, getattr(self, name))
 
     @property
     def seed_list(self) -> list[int]:
@@ -361,9 +351,8 @@ def study_config(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwa
     if unknown:
         raise ConfigError(f"unknown study setting(s) {unknown}; valid: {sorted(known)}")
     if merged.get("quick"):
-        preset = dict(QUICK)
         for key in ("finetune", "distill", "select_options", "mi", "sharpness"):  # dicts merge key by key
             if isinstance(merged.get(key), Mapping):
                 merged[key] = {**QUICK[key], **merged[key]}
-        merged = {**preset, **merged}
+        merged = {**QUICK, **merged}
     return StudyConfig(**merged)

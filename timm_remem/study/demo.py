@@ -1,10 +1,4 @@
-"""The offline demo (``timm-remem demo``), a small :func:`~timm_remem.study.run_study` on scikit-learn's digits.
-
-Example:
-    >>> from timm_remem.study.demo import DEMO_SEEDS
-    >>> DEMO_SEEDS
-    2
-"""
+"""The offline demo (``timm-remem demo``), a small :func:`~timm_remem.study.run_study` on scikit-learn's digits."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
 """A study's statistics and report: per-arm intervals, paired differences against ``plain`` and their verdicts, the
 tables (``study.md``), every number (``study.json``) and the plot (``study.png``); see ``docs/evidence.md``.
-
-Example:
-    >>> from timm_remem.study.config import StudyConfig
-    >>> cfg = StudyConfig(teacher="t", student="s", seeds=2, arms=["plain", "student"])
-    >>> runs = [{"arm": "plain", "seed": 0, "teacher_acc": 0.9, "student_acc": 0.80, "mi": 1.0},
-    ...         {"arm": "plain", "seed": 1, "teacher_acc": 0.9, "student_acc": 0.82, "mi": 1.1},
-    ...         {"arm": "student", "seed": 0, "teacher_acc": None, "student_acc": 0.70, "mi": None},
-    ...         {"arm": "student", "seed": 1, "teacher_acc": None, "student_acc": 0.71, "mi": None}]
-    >>> summarise(cfg, ["plain", "student"], runs)[1]["vs_plain"]["verdict"]
-    'worse'
 """
 
 from __future__ import annotations
@@ -79,7 +69,18 @@ def _interval(values: list[float | None], confidence: float | None, name: str) -
 
 
 def summarise(cfg: StudyConfig, arm_names: Sequence[str], runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-arm intervals and paired differences against ``plain`` (matched by seed), with verdicts."""
+    """Per-arm intervals and paired differences against ``plain`` (matched by seed), with verdicts.
+
+    Example:
+        >>> from timm_remem.study.config import StudyConfig
+        >>> cfg = StudyConfig(teacher="t", student="s", seeds=2, arms=["plain", "student"])
+        >>> runs = [{"arm": "plain", "seed": 0, "teacher_acc": 0.9, "student_acc": 0.80, "mi": 1.0},
+        ...         {"arm": "plain", "seed": 1, "teacher_acc": 0.9, "student_acc": 0.82, "mi": 1.1},
+        ...         {"arm": "student", "seed": 0, "teacher_acc": None, "student_acc": 0.70, "mi": None},
+        ...         {"arm": "student", "seed": 1, "teacher_acc": None, "student_acc": 0.71, "mi": None}]
+        >>> summarise(cfg, ["plain", "student"], runs)[1]["vs_plain"]["verdict"]
+        'worse'
+    """
     by_arm = {name: sorted((r for r in runs if r["arm"] == name), key=lambda r: r["seed"]) for name in arm_names}
     plain = {r["seed"]: r for r in by_arm.get("plain", [])}
     out = []

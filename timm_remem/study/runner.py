@@ -9,10 +9,6 @@ Layout of a study folder (see ``docs/evidence.md``)::
 
 The sharpness options are recorded with the sharpness stage, not in the run's settings: changing them measures the
 sharpness again (from the teacher checkpoint on disk) and trains nothing.
-
-Example:
-    >>> run_folder("runs/study", "student", 0).as_posix()
-    'runs/study/runs/student/seed-0'
 """
 
 from __future__ import annotations

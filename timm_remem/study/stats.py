@@ -2,13 +2,6 @@
 
 Written with :mod:`math` only (scipy is a test dependency). The t quantile inverts, by bisection, the exact
 Student-t distribution function for integer degrees of freedom (Abramowitz and Stegun 26.7.3 and 26.7.4).
-
-Example:
-    >>> round(t_quantile(0.975, 2), 4)
-    4.3027
-    >>> iv = mean_interval([0.90, 0.92, 0.94])
-    >>> round(iv.mean, 4), round(iv.low, 4), round(iv.high, 4)
-    (0.92, 0.8703, 0.9697)
 """
 
 from __future__ import annotations
