@@ -36,9 +36,8 @@ _PHI_POLY64 = (0.5, 0.16666666666666666, 0.04166666666666609, 0.0083333333333332
 # kd_loss: entries with x = d'/T above this are summed through the student's softmax instead (T^2 phi(x) would
 # overflow); below it, T^2 phi(x) <= 1e16 * e^20 stays far from float32's limit.
 _FAR = 20.0
-# kd_loss's gradient: entries with |x| + KL <= this take the form built from x = d'/T (accurate to about this many
-# rounding errors, and free of the cancellation of p_s - p_t at large T or for a student close to its teacher), the
-# others T (p_s - p_t) (at small T, where x and KL are large and the two probabilities differ by more than rounding).
+# kd_loss's gradient: entries with |x| + KL <= this take the form built from x = d'/T (free of the cancellation of
+# p_s - p_t at large T), the others T (p_s - p_t) (at small T, where the probabilities differ by more than rounding).
 # At most _FAR: the first form reads phi(x) from the loss's terms, which hold phi(min(x, _FAR)).
 _NEAR_GRADIENT = _FAR
 # kd_loss on CPU works through blocks of about this many entries per thread, so that a block's temporaries stay in
@@ -68,11 +67,8 @@ def check_temperature_range(temperature: float) -> float:
     return value
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _compute_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(torch.float32, student.dtype), teacher.dtype)
 
 
 def kd_loss(
@@ -162,9 +158,8 @@ class _NotTwice(torch.autograd.Function):
         )
 
 
-def _kd_rows(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_student: bool, grad_teacher: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def _kd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_student: bool,
+             grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``T^2 KL`` of each row and, when asked, its gradients (the student's over ``T``), block by block, no graph."""
     dtype = _compute_dtype(student, teacher)
     batch, classes = student.shape
@@ -202,10 +197,7 @@ def _kd_block(s: torch.Tensor, t: torch.Tensor, temperature: float, dtype: torch
     as ``p_t expm1(x - KL)`` where ``|x| + KL <= 20``) and ``-p_t d'``. ``skip``: leave out work that a host check
     shows this block does not need (eager CPU only: elsewhere it would stall the device or break a compiled graph)."""
     sq = temperature * temperature
-    if s.dtype != dtype:
-        s = s.to(dtype)
-    if t.dtype != dtype:
-        t = t.to(dtype)
+    s, t = s.to(dtype), t.to(dtype)
     t_max, top = t.max(dim=1, keepdim=True)
     p_t = (t - t_max).div_(temperature).exp_()  # gaps to the row maximum: no overflow; divided, not
     # multiplied by a rounded 1/T, whose error would shift every exponent the same way
