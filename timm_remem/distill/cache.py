@@ -41,8 +41,7 @@ class TeacherLogitCache:
         self.dtype = dtype
         self._logits: torch.Tensor | None = None
         self._filled = torch.zeros(self.num_samples, dtype=torch.bool)
-        self.hits = 0
-        self.misses = 0
+        self.hits = self.misses = 0
         if num_classes is not None:
             self._allocate(int(num_classes))
 

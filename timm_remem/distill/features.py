@@ -43,8 +43,7 @@ class _Projector(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.bn(x)
+        return self.bn(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 def _num_feature_layers(model: nn.Module, role: str) -> list[int]:

@@ -312,10 +312,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"study config file {str(p)!r} does not exist; pass a .yaml or .json file")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as err:  # pragma: no cover - timm depends on pyyaml
-            raise ImportError("YAML study configs need PyYAML: pip install pyyaml") from err
+        import yaml  # a timm dependency
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:

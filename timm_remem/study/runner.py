@@ -96,9 +96,8 @@ _SELECT_INHERITS = ("train_per_class", "train_imbalance", "subset_seed", "labels
 def _select_options(cfg: StudyConfig, seed: int, folder: Path) -> dict[str, Any]:
     inherited = {k: cfg.distill[k] for k in _SELECT_INHERITS if k in cfg.distill}
     return {"epochs": 2, **inherited, **cfg.select_options, "model": cfg.student,
-            "model_kwargs": dict(cfg.student_kwargs),
-            "dataset": cfg.dataset, "data_dir": cfg.data_dir, "seed": seed, "device": cfg.device, "amp": cfg.amp,
-            "output": str(folder / "select"), "progress": cfg.progress}
+            "model_kwargs": dict(cfg.student_kwargs), "dataset": cfg.dataset, "data_dir": cfg.data_dir, "seed": seed,
+            "device": cfg.device, "amp": cfg.amp, "output": str(folder / "select"), "progress": cfg.progress}
 
 
 def run_settings(cfg: StudyConfig, arm: Arm, seed: int) -> dict[str, Any]:
@@ -106,8 +105,7 @@ def run_settings(cfg: StudyConfig, arm: Arm, seed: int) -> dict[str, Any]:
     settings, paths left out (a study folder can be moved)."""
     here = Path(".")
     out: dict[str, Any] = {"arm": arm.name, "kind": arm.kind, "alpha": arm.alpha, "schedule": arm.schedule,
-                           "rho": arm.rho, "seed": seed,
-                           "distill": _stage_dict(_student_config(cfg, seed, here, None))}
+                           "rho": arm.rho, "seed": seed, "distill": _stage_dict(_student_config(cfg, seed, here, None))}
     if arm.has_teacher:
         out["finetune"] = _stage_dict(_teacher_config(cfg, arm, seed, here))
         out["select"] = ({k: v for k, v in _select_options(cfg, seed, here).items() if k not in _LEFT_OUT}
