@@ -1,15 +1,4 @@
-"""Argument checks shared by the distillation losses (private to ``timm_remem.distill``).
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill._checks import check_logit_pair, check_temperature
-    >>> check_temperature(4)
-    4.0
-    >>> check_logit_pair(torch.zeros(2, 5), torch.zeros(2, 7))
-    Traceback (most recent call last):
-    ...
-    timm_remem.errors.ConfigError: teacher has 7 classes but student has 5; distillation needs the same label space...
-"""
+"""Argument checks shared by the distillation losses (private to ``timm_remem.distill``)."""
 
 from __future__ import annotations
 
@@ -20,13 +9,10 @@ import torch
 from .._validation import check_class_count, check_float
 from ..errors import ConfigError
 
-__all__ = [
-    "CLASS_COUNT_TEMPLATE", "check_temperature", "check_weight", "check_label_smoothing", "check_logit_pair",
-    "check_nchw",
-]
+__all__ = ["CLASS_COUNT_TEMPLATE", "check_temperature", "check_weight", "check_label_smoothing", "check_logit_pair",
+           "check_nchw"]
 
-# The teacher/student wording of Teacher and RememDistillationTask ("teacher num_classes=10 differs from student
-# num_classes=5; ..."), for timm_remem._validation.check_class_count(template=...).
+# Teacher's and RememDistillationTask's wording for timm_remem._validation.check_class_count(template=...).
 CLASS_COUNT_TEMPLATE = "{teacher} num_classes={teacher_classes} differs from {other} num_classes={other_classes}; {fix}"
 
 _LOGIT_CLASS_FIX = (
@@ -40,9 +26,7 @@ def check_temperature(temperature: float) -> float:
     try:
         value = float(temperature)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"temperature must be a positive finite number, got {temperature!r}; use e.g. temperature=1.0 or 4.0."
-        ) from None
+        value = math.nan
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(
             f"temperature must be a positive finite number, got {temperature!r}; use e.g. temperature=1.0 or 4.0."

@@ -1,13 +1,4 @@
-"""Block outputs (NCHW maps) from ``forward_intermediates`` and the resizing that pairs two of them (private).
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill._maps import match_spatial, pool_channels
-    >>> match_spatial(torch.randn(2, 8, 6, 6), (3, 3)).shape  # larger on both sides: average pooling
-    torch.Size([2, 8, 3, 3])
-    >>> pool_channels(torch.randn(2, 8, 3, 3), 4).shape
-    torch.Size([2, 4, 3, 3])
-"""
+"""Block outputs (NCHW maps) from ``forward_intermediates`` and the resizing that pairs two of them (private)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,4 @@
-"""Teacher logits computed once and served by dataset index: :class:`TeacherLogitCache` and
-:func:`precompute_teacher_logits`.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill.cache import TeacherLogitCache
-    >>> cache = TeacherLogitCache(3)
-    >>> cache.put([0, 1, 2], torch.zeros(3, 4))
-    >>> cache.complete, len(cache)
-    (True, 3)
-"""
+"""Teacher logits computed once and served by dataset index."""
 
 from __future__ import annotations
 
@@ -30,10 +20,8 @@ __all__ = ["TeacherLogitCache", "precompute_teacher_logits"]
 class TeacherLogitCache:
     """Teacher logits stored by dataset sample index, for inputs that are the same every epoch.
 
-    Only valid when the teacher sees a deterministic view of each sample (no random augmentation): then logits
-    computed once serve every later epoch, which makes the checkpoint-selection protocol (many short distillations
-    from fixed teachers) cheap. With random augmentation this is "fixed teacher" distillation, which Beyer et al. 2022
-    found clearly worse than consistent teaching: leave the cache off there.
+    Only valid without random augmentation: with it, this is "fixed teacher" distillation, which Beyer et al. 2022
+    found clearly worse than consistent teaching.
 
     Args:
         num_samples: Dataset length (indices are ``0..num_samples-1``).
@@ -53,8 +41,7 @@ class TeacherLogitCache:
         self.dtype = dtype
         self._logits: torch.Tensor | None = None
         self._filled = torch.zeros(self.num_samples, dtype=torch.bool)
-        self.hits = 0
-        self.misses = 0
+        self.hits = self.misses = 0
         if num_classes is not None:
             self._allocate(int(num_classes))
 
@@ -141,13 +128,10 @@ def precompute_teacher_logits(
 ) -> TeacherLogitCache:
     """Run the teacher once over a deterministic loader and fill a :class:`TeacherLogitCache`.
 
-    Each batch must be a sequence whose first element is the input (student-normalised) and whose last element is the
-    dataset indices of its samples, e.g. ``(input, target, index)``.
-
     Args:
         teacher: The :class:`~timm_remem.distill.Teacher`.
-        loader: Batches ``(input, ..., index)``; no random augmentation.
-        cache: The cache to fill; ``None`` creates one of ``len(loader.dataset)`` samples (or ``teacher.cache``).
+        loader: Batches ``(input, ..., index)`` (student-normalised input, dataset indices); no random augmentation.
+        cache: The cache to fill; ``None``: ``teacher.cache``, else a new one of ``len(loader.dataset)`` samples.
         device: Where to run the teacher (default: the device of its parameters).
         progress: Show a tqdm progress bar.
 

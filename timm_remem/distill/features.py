@@ -1,15 +1,4 @@
-"""Feature distillation over (student block, teacher block) pairs, per Distillation Dynamics (arXiv 2511.06848).
-
-:class:`FeatureDistillation` holds the pairs, the optional trainable projectors and the loss;
-:class:`DistillationStudent` runs the student and the projectors as one module (what DDP needs).
-
-Example:
-    >>> import timm, torch
-    >>> from timm_remem.distill.features import FeatureDistillation
-    >>> vit = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10)
-    >>> FeatureDistillation(vit, vit).pairs
-    [(0, 0)]
-"""
+"""Feature distillation over (student block, teacher block) pairs, per Distillation Dynamics (arXiv 2511.06848)."""
 
 from __future__ import annotations
 
@@ -54,15 +43,7 @@ class _Projector(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return self.bn(x)
-
-
-def _unwrap_teacher_model(model: nn.Module) -> nn.Module:
-    """The timm model inside a teacher wrapper (``Teacher`` is a ``DistillationTeacher``), DDP or torch.compile."""
-    if isinstance(model, DistillationTeacher):
-        model = model.model
-    return unwrap_model(model)
+        return self.bn(self.proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 def _num_feature_layers(model: nn.Module, role: str) -> list[int]:
@@ -82,34 +63,22 @@ def _num_feature_layers(model: nn.Module, role: str) -> list[int]:
 
 
 class FeatureDistillation(nn.Module):
-    """Feature distillation over (student block, teacher block) pairs, per Distillation Dynamics (arXiv 2511.06848).
+    """The mean feature loss over (student block, teacher block) pairs.
 
-    Block indices are those of ``forward_intermediates`` (ViT: transformer blocks; ResNet: stem then stages) and may
-    be negative (``-1`` is the last). Two kinds:
-
-    - ``"spectral"``: :func:`~timm_remem.distill.spectral_loss` per pair (parameter-free).
-    - ``"projector"``: a trainable per-position ``Linear(C_s, C_t)`` + ``BatchNorm2d(C_t)`` on the student map, MSE to
-      the teacher map standardised per channel over (B, H, W) with batch statistics. The authors' code also applies an
-      affine BatchNorm to the teacher; we keep the teacher side parameter-free because a trainable affine on both sides
-      lets the loss collapse to zero. The projector parameters are ordinary ``nn.Module`` parameters (pass
-      ``self.parameters()`` to the optimizer, or use :class:`~timm_remem.distill.RememDistillationTask`, which exposes
-      them).
-
-    Spatial sizes may differ (CNN students): the teacher map is resized to the student's (average pooling when larger
-    on both sides, bilinear otherwise). The loss is the mean over pairs; ``weight`` (0.2 by default, as in the paper)
-    is applied by :class:`~timm_remem.distill.RememDistillationTask`, not by :meth:`forward`.
-
-    The default pairs are ``[(0, 0)]`` (first blocks). Any pair whose student or teacher index lies in the top
-    ``1 - late_fraction`` of its model's depth logs a warning on logger ``timm_remem.distill`` that explains why late
-    alignment tends to hurt ViT students.
+    ``kind="spectral"``: :func:`~timm_remem.distill.spectral_loss` per pair. ``kind="projector"``: a trainable
+    per-position ``Linear(C_s, C_t)`` + ``BatchNorm2d(C_t)`` on the student map, MSE to the teacher map standardised
+    per channel (the teacher side stays parameter-free: trainable affines on both sides let the loss collapse). The
+    teacher map is resized to the student's grid. A pair in the late part of either model logs a warning on logger
+    ``timm_remem.distill``.
 
     Args:
         student: The student timm model.
-        teacher: The teacher timm model (or a :class:`~timm_remem.distill.Teacher` /
-            ``timm.task.DistillationTeacher``).
-        pairs: ``(student_index, teacher_index)`` pairs; ``None`` means ``[(0, 0)]``.
+        teacher: The teacher timm model (or a ``timm.task.DistillationTeacher`` such as
+            :class:`~timm_remem.distill.Teacher`).
+        pairs: ``(student_index, teacher_index)`` pairs in ``forward_intermediates`` numbering, negative allowed;
+            ``None`` means ``[(0, 0)]``.
         kind: ``"spectral"`` or ``"projector"``.
-        weight: Weight of the feature loss in the total loss.
+        weight: Weight of the feature loss in the total, applied by :class:`~timm_remem.distill.RememDistillationTask`.
         late_fraction: A block index ``i`` of a model with ``n`` indices counts as late when ``i >= late_fraction * n``.
 
     Raises:
@@ -142,7 +111,8 @@ class FeatureDistillation(nn.Module):
         self.kind = kind
         self.weight = check_weight("weight", weight)
         student_chs = _num_feature_layers(unwrap_model(student), "student")
-        teacher_chs = _num_feature_layers(_unwrap_teacher_model(teacher), "teacher")
+        teacher_chs = _num_feature_layers(
+            unwrap_model(teacher.model if isinstance(teacher, DistillationTeacher) else teacher), "teacher")
         pairs = [(0, 0)] if pairs is None else [tuple(p) for p in pairs]
         if not pairs:
             raise ConfigError("pairs is empty; give at least one (student_index, teacher_index) pair, e.g. [(0, 0)].")
@@ -164,9 +134,8 @@ class FeatureDistillation(nn.Module):
             late_s = s >= late_fraction * len(student_chs)
             late_t = t >= late_fraction * len(teacher_chs)
             if late_s or late_t:
-                which = " and ".join(
-                    name for name, late in (("student block", late_s), ("teacher block", late_t)) if late
-                )
+                which = " and ".join(name for name, late in (("student block", late_s), ("teacher block", late_t))
+                                     if late)
                 _logger.warning(_LATE_LAYER_MESSAGE.format(s=s, t=t, which=which, pct=100 * (1 - late_fraction)))
 
     @staticmethod
@@ -217,14 +186,9 @@ class FeatureDistillation(nn.Module):
 
 
 class DistillationStudent(nn.Module):
-    """The trainable unit for feature distillation: the student plus the feature projectors.
+    """The student plus the feature projectors as one trainable module (what DDP needs).
 
-    ``forward(x)`` returns ``(logits, projected_student_features)`` from one ``forward_intermediates`` pass, so that
-    everything with trainable parameters runs inside one module's forward (what DistributedDataParallel needs).
-
-    Args:
-        student: The student timm model.
-        features: The :class:`FeatureDistillation` whose pairs and projectors to use.
+    ``forward(x)`` returns ``(logits, projected_student_features)`` from one ``forward_intermediates`` pass.
 
     Example:
         >>> import timm, torch

@@ -1,21 +1,9 @@
 """Distillation losses as pure functions: ``kd_loss`` (Hinton), ``dist_loss`` (DIST) and ``spectral_loss``.
 
-Each takes student and teacher tensors, treats the teacher side as a constant (``kd_loss``: unless asked otherwise),
-computes in float32 (float64 inputs in float64) and returns a scalar tensor. The loss modules
-(:class:`~timm_remem.distill.DistillationLoss`, :class:`~timm_remem.distill.FeatureDistillation`) are built on these.
-
-The logit losses are computed in forms that stay accurate where the textbook ones cancel: at a large temperature
-``softmax(z/T)`` is ``1/C`` plus a deviation of order ``1/T``, so ``log p_t - log p_s`` (``kd_loss``) and
-``p - mean(p)`` (``dist_loss``) lose about ``log10(T)`` digits and the ``T^2`` factor then multiplies the rounding
-error. Both are within ``1e-5`` (relative) of a 50-digit reference for every temperature in
-``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``tests/distill/test_distill_accuracy.py``, fp32, bf16 and fp16 logits of
-scale 1e-2 to 1e3); other temperatures are refused.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill.functional import kd_loss
-    >>> float(kd_loss(torch.zeros(2, 5), torch.zeros(2, 5), temperature=4.0))
-    0.0
+Each treats the teacher side as a constant and returns a scalar tensor, computed in float32 (float64 inputs in
+float64). The logit losses avoid the cancellation of the textbook forms at large ``T`` (where ``softmax(z/T)`` is
+``1/C`` plus a deviation of order ``1/T``): both are within ``1e-5`` of a 50-digit reference for every temperature in
+``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``tests/distill/test_distill_accuracy.py``); other temperatures are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +19,7 @@ from ._maps import match_spatial, pool_channels
 
 __all__ = ["kd_loss", "dist_loss", "spectral_loss", "MIN_TEMPERATURE", "MAX_TEMPERATURE"]
 
-#: The temperatures ``kd_loss`` and ``dist_loss`` accept: inside, both are within 1e-5 of an exact reference.
+#: The temperatures ``kd_loss`` and ``dist_loss`` accept.
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 1e8
 
@@ -48,9 +36,8 @@ _PHI_POLY64 = (0.5, 0.16666666666666666, 0.04166666666666609, 0.0083333333333332
 # kd_loss: entries with x = d'/T above this are summed through the student's softmax instead (T^2 phi(x) would
 # overflow); below it, T^2 phi(x) <= 1e16 * e^20 stays far from float32's limit.
 _FAR = 20.0
-# kd_loss's gradient: entries with |x| + KL <= this take the form built from x = d'/T (accurate to about this many
-# rounding errors, and free of the cancellation of p_s - p_t at large T or for a student close to its teacher), the
-# others T (p_s - p_t) (at small T, where x and KL are large and the two probabilities differ by more than rounding).
+# kd_loss's gradient: entries with |x| + KL <= this take the form built from x = d'/T (free of the cancellation of
+# p_s - p_t at large T), the others T (p_s - p_t) (at small T, where the probabilities differ by more than rounding).
 # At most _FAR: the first form reads phi(x) from the loss's terms, which hold phi(min(x, _FAR)).
 _NEAR_GRADIENT = _FAR
 # kd_loss on CPU works through blocks of about this many entries per thread, so that a block's temporaries stay in
@@ -60,9 +47,6 @@ _BLOCK_ENTRIES = 1 << 16
 
 def check_temperature_range(temperature: float) -> float:
     """A temperature ``kd_loss`` and ``dist_loss`` compute accurately: a number in ``[1e-4, 1e8]``, as ``float``.
-
-    Raises:
-        ConfigError: Not a positive finite number, or outside ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``.
 
     Example:
         >>> check_temperature_range(4)
@@ -83,11 +67,8 @@ def check_temperature_range(temperature: float) -> float:
     return value
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+def _compute_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(torch.float32, student.dtype), teacher.dtype)
 
 
 def kd_loss(
@@ -99,42 +80,18 @@ def kd_loss(
 ) -> torch.Tensor:
     """Hinton knowledge-distillation loss: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
 
-    The same value as ``timm.task.LogitDistillationTask`` (``kl_div(..., reduction="batchmean") * T**2``), computed
-    in float32 (float64 for float64 inputs) in a form that stays accurate at any accepted temperature. The ``T^2``
-    factor keeps gradient magnitudes comparable across temperatures; as ``T`` grows the loss tends to half the
-    variance over classes of ``s - t`` (logit matching).
-
-    How: with ``d = s - t`` centred under ``p_t`` (``d' = d - sum_c p_t,c d_c``) and ``x = d' / T``, the KL
-    divergence is exactly ``log(1 + sum_c p_t,c phi(x_c))`` with ``phi(x) = e^x - 1 - x >= 0``: a sum of
-    non-negative terms, so nothing cancels however large ``T`` is. ``T^2 phi(x)`` is evaluated as
-    ``d'^2 (phi(x) / x^2)`` on ``|x| <= 1`` (a polynomial) and from ``e^x - 1 - x`` beyond (no cancellation there),
-    and ``T^2 log(1 + n)`` as ``T^2 n * (log1p(n) / n)``, so no ``1/T^2`` underflows; ``d`` is formed exactly, so a
-    large common offset of the logits costs nothing. Entries with ``x > 20`` (small ``T``), where ``e^x`` could
-    overflow, enter through the student's softmax instead: with ``S = sum_c p_s,c (1 - e^(20 - max(x_c, 20)))``
-    (non-negative terms), ``KL = log(1 + n) - log(1 - S)``, ``n`` taken with ``x`` clipped at 20, and ``log(1 - S)``
-    a log-sum-exp when ``S > 1/2``.
-
-    The gradient is written in closed form by the forward pass (a custom autograd function, so backward keeps one
-    ``[B, C]`` tensor per differentiated input instead of the intermediates): ``d/ds_j T^2 KL = T (p_s,j - p_t,j)``,
-    taken as ``T p_t,j expm1(x_j - KL)`` where ``|x_j| + KL <= 20`` (``expm1(x - KL)`` formed from ``x + phi(x)``, so
-    nothing cancels at large ``T`` or for a student close to its teacher), as the difference of the two softmaxes
-    elsewhere, and at the teacher's top class as minus the sum of the others; ``d/dt_j T^2 KL = -p_t,j d'_j``. The
-    gradient is within a few ``1e-6`` (relative) of the exact one over the same range as the loss. The function can
-    be differentiated once, by backward, not twice (a second backward through its gradient raises); ``torch.func``
+    The value of ``timm.task.LogitDistillationTask`` (``kl_div(..., reduction="batchmean") * T**2``); as ``T`` grows
+    it tends to half the variance over classes of ``s - t``. With ``d' = (s - t) - sum_c p_t,c (s - t)_c`` and
+    ``x = d' / T``, ``KL = log(1 + sum_c p_t,c phi(x_c))``, ``phi(x) = e^x - 1 - x >= 0``: a sum of non-negative
+    terms, so nothing cancels at large ``T`` (see :func:`_kd_block`). The gradient is computed in closed form by the
+    forward pass, so the loss can be differentiated once but not twice (a second backward raises); ``torch.func``
     transforms and forward-mode AD do not apply to it.
 
-    On CPU the rows are processed in blocks that fit the cache, skipping the parts a block does not need (checked on
-    the host); under ``torch.compile`` and on other devices, one block without data-dependent branches.
-
     Args:
-        student_logits: Student logits ``[B, C]`` (gradients flow through these).
+        student_logits: Student logits ``[B, C]``.
         teacher_logits: Teacher logits ``[B, C]`` (a constant target unless ``teacher_grad``).
         temperature: Softmax temperature, in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``[1e-4, 1e8]``).
-        teacher_grad: Let gradients flow into ``teacher_logits`` too (when they require grad). Default ``False``:
-            the teacher is detached, as in every distillation loss here.
-
-    Returns:
-        A scalar tensor.
+        teacher_grad: Let gradients flow into ``teacher_logits`` too (when they require grad).
 
     Raises:
         ConfigError: ``temperature`` is not a number in ``[1e-4, 1e8]``, the logits are not 2-D, or the batch sizes
@@ -157,8 +114,7 @@ def kd_loss(
 
 
 class _KDRows(torch.autograd.Function):
-    """``T^2 KL`` of each row (``[B]``): the forward pass writes the closed-form gradient (one ``[B, C]`` tensor per
-    differentiated input, all that backward keeps), backward only scales it."""
+    """``T^2 KL`` of each row: forward writes the closed-form gradient (all backward keeps), backward scales it."""
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -186,8 +142,8 @@ class _KDRows(torch.autograd.Function):
 
 
 class _NotTwice(torch.autograd.Function):
-    """The identity on ``kd_loss``'s gradient when backward runs with ``create_graph=True``: differentiating it again
-    raises, where a gradient without a graph would silently count as a constant (a second derivative of 0)."""
+    """Identity on ``kd_loss``'s gradient under ``create_graph=True``: differentiating it raises, where a gradient
+    without a graph would silently count as a constant."""
 
     @staticmethod
     def forward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -202,11 +158,9 @@ class _NotTwice(torch.autograd.Function):
         )
 
 
-def _kd_rows(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_student: bool, grad_teacher: bool
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``T^2 KL`` of each row and, when asked, its gradients with respect to the student's and teacher's logits
-    (``[B, C]``, in the compute dtype; the student's over ``T``), computed block by block without an autograd graph."""
+def _kd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float, grad_student: bool,
+             grad_teacher: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``T^2 KL`` of each row and, when asked, its gradients (the student's over ``T``), block by block, no graph."""
     dtype = _compute_dtype(student, teacher)
     batch, classes = student.shape
     options = dict(dtype=dtype, device=student.device)
@@ -232,27 +186,18 @@ def _host_checks_are_free(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def _kd_block(
-    s: torch.Tensor,
-    t: torch.Tensor,
-    temperature: float,
-    dtype: torch.dtype,
-    coeffs: torch.Tensor,
-    grad_s: torch.Tensor | None,
-    grad_t: torch.Tensor | None,
-    skip: bool,
-) -> torch.Tensor:
-    """``T^2 KL(softmax(t/T) || softmax(s/T))`` of each row of a block, in the form described in :func:`kd_loss`.
+def _kd_block(s: torch.Tensor, t: torch.Tensor, temperature: float, dtype: torch.dtype, coeffs: torch.Tensor,
+              grad_s: torch.Tensor | None, grad_t: torch.Tensor | None, skip: bool) -> torch.Tensor:
+    """``T^2 KL(softmax(t/T) || softmax(s/T))`` of each row of a block.
 
-    ``grad_s`` and ``grad_t``, when given, receive ``p_s - p_t`` (``d/ds T^2 KL`` over ``T``) and ``-p_t d'``
-    (``d/dt T^2 KL``). ``coeffs``: :data:`_PHI_POLY32` or :data:`_PHI_POLY64` as a tensor. ``skip``: leave out the
-    work that a host check shows this block does not need (eager CPU only: elsewhere the check would stall the
-    device or break a compiled graph)."""
+    ``T^2 phi(x)`` is ``d'^2 (phi(x) / x^2)`` on ``|x| <= 1`` (the polynomial ``coeffs``) and ``e^x - 1 - x`` beyond;
+    ``T^2 log(1 + n)`` is ``T^2 n * (log1p(n) / n)``, so no ``1/T^2`` underflows; ``d`` is formed exactly. Entries
+    with ``x > 20`` enter through the student's softmax: ``KL = log(1 + n) - log(1 - S)``, ``S = sum_c p_s,c (1 -
+    e^(20 - max(x_c, 20)))``. ``grad_s`` / ``grad_t``, when given, receive ``p_s - p_t`` (``d/ds T^2 KL`` over ``T``,
+    as ``p_t expm1(x - KL)`` where ``|x| + KL <= 20``) and ``-p_t d'``. ``skip``: leave out work that a host check
+    shows this block does not need (eager CPU only: elsewhere it would stall the device or break a compiled graph)."""
     sq = temperature * temperature
-    if s.dtype != dtype:
-        s = s.to(dtype)
-    if t.dtype != dtype:
-        t = t.to(dtype)
+    s, t = s.to(dtype), t.to(dtype)
     t_max, top = t.max(dim=1, keepdim=True)
     p_t = (t - t_max).div_(temperature).exp_()  # gaps to the row maximum: no overflow; divided, not
     # multiplied by a rounded 1/T, whose error would shift every exponent the same way
@@ -314,18 +259,9 @@ def _kd_block(
     return rows
 
 
-def _blend_direct(
-    out: torch.Tensor,
-    near: torch.Tensor,
-    p_t: torch.Tensor,
-    x: torch.Tensor,
-    kl: torch.Tensor,
-    s: torch.Tensor,
-    temperature: float,
-    p_s: torch.Tensor | None,
-) -> None:
-    """``out = near`` where ``|x| + KL <= _NEAR_GRADIENT``, ``p_s - p_t`` elsewhere (``x`` is overwritten; ``out`` may
-    be ``near``)."""
+def _blend_direct(out: torch.Tensor, near: torch.Tensor, p_t: torch.Tensor, x: torch.Tensor, kl: torch.Tensor,
+                  s: torch.Tensor, temperature: float, p_s: torch.Tensor | None) -> None:
+    """``out = near`` where ``|x| + KL <= _NEAR_GRADIENT``, ``p_s - p_t`` elsewhere (``x`` is overwritten)."""
     if p_s is None:
         p_s = _softmax_with_parts(s, temperature)[0]
     choose = x.abs_().neg_().add_(_NEAR_GRADIENT - kl).mul_(1e30).clamp_(0.0, 1.0)
@@ -341,9 +277,8 @@ def _softmax_with_parts(z: torch.Tensor, temperature: float) -> tuple[torch.Tens
 
 
 def _difference_to_column(s: torch.Tensor, t: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
-    """``d - d[column]`` for ``d = s - t``, row by row, rounded once (``d`` is formed exactly: Knuth's two-sum), so a
-    common offset of the two sets of logits costs nothing. With ``column`` the teacher's top class, the entry of
-    largest weight in ``sum_c p_t,c d_c`` is exactly 0, so that sum is not spoiled by ``p_t``'s rounding there."""
+    """``d - d[column]`` for ``d = s - t``, rounded once, so a common offset of the logits costs nothing. With
+    ``column`` the teacher's top class, the largest-weight entry of ``sum_c p_t,c d_c`` is exactly 0."""
     hi, lo = _exact_difference(s, t)
     return hi.sub_(hi.gather(1, column)).add_(lo.sub_(lo.gather(1, column)))
 
@@ -357,8 +292,7 @@ def _exact_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _phi_poly(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """``(e^x - 1 - x) / x^2`` on ``|x| <= 1``: Horner's scheme on the interpolating polynomial whose coefficients
-    (lowest order first) are ``coeffs``, one fused multiply-add kernel per step."""
+    """``(e^x - 1 - x) / x^2`` on ``|x| <= 1``: Horner's scheme on ``coeffs``, one fused multiply-add per step."""
     r = torch.addcmul(coeffs[-2], x, coeffs[-1])
     for k in range(coeffs.numel() - 3, -1, -1):
         torch.addcmul(coeffs[k], x, r, out=r)
@@ -366,10 +300,8 @@ def _phi_poly(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
 
 
 def _one_minus_pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 - rho`` of each row pair, ``rho = <a', b'> / (|a'| |b'| + eps)`` with ``a'``, ``b'`` the centred rows (the
-    DIST authors' Pearson). Formed as ``(|a'| |b'| * |a'/|a'| - b'/|b'||^2 / 2 + eps) / (|a'| |b'| + eps)``: the
-    same number, but when the rows are nearly parallel the small ``1 - cos`` comes from the difference of the unit
-    vectors rather than from ``1`` minus a rounded cosine."""
+    """``1 - rho`` of each row pair (the DIST authors' Pearson, ``eps`` in the denominator), with ``1 - cos`` taken
+    from the difference of the unit vectors rather than from ``1`` minus a rounded cosine."""
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
     norm_a, norm_b = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
@@ -382,22 +314,17 @@ def _one_minus_pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float) -> tor
 def _softmax_parts(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``p = softmax(z / T)``, ``dev = T * (p - 1 / C)`` and the rounding scale of ``dev / T``, per row.
 
-    With ``a = (z - max z) / T <= 0``, ``dev = T * (expm1(a) - mean(expm1(a))) / sum(exp(a))``, which never subtracts
-    two numbers close to ``1 / C``: accurate when the softmax is close to uniform (large ``T``), where ``p - 1/C``
-    would cancel. ``p`` itself is accurate for the small probabilities of a peaked softmax (small ``T``), which
-    ``dev`` loses against ``1 / C``.
-    """
-    a = (z - z.amax(dim=1, keepdim=True)) / temperature
+    ``dev = T * (expm1(a) - mean(expm1(a))) / sum(exp(a))`` never subtracts two numbers close to ``1 / C`` (accurate
+    near uniform, large ``T``); ``p`` keeps the small probabilities of a peaked softmax (small ``T``)."""
+    a = (z - z.amax(dim=1, keepdim=True)) / temperature  # out of place: autograd differentiates dist_loss
     total = torch.exp(a).sum(dim=1, keepdim=True)
     e = torch.expm1(a)
     e_mean = e.mean(dim=1, keepdim=True)
-    dev = temperature * (e - e_mean) / total
-    return torch.exp(a) / total, dev, (e.abs() + e_mean.abs()) / total
+    return torch.exp(a) / total, temperature * (e - e_mean) / total, (e.abs() + e_mean.abs()) / total
 
 
 def _batch_centred(p: torch.Tensor, dev: torch.Tensor, dev_scale: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T * (p - mean over the batch)`` of each class column, from ``dev`` (near-uniform columns) or from ``p``
-    (columns holding a peak or only small probabilities), whichever rounds less there."""
+    """``T * (p - mean over the batch)`` of each class column, from ``dev`` or ``p``, whichever rounds less there."""
     from_p = temperature * (p - p.mean(dim=0, keepdim=True))
     from_dev = dev - dev.mean(dim=0, keepdim=True)
     return torch.where(dev_scale.amax(dim=0) < p.amax(dim=0), from_dev, from_p)
@@ -410,33 +337,18 @@ def dist_loss(
     beta: float = 1.0,
     gamma: float = 1.0,
 ) -> torch.Tensor:
-    """DIST loss (Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher").
+    """DIST loss (Huang et al. 2022): ``T^2 * (beta * inter + gamma * intra)``.
 
-    With ``Y_s = softmax(s/T)`` and ``Y_t = softmax(t/T)`` (``[B, C]``) and ``rho`` the Pearson correlation:
-
-    - inter-class relation: ``1 - mean_i rho(Y_s[i, :], Y_t[i, :])`` (per sample, across classes);
-    - intra-class relation: ``1 - mean_j rho(Y_s[:, j], Y_t[:, j])`` (per class, across the batch);
-    - loss ``= T^2 * (beta * inter + gamma * intra)``.
-
-    This matches the paper's equations and the authors' code (Pearson as the cosine of centred vectors with ``1e-8``
-    added to the denominator). The intra-class term needs a batch of more than one sample to be informative.
-
-    Computed in float64 (the input dtype on MPS) and returned in float32 (float64 for float64 inputs), without the
-    cancellations of the textbook form: Pearson only
-    sees centred vectors, so ``Y - 1/C`` is formed directly, without subtracting numbers close to ``1/C`` (each
-    class column is centred from whichever of ``Y`` and ``Y - 1/C`` rounds less there); the vectors are scaled by
-    ``T``, with ``1e-8 T^2`` in place of ``1e-8`` (the same ``rho``); and ``1 - rho`` comes from the difference of
-    the normalised vectors, not from ``1`` minus a rounded cosine.
+    With ``Y = softmax(z/T)`` and ``rho`` the Pearson correlation (the authors' form, ``1e-8`` added to the
+    denominator), ``inter = 1 - mean_i rho(Y_s[i, :], Y_t[i, :])`` and ``intra = 1 - mean_j rho(Y_s[:, j], Y_t[:, j])``
+    (needs a batch of more than one). Computed in float64 (the input dtype on MPS) from ``Y - 1/C`` formed directly,
+    so nothing cancels at large ``T``; returned in float32 (float64 for float64 inputs).
 
     Args:
         student_logits: Student logits ``[B, C]``.
         teacher_logits: Teacher logits ``[B, C]``.
         temperature: Softmax temperature, in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]`` (``[1e-4, 1e8]``).
-        beta: Weight of the inter-class term.
-        gamma: Weight of the intra-class term.
-
-    Returns:
-        A scalar tensor.
+        beta, gamma: Weights of the inter- and intra-class terms.
 
     Raises:
         ConfigError: Bad temperature or weights, or mismatched logits.
@@ -467,18 +379,13 @@ def dist_loss(
 def spectral_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """Spectral feature-distillation loss of Distillation Dynamics (arXiv 2511.06848) for one block pair.
 
-    Steps: the teacher map is resized to the student's spatial size (average pooling when it is larger on both sides,
-    bilinear interpolation otherwise; this is what lets a CNN student pair with a ViT teacher); the wider map's channels
-    are average-pooled to the narrower width (the paper pools the teacher to the student width; we also pool a wider
-    student rather than fail); both go through a 2-D real FFT over (H, W) with ``norm="ortho"`` in float32; the loss is
-    the mean squared error over the stacked real and imaginary parts.
+    The teacher map is resized to the student's spatial size, the wider map's channels are average-pooled to the
+    narrower width, and the loss is the MSE between the real and imaginary parts of both maps' ``rfft2`` over (H, W)
+    (``norm="ortho"``, float32).
 
     Args:
         student_feature: Student block output ``[B, C_s, H_s, W_s]``.
         teacher_feature: Teacher block output ``[B, C_t, H_t, W_t]`` (treated as a constant).
-
-    Returns:
-        A scalar tensor.
 
     Raises:
         ConfigError: A map is not 4-D or the batch sizes differ.

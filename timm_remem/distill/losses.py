@@ -1,14 +1,4 @@
-"""The task loss (hard labels, label smoothing or soft Mixup/CutMix targets) and :class:`DistillationLoss`.
-
-:func:`task_loss` is the one classification loss of the library: the trainer uses it for plain fine-tuning and
-:class:`DistillationLoss` uses it for its label term, so both report the same number for the same batch.
-
-Example:
-    >>> import torch
-    >>> from timm_remem.distill.losses import task_loss
-    >>> round(float(task_loss(torch.zeros(2, 4), torch.tensor([0, 3]))), 4)  # uniform logits: log(4)
-    1.3863
-"""
+"""The task loss (the trainer's too, so both report the same number) and :class:`DistillationLoss`."""
 
 from __future__ import annotations
 
@@ -26,20 +16,9 @@ DISTILL_METHODS = ("kd", "hard", "dist")
 
 
 def task_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Classification loss for integer labels or soft targets, computed in float32.
-
-    - integer labels ``[B]``: cross-entropy with ``label_smoothing`` (same value as timm's
-      ``LabelSmoothingCrossEntropy``);
-    - float targets ``[B, C]`` (timm ``Mixup``/``CutMix`` output): soft-target cross-entropy
-      ``mean_i sum_c -y_ic log p_ic``; ``label_smoothing`` is not applied again (Mixup already smooths).
-
-    Args:
-        logits: Model output ``[B, C]``.
-        target: Labels ``[B]`` or soft targets ``[B, C]``.
-        label_smoothing: Label smoothing for integer labels, in ``[0, 1)``.
-
-    Returns:
-        A scalar tensor.
+    """Classification loss in float32: cross-entropy with ``label_smoothing`` for integer labels ``[B]`` (timm's
+    ``LabelSmoothingCrossEntropy``), soft-target cross-entropy for float targets ``[B, C]`` (Mixup/CutMix output,
+    not smoothed again).
 
     Raises:
         ConfigError: ``label_smoothing`` outside ``[0, 1)``, or a target whose shape does not fit the logits.
@@ -70,30 +49,13 @@ def task_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float
 
 
 class DistillationLoss(nn.Module):
-    """Task loss plus one logit-distillation term, with explicit weights.
+    """``task_weight * task_loss + distill_weight * distill_term``, with independent weights.
 
-    ``total = task_weight * task_loss + distill_weight * distill_term`` where ``distill_term`` is
-
-    - ``"kd"``: :func:`~timm_remem.distill.kd_loss` (``T^2 * KL``, Hinton);
-    - ``"hard"``: cross-entropy against the teacher's argmax (DeiT "hard" distillation; ``temperature`` unused);
-    - ``"dist"``: :func:`~timm_remem.distill.dist_loss` (``T^2 * (beta * inter + gamma * intra)``, Huang et al.
-      2022).
-
-    ``T^2`` always stays inside the distillation term, whatever the weights: it is not dropped when ``task_weight`` is
-    0 (torchdistill does) and nothing is divided by the number of classes (DeiT's soft loss does). The weights are
-    independent (not ``alpha`` / ``1 - alpha``); for the Distillation Dynamics recipe use ``task_weight=0.1,
-    distill_weight=0.9, label_smoothing=0.1``.
-
-    The task term is :func:`task_loss` of ``target``:
-
-    - integer labels ``[B]``: cross-entropy with ``label_smoothing`` (same value as timm's
-      ``LabelSmoothingCrossEntropy``);
-    - float targets ``[B, C]`` (timm ``Mixup``/``CutMix`` output): soft-target cross-entropy
-      ``mean_i sum_c -y_ic log p_ic``; ``label_smoothing`` is not applied again (Mixup already smooths);
-    - ``None``: allowed only when ``task_weight == 0`` (pure distillation / function matching).
-
-    Parts: ``forward(..., return_parts=True)`` returns ``(total, parts)``; every call also stores the same dict
-    (detached) in ``self.last_parts``. Keys: ``"loss"``, ``"task_loss"``, ``"kd_loss"`` (the latter two unweighted).
+    ``distill_term``: ``"kd"`` is :func:`~timm_remem.distill.kd_loss`, ``"hard"`` the cross-entropy against the
+    teacher's argmax (DeiT; no temperature), ``"dist"`` :func:`~timm_remem.distill.dist_loss`; ``T^2`` always stays
+    in it. The task term is :func:`task_loss` of ``target`` (``None`` only with ``task_weight == 0``). Every call
+    stores the detached parts (``"loss"``, ``"task_loss"``, ``"kd_loss"``, the last two unweighted) in
+    ``self.last_parts``.
 
     Args:
         method: ``"kd"``, ``"hard"`` or ``"dist"``.
@@ -101,8 +63,7 @@ class DistillationLoss(nn.Module):
         distill_weight: Weight of the distillation term (>= 0).
         temperature: Softmax temperature for ``"kd"`` and ``"dist"``, in ``[1e-4, 1e8]``.
         label_smoothing: Label smoothing for integer targets, in ``[0, 1)``.
-        dist_beta: DIST inter-class weight.
-        dist_gamma: DIST intra-class weight.
+        dist_beta, dist_gamma: DIST's inter- and intra-class weights.
 
     Raises:
         ConfigError: Unknown method, bad temperature (outside ``[1e-4, 1e8]`` for kd and dist) / weights /
@@ -148,9 +109,6 @@ class DistillationLoss(nn.Module):
     def function_matching(cls, temperature: float = 1.0) -> DistillationLoss:
         """The loss of Beyer et al. 2022 ("patient and consistent"): pure ``KL`` to the teacher, no label term.
 
-        Pair it with ``RememDistillationTask(..., consistent=True)`` (the default), mixup on the shared view and a
-        long schedule; see ``docs/distill.md``.
-
         Example:
             >>> DistillationLoss.function_matching().task_weight
             0.0
@@ -184,17 +142,7 @@ class DistillationLoss(nn.Module):
         *,
         return_parts: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss (and, with ``return_parts=True``, the detached parts dict).
-
-        Args:
-            student_logits: Student logits ``[B, C]``.
-            teacher_logits: Teacher logits ``[B, C]``.
-            target: Labels ``[B]``, soft targets ``[B, C]``, or ``None`` when ``task_weight == 0``.
-            return_parts: Also return ``{"loss", "task_loss", "kd_loss"}``.
-
-        Returns:
-            The total loss, or ``(total, parts)``.
-        """
+        """The total loss, or ``(total, parts)`` with ``return_parts=True`` (``parts``: see ``last_parts``)."""
         kd = self.distill_loss(student_logits, teacher_logits)
         if self.task_weight > 0:
             if target is None:

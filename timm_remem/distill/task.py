@@ -1,15 +1,4 @@
-"""The distillation training task: :class:`RememDistillationTask`, a ``timm.task.TrainingTask`` that ties the
-teacher, the logit loss and optional feature distillation together.
-
-Example:
-    >>> import timm, torch
-    >>> from timm_remem.distill.task import RememDistillationTask
-    >>> vit = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10)
-    >>> task = RememDistillationTask(vit, timm.create_model("test_vit2", pretrained=False, img_size=32,
-    ...                                                     num_classes=10), verbose=False)
-    >>> task(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))["output"].shape
-    torch.Size([2, 10])
-"""
+"""The distillation training task (:class:`RememDistillationTask`)."""
 
 from __future__ import annotations
 
@@ -35,38 +24,22 @@ __all__ = ["RememDistillationTask"]
 _logger = logging.getLogger("timm_remem.distill")
 
 
-def _inner_module(module: nn.Module) -> nn.Module | None:
-    """The module wrapped by DDP / EMA (``.module``) or torch.compile (``._orig_mod``), else ``None``."""
-    for name in ("module", "_orig_mod"):
-        inner = getattr(module, name, None)
-        if isinstance(inner, nn.Module):
-            return inner
-    return None
-
-
 class RememDistillationTask(TrainingTask):
     """A ``timm.task.TrainingTask`` for logit (and optionally feature) distillation with a frozen :class:`Teacher`.
 
-    Plugs into a timm-style loop exactly like ``timm.task.LogitDistillationTask``: ``task(input, target)`` returns a
-    dict with ``"loss"`` (to backpropagate), ``"output"`` (student logits), ``"task_loss"``, ``"kd_loss"`` and, with
-    features, ``"feature_loss"``; plus ``"teacher_logits"`` so a caller can reuse them. It extends timm's task with:
-    any :class:`DistillationLoss` (kd / hard / DIST, soft targets), a teacher that refuses a class mismatch and resizes
-    inputs, feature distillation from ``forward_intermediates`` block pairs, ``teacher_logits=`` / ``indices=`` to avoid
-    recomputing teacher outputs (SAM's second pass, cached epochs), and the ``consistent`` flag of Beyer et al. 2022.
-
-    The teacher runs at most once per call, and not at all when ``teacher_logits`` (and, with features,
-    ``teacher_features``) are passed, or when its cache holds the batch's ``indices``.
+    Used like ``timm.task.LogitDistillationTask``. The teacher runs at most once per call, and not at all when
+    ``teacher_logits`` (and, with features, ``teacher_features``) are passed or its cache holds the batch's
+    ``indices``.
 
     Args:
         student: The student model (trained).
         teacher: The teacher: a :class:`Teacher`, or a module wrapped into one with ``student``'s normalisation.
         loss: The logit loss; default ``DistillationLoss()`` (kd, both weights 1, T=1).
         features: Optional :class:`FeatureDistillation`; its projectors become part of the trainable module.
-        consistent: ``True`` (default): the teacher sees exactly the student's (augmented) input, and a separate
-            ``teacher_input`` is refused. ``False``: every call must pass ``teacher_input`` (or ``teacher_logits``).
-        device: Device for task tensors.
-        dtype: Dtype for task tensors.
-        verbose: Log the configuration.
+        consistent: ``True``: the teacher sees exactly the student's (augmented) input (Beyer et al. 2022) and a
+            separate ``teacher_input`` is refused. ``False``: every call must pass ``teacher_input`` (or
+            ``teacher_logits``).
+        device, dtype, verbose: As for ``timm.task.TrainingTask`` (``verbose`` logs the configuration).
 
     Example:
         >>> import timm, torch
@@ -134,12 +107,8 @@ class RememDistillationTask(TrainingTask):
     @staticmethod
     def _wrapper_of(module: nn.Module | None) -> DistillationStudent | None:
         """The DistillationStudent inside ``module``'s wrappers (DDP, compile, EMA), or None."""
-        current = module
-        while current is not None:
-            if isinstance(current, DistillationStudent):
-                return current
-            current = _inner_module(current)
-        return None
+        inner = unwrap_model(module)
+        return inner if isinstance(inner, DistillationStudent) else None
 
     @classmethod
     def _student_of(cls, module: nn.Module | None) -> nn.Module | None:
@@ -206,12 +175,12 @@ class RememDistillationTask(TrainingTask):
             input: Student input ``[B, C, H, W]`` (student-normalised, possibly augmented / mixed).
             target: Labels ``[B]``, soft targets ``[B, C]``, or ``None`` when the loss has ``task_weight == 0``.
             teacher_input: The teacher's view when ``consistent=False``.
-            teacher_logits: Precomputed teacher logits (e.g. from the first SAM pass); skips the teacher.
+            teacher_logits: Precomputed teacher logits (e.g. from the first SAM pass).
             teacher_features: Precomputed teacher block outputs (feature distillation), in pair order.
             indices: Dataset indices of the batch, for the teacher's logit cache.
 
         Returns:
-            ``{"loss", "output", "task_loss", "kd_loss", "teacher_logits"}`` plus ``"feature_loss"`` and
+            ``{"loss", "output", "task_loss", "kd_loss", "teacher_logits"}``, plus ``"feature_loss"`` and
             ``"teacher_features"`` with feature distillation.
         """
         if self.consistent and teacher_input is not None:

@@ -1,13 +1,4 @@
-"""The frozen distillation teacher: :class:`Teacher`, a ``timm.task.DistillationTeacher`` that adapts the student's
-input to it, refuses a class mismatch and can serve logits from a :class:`~timm_remem.distill.TeacherLogitCache`.
-
-Example:
-    >>> import timm, torch
-    >>> from timm_remem.distill.teacher import Teacher
-    >>> teacher = Teacher(timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=10))
-    >>> teacher.logits(torch.randn(2, 3, 32, 32)).shape
-    torch.Size([2, 10])
-"""
+"""The frozen distillation teacher (:class:`Teacher`)."""
 
 from __future__ import annotations
 
@@ -39,39 +30,21 @@ def _clone_tree(out: Any) -> Any:
 
 
 class Teacher(DistillationTeacher):
-    """A frozen distillation teacher: always eval mode, no gradients, the student's input adapted to it.
+    """A frozen ``timm.task.DistillationTeacher``: always eval (every forward re-asserts it), no gradients, a
+    ``num_classes`` mismatch with the student refused, logits optionally served from a cache.
 
-    A ``timm.task.DistillationTeacher`` (which keeps the teacher in eval, holds its mean/std in the ``mean_kd`` /
-    ``std_kd`` buffers and re-normalises with :meth:`normalize_input`), extended: the teacher stays in eval even when
-    ``.train()`` is called on a parent module or on the teacher itself (and every forward re-asserts eval, so
-    BatchNorm statistics can never move); parameters get ``requires_grad=False``; the input is resized to the
-    teacher's fixed image size when it has one; a teacher whose ``num_classes`` differs from the student's is a
-    :class:`ConfigError`, never a silently re-initialised head; and logits can be served from a
-    :class:`~timm_remem.distill.TeacherLogitCache` by sample index.
-
-    Unlike ``DistillationTeacher.forward``, :meth:`forward` and :meth:`logits` take the *student's* input and apply
-    :meth:`prepare_input` themselves, so do not call :meth:`normalize_input` first (timm's
-    ``LogitDistillationTask`` does; use :class:`~timm_remem.distill.RememDistillationTask` with this teacher).
-
-    Input adaptation, for an input ``x`` normalised for the student (mean ``m_s``, std ``s_s``): if the teacher's
-    mean/std (``m_t``, ``s_t``) differ, ``x_t = (x * s_s + m_s - m_t) / s_t`` (timm's :meth:`normalize_input`); then,
-    if the teacher has a fixed input size (a ViT with a strict patch embedding, or ``input_size=`` given) and ``x`` has
-    another, ``x_t`` is resized with ``F.interpolate`` (the teacher's ``interpolation``, bicubic or bilinear,
-    antialiased when shrinking). Mean/std come from ``timm.data.resolve_model_data_config`` of each model (ImageNet
-    defaults for plain modules) unless given.
+    :meth:`forward` and :meth:`logits` take the *student's* input: it is re-normalised to the teacher's mean/std
+    (``timm.data.resolve_model_data_config`` of each model unless given) and resized to the teacher's fixed input
+    size, if any. So do not call :meth:`normalize_input` first, as timm's ``LogitDistillationTask`` does.
 
     Args:
         model: The teacher (a timm model, or a ``timm.task.DistillationTeacher`` whose ``.model`` is used).
         student: The student, to read its mean/std and ``num_classes`` from (optional).
-        mean: Teacher normalisation mean (overrides its data config).
-        std: Teacher normalisation std.
-        student_mean: Student normalisation mean (overrides the student's data config).
-        student_std: Student normalisation std.
+        mean, std, student_mean, student_std: Override the normalisation of the models' data configs.
         input_size: ``(H, W)`` the teacher must see; ``None`` detects a fixed size from the model.
         interpolation: ``"bicubic"`` or ``"bilinear"``; ``None`` uses the teacher's data config.
         cache: Optional :class:`~timm_remem.distill.TeacherLogitCache` used when :meth:`forward` gets ``indices``.
-        use_inference_mode: Run under ``torch.inference_mode`` (outputs are cloned to normal tensors) instead of
-            ``torch.no_grad``.
+        use_inference_mode: Run under ``torch.inference_mode`` (outputs cloned) instead of ``torch.no_grad``.
 
     Raises:
         ConfigError: ``num_classes`` or channel counts differ, or bad mean/std/size arguments.
@@ -99,9 +72,7 @@ class Teacher(DistillationTeacher):
         cache: TeacherLogitCache | None = None,
         use_inference_mode: bool = False,
     ):
-        if isinstance(model, Teacher):
-            model = model.model
-        if isinstance(model, DistillationTeacher):
+        if isinstance(model, DistillationTeacher):  # a Teacher too
             model = model.model
         if not isinstance(model, nn.Module):
             raise ConfigError(f"teacher must be an nn.Module, got {type(model).__name__}; create it with timm first.")
@@ -194,8 +165,7 @@ class Teacher(DistillationTeacher):
             return fn(*args)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher logits for a student-normalised batch ``x``, always computed (the cache is neither read nor
-        written).
+        """Teacher logits for a student-normalised batch ``x``, always computed (the cache is not used).
 
         Example:
             >>> import timm, torch
@@ -206,16 +176,8 @@ class Teacher(DistillationTeacher):
         return self._run(lambda inp: self.model(self.prepare_input(inp)), x)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        """Teacher logits for a student-normalised batch ``x``.
-
-        Args:
-            x: Input ``[B, C, H, W]`` normalised for the student.
-            indices: Dataset indices of the samples; with a cache, cached logits are returned without running the
-                teacher, and fresh ones are stored.
-
-        Returns:
-            Logits ``[B, num_classes]`` (no gradient).
-        """
+        """Teacher logits (no gradient) for a student-normalised batch; with a cache and the samples' dataset
+        ``indices``, cached logits are returned without running the teacher, and fresh ones are stored."""
         if indices is not None and self.cache is not None:
             cached = self.cache.get(indices)
             if cached is not None:

@@ -1,12 +1,5 @@
 """Studies: the ReMem ablation as one call, over seeds, with confidence intervals (``timm-remem study``).
-
-- :mod:`~timm_remem.study.config`: :class:`StudyConfig`, the arms (``plain``, ``reweight``, ``sam``, ``onepass``,
-  ``remem``, ``student``) and sweeps, the sharpness options, config files (YAML/JSON).
-- :mod:`~timm_remem.study.runner`: :func:`run_study`, one resumable run folder per (arm, seed); each teacher's
-  sharpness is its own stage (``_sharpness``: the images and the measure).
-- :mod:`~timm_remem.study.stats`: Student-t intervals, paired differences and verdicts (math only).
-- :mod:`~timm_remem.study.report`: the tables, ``study.json`` and the plot.
-- :mod:`~timm_remem.study.demo`: :func:`run_demo`, the offline demo as a small study (``timm-remem demo``).
+Modules: ``config`` (settings, arms), ``runner`` (run folders), ``stats`` (math only), ``report`` and ``demo``.
 
 Example:
     >>> from timm_remem.study import StudyConfig, plan_arms
@@ -62,40 +55,11 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "ARMS",
-    "DEFAULT_ARMS",
-    "REWEIGHT_ARMS",
-    "SAM_ARMS",
-    "QUICK",
-    "SHARPNESS_DEFAULTS",
-    "VERDICTS",
-    "SHARPNESS_VERDICTS",
-    "CAVEAT",
-    "Arm",
-    "StudyConfig",
-    "StudyResult",
-    "Interval",
-    "run_study",
-    "run_demo",
-    "StudyDemoResult",
-    "DEMO_SEEDS",
-    "DEMO_CAVEAT",
-    "run_folder",
-    "run_settings",
-    "load_config",
-    "plan_arms",
-    "sharpness_settings",
-    "study_config",
-    "summarise",
-    "format_study_table",
-    "format_sharpness_table",
-    "mean_interval",
-    "paired_interval",
-    "t_cdf",
-    "t_quantile",
-    "verdict",
-    "sharpness_verdict",
-    "RESULT_FILE",
+    "ARMS", "DEFAULT_ARMS", "REWEIGHT_ARMS", "SAM_ARMS", "QUICK", "SHARPNESS_DEFAULTS", "VERDICTS",
+    "SHARPNESS_VERDICTS", "CAVEAT", "Arm", "StudyConfig", "StudyResult", "Interval", "run_study", "run_demo",
+    "StudyDemoResult", "DEMO_SEEDS", "DEMO_CAVEAT", "run_folder", "run_settings", "load_config", "plan_arms",
+    "sharpness_settings", "study_config", "summarise", "format_study_table", "format_sharpness_table",
+    "mean_interval", "paired_interval", "t_cdf", "t_quantile", "verdict", "sharpness_verdict", "RESULT_FILE",
     "SETTINGS_FILE",
 ]
 

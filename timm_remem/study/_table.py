@@ -1,7 +1,4 @@
-"""The Markdown tables of the study room (cells are formatted strings).
-
-The training room has its own (``train/_table.py``, private to it); one shared leaf module would serve both.
-"""
+"""The Markdown tables of the study room (cells are formatted strings)."""
 
 from __future__ import annotations
 
@@ -11,14 +8,7 @@ __all__ = ["markdown_table"]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table of string cells, columns padded.
-
-    Example:
-        >>> print(markdown_table(["a", "bb"], [["x", "1"]]))
-        | a | bb |
-        |---|----|
-        | x | 1  |
-    """
+    """A Markdown table of string cells, columns padded."""
     cells = [list(headers), *[list(r) for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]

@@ -1,24 +1,7 @@
 """The settings of a study: :class:`StudyConfig`, its arms (:func:`plan_arms`) and config files (:func:`load_config`).
 
-A study is the ReMem ablation over seeds: for every arm and seed, fine-tune the teacher, optionally pick its
-checkpoint with ReMem's protocol (``select``), measure its ``I(X; F_T)`` and its sharpness (a manipulation check:
-did the SAM arms flatten the teacher?) and distill the student. The arms:
-
-- ``plain``: the teacher fine-tuned as it is (no reweighting, no SAM);
-- ``reweight``: reweighted (``alpha``, ``schedule``), no SAM;
-- ``sam``: the exact SAM (``rho``), no reweighting;
-- ``onepass``: the one-pass SAM (Momentum-SAM, ``FinetuneConfig(sam="onepass")``, same ``rho``), no reweighting;
-  not in the default arms (ask for it: ``arms=[..., "onepass"]``);
-- ``remem``: reweighting and the exact SAM;
-- ``student``: the student trained alone (no teacher).
-
-Several ``alpha`` values or schedules (a sweep) give one ``reweight`` and one ``remem`` arm per combination, named
-``reweight-a0.7``, ``remem-a0.7-constant``, ... (a part appears in the name only when it is swept).
-
-Example:
-    >>> cfg = StudyConfig(teacher="test_vit", student="test_resnet", alpha=[0.7, 0.85], arms=["plain", "remem"])
-    >>> [a.name for a in plan_arms(cfg)]
-    ['plain', 'remem-a0.7', 'remem-a0.85']
+The arms (``plain``, ``reweight``, ``sam``, ``onepass``, ``remem``, ``student``) are described in
+``docs/evidence.md``; several ``alpha`` values or schedules give one ``reweight`` and one ``remem`` arm each.
 """
 
 from __future__ import annotations
@@ -182,9 +165,6 @@ class StudyConfig:
             raise ConfigError(f"schedule must list 'exponential' and/or 'constant', got {self.schedule!r}")
         check_float("rho", self.rho, low=0, low_open=True,
                     hint="the sam, onepass and remem arms need a SAM radius, e.g. 0.05")
-        check_bool("select", self.select)
-        check_bool("pretrained", self.pretrained)
-        check_bool("amp", self.amp)
         if self.mi is not None:
             if not isinstance(self.mi, Mapping):
                 raise ConfigError(f"mi must be a mapping of teacher_information options or None, got {self.mi!r}")
@@ -206,10 +186,8 @@ class StudyConfig:
                     f"seeds={self.seeds}: a confidence interval needs at least 2 seeds per arm; pass seeds=2 or more "
                     "(--seeds 3 is the default), or confidence=None (--confidence none) for a run without intervals"
                 )
-        for name, cls, options in (("finetune", FinetuneConfig, self.finetune), ("distill", DistillConfig,
-                                                                                self.distill),
-                                   ("select_options", DistillConfig, self.select_options)):
-            _check_stage(name, cls, options)
+        for name, cls in (("finetune", FinetuneConfig), ("distill", DistillConfig), ("select_options", DistillConfig)):
+            _check_stage(name, cls, getattr(self, name))
 
     @property
     def seed_list(self) -> list[int]:
@@ -334,10 +312,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"study config file {str(p)!r} does not exist; pass a .yaml or .json file")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as err:  # pragma: no cover - timm depends on pyyaml
-            raise ImportError("YAML study configs need PyYAML: pip install pyyaml") from err
+        import yaml  # a timm dependency
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -373,9 +348,8 @@ def study_config(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwa
     if unknown:
         raise ConfigError(f"unknown study setting(s) {unknown}; valid: {sorted(known)}")
     if merged.get("quick"):
-        preset = dict(QUICK)
         for key in ("finetune", "distill", "select_options", "mi", "sharpness"):  # dicts merge key by key
             if isinstance(merged.get(key), Mapping):
                 merged[key] = {**QUICK[key], **merged[key]}
-        merged = {**preset, **merged}
+        merged = {**QUICK, **merged}
     return StudyConfig(**merged)

@@ -1,12 +1,4 @@
-"""The offline demo, a small instance of :func:`~timm_remem.study.run_study`: plain vs ReMem teacher on
-scikit-learn's digits, the same small CNN student from each and alone, over two seeds, with confidence intervals
-(``timm-remem demo``). The models and ReMem settings are :mod:`timm_remem.train.demo`'s constants.
-
-Example:
-    >>> from timm_remem.study.demo import DEMO_SEEDS
-    >>> DEMO_SEEDS
-    2
-"""
+"""The offline demo (``timm-remem demo``), a small :func:`~timm_remem.study.run_study` on scikit-learn's digits."""
 
 from __future__ import annotations
 
@@ -53,9 +45,8 @@ _STAGES = (("teacher: plain", "plain", "teacher_acc"), ("teacher: ReMem", "remem
 
 @dataclass
 class StudyDemoResult(DemoResult):
-    """:class:`~timm_remem.train.DemoResult` plus the study behind it (``study``: a
-    :class:`~timm_remem.study.StudyResult`). ``rows`` hold one row per stage with the mean over seeds and the
-    interval (``*_low``, ``*_high``)."""
+    """:class:`~timm_remem.train.DemoResult` plus the :class:`~timm_remem.study.StudyResult` behind it; ``rows``
+    hold one row per stage with the mean over seeds and the interval (``*_low``, ``*_high``)."""
 
     study: StudyResult | None = None
 
@@ -84,12 +75,9 @@ def run_demo(output: str | os.PathLike = "remem-demo", *, quick: bool = False, p
              threads: int | None = 1, seeds: int = DEMO_SEEDS) -> StudyDemoResult:
     """The offline demo: a study of arms ``plain``, ``remem`` and ``student`` on digits over ``seeds`` seeds.
 
-    For each seed: a small ViT teacher trained plainly (AdamW); the same ViT, same seed, reweighted
-    (``alpha=0.85``) and trained with SAM (``rho=0.05``); the student distilled from each teacher's final checkpoint;
-    the student trained alone. Prints the study table (means, 95% intervals, the paired difference against the plain
-    teacher and its verdict) and saves ``demo.png`` (error bars; the caveat and settings on the picture), ``demo.md``
-    and ``demo.json`` in ``output``, beside the study's own files. Each teacher exports checkpoints at a third, two
-    thirds and the end of its training, ready for ``timm-remem select``.
+    For each seed: a small ViT teacher trained plainly and, reweighted (``alpha=0.85``) with SAM (``rho=0.05``), as
+    ReMem; a small CNN student distilled from each and trained alone. Writes ``demo.png``, ``demo.md`` and
+    ``demo.json`` beside the study's own files; each teacher exports checkpoints at a third, two thirds and the end.
 
     Args:
         output: Output folder (a study folder; a rerun replaces an earlier demo there).
@@ -98,9 +86,8 @@ def run_demo(output: str | os.PathLike = "remem-demo", *, quick: bool = False, p
         seed: First seed (the demo runs ``seed .. seed + seeds - 1``).
         teacher_epochs: Override the teachers' epochs (default 6).
         student_epochs: Override the students' epochs (default 4).
-        threads: torch intra-op threads while the demo runs (restored afterwards; None keeps torch's setting).
-            The models are tiny, so one thread loses little on an idle machine and avoids the large slowdown
-            of oversubscribed threads on a busy one.
+        threads: torch intra-op threads while the demo runs (restored afterwards; None keeps torch's setting); the
+            models are tiny, so one thread loses little and avoids oversubscription on a busy machine.
         seeds: Seeds per arm (at least 2: the intervals need them).
 
     Returns:
@@ -172,12 +159,8 @@ _DEMO_ENTRIES = ("demo.json", "demo.md", "demo.png", "runs", "study-settings.jso
 
 
 def _clear_earlier_demo(out: Path) -> None:
-    """Start afresh in ``out``: refuse a folder that is not timm-remem's, remove what an earlier demo wrote there.
-
-    Only a folder :func:`~timm_remem._io.claim_output_dir` accepts as a study folder and that holds a ``demo.json``
-    is cleared, and only when it holds nothing but the demo's own entries (a symlink among them is removed, never
-    followed); anything else in it is named and the demo stops before removing anything.
-    """
+    """Remove what an earlier demo wrote in ``out``: only in a study folder with a ``demo.json`` and nothing but the
+    demo's own entries (symlinks removed, never followed); otherwise refuse before removing anything."""
     if not out.is_dir() or out.is_symlink() or not any(out.iterdir()):
         return
     claim_output_dir(out, "study", create=False, what="--output")  # foreign folders are refused here

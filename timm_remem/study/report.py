@@ -1,20 +1,5 @@
-"""A study's statistics and report: per-arm means with intervals, paired differences against ``plain``, verdicts,
-the tables (``study.md``: accuracy and I(X; F_T); the teachers' sharpness when measured), every number
-(``study.json``, with the per-seed rows) and the plot (``study.png``).
-
-Verdicts: the student's accuracy against ``plain`` is ``better`` / ``worse`` when the paired interval lies wholly
-above / below 0; each sharpness measure (SAM's loss increase, the Hessian's top eigenvalue) against ``plain`` is
-``flatter`` / ``sharper`` when it lies wholly below / above 0; otherwise ``no detectable difference at this N``.
-
-Example:
-    >>> from timm_remem.study.config import StudyConfig
-    >>> cfg = StudyConfig(teacher="t", student="s", seeds=2, arms=["plain", "student"])
-    >>> runs = [{"arm": "plain", "seed": 0, "teacher_acc": 0.9, "student_acc": 0.80, "mi": 1.0},
-    ...         {"arm": "plain", "seed": 1, "teacher_acc": 0.9, "student_acc": 0.82, "mi": 1.1},
-    ...         {"arm": "student", "seed": 0, "teacher_acc": None, "student_acc": 0.70, "mi": None},
-    ...         {"arm": "student", "seed": 1, "teacher_acc": None, "student_acc": 0.71, "mi": None}]
-    >>> summarise(cfg, ["plain", "student"], runs)[1]["vs_plain"]["verdict"]
-    'worse'
+"""A study's statistics and report: per-arm intervals, paired differences against ``plain`` and their verdicts, the
+tables (``study.md``), every number (``study.json``) and the plot (``study.png``); see ``docs/evidence.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +15,7 @@ from .._io import atomic_write_text
 from ..analysis.plots import plot_study
 from ._table import markdown_table
 from .config import StudyConfig, sharpness_settings
-from .stats import VERDICTS, mean_interval, paired_interval, sharpness_verdict, verdict
+from .stats import VERDICTS, Interval, mean_interval, paired_interval, sharpness_verdict, verdict
 
 __all__ = ["StudyResult", "summarise", "format_study_table", "format_sharpness_table", "format_number", "write_report",
            "CAVEAT"]
@@ -73,15 +58,29 @@ class StudyResult:
     verdicts: tuple[str, ...] = field(default=VERDICTS)
 
 
+def _as_dict(iv: Interval, confidence: float | None) -> dict[str, Any]:
+    return iv.to_dict() | ({} if confidence else {"low": None, "high": None, "half_width": None})
+
+
 def _interval(values: list[float | None], confidence: float | None, name: str) -> dict[str, Any] | None:
     if not values or any(v is None for v in values):
         return None
-    return mean_interval(values, confidence or 0.95, name=name).to_dict() | (
-        {} if confidence else {"low": None, "high": None, "half_width": None})
+    return _as_dict(mean_interval(values, confidence or 0.95, name=name), confidence)
 
 
 def summarise(cfg: StudyConfig, arm_names: Sequence[str], runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-arm intervals and paired differences against ``plain`` (matched by seed), with verdicts."""
+    """Per-arm intervals and paired differences against ``plain`` (matched by seed), with verdicts.
+
+    Example:
+        >>> from timm_remem.study.config import StudyConfig
+        >>> cfg = StudyConfig(teacher="t", student="s", seeds=2, arms=["plain", "student"])
+        >>> runs = [{"arm": "plain", "seed": 0, "teacher_acc": 0.9, "student_acc": 0.80, "mi": 1.0},
+        ...         {"arm": "plain", "seed": 1, "teacher_acc": 0.9, "student_acc": 0.82, "mi": 1.1},
+        ...         {"arm": "student", "seed": 0, "teacher_acc": None, "student_acc": 0.70, "mi": None},
+        ...         {"arm": "student", "seed": 1, "teacher_acc": None, "student_acc": 0.71, "mi": None}]
+        >>> summarise(cfg, ["plain", "student"], runs)[1]["vs_plain"]["verdict"]
+        'worse'
+    """
     by_arm = {name: sorted((r for r in runs if r["arm"] == name), key=lambda r: r["seed"]) for name in arm_names}
     plain = {r["seed"]: r for r in by_arm.get("plain", [])}
     out = []
@@ -105,8 +104,7 @@ def summarise(cfg: StudyConfig, arm_names: Sequence[str], runs: Sequence[dict[st
                     diff[metric] = None
                     continue
                 iv = paired_interval(a, b, cfg.confidence or 0.95, name=f"{name} - plain {metric}")
-                diff[metric] = iv.to_dict() if cfg.confidence else iv.to_dict() | {"low": None, "high": None,
-                                                                                     "half_width": None}
+                diff[metric] = _as_dict(iv, cfg.confidence)
                 if metric == "student_acc":
                     diff["verdict"] = verdict(iv) if cfg.confidence else None
                 elif metric in _SHARPNESS:

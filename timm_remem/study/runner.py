@@ -1,24 +1,14 @@
 """Running a study: every (arm, seed) in its own resumable run folder, finished runs skipped.
 
-Layout of a study folder::
+Layout of a study folder (see ``docs/evidence.md``)::
 
     study-settings.json            the settings every invocation of this study must share
-    runs/<arm>/seed-<s>/
-        teacher/                   finetune_teacher's run folder (resumable: resume="auto")
-        select/                    select_teacher's folder (with select=True)
-        student/                   distill_student's run folder (resumable)
-        stages.json                the stages finished so far (a killed run restarts at the first missing one)
-        result.json                the run's numbers and settings: the run is finished when it exists and matches
+    runs/<arm>/seed-<s>/           teacher/, select/, student/ (stage folders), stages.json (the stages finished so
+                                   far), result.json (the run is finished when it exists and matches)
     study.json, study.md, study.png
 
-The stages of a run: ``teacher``, ``select`` (with ``select=True``), ``mi`` (unless ``mi=None``), ``sharpness``
-(unless ``sharpness=None``) and ``student``. The sharpness options are recorded with the sharpness stage, not in
-the run's settings: a finished run whose sharpness is missing or was measured with other options gets only that
-stage (from the teacher checkpoint on disk) and an updated ``result.json``; nothing is trained again.
-
-Example:
-    >>> run_folder("runs/study", "student", 0).as_posix()
-    'runs/study/runs/student/seed-0'
+The sharpness options are recorded with the sharpness stage, not in the run's settings: changing them measures the
+sharpness again (from the teacher checkpoint on disk) and trains nothing.
 """
 
 from __future__ import annotations
@@ -106,9 +96,8 @@ _SELECT_INHERITS = ("train_per_class", "train_imbalance", "subset_seed", "labels
 def _select_options(cfg: StudyConfig, seed: int, folder: Path) -> dict[str, Any]:
     inherited = {k: cfg.distill[k] for k in _SELECT_INHERITS if k in cfg.distill}
     return {"epochs": 2, **inherited, **cfg.select_options, "model": cfg.student,
-            "model_kwargs": dict(cfg.student_kwargs),
-            "dataset": cfg.dataset, "data_dir": cfg.data_dir, "seed": seed, "device": cfg.device, "amp": cfg.amp,
-            "output": str(folder / "select"), "progress": cfg.progress}
+            "model_kwargs": dict(cfg.student_kwargs), "dataset": cfg.dataset, "data_dir": cfg.data_dir, "seed": seed,
+            "device": cfg.device, "amp": cfg.amp, "output": str(folder / "select"), "progress": cfg.progress}
 
 
 def run_settings(cfg: StudyConfig, arm: Arm, seed: int) -> dict[str, Any]:
@@ -116,8 +105,7 @@ def run_settings(cfg: StudyConfig, arm: Arm, seed: int) -> dict[str, Any]:
     settings, paths left out (a study folder can be moved)."""
     here = Path(".")
     out: dict[str, Any] = {"arm": arm.name, "kind": arm.kind, "alpha": arm.alpha, "schedule": arm.schedule,
-                           "rho": arm.rho, "seed": seed,
-                           "distill": _stage_dict(_student_config(cfg, seed, here, None))}
+                           "rho": arm.rho, "seed": seed, "distill": _stage_dict(_student_config(cfg, seed, here, None))}
     if arm.has_teacher:
         out["finetune"] = _stage_dict(_teacher_config(cfg, arm, seed, here))
         out["select"] = ({k: v for k, v in _select_options(cfg, seed, here).items() if k not in _LEFT_OUT}
@@ -213,10 +201,8 @@ def _measure_mi(cfg: StudyConfig, tcfg: FinetuneConfig, checkpoint: str) -> floa
 
 @contextlib.contextmanager
 def _stage_lines(shown: bool):
-    """Without progress, a study shows one line per run (``_run_log``) instead of every stage's lines: for the
-    duration of the study the ``timm_remem.train`` logger (and so every child without a level of its own: select,
-    lock, ...) drops records below WARNING, then gets its level back. The run lines follow the level the application
-    had set, so ``logging.getLogger("timm_remem.train").setLevel(logging.WARNING)`` silences a study too."""
+    """Without progress, the ``timm_remem.train`` logger (and its children) drops records below WARNING while the
+    study runs, leaving one line per run (``_run_log``, at the level the application had set)."""
     stage_logger = logging.getLogger(LOGGER)
     previous = stage_logger.level
     _run_log.setLevel(stage_logger.getEffectiveLevel())  # its own level: a quiet parent does not drop it
@@ -343,9 +329,8 @@ def _run_one(cfg: StudyConfig, arm: Arm, seed: int, folder: Path, say: Callable[
 def run_study(config: StudyConfig | Mapping[str, Any] | None = None, /, **kwargs: Any) -> StudyResult:
     """Run the ReMem ablation: every arm over every seed, then the statistics, the table and the plot.
 
-    Each (arm, seed) is its own run folder (see the module docstring); a study that was killed resumes where it
-    stopped when called again with the same settings, and finished runs are skipped. Adding arms or seeds to a
-    finished study runs only the new ones.
+    A killed study resumes when called again with the same settings; finished runs are skipped, so adding arms or
+    seeds to a finished study runs only the new ones.
 
     Args:
         config: A :class:`~timm_remem.study.StudyConfig`, or a mapping of its fields (e.g. from

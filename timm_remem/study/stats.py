@@ -1,16 +1,7 @@
 """The statistics of a study: Student-t confidence intervals over seeds, paired differences and their verdicts.
 
-Written with :mod:`math` only (scipy is a test dependency, not a runtime one). The t quantile inverts the exact
-Student-t distribution function for integer degrees of freedom, a finite trigonometric series (Abramowitz and Stegun
-26.7.3 and 26.7.4), by bisection; seeds are counted in whole numbers, so every study's degrees of freedom are
-integers.
-
-Example:
-    >>> round(t_quantile(0.975, 2), 4)
-    4.3027
-    >>> iv = mean_interval([0.90, 0.92, 0.94])
-    >>> round(iv.mean, 4), round(iv.low, 4), round(iv.high, 4)
-    (0.92, 0.8703, 0.9697)
+Written with :mod:`math` only (scipy is a test dependency). The t quantile inverts, by bisection, the exact
+Student-t distribution function for integer degrees of freedom (Abramowitz and Stegun 26.7.3 and 26.7.4).
 """
 
 from __future__ import annotations
@@ -33,9 +24,7 @@ SHARPNESS_VERDICTS = ("flatter", "sharper", "no detectable difference at this N"
 
 
 def t_cdf(t: float, df: int) -> float:
-    """The distribution function ``P(T <= t)`` of Student's t with ``df`` (integer) degrees of freedom.
-
-    Exact for integer ``df`` (a finite series in ``cos(theta)``, ``theta = atan(t / sqrt(df))``).
+    """The distribution function ``P(T <= t)`` of Student's t with ``df`` (integer) degrees of freedom, exact.
 
     Example:
         >>> t_cdf(0.0, 5), round(t_cdf(1.0, 1), 6)
@@ -185,13 +174,7 @@ def verdict(diff: Interval) -> str | None:
         >>> verdict(Interval(0.02, 0.01, 0.03, 0.01, 3, 0.95)), verdict(Interval(0.01, -0.01, 0.03, 0.02, 3, 0.95))
         ('better', 'no detectable difference at this N')
     """
-    if diff.low is None or diff.high is None:
-        return None
-    if diff.low > 0:
-        return VERDICTS[0]
-    if diff.high < 0:
-        return VERDICTS[1]
-    return VERDICTS[2]
+    return _verdict(diff, *VERDICTS)
 
 
 def sharpness_verdict(diff: Interval) -> str | None:
@@ -202,10 +185,13 @@ def sharpness_verdict(diff: Interval) -> str | None:
         >>> sharpness_verdict(Interval(-0.02, -0.03, -0.01, 0.01, 3, 0.95))
         'flatter'
     """
+    flatter, sharper, neither = SHARPNESS_VERDICTS
+    return _verdict(diff, above=sharper, below=flatter, neither=neither)
+
+
+def _verdict(diff: Interval, above: str, below: str, neither: str) -> str | None:
     if diff.low is None or diff.high is None:
         return None
-    if diff.high < 0:
-        return SHARPNESS_VERDICTS[0]
     if diff.low > 0:
-        return SHARPNESS_VERDICTS[1]
-    return SHARPNESS_VERDICTS[2]
+        return above
+    return below if diff.high < 0 else neither
