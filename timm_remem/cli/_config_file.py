@@ -175,16 +175,13 @@ def _refuse_duplicates(path: str, keys: list[Any]) -> None:
         seen.add(key)
 
 
-def _pairs(path: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _parse_json(path: str, text: str) -> Any:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         _refuse_duplicates(path, [k for k, _ in pairs])
         return dict(pairs)
-    return build
 
-
-def _parse_json(path: str, text: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_pairs(path))
+        return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as error:
         raise ConfigError(f"--config {path}: not valid JSON at line {error.lineno}, column {error.colno} "
                           f"({error.msg})") from None

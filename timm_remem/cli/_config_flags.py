@@ -1,8 +1,9 @@
 """Command-line flags generated from the training config dataclasses: a flag, its default and its help written once.
 
-Field ``batch_size`` becomes ``--batch-size``, typed by its annotation, its help and default shown in --help; the
-exceptions are in :data:`SPECIAL`. An absent flag is absent from the namespace, so :func:`config_options` returns
-only what the user typed; :func:`command_options` puts the ``--config`` file under it and checks the result.
+Field ``batch_size`` becomes ``--batch-size`` (a switch ``x`` on by default: ``--no-x``), typed by its annotation,
+its help and default shown in --help; the exceptions are in :data:`SPECIAL`. An absent flag is absent from the
+namespace, so :func:`config_options` returns only what the user typed; :func:`command_options` puts the ``--config``
+file under it and checks the result.
 
 Example:
     >>> import argparse
