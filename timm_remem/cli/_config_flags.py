@@ -30,8 +30,7 @@ from ..train.config import DistillConfig, FinetuneConfig, TrainConfig
 from ._args import comma_list, json_dict
 from ._config_file import file_options
 
-__all__ = ["SPECIAL", "add_config_command", "add_config_flags", "command_options",
-           "config_options", "flag_name"]
+__all__ = ["SPECIAL", "add_config_command", "add_config_flags", "command_options", "config_options", "flag_name"]
 
 # The exceptions to "field foo_bar is flag --foo-bar, typed by its annotation": ``flag``, ``choices`` (a tuple, or a
 # dict from command-line word to config value), ``help``, or any add_argument keyword. ``None``: the field has no flag.
@@ -133,11 +132,9 @@ def config_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     given = vars(args)
     out: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
-        if field.name not in given:
-            continue
-        value = given[field.name]
-        choices = (SPECIAL.get(field.name) or {}).get("choices")
-        out[field.name] = choices[value] if isinstance(choices, Mapping) else value
+        if field.name in given:
+            choices = (SPECIAL.get(field.name) or {}).get("choices")
+            out[field.name] = choices[given[field.name]] if isinstance(choices, Mapping) else given[field.name]
     return out
 
 
