@@ -1,21 +1,8 @@
-"""The ``timm-remem`` command line: one module of this package per sub-command.
+"""The ``timm-remem`` command line: one module per sub-command, each with a ``register(subparsers)`` that sets ``func``.
 
-Each command module defines ``register(subparsers)``, which adds its parser and sets ``func`` (called with the
-parsed arguments, returns an exit code). :data:`_COMMAND_MODULES` lists them in the order ``timm-remem --help``
-shows them.
-
-Start-up: ``--help``, ``--version``, ``COMMAND --help`` and argument errors answer without importing torch or timm.
-A command module therefore imports only light modules at its top (argparse, the config dataclasses, the errors);
-the library it calls is imported inside its ``run()`` (``tests/cli/test_cli_startup.py`` checks every module).
-
-The error contract, the same for every command:
-
-- bad input or usage (an argparse error, a :class:`~timm_remem.errors.ConfigError` or any other timm-remem error
-  that is also a ``ValueError``, such as the missing-extra errors ``PeftMissingError`` and ``YamlMissingError``):
-  exit status 2 and one line ``timm-remem COMMAND: error: ...`` on stderr;
-- a failure while running (:class:`~timm_remem.errors.TrainingError`, ``CheckpointError``, ``HubError``, an
-  ``OSError``, any other exception): exit status 1 and one line;
-- ``--debug`` (before or after the command) also prints the traceback; an interrupt exits with 130.
+Every command shares one error contract: bad input or usage (an argparse error, or a timm-remem error that is also a
+``ValueError``, e.g. ``ConfigError``) exits 2, any other failure exits 1, each with one line on stderr; ``--debug``
+(before or after the command) also prints the traceback; an interrupt exits 130.
 
 Example:
     >>> build_parser().parse_args(["distill", "--model", "resnet18", "--epochs", "3"]).epochs

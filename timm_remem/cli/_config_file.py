@@ -1,18 +1,9 @@
-"""``--config FILE``: training settings read from a YAML or JSON file, the way timm's ``train.py --config`` works.
+"""``--config FILE``: training settings from a YAML or JSON file, read the way timm's ``train.py --config`` does.
 
-The file's values take the place of the defaults and the flags given on the command line override them. Keys are
-config field names (``batch_size``, not ``--batch-size``), values are config values (``cache_teacher: null``,
-``save_at: [1, 3]``, ``model_kwargs: {depth: 6}``). A run's own ``OUTPUT/config.json`` is such a file (its
-``version`` key is ignored), so ``timm-remem finetune --config runs/a/config.json --output runs/b`` repeats run a.
-
-Like argparse with timm's YAML defaults, a string where the flag takes a number, a JSON object, a list of names or
-one of its words is read as the flag would read it: ``lr: 1e-3`` (YAML 1.1, PyYAML's dialect, reads ``1e-3`` as a
-string), ``model_kwargs: '{"depth": 6}'``, ``lora_targets: qkv,fc1``, ``cache_teacher: auto``. Every other value
-must have the field's type; range checks are the config class's own.
-
-The file is untrusted text, so reading it is bounded: at most :data:`MAX_BYTES`, :data:`MAX_DEPTH` levels of
-nesting and :data:`MAX_ALIASES` YAML aliases (a few nested anchors can otherwise stand for billions of values), YAML
-through PyYAML's safe loader only, and every value quoted in an error message is cut to a short, bounded ``repr``.
+Keys are config field names; a run's own ``OUTPUT/config.json`` is such a file (its ``version`` key is ignored).
+Flags given on the command line override the file. A string where the flag takes a number, a JSON object, a list
+or a word is read as the flag reads it (``lr: 1e-3``, ``cache_teacher: auto``). The file is untrusted: its size,
+nesting and YAML aliases are bounded and values quoted in errors are cut short.
 
 Example:
     >>> import json, pathlib, tempfile
@@ -69,21 +60,18 @@ def read_config_file(path: str) -> dict[str, Any]:
     kind = _SUFFIXES.get(file.suffix.lower())
     if kind is None:
         raise ConfigError(f"--config {path}: expected a .yaml, .yml or .json file, got {file.suffix or 'no suffix'!r}")
-    too_big = (f"--config {path}: more than a settings file needs (at most {MAX_BYTES} bytes); pass the run's "
-               "settings file (e.g. RUN/config.json)")
     try:
-        info = file.stat()
-        if stat.S_ISDIR(info.st_mode):
+        mode = file.stat().st_mode
+        if stat.S_ISDIR(mode):
             raise IsADirectoryError(path)
-        if not stat.S_ISREG(info.st_mode):  # a device or a FIFO: no size to check, and a FIFO blocks on open
+        if not stat.S_ISREG(mode):  # a device or a FIFO: no end to read, and a FIFO blocks on open
             raise ConfigError(f"--config {path}: not a regular file; pass a .yaml or .json file (e.g. "
                               "RUN/config.json)")
-        if info.st_size > MAX_BYTES:
-            raise ConfigError(too_big)
         with open(file, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)  # bounded even if the file grows after the check
+            raw = f.read(MAX_BYTES + 1)  # bounded whatever the file's size
         if len(raw) > MAX_BYTES:
-            raise ConfigError(too_big)
+            raise ConfigError(f"--config {path}: more than a settings file needs (at most {MAX_BYTES} bytes); pass "
+                              "the run's settings file (e.g. RUN/config.json)")
         text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
@@ -91,7 +79,11 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: is a folder; pass a .yaml or .json file (e.g. RUN/config.json)") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"--config {path}: cannot be read ({error})") from None
-    data = _parse_yaml(path, text) if kind == "yaml" else _parse_json(path, text)
+    try:
+        data = _parse_yaml(path, text) if kind == "yaml" else _parse_json(path, text)
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested more than a settings file can be; at most {MAX_DEPTH} "
+                          "levels") from None
     _check_depth(path, data)
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of settings (batch_size: 32, ...), got "
@@ -106,12 +98,8 @@ def file_options(
     """The settings of config file ``path`` for config class ``cls``, checked against the fields' types.
 
     Args:
-        path: The ``--config`` file.
-        cls: The config dataclass (``FinetuneConfig``, ``DistillConfig``).
         exclude: Fields that ``command`` sets itself (an error if the file names them).
-        command: The command's name, for the error about an excluded field.
-        convert: Per field, how its flag reads a word (used for string values); by default ``int``/``float`` and
-            JSON for dict fields.
+        convert: Per field, how its flag reads a string value; by default ``int``/``float``, JSON for dict fields.
 
     Raises:
         ConfigError: As :func:`read_config_file`; an unknown or excluded key; a value of the wrong type.
@@ -133,14 +121,13 @@ def file_options(
                           f"{command} ({command} sets {'it' if one else 'them'} itself); remove "
                           f"{'it' if one else 'them'} from the file")
     hints = typing.get_type_hints(cls)
-    convert = dict(convert or {})
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key in IGNORED_KEYS:
             continue
         hint = hints[key]
         if isinstance(value, str) and not matches_type(value, hint):
-            value = _from_word(path, key, value, hint, convert.get(key))
+            value = _from_word(path, key, value, hint, (convert or {}).get(key))
         if not matches_type(value, hint):
             raise ConfigError(f"--config {path}: {key} must be {describe_type(hint)}, got {_short(value)}")
         out[key] = value
@@ -171,9 +158,6 @@ def _parse_yaml(path: str, text: str) -> Any:
 
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
-    except RecursionError:
-        raise ConfigError(f"--config {path}: nested more than a settings file can be; at most {MAX_DEPTH} levels") \
-            from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -191,19 +175,13 @@ def _refuse_duplicates(path: str, keys: list[Any]) -> None:
         seen.add(key)
 
 
-def _pairs(path: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
-    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _parse_json(path: str, text: str) -> Any:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         _refuse_duplicates(path, [k for k, _ in pairs])
         return dict(pairs)
-    return build
 
-
-def _parse_json(path: str, text: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_pairs(path))
-    except RecursionError:
-        raise ConfigError(f"--config {path}: nested more than a settings file can be; at most {MAX_DEPTH} levels") \
-            from None
+        return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as error:
         raise ConfigError(f"--config {path}: not valid JSON at line {error.lineno}, column {error.colno} "
                           f"({error.msg})") from None
@@ -211,10 +189,9 @@ def _parse_json(path: str, text: str) -> Any:
 
 def _from_word(path: str, key: str, text: str, hint: Any, convert: Callable[[str], Any] | None) -> Any:
     """A string value read as the field's flag reads it (``"1e-3"`` -> 0.001); unchanged when no reading applies."""
-    options = [o for o in type_options(hint) if o is not type(None)]
-    if convert is None and len(options) == 1 and (typing.get_origin(options[0]) or options[0]) in (int, float, dict):
-        base = typing.get_origin(options[0]) or options[0]
-        convert = _json_object if base is dict else base
+    options = [typing.get_origin(o) or o for o in type_options(hint) if o is not type(None)]
+    if convert is None and len(options) == 1 and options[0] in (int, float, dict):
+        convert = _json_object if options[0] is dict else options[0]
     if convert is None:
         return text
     try:

@@ -1,15 +1,9 @@
 """Command-line flags generated from the training config dataclasses: a flag, its default and its help written once.
 
-A field ``batch_size`` becomes ``--batch-size``: its type gives the argparse type (``int | None`` -> ``int``, a
-``bool`` -> a switch, ``--no-x`` when it is on by default, ``list[int]`` -> ``nargs="*"``, a ``dict`` -> a JSON
-object), its ``metadata["help"]`` the help line, and its default the ``(default: ...)`` that ends every help line
-(``--model`` says ``(required)``). The few flags that differ from that rule are listed in :data:`SPECIAL`. A flag
-left out of the command line is absent from the parsed namespace (``argparse.SUPPRESS``), so :func:`config_options`
-returns only what the user typed and every other field keeps the library default.
-
-:func:`command_options` is what a command passes to the library: the settings of its ``--config`` file (see
-:mod:`timm_remem.cli._config_file`) overridden by the flags, checked by building the config class once (no torch
-needed), so bad input is refused at once with the flag or the file key that set it.
+Field ``batch_size`` becomes ``--batch-size`` (a switch ``x`` on by default: ``--no-x``), typed by its annotation,
+its help and default shown in --help; the exceptions are in :data:`SPECIAL`. An absent flag is absent from the
+namespace, so :func:`config_options` returns only what the user typed; :func:`command_options` puts the ``--config``
+file under it and checks the result.
 
 Example:
     >>> import argparse
@@ -26,23 +20,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import types
 import typing
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from .._validation import type_options
 from ..errors import ConfigError
 from ..train.config import DistillConfig, FinetuneConfig, TrainConfig
 from ._args import comma_list, json_dict
 from ._config_file import file_options
 
-__all__ = ["SPECIAL", "add_config_command", "add_config_file_flag", "add_config_flags", "command_options",
-           "config_options", "flag_name"]
+__all__ = ["SPECIAL", "add_config_command", "add_config_flags", "command_options", "config_options", "flag_name"]
 
-# The exceptions to "field foo_bar is flag --foo-bar, typed by its annotation". Keys: ``flag`` (the option string),
-# ``choices`` (a tuple, or a dict from command-line word to config value), ``help`` (where the command-line form
-# needs other words than the Python value), any other add_argument keyword (nargs, const, metavar, type, required).
-# ``None``: the field has no flag.
+# The exceptions to "field foo_bar is flag --foo-bar, typed by its annotation": ``flag``, ``choices`` (a tuple, or a
+# dict from command-line word to config value), ``help``, or any add_argument keyword. ``None``: the field has no flag.
 SPECIAL: dict[str, dict[str, Any] | None] = {
     "model": {"required": True},  # on the command line or in the --config file
     "optimizer": {"flag": "--opt"},
@@ -97,23 +88,19 @@ def add_config_flags(
     """Add one flag per field of the config dataclass ``cls`` to ``parser``, in field order, in --help groups.
 
     Args:
-        parser: The (sub-command) parser.
-        cls: A config dataclass whose fields carry ``metadata["help"]``.
-        exclude: Field names that get no flag (meaningless for this sub-command).
-        defaults: Defaults to show instead of the dataclass's, where the library function called with the
-            options has its own (``select`` runs 3 epochs). Shown only: an absent flag is still left out.
-        help: Help to use instead of the field's, by field name (e.g. what ``--model`` names for this command).
+        exclude: Fields that get no flag.
+        defaults: Defaults to show instead of the dataclass's (``select`` runs 3 epochs); an absent flag is still
+            left out.
+        help: Help to use instead of the field's, by field name.
     """
     hints = typing.get_type_hints(cls)
-    defaults = dict(defaults or {})
-    help = dict(help or {})
     groups: dict[str, Any] = {}  # argparse argument groups by title
     for field in dataclasses.fields(cls):
         flag = flag_name(field)
         if flag is None or field.name in exclude:
             continue
         special = {k: v for k, v in (SPECIAL.get(field.name) or {}).items() if k not in ("flag", "help")}
-        default = defaults.get(field.name, _default(field))
+        default = (defaults or {}).get(field.name, _default(field))
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS}
         choices = special.pop("choices", field.metadata.get("choices"))
         if choices is not None:
@@ -122,7 +109,8 @@ def add_config_flags(
             kwargs.update(_from_annotation(field.name, hints[field.name], flag, default))
         kwargs.update(special)
         required = kwargs.pop("required", False)  # checked by command_options: a --config file may set it
-        text = help.get(field.name) or (SPECIAL.get(field.name) or {}).get("help") or field.metadata.get("help", "")
+        text = ((help or {}).get(field.name) or (SPECIAL.get(field.name) or {}).get("help")
+                or field.metadata.get("help", ""))
         if kwargs.get("action") == "store_false":
             text = f"turn off: {text}" if text else "turn off"
         shown = "required" if required else "default: " + _shown(default, choices, kwargs.get("action"))
@@ -144,11 +132,9 @@ def config_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     given = vars(args)
     out: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
-        if field.name not in given:
-            continue
-        value = given[field.name]
-        choices = (SPECIAL.get(field.name) or {}).get("choices")
-        out[field.name] = choices[value] if isinstance(choices, Mapping) else value
+        if field.name in given:
+            choices = (SPECIAL.get(field.name) or {}).get("choices")
+            out[field.name] = choices[given[field.name]] if isinstance(choices, Mapping) else given[field.name]
     return out
 
 
@@ -160,12 +146,9 @@ def _default(field: dataclasses.Field) -> Any:
 
 def _from_annotation(name: str, hint: Any, flag: str, default: Any) -> dict[str, Any]:
     """argparse ``action``/``type``/``nargs`` from a field's annotation (``X | None`` counts as ``X``)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(options) != 1:
-            raise TypeError(f"config field {name!r} ({hint}) needs an entry in cli._config_flags.SPECIAL")
-        hint = options[0]
-    origin = typing.get_origin(hint)
+    options = [a for a in type_options(hint) if a is not type(None)]
+    hint = options[0] if len(options) == 1 else hint  # a union of several types falls through to the TypeError
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is bool:
         return {"action": "store_false" if default is True else "store_true"}
     if hint in (int, float):
@@ -174,8 +157,8 @@ def _from_annotation(name: str, hint: Any, flag: str, default: Any) -> dict[str,
         return {}
     if hint is dict or origin is dict:
         return {"type": json_dict(flag), "metavar": "JSON"}
-    if origin is list and typing.get_args(hint) and typing.get_args(hint)[0] in (int, float, str):
-        return {"type": typing.get_args(hint)[0], "nargs": "*"}
+    if origin is list and args and args[0] in (int, float, str):
+        return {"type": args[0], "nargs": "*"}
     raise TypeError(f"config field {name!r} ({hint}) needs an entry in cli._config_flags.SPECIAL")
 
 
@@ -213,20 +196,14 @@ def add_config_command(
     help: str, description: str, model_help: str, exclude: Collection[str] = (),
     defaults: Mapping[str, Any] | None = None,
 ) -> argparse.ArgumentParser:
-    """Add sub-command ``name`` whose flags are the fields of ``cls`` (see :func:`add_config_flags`) and whose
-    ``func`` is ``run``; ``model_help`` says what ``--model`` names for this command. Returns its parser."""
+    """Add sub-command ``name`` with ``--config FILE`` and a flag per field of ``cls``; returns its parser."""
     parser = subparsers.add_parser(name, help=help, description=description)
-    add_config_file_flag(parser)
-    add_config_flags(parser, cls, exclude=exclude, defaults=defaults, help={"model": model_help})
-    parser.set_defaults(func=run)
-    return parser
-
-
-def add_config_file_flag(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config FILE`` (read by :func:`command_options`)."""
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="read settings from a YAML or JSON file (keys: config field names, e.g. batch_size; "
                         "a run's OUTPUT/config.json works); flags given here override it (default: none)")
+    add_config_flags(parser, cls, exclude=exclude, defaults=defaults, help={"model": model_help})
+    parser.set_defaults(func=run)
+    return parser
 
 
 def command_options(
@@ -235,8 +212,8 @@ def command_options(
 ) -> dict[str, Any]:
     """The settings a command passes to the library: its ``--config`` file's, overridden by the flags given.
 
-    Checked at once by building ``cls`` (``defaults`` stand for the library function's own defaults), so a bad value
-    is refused before torch is imported; the error says which flag or file key set the value it names.
+    Checked by building ``cls`` (with ``defaults``, the library function's own), naming the flag or file key of a
+    bad value.
 
     Raises:
         ConfigError: A bad ``--config`` file, a required setting missing, or a value the config class refuses.

@@ -17,8 +17,7 @@ __all__ = ["run_on_ranks"]
 
 
 def run_on_ranks(call: Callable[[], Any], report: Callable[[Any], str]) -> int:
-    """Run a library call of a training command; rank 0 prints ``report(result)``; the process group is always
-    torn down (also under torchrun and after an error). Returns the exit code 0."""
+    """Run ``call``; rank 0 prints ``report(result)``; the process group is always torn down. Returns 0."""
     try:
         result = call()
         if distributed.is_main_process():

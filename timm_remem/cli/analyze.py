@@ -1,13 +1,8 @@
 """``timm-remem analyze``: a JSON report and PNG plots of a teacher's information, expertness, pruning and dynamics.
 
-MODEL is a timm model name (random weights unless ``--pretrained``), a checkpoint folder written by
-``timm_remem.save_pretrained`` (``config.json`` + ``model.safetensors``), or a folder of such checkpoint folders.
-With several checkpoints the report holds the information plane and the checkpoint ranking of all of them, and the
-per-model analyses (dynamics, expertness, pruning) of the best-ranked one.
-
-Data: ``--data digits`` (default, offline: scikit-learn's 8x8 digits, upsampled to the model's input size, repeated
-to 3 channels and normalised with the model's mean/std; a fixed seeded 30% validation split) or ``--data PATH``, an
-image folder ``PATH/<class>/<image>`` read with timm's eval transforms.
+MODEL is a timm name, a checkpoint folder written by ``timm_remem.save_pretrained`` or a folder of them (then all are
+ranked and the best-ranked one gets the per-model analyses). ``--data digits`` (offline, the held-out split) or an
+image folder ``PATH/<class>/<image>``; see docs/analysis.md.
 
 Example:
     timm-remem analyze test_vit --model-kwargs '{"img_size": 32}' --max-samples 128 --out analysis-test-vit
@@ -56,7 +51,6 @@ ANALYSES = ("information", "dynamics", "expertness", "pruning")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``analyze`` sub-command."""
     p = subparsers.add_parser(
         "analyze",
         help="write a JSON report and PNG plots: MI, information plane, expertness, pruning, layer dynamics",
@@ -92,77 +86,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check_args(args: argparse.Namespace) -> list[str]:
+def run(args: argparse.Namespace) -> int:
+    """Check the flags, run the analyses and write ``report.json`` and PNGs; returns the exit code."""
     analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
-    bad = [a for a in analyses if a not in ANALYSES]
-    if bad or not analyses:
+    if not analyses or any(a not in ANALYSES for a in analyses):
         raise ConfigError(f"--analyses {args.analyses!r}: choose a comma-separated subset of {','.join(ANALYSES)}.")
     for name in ("max_samples", "batch_size", "dynamics_images"):
         check_int(f"--{name.replace('_', '-')}", getattr(args, name), low=1)
     if not (math.isfinite(args.noise) and args.noise > 0):
         raise ConfigError(f"--noise must be > 0, got {args.noise}.")
     check_int("--max-dim", args.max_dim, low=0, hint="0 keeps every dimension")
-    return analyses
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the analyses and write ``report.json`` and PNGs; returns the exit code."""
-    analyses = _check_args(args)
     return run_analyses(args, analyses)
 
 
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Minimal data plumbing (local to this command)
-
-
-def _input_size(model: torch.nn.Module) -> tuple[int, int]:
+def _dataset(model: torch.nn.Module, data: str) -> Any:
+    """The dataset ``--data`` names, at the model's input size: the held-out digits split or an image folder."""
     _, h, w = model_input_size(model)
-    return h, w
-
-
-def _digits(model: torch.nn.Module, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out validation split of scikit-learn's digits (the one training never sees), model-ready."""
-    h, w = _input_size(model)
-    if h != w:
-        raise ConfigError(f"--data digits needs a square input size, the model takes {h}x{w}; pass --data PATH.")
     cfg = data_config(model)
-    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-    if len(mean) != 3:
-        raise ConfigError(f"--data digits makes 3-channel images, the model takes {len(mean)}; pass --data PATH.")
-    ds = DigitsDataset("val", img_size=h, mean=mean, std=std)
-    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_samples]
-    images, labels = zip(*(ds[int(i)] for i in pick), strict=True)
-    return torch.stack(images), torch.as_tensor(labels, dtype=torch.long)
-
-
-def _folder(model: torch.nn.Module, root: str, max_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``max_samples`` images of an image folder (seeded choice), with timm's eval transforms."""
-    if not os.path.isdir(root):
-        raise ConfigError(f"--data {root!r} is neither 'digits' nor an existing image folder (PATH/<class>/<image>).")
-    cfg = data_config(model)
-    cfg["input_size"] = (cfg["input_size"][0], *_input_size(model))
-    ds = create_dataset("", root=root, transform=create_transform(**cfg, is_training=False))
+    if data == "digits":
+        if h != w:
+            raise ConfigError(f"--data digits needs a square input size, the model takes {h}x{w}; pass --data PATH.")
+        if len(cfg["mean"]) != 3:
+            raise ConfigError(f"--data digits makes 3-channel images, the model takes {len(cfg['mean'])}; pass "
+                              "--data PATH.")
+        return DigitsDataset("val", img_size=h, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    if not os.path.isdir(data):
+        raise ConfigError(f"--data {data!r} is neither 'digits' nor an existing image folder (PATH/<class>/<image>).")
+    cfg["input_size"] = (cfg["input_size"][0], h, w)
+    ds = create_dataset("", root=data, transform=create_transform(**cfg, is_training=False))
     if len(ds) == 0:
-        raise ConfigError(f"the image folder {root!r} holds no images; expected PATH/<class>/<image>.")
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:max_samples].tolist()
-    items = [ds[i] for i in idx]
-    return torch.stack([im for im, _ in items]), torch.tensor([int(t) for _, t in items])
-
-
-def _batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(labels), batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The command
-
-
-def _build_model(args: argparse.Namespace, num_classes: int | None) -> torch.nn.Module:
-    if not args.model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(args.model):
-        raise ConfigError(f"{args.model!r} is neither a folder nor a timm model name: see timm.list_models('*vit*').")
-    return create_timm_model(args.model, pretrained=args.pretrained, num_classes=num_classes, kwargs=args.model_kwargs)
+        raise ConfigError(f"the image folder {data!r} holds no images; expected PATH/<class>/<image>.")
+    return ds
 
 
 def run_analyses(args: argparse.Namespace, analyses: list[str]) -> int:
@@ -177,14 +131,19 @@ def run_analyses(args: argparse.Namespace, analyses: list[str]) -> int:
         first = load_teacher_model(dirs[0])
     else:
         checkpoints = None
-        first = _build_model(args, args.num_classes if args.num_classes else (10 if args.data == "digits" else None))
+        if not args.model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) and not timm.is_model(args.model):
+            raise ConfigError(f"{args.model!r} is neither a folder nor a timm model name: see "
+                              "timm.list_models('*vit*').")
+        first = create_timm_model(args.model, pretrained=args.pretrained, kwargs=args.model_kwargs,
+                                  num_classes=args.num_classes or (10 if args.data == "digits" else None))
     first = first.to(device).eval()
 
-    if args.data == "digits":
-        images, labels = _digits(first, args.max_samples, args.seed)
-    else:
-        images, labels = _folder(first, args.data, args.max_samples, args.seed)
-    loader = _batches(images, labels, args.batch_size)
+    ds = _dataset(first, args.data)
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[: args.max_samples].tolist()
+    items = [ds[i] for i in pick]
+    images, labels = torch.stack([im for im, _ in items]), torch.tensor([int(t) for _, t in items])
+    step = args.batch_size
+    loader = [(images[i : i + step], labels[i : i + step]) for i in range(0, len(labels), step)]
     info_kw: dict[str, Any] = {"features": args.features, "method": args.mi_method, "noise": args.noise,
                                "max_dim": args.max_dim or None, "seed": args.seed, "device": device}
 

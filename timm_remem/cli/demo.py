@@ -20,7 +20,6 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``demo`` sub-command."""
     p = subparsers.add_parser(
         "demo", help="offline demo: plain vs ReMem ViT teacher on digits, the same CNN student from each",
         description="Train a small ViT teacher on scikit-learn's digits plainly and with ReMem (reweighting + SAM), "
@@ -31,10 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="remem-demo", help="output folder (default: ./remem-demo)")
     p.add_argument("--quick", action="store_true", help="tiny models and a few batches (seconds; a smoke test)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
-    p.add_argument("--teacher-epochs", dest="teacher_epochs", type=int,
-                   help="teachers' epochs (default: 12, 1 with --quick)")
-    p.add_argument("--student-epochs", dest="student_epochs", type=int,
-                   help="students' epochs (default: 8, 1 with --quick)")
+    p.add_argument("--teacher-epochs", type=int, help="teachers' epochs (default: 12, 1 with --quick)")
+    p.add_argument("--student-epochs", type=int, help="students' epochs (default: 8, 1 with --quick)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default: 1, the models are tiny; 0 keeps torch's default)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -48,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             check_int(flag, value, low=1)
     check_int("--threads", args.threads, low=0, hint="0 keeps torch's default")
-
     result = run_demo(args.output, quick=args.quick, progress=args.progress, seed=args.seed,
                       teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
                       threads=args.threads or None)

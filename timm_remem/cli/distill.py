@@ -1,8 +1,7 @@
 """``timm-remem distill``: distill a student from a teacher checkpoint (or train it alone, the baseline).
 
-The flags are :class:`~timm_remem.train.DistillConfig`'s fields (see :mod:`timm_remem.cli._config_flags`); a flag
-left out keeps the ``--config`` file's value, or else the library default. Runs unchanged under ``torchrun
---nproc_per_node N`` (DistributedDataParallel; ``--batch-size`` is per process); only rank 0 prints and writes files.
+The flags are :class:`~timm_remem.train.DistillConfig`'s fields (see :mod:`timm_remem.cli._config_flags`). Runs
+unchanged under ``torchrun --nproc_per_node N``; only rank 0 prints and writes files.
 
 Example:
     >>> import argparse
@@ -27,7 +26,6 @@ __all__ = ["register", "options", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``distill`` sub-command."""
     add_config_command(
         subparsers, "distill", DistillConfig, run,
         help="distill a student from a teacher checkpoint (or train it alone)",
@@ -39,14 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~timm_remem.train.DistillConfig` settings given (``--config`` file, then flags), checked."""
+    """The settings given (``--config`` file, then flags), checked."""
     return command_options(args, DistillConfig, command="distill")
 
 
 def run(args: argparse.Namespace) -> int:
     """Distill (or train) the student and print its accuracy; returns the exit code."""
     given = options(args)
-
     return run_on_ranks(lambda: distill_student(**given), _report)
 
 

@@ -1,8 +1,7 @@
 """``timm-remem finetune``: fine-tune a ViT teacher, with ReMem reweighting (``--alpha``) and SAM (``--rho``).
 
-The flags are :class:`~timm_remem.train.FinetuneConfig`'s fields (see :mod:`timm_remem.cli._config_flags`); a flag
-left out keeps the ``--config`` file's value, or else the library default. Runs unchanged under ``torchrun
---nproc_per_node N`` (DistributedDataParallel; ``--batch-size`` is per process); only rank 0 prints and writes files.
+The flags are :class:`~timm_remem.train.FinetuneConfig`'s fields (see :mod:`timm_remem.cli._config_flags`). Runs
+unchanged under ``torchrun --nproc_per_node N``; only rank 0 prints and writes files.
 
 Example:
     >>> import argparse
@@ -26,7 +25,6 @@ __all__ = ["register", "options", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``finetune`` sub-command."""
     add_config_command(
         subparsers, "finetune", FinetuneConfig, run,
         help="fine-tune a ViT teacher, with ReMem reweighting (--alpha) and SAM (--rho)",
@@ -38,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~timm_remem.train.FinetuneConfig` settings given (``--config`` file, then flags), checked."""
+    """The settings given (``--config`` file, then flags), checked."""
     return command_options(args, FinetuneConfig, command="finetune")
 
 

@@ -18,7 +18,6 @@ _WHERE = {"output": "mlp-output", "post-norm": "post-norm", "fused-columns": "fu
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``inspect`` sub-command."""
     p = subparsers.add_parser(
         "inspect",
         help="list a model's transformer MLP branches and the factors reweighting would give them",
@@ -47,20 +46,14 @@ def run(args: argparse.Namespace) -> int:
     branches = find_branches(model)
     reweight(model, args.alpha, schedule=args.schedule, top_k=args.top_k)
     scales = get_scales(model)
-    rows = [
-        {
-            "block": b.index,
-            "branch": b.path,
-            "kind": _WHERE[b.kind],
-            "block_class": type(model.get_submodule(b.block_path)).__name__,
-            "factor": scales.get(b.path, 1.0),
-        }
-        for b in branches
-    ]
+    rows = [{"block": b.index, "branch": b.path, "kind": _WHERE[b.kind],
+             "block_class": type(model.get_submodule(b.block_path)).__name__, "factor": scales.get(b.path, 1.0)}
+            for b in branches]
+    num_blocks = branches[-1].index + 1
     if args.json:
-        print(json.dumps({"model": args.model, "num_blocks": branches[-1].index + 1, "branches": rows}, indent=2))
+        print(json.dumps({"model": args.model, "num_blocks": num_blocks, "branches": rows}, indent=2))
         return 0
-    print(f"{args.model}: {branches[-1].index + 1} blocks with a transformer MLP branch "
+    print(f"{args.model}: {num_blocks} blocks with a transformer MLP branch "
           f"(alpha={args.alpha}, schedule={args.schedule}, top_k={args.top_k or 'all'})")
     width = max(len(r["branch"]) for r in rows)
     print(f"{'block':>5}  {'branch':<{width}}  {'where':<13}  {'block class':<24}  factor")

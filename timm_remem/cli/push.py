@@ -1,13 +1,10 @@
-"""``timm-remem push``: publish a saved teacher on the Hugging Face Hub, loadable by plain timm.
-
-Exit codes follow the CLI's contract: 0 published, 2 bad input or usage (a flag, the source folder, no token),
-1 a runtime failure (the Hub unreachable or refusing the commit), each with one line on stderr.
-"""
+"""``timm-remem push``: publish a saved teacher on the Hugging Face Hub, loadable by plain timm."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from huggingface_hub import get_token
@@ -18,7 +15,6 @@ from ..hub.errors import TOKEN_HELP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``push`` sub-command."""
     p = subparsers.add_parser(
         "push",
         help="publish a teacher folder on the Hugging Face Hub (one commit, loadable with timm 'hf-hub:')",
@@ -61,8 +57,8 @@ def _seconds(flag: str, strict: bool = False):
         try:
             value = float(text)
         except ValueError:
-            value = float("nan")
-        if not (value == value and value != float("inf") and (value > 0 if strict else value >= 0)):
+            value = math.nan
+        if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
             raise argparse.ArgumentTypeError(f"{flag} expects a number of seconds {'> 0' if strict else '>= 0'}, "
                                              f"got {text!r}")
         return value
@@ -92,10 +88,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load ``args.source``, push it to ``args.repo_id`` and print the commit URL; returns the exit code.
-
-    2 for bad input (flags, source, no token), 1 when the Hub fails (unreachable, refused, commit failed).
-    """
+    """Load ``args.source``, push it to ``args.repo_id`` and print the commit URL; returns the exit code (2: bad
+    input such as a flag, the source or no token; 1: the Hub failed)."""
     try:
         students = _students(args.student_accuracy)
         check_repo_id(args.repo_id)

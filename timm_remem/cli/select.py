@@ -1,10 +1,7 @@
 """``timm-remem select``: ReMem's protocol, a short distillation from each teacher checkpoint, keep the best.
 
-The flags are the :class:`~timm_remem.train.DistillConfig` fields that the short distillations use (see
-:mod:`timm_remem.cli._config_flags`); the checkpoint and resume flags are left out, since
-:func:`~timm_remem.train.select_teacher` exports nothing and always starts afresh. A flag left out keeps the
-``--config`` file's value (a file naming an excluded field is refused), or else ``select_teacher``'s default.
-Runs unchanged under ``torchrun --nproc_per_node N``; only rank 0 prints and writes.
+The flags are the :class:`~timm_remem.train.DistillConfig` fields the short distillations use, as in ``distill``,
+less the teacher, checkpoint and resume flags (:func:`~timm_remem.train.select_teacher` sets those itself).
 
 Example:
     >>> import argparse
@@ -22,7 +19,7 @@ from typing import Any
 
 from ..train import select_teacher
 from ..train.config import DistillConfig
-from ._config_flags import add_config_file_flag, add_config_flags, command_options
+from ._config_flags import add_config_command, command_options
 from ._runtime import run_on_ranks
 
 __all__ = ["register", "options", "run", "EXCLUDED"]
@@ -36,30 +33,27 @@ _DEFAULTS = {"epochs": 3, "output": "runs/select"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``select`` sub-command."""
-    p = subparsers.add_parser(
-        "select", help="ReMem's protocol: short distillation from each teacher checkpoint, keep the best",
+    p = add_config_command(
+        subparsers, "select", DistillConfig, run, exclude=EXCLUDED, defaults=_DEFAULTS,
+        help="ReMem's protocol: short distillation from each teacher checkpoint, keep the best",
         description="Distill the student briefly from every checkpoint in TEACHERS (e.g. runs/teacher/checkpoints) "
         "with cached teacher logits, print a table, save OUTPUT/select.png and name the best checkpoint.",
+        model_help="student: a timm name",
     )
     p.add_argument("teachers", help="folder of teacher checkpoint folders (or a finetune run folder)")
-    add_config_file_flag(p)
-    add_config_flags(p, DistillConfig, exclude=EXCLUDED, defaults=_DEFAULTS, help={"model": "student: a timm name"})
     p.add_argument("--mi-score", dest="mi_score", action="store_true",
                    help="also rank checkpoints by an MI-based score and report its Spearman correlation "
                    "(default: off)")
-    p.set_defaults(func=run)
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`~timm_remem.train.DistillConfig` settings given (``--config`` file, then flags), checked."""
+    """The settings given (``--config`` file, then flags), checked."""
     return command_options(args, DistillConfig, command="select", exclude=EXCLUDED, defaults=_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Distill briefly from each checkpoint, print the table and the best checkpoint; returns the exit code."""
     given = options(args)
-
     printed = given.get("progress", True)  # select_teacher printed the table itself
 
     def report(result: Any) -> str:

@@ -1,12 +1,9 @@
 """``timm-remem study``: the ReMem ablation over seeds, with confidence intervals (see :mod:`timm_remem.study`).
 
-Settings come from, in increasing priority: ``--quick`` (tiny test models on digits), ``--config FILE`` (YAML or
-JSON, the :class:`~timm_remem.study.StudyConfig` fields), then the flags typed. Stage settings go through
-``--finetune KEY=VALUE ...``, ``--distill KEY=VALUE ...`` and ``--select-options KEY=VALUE ...`` (values are read as
-JSON where they parse, e.g. ``lr=1e-3 save_at=[2,4]``); ``--epochs``, ``--img-size``, ``--batch-size`` and
-``--limit-train-batches`` set both the teacher's and the student's. The measurements take ``--mi KEY=VALUE ...`` /
-``--no-mi`` and ``--sharpness KEY=VALUE ...`` (``batches``, ``batch_size``, ``iters``, ``tol``, ``rho``, ``eigen``,
-``seed``) / ``--no-sharpness``.
+Settings come from, in increasing priority: ``--quick``, ``--config FILE`` (the
+:class:`~timm_remem.study.StudyConfig` fields), then the flags typed. ``--finetune``, ``--distill``,
+``--select-options``, ``--mi`` and ``--sharpness`` take ``KEY=VALUE`` items (VALUE read as JSON where it parses);
+``--epochs``, ``--img-size``, ``--batch-size`` and ``--limit-train-batches`` set both training stages.
 
 Example:
     >>> import argparse
@@ -67,16 +64,20 @@ def _confidence(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"--confidence takes a level such as 0.95, or 'none'; got {text!r}") from err
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+
+
 def _help(name: str, default: str) -> str:
     """A flag's help: its StudyConfig field's help (written once, there) and the default the command line shows."""
     return f"{_FIELDS[name].metadata['help']} (default: {default})"
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+def _add(group: argparse._ArgumentGroup, flag: str, default: str, **kwargs: Any) -> None:
+    """Add the flag of StudyConfig field ``flag``: absent unless given, its help showing ``default``."""
+    group.add_argument(flag, default=argparse.SUPPRESS, help=_help(flag[2:].replace("-", "_"), default), **kwargs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``study`` sub-command."""
     p = subparsers.add_parser(
         "study", help="the ReMem ablation (plain, reweight, sam, onepass, remem, student) over seeds, with intervals",
         description="For every arm and seed: fine-tune the teacher, optionally pick its checkpoint (select), "
@@ -91,57 +92,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "override it (default: unset)")
     g.add_argument("--quick", action="store_true", default=S, help="tiny test models on digits, 2 seeds, 1 epoch "
                    "(seconds; a smoke test) (default: off)")
-    g.add_argument("--teacher", default=S, help=_help("teacher", "required unless --quick or --config"))
-    g.add_argument("--student", default=S, help=_help("student", "required unless --quick or --config"))
-    g.add_argument("--teacher-kwargs", dest="teacher_kwargs", type=json_dict("--teacher-kwargs"), metavar="JSON",
-                   default=S, help=_help("teacher_kwargs", "{}"))
-    g.add_argument("--student-kwargs", dest="student_kwargs", type=json_dict("--student-kwargs"), metavar="JSON",
-                   default=S, help=_help("student_kwargs", "{}"))
-    g.add_argument("--pretrained", action="store_true", default=S,
-                   help=_help("pretrained", "off"))
-    g.add_argument("--dataset", default=S, help=_help("dataset", "digits"))
-    g.add_argument("--data-dir", dest="data_dir", default=S, help=_help("data_dir", "unset"))
-    g.add_argument("--arms", nargs="+", metavar="ARM", default=S,
-                   help=_help("arms", " ".join(DEFAULT_ARMS)))
-    g.add_argument("--seeds", type=int, default=S, help=_help("seeds", "3"))
-    g.add_argument("--first-seed", dest="first_seed", type=int, default=S, help=_help("first_seed", "0"))
-    g.add_argument("--alpha", type=float, nargs="+", default=S,
-                   help=_help("alpha", "0.85"))
-    g.add_argument("--schedule", nargs="+", choices=SCHEDULES, default=S, help=_help("schedule", "exponential"))
-    g.add_argument("--rho", type=float, default=S, help=_help("rho", "0.05"))
-    g.add_argument("--select", action="store_true", default=S,
-                   help=_help("select", "off, the last one"))
+    _add(g, "--teacher", "required unless --quick or --config")
+    _add(g, "--student", "required unless --quick or --config")
+    _add(g, "--teacher-kwargs", "{}", type=json_dict("--teacher-kwargs"), metavar="JSON")
+    _add(g, "--student-kwargs", "{}", type=json_dict("--student-kwargs"), metavar="JSON")
+    _add(g, "--pretrained", "off", action="store_true")
+    _add(g, "--dataset", "digits")
+    _add(g, "--data-dir", "unset")
+    _add(g, "--arms", " ".join(DEFAULT_ARMS), nargs="+", metavar="ARM")
+    _add(g, "--seeds", "3", type=int)
+    _add(g, "--first-seed", "0", type=int)
+    _add(g, "--alpha", "0.85", type=float, nargs="+")
+    _add(g, "--schedule", "exponential", nargs="+", choices=SCHEDULES)
+    _add(g, "--rho", "0.05", type=float)
+    _add(g, "--select", "off, the last one", action="store_true")
     s = p.add_argument_group("stage settings")
-    s.add_argument("--finetune", nargs="+", type=key_values("--finetune"), metavar="KEY=VALUE", default=S,
-                   help=_help("finetune", "none"))
-    s.add_argument("--distill", nargs="+", type=key_values("--distill"), metavar="KEY=VALUE", default=S,
-                   help=_help("distill", "none"))
-    s.add_argument("--select-options", dest="select_options", nargs="+", type=key_values("--select-options"),
-                   metavar="KEY=VALUE", default=S, help=_help("select_options", "epochs=2"))
+    _add(s, "--finetune", "none", nargs="+", type=key_values("--finetune"), metavar="KEY=VALUE")
+    _add(s, "--distill", "none", nargs="+", type=key_values("--distill"), metavar="KEY=VALUE")
+    _add(s, "--select-options", "epochs=2", nargs="+", type=key_values("--select-options"), metavar="KEY=VALUE")
     s.add_argument("--epochs", type=int, default=S, help="epochs of teachers and students (default: 10)")
-    s.add_argument("--img-size", dest="img_size", type=int, default=S,
+    s.add_argument("--img-size", type=int, default=S,
                    help="input size of both stages (default: 32 for digits, else the model's)")
-    s.add_argument("--batch-size", dest="batch_size", type=int, default=S, help="batch size of both stages "
-                   "(default: 64)")
-    s.add_argument("--limit-train-batches", dest="limit_train_batches", type=int, default=S,
-                   help="batches per epoch in both stages (default: all)")
+    s.add_argument("--batch-size", type=int, default=S, help="batch size of both stages (default: 64)")
+    s.add_argument("--limit-train-batches", type=int, default=S, help="batches per epoch in both stages (default: all)")
     s.add_argument("--mi", nargs="+", type=key_values("--mi"), metavar="KEY=VALUE", default=S,
                    help="teacher_information options, e.g. method=ksg max_samples=1000 (default: gaussian, logits, "
                    "2000 samples)")
-    s.add_argument("--no-mi", dest="no_mi", action="store_true", default=S, help="skip the MI measurement "
-                   "(default: measured)")
+    s.add_argument("--no-mi", action="store_true", default=S, help="skip the MI measurement (default: measured)")
     defaults = " ".join(f"{k}={'study rho' if v is None else str(v).lower()}" for k, v in SHARPNESS_DEFAULTS.items())
     s.add_argument("--sharpness", nargs="+", type=key_values("--sharpness"), metavar="KEY=VALUE", default=S,
                    help=f"options of the teachers' sharpness measurement (SAM increase, top Hessian eigenvalue), e.g. "
                    f"iters=50 batches=8 (default: {defaults})")
-    s.add_argument("--no-sharpness", dest="no_sharpness", action="store_true", default=S,
+    s.add_argument("--no-sharpness", action="store_true", default=S,
                    help="skip the sharpness measurement (default: measured)")
     r = p.add_argument_group("running")
-    r.add_argument("--confidence", type=_confidence, default=S,
-                   help=_help("confidence", "0.95"))
-    r.add_argument("--device", default=S, help=_help("device", "auto"))
-    r.add_argument("--amp", action="store_true", default=S, help=_help("amp", "off"))
-    r.add_argument("--output", default=S, help=_help("output", "runs/study"))
+    _add(r, "--confidence", "0.95", type=_confidence)
+    _add(r, "--device", "auto")
+    _add(r, "--amp", "off", action="store_true")
+    _add(r, "--output", "runs/study")
     r.add_argument("--no-progress", dest="progress", action="store_false", default=S,
                    help="no " + _help("progress", "on"))
     p.set_defaults(func=run)
@@ -170,11 +158,8 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the study and print its table (``run_study`` printed it already with progress on); returns the exit code."""
-    opts = options(args)
-    run_study = _runner.run_study  # loads torch and timm now
-
-    cfg = study_config(**opts)
-    result = run_study(cfg)
+    cfg = study_config(**options(args))
+    result = _runner.run_study(cfg)
     if not cfg.progress:
         print(result.table)
         print("wrote: " + ", ".join(str(p) for p in result.files))
