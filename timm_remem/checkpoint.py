@@ -34,14 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ._io import (
-    atomic_replace_dir,
-    atomic_write_json,
-    atomic_write_safetensors,
-    file_sha256,
-    fsync_dir,
-    os_error_reason,
-)
+from ._io import atomic_replace_dir, atomic_write_json, atomic_write_safetensors, file_sha256, fsync_dir
 from ._state_tree import (
     FORMAT,
     FORMAT_VERSION,
@@ -57,19 +50,9 @@ from ._state_tree import (
 from ._version import __version__
 from .errors import CheckpointError
 
-__all__ = [
-    "CheckpointInfo",
-    "save_checkpoint",
-    "load_checkpoint",
-    "verify_checkpoint",
-    "list_checkpoints",
-    "latest_checkpoint",
-    "resolve_checkpoint",
-    "flatten_state",
-    "unflatten_state",
-    "get_rng_state",
-    "set_rng_state",
-]
+__all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "list_checkpoints",
+           "latest_checkpoint", "resolve_checkpoint", "flatten_state", "unflatten_state", "get_rng_state",
+           "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -340,7 +323,9 @@ def save_checkpoint(
 
 def _write_error(path: Path, root: Path, error: OSError) -> CheckpointError:
     """One error for a failed write (full disk, read-only folder), naming the checkpoint and what was kept."""
-    reason = os_error_reason(error)  # the original error, not _io's re-raise naming a temporary path
+    while isinstance(error.__cause__, OSError):  # the original error, not _io's re-raise naming a temporary path
+        error = error.__cause__
+    reason = error.strerror or str(error)
     kept = ", ".join(p.name for p in list_checkpoints(root))
     return CheckpointError(
         f"could not write checkpoint {str(path)!r}: {reason}. Free disk space or make the folder writable (or choose "
