@@ -3,14 +3,6 @@
 Every write goes to a temporary sibling that is fsynced and renamed over the target: it gets the umask's
 permissions, a symlink at the target is replaced (never written through), and a failed write keeps the previous
 file and raises one ``OSError`` naming the path. :func:`claim_output_dir` decides whether a folder is ours.
-
-Example:
-    >>> import json, tempfile, pathlib
-    >>> from timm_remem._io import atomic_write_json, atomic_write_text
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = atomic_write_json(d / "a.json", {"b": 1, "a": 2})
-    >>> (d / "a.json").read_text()
-    '{\\n "a": 2,\\n "b": 1\\n}\\n'
 """
 
 from __future__ import annotations
@@ -232,12 +224,10 @@ def _umask_permissions(folder: Path) -> None:
     """Give everything under ``folder`` the umask's permissions (timm's ``save_for_hf`` may leave 0600 behind)."""
     files, dirs = default_file_mode(), 0o777 & ~_umask()
     for root, subdirs, names in os.walk(folder):
-        for name in names:
-            if not os.path.islink(os.path.join(root, name)):
-                os.chmod(os.path.join(root, name), files)
-        for name in subdirs:
-            if not os.path.islink(os.path.join(root, name)):
-                os.chmod(os.path.join(root, name), dirs)
+        for name, mode in [(n, files) for n in names] + [(n, dirs) for n in subdirs]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
 
 
 def _remove(path: Path) -> None:
@@ -288,12 +278,10 @@ def write_into(folder: str | os.PathLike, write: Callable[[Path], Any], *, last:
             if (tmp / name).is_file() and not (tmp / name).is_symlink():
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
-        moved = []
         for name in names:
             _move_in(tmp / name, folder / name)
-            moved.append(folder / name)
         fsync_dir(folder)
-        return moved
+        return [folder / name for name in names]
     except OSError as err:
         raise _with_path(err, folder, "folder") from err
     finally:

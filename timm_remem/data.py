@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset,
 from timm.data import create_dataset as timm_create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
-from ._image_folder import folder_dataset
+from ._image_folder import folder_dataset, unreadable
 from ._validation import check_float, check_int
 from .errors import ConfigError
 
@@ -278,11 +278,8 @@ class _CheckedImageDataset(ImageDataset):
             if "consecutive samples" not in str(error):
                 raise
             count = min(self._max_retries, len(self.reader))
-            names = [str(self.reader.filename((index + i) % len(self.reader), absolute=True)) for i in range(count)]
-            raise ConfigError(
-                f"cannot read {count} images in a row ({', '.join(names[:3])}{', ...' if count > 3 else ''}): they "
-                "are corrupt or not images. Delete or replace them (timm skips fewer bad files with a warning)."
-            ) from None
+            raise unreadable([str(self.reader.filename((index + i) % len(self.reader), absolute=True))
+                              for i in range(count)]) from None
 
 
 def _check_folder(root: str | os.PathLike | None, name: str) -> str:
