@@ -1,27 +1,12 @@
 """timm-remem: turn strong pretrained timm ViTs into good teachers (ReMem), then distill.
 
-A timm plugin. The top level holds what the README's first snippet uses; everything else is imported from its room
-(``docs/architecture.md`` draws the rooms and what each may import):
+A timm plugin. The top level holds what the README's first snippet uses; everything else lives in its room
+(``reweighting``, ``sam``, ``distill``, ``hub``, ``train``, ``study``, ``analysis``, ``lora``, ``data``,
+``checkpoint``, ``distributed``, ``teachers``: see ``docs/architecture.md``).
 
-- ``timm_remem.reweighting``: layer-wise MLP residual reweighting (``reweight``, ``merge``, ``unreweight``, ...)
-- ``timm_remem.sam``: the exact ``SAM`` (two passes) and the one-pass ``OnePassSAM``; ``create_sam``
-- ``timm_remem.distill``: distillation losses, the teacher wrapper, the distillation task
-- ``timm_remem.hub``: ``save_pretrained``, ``push_to_hub``, ``load_teacher``
-- ``timm_remem.train``: ``finetune_teacher``, ``distill_student``, ``select_teacher``, ``run_demo`` and their configs
-- ``timm_remem.study``: ``run_study``, the ablation over seeds
-- ``timm_remem.analysis``: mutual information, information plane, expertness, pruning, layer dynamics, sharpness
-- ``timm_remem.lora``: LoRA teachers through peft (the ``[lora]`` extra)
-- ``timm_remem.data`` / ``checkpoint`` / ``distributed`` / ``teachers``: data, crash-safe checkpoints, torchrun
-  support, what may be named as a teacher
-
-Importing the package imports torch and timm and does one thing outside itself, on purpose: it registers the
-one-pass SAM in timm's optimizer factory (``sam``, ``samsgd``, ``sammomentum``, ``samadam``, ``samadamw``; see
-``timm_remem.sam.register_with_timm``), so ``import timm_remem`` before ``timm.optim.create_optimizer_v2(model,
-"samadamw")`` is all it takes. Nothing else: no import hooks, no client of another library replaced, no logging
-or warning filters.
-
-Names that left the top level (``finetune_teacher``, ``run_study``, ``estimate_mi``, ...) still work from here for
-one more release, with a ``DeprecationWarning`` that names their room.
+Importing the package does one thing outside itself: it registers the one-pass SAM in timm's optimizer factory
+(``sam``, ``samsgd``, ``sammomentum``, ``samadam``, ``samadamw``). Names that left the top level still work from
+here for one more release, with a ``DeprecationWarning`` that names their room.
 
 Example:
     >>> import timm, timm_remem

@@ -1,34 +1,9 @@
 """Image folders that cannot silently mislead: the splits, the class mapping and the images are all checked.
 
-A folder is laid out either as ``root/train/<class>/<image>`` plus ``root/val/<class>/<image>`` (timm's split
-names: ``train``/``training`` and ``val``/``valid``/``validation``/``eval``/``evaluation``), or, with no split
-folders, as ``root/<class>/<image>``. Validation is never the training set:
-
-- with a validation folder, its class folders must be exactly the training folder's, and its labels follow the
-  training set's class-name-to-index mapping (timm's order, :func:`timm.utils.natural_key` of the names);
-- without one, asking for the validation split is refused, unless ``val_fraction`` asks for a held-out split:
-  for each class (in index order) a permutation of its images (sorted by name) is drawn from
-  ``torch.Generator().manual_seed(split_seed)``, and the first ``int(val_fraction * n + 0.5)`` of them (at least 1,
-  at most ``n - 1``) are held out. The same folder, fraction and seed always give the same split, and training uses
-  exactly the other images. The validation call logs the split it made.
-
-Images are decoded with PIL and converted to RGB: palette, grey, grey+alpha, CMYK and RGBA images the usual way
-(an alpha channel is dropped, as timm and torchvision do); 16-bit grey images (``I;16``, ``I``) are scaled from
-0..65535 to 0..255 instead of being clipped to white. Float images (mode ``F``) and images over PIL's
-decompression-bomb limit are refused naming the file. A file that cannot be decoded (not an image, truncated) is
-skipped with a warning naming it, the next sample taking its place (timm's behaviour); 20 in a row stop the run.
-
-Example:
-    >>> import tempfile, pathlib
-    >>> from PIL import Image
-    >>> root = pathlib.Path(tempfile.mkdtemp())
-    >>> for c in ("cat", "dog"):
-    ...     (root / c).mkdir()
-    ...     for i in range(3):
-    ...         Image.new("RGB", (4, 4)).save(root / c / f"{i}.png")
-    >>> val = folder_dataset(root, "val", val_fraction=0.34)
-    >>> len(val), val.reader.class_to_idx
-    (2, {'cat': 0, 'dog': 1})
+A folder is ``root/train/<class>/<image>`` plus ``root/val/<class>/<image>`` (timm's split names), or
+``root/<class>/<image>``. Validation is never the training set: a validation folder must hold exactly the training
+classes (and is labelled by the training mapping); without one, the validation split is refused unless
+``val_fraction`` holds out a seeded, stratified split. Undecodable files are skipped with a warning (as timm does).
 """
 
 from __future__ import annotations
@@ -47,7 +22,7 @@ from timm.utils import natural_key
 
 from .errors import ConfigError
 
-__all__ = ["SPLIT_FOLDERS", "FolderImageDataset", "folder_dataset", "open_rgb"]
+__all__ = ["SPLIT_FOLDERS", "FolderImageDataset", "folder_dataset", "open_rgb", "unreadable"]
 
 _log = logging.getLogger(__name__)
 
@@ -99,6 +74,14 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
                           "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
 
 
+def unreadable(names: list[str]) -> ConfigError:
+    """The error for images that could not be read in a row."""
+    return ConfigError(
+        f"cannot read {len(names)} images in a row ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): they "
+        "are corrupt or not images. Delete or replace them (timm skips fewer bad files with a warning)."
+    )
+
+
 class FolderImageDataset(ImageDataset):
     """timm's ``ImageDataset`` over a checked image folder, decoding with :func:`open_rgb`."""
 
@@ -114,11 +97,7 @@ class FolderImageDataset(ImageDataset):
                 index = (index + 1) % len(self.reader)
         else:
             count = min(self._max_retries, len(self.reader))
-            names = [str(self.reader.samples[(start + i) % len(self.reader)][0]) for i in range(count)]
-            raise ConfigError(
-                f"cannot read {count} images in a row ({', '.join(names[:3])}{', ...' if count > 3 else ''}): they "
-                "are corrupt or not images. Delete or replace them (timm skips fewer bad files with a warning)."
-            )
+            raise unreadable([str(self.reader.samples[(start + i) % len(self.reader)][0]) for i in range(count)])
         if self.transform is not None:
             img = self.transform(img)
         return img, target
@@ -165,7 +144,7 @@ def _match_classes(val: Any, train: Any, val_dir: str, train_dir: str) -> None:
 
 
 def _hold_out(reader: Any, fraction: float, seed: int, folder: str) -> set[str]:
-    """The paths of the seeded, stratified held-out split (see the module docstring)."""
+    """The held-out paths: per class, the first ``int(fraction * n + 0.5)`` (1..n-1) of a seeded permutation."""
     by_class: dict[int, list[str]] = {}
     for path, target in reader.samples:
         by_class.setdefault(target, []).append(path)
@@ -185,6 +164,8 @@ def _hold_out(reader: Any, fraction: float, seed: int, folder: str) -> set[str]:
 def folder_dataset(root: str | os.PathLike, kind: str, *, val_fraction: float | None = None, split_seed: int = 0,
                    name: str = "folder") -> FolderImageDataset:
     """The ``kind`` (``"train"`` or ``"val"``) split of an image folder, checked as the module docstring says.
+
+    The validation call logs a held-out split it makes; with a validation folder ``val_fraction`` is ignored.
 
     Raises:
         ConfigError: No validation split (and no ``val_fraction``), differing class sets, one class, empty class

@@ -1,24 +1,8 @@
-"""Atomic file writes, and the one check of which folders timm-remem may write into.
+"""Atomic file writes, and the one check of which folders timm-remem may write into (``docs/guarantees.md``).
 
-Every write goes to a temporary sibling that is flushed, fsynced and renamed over the target with ``os.replace``.
-The result gets the user's umask (``0644`` by default, not ``mkstemp``'s ``0600``); a symlink at the target is
-replaced by a regular file, never written through. An ``OSError`` (full disk, read-only folder) becomes one
-``OSError`` naming the path (safetensors' own write errors included); the previous file is left as it was.
-Files written by other libraries (timm's ``save_for_hf``, peft) go through :func:`write_into`: they are written
-into a fresh private folder and renamed into place one by one, so they never follow a symlink either.
-
-Ownership (:func:`claim_output_dir`): timm-remem writes only into a folder it created, an empty one, or one that is
-already its own: marked by a ``.timm-remem`` file (run, select and study folders) or, for an exported model, holding
-the files only timm-remem writes (``config.json`` with a ``"remem"`` / ``"remem_student"`` block). Anything else is
-refused with a :class:`~timm_remem.errors.ConfigError` naming what the folder holds. See ``docs/guarantees.md``.
-
-Example:
-    >>> import json, tempfile, pathlib
-    >>> from timm_remem._io import atomic_write_json, atomic_write_text
-    >>> d = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = atomic_write_json(d / "a.json", {"b": 1, "a": 2})
-    >>> (d / "a.json").read_text()
-    '{\\n "a": 2,\\n "b": 1\\n}\\n'
+Every write goes to a temporary sibling that is fsynced and renamed over the target: it gets the umask's
+permissions, a symlink at the target is replaced (never written through), and a failed write keeps the previous
+file and raises one ``OSError`` naming the path. :func:`claim_output_dir` decides whether a folder is ours.
 """
 
 from __future__ import annotations
@@ -46,17 +30,21 @@ from ._state_tree import FORMAT as _CHECKPOINT_FORMAT
 from ._version import __version__
 from .errors import ConfigError
 
-__all__ = ["atomic_write_file", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+__all__ = ["atomic_write_file", "atomic_write_text", "atomic_write_json",
            "atomic_write_safetensors", "atomic_replace_dir", "write_into", "fsync_dir", "default_file_mode",
            "file_sha256", "os_error_reason", "OWNER_FILE", "OUTPUT_KINDS", "OutputClaim", "claim_output_dir",
            "mark_output_dir", "abandon_output_dir"]
 
 
-def default_file_mode() -> int:
-    """``0o666`` less the process umask (what ``open(path, "w")`` would give)."""
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_file_mode() -> int:
+    """``0o666`` less the process umask (what ``open(path, "w")`` would give)."""
+    return 0o666 & ~_umask()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -66,16 +54,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
 def os_error_reason(err: BaseException) -> str:
-    """The reason of the first ``OSError`` in an exception's chain, without the paths wrapped around it
-    ("No space left on device").
+    """The reason of the first ``OSError`` in an exception's chain, without the paths wrapped around it.
 
     Example:
         >>> os_error_reason(OSError(28, "No space left on device"))
@@ -87,18 +73,15 @@ def os_error_reason(err: BaseException) -> str:
 
 
 def _with_path(err: OSError, path: Path, what: str) -> OSError:
-    reason = err.strerror or str(err)
-    new = type(err)(err.errno, f"could not write {what} {str(path)!r}: {reason}") if err.errno else OSError(
-        f"could not write {what} {str(path)!r}: {err}")
-    return new
+    if not err.errno:
+        return OSError(f"could not write {what} {str(path)!r}: {err}")
+    return type(err)(err.errno, f"could not write {what} {str(path)!r}: {err.strerror or err}")
 
 
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync: bool = True) -> Path:
     """Let ``write(tmp)`` fill a temporary sibling of ``path``, then rename it over ``path`` atomically.
 
-    For writers that take a file name (``safetensors.torch.save_file``, ``Image.save``). The result gets the
-    umask's permissions; a symlink at ``path`` is replaced, never written through; on any failure the temporary is
-    removed and the previous file is left as it was. Returns the path.
+    For writers that take a file name (``safetensors.torch.save_file``, ``Image.save``). Returns the path.
 
     Example:
         >>> import tempfile, pathlib
@@ -131,11 +114,6 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], Any], *, 
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically with the umask's permissions; returns the path."""
-    return atomic_write_file(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
-
-
 def _to_savable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU tensors with no shared storage (safetensors refuses shared memory)."""
     out: dict[str, torch.Tensor] = {}
@@ -164,8 +142,6 @@ def _safetensors_os_error(err: Exception) -> OSError:
 def atomic_write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *,
                              fsync: bool = True) -> Path:
     """Write ``tensors`` as one safetensors file atomically (tied or non-contiguous tensors are copied first).
-
-    A failed write (a full disk: safetensors raises its own ``SafetensorError``) is an ``OSError`` naming ``path``.
 
     Example:
         >>> import tempfile, pathlib, torch
@@ -196,7 +172,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; returns the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+    data = text.encode("utf-8")
+    return atomic_write_file(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int = 1, fsync: bool = True) -> Path:
@@ -206,17 +183,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int = 1, fs
 
 
 def atomic_replace_dir(write: Callable[[Path], Any], path: str | os.PathLike) -> Path:
-    """Run ``write(tmp_folder)`` into a hidden sibling folder, then swap it in for ``path``.
+    """Run ``write(tmp_folder)`` into a hidden sibling folder, then swap it in for ``path``; returns ``path``.
 
-    The old folder (if any) is moved aside and removed only after the new one is in place, so a crash leaves
-    either the old or the new folder (a leftover ``.old-<name>`` is the old one); when the new one cannot be moved
-    in, the old one is put back. Everything inside gets the umask's permissions, whoever wrote it. Returns ``path``.
+    The old folder is moved aside (``.old-<name>``) and removed only once the new one is in place, or put back when
+    the new one cannot be moved in. Everything inside gets the umask's permissions, whoever wrote it.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-        os.chmod(tmp, _default_dir_mode())
+        os.chmod(tmp, 0o777 & ~_umask())
     except OSError as err:
         raise _with_path(err, path, "folder") from err
     old = path.parent / f".old-{path.name}"
@@ -245,58 +221,35 @@ def atomic_replace_dir(write: Callable[[Path], Any], path: str | os.PathLike) ->
 
 
 def _umask_permissions(folder: Path) -> None:
-    """Give every file and folder under ``folder`` the umask's permissions (third-party writers such as timm's
-    ``save_for_hf`` may leave ``mkstemp``'s 0600 behind)."""
-    files, dirs = default_file_mode(), _default_dir_mode()
+    """Give everything under ``folder`` the umask's permissions (timm's ``save_for_hf`` may leave 0600 behind)."""
+    files, dirs = default_file_mode(), 0o777 & ~_umask()
     for root, subdirs, names in os.walk(folder):
-        for name in names:
-            if not os.path.islink(os.path.join(root, name)):
-                os.chmod(os.path.join(root, name), files)
-        for name in subdirs:
-            if not os.path.islink(os.path.join(root, name)):
-                os.chmod(os.path.join(root, name), dirs)
+        for name, mode in [(n, files) for n in names] + [(n, dirs) for n in subdirs]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
 
 
 def _remove(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
-    elif path.exists():
+    elif path.is_dir():
         shutil.rmtree(path)
-
-
-def _default_dir_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files written by other libraries
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _move_in(src: Path, dst: Path) -> None:
     """Rename ``src`` over ``dst`` without following a symlink at ``dst`` (a folder there is replaced whole)."""
-    if src.is_dir() and not src.is_symlink():
-        if dst.is_symlink() or dst.is_file():
-            dst.unlink()
-        elif dst.is_dir():
-            shutil.rmtree(dst)
-    elif dst.is_dir() and not dst.is_symlink():
-        shutil.rmtree(dst)
+    if (src.is_dir() and not src.is_symlink()) or (dst.is_dir() and not dst.is_symlink()):
+        _remove(dst)
     os.replace(src, dst)  # a symlink at dst is replaced itself, its target never opened
 
 
 def write_into(folder: str | os.PathLike, write: Callable[[Path], Any], *, last: Collection[str] = ()) -> list[Path]:
     """Let ``write(tmp)`` fill a fresh private folder inside ``folder``, then rename what it wrote into ``folder``.
 
-    For writers that take a folder and open their own files there (timm's ``save_for_hf``, peft's
-    ``save_pretrained``): whatever they write lands in a folder that did not exist a moment before, so nothing is
-    written through a symlink that waits in ``folder`` (a symlink named like one of the files is replaced, its
-    target left alone). Each file is fsynced and given the umask's permissions before it is renamed in; the names in
-    ``last`` are renamed in last (a ``config.json`` that says the folder is complete). On failure the private folder
-    is removed and the files already in ``folder`` are left as they were (those renamed in before the failure are
-    new). An ``OSError`` names ``folder``; safetensors' write error becomes one. Returns the files now in place.
+    For writers that open their own files in a folder (timm's ``save_for_hf``, peft's ``save_pretrained``): nothing
+    is written through a symlink waiting in ``folder`` (it is replaced, its target left alone). The names in
+    ``last`` are renamed in last (a ``config.json`` that says the folder is complete). Returns the files in place.
 
     Example:
         >>> import tempfile, pathlib
@@ -325,27 +278,18 @@ def write_into(folder: str | os.PathLike, write: Callable[[Path], Any], *, last:
             if (tmp / name).is_file() and not (tmp / name).is_symlink():
                 with open(tmp / name, "rb+") as f:
                     os.fsync(f.fileno())
-        moved = []
         for name in names:
             _move_in(tmp / name, folder / name)
-            moved.append(folder / name)
         fsync_dir(folder)
-        return moved
+        return [folder / name for name in names]
     except OSError as err:
         raise _with_path(err, folder, "folder") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Ownership of output folders
-# ----------------------------------------------------------------------------------------------------------------
-
 OWNER_FILE = ".timm-remem"
-# What a folder is for. "run": finetune / distill (config.json, metrics.jsonl, train-state/, checkpoints/);
-# "select": select_teacher's folder; "study": run_study's folder; "export": a model folder (save_pretrained, the
-# exports of a run); "analysis": timm-remem analyze's folder. Exports carry no marker file (they are published as
-# they are): their files are the mark.
+# What a folder is for (_KIND_WORDS says it in words). Exports carry no marker file: their files are the mark.
 OUTPUT_KINDS = ("run", "select", "study", "export", "analysis")
 _OURS_PREFIX = ".timm-remem"  # the marker, the run lock (.timm-remem.lock) and write_into's private folders
 _KIND_WORDS = {"run": "a training run folder (finetune / distill)", "select": "a select folder",
@@ -360,14 +304,7 @@ _SUBFOLDERS = {"run": ("train-state", "checkpoints"), "select": (), "study": ("r
 
 @dataclass(frozen=True)
 class OutputClaim:
-    """What :func:`claim_output_dir` found and did.
-
-    Attributes:
-        path: The folder.
-        kind: What it is for (one of :data:`OUTPUT_KINDS`).
-        created: This claim created the folder.
-        fresh: The folder held nothing before this claim (created now, or empty): nothing in it is anyone else's.
-    """
+    """What :func:`claim_output_dir` found and did: ``created`` the folder, or found it ``fresh`` (empty)."""
 
     path: Path
     kind: str
@@ -457,26 +394,13 @@ def _foreign(text: str, what: str, kind: str, others: list[str]) -> ConfigError:
 
 def claim_output_dir(path: str | os.PathLike, kind: str, *, create: bool = True, mark: bool = True,
                      what: str = "output") -> OutputClaim:
-    """The one check every command that writes makes before it writes into a folder: is the folder ours?
+    """The one check every command makes before it writes into a folder: is the folder ours?
 
-    A folder may be written into when it does not exist (it is created, with its parents), is empty (files named
-    ``.timm-remem*``, timm-remem's own, do not count), carries a ``.timm-remem`` marker of the same ``kind``, or,
-    without a marker, holds what only timm-remem writes for that kind (a run's ``train-state`` checkpoints, a
-    ``select.json``, a ``study-settings.json``, a model folder's ``config.json`` with a ``"remem"`` block): folders
-    written before the marker existed. ``mark`` writes the marker into a created or adopted folder (never into an
-    ``"export"`` folder: its files are its mark). The sub-folders a kind writes into (``train-state``,
-    ``checkpoints``, ``runs``) must not be symlinks. With ``create=False`` nothing is created or written (a check
-    made before the work starts; the folder is claimed for real when the writing begins).
-
-    Args:
-        path: The folder.
-        kind: What it is for: ``"run"``, ``"select"``, ``"study"``, ``"export"`` or ``"analysis"``.
-        create: Create a missing folder.
-        mark: Write the marker into a created or adopted folder (see :func:`mark_output_dir`).
-        what: The name of the option in messages (``"output"``, ``"path"``).
-
-    Returns:
-        An :class:`OutputClaim`.
+    Yes when it does not exist (it is created), is empty (``.timm-remem*`` files do not count), carries a
+    ``.timm-remem`` marker of the same ``kind`` (one of :data:`OUTPUT_KINDS`), or, without a marker, holds what
+    only timm-remem writes for that kind (folders written before the marker existed). ``mark`` writes the marker
+    into a created or adopted folder (not an ``"export"``: its files are its mark). With ``create=False`` nothing is
+    created or written. ``what`` names the option in messages (``"output"``, ``"path"``).
 
     Raises:
         ConfigError: ``path`` is empty (the current folder), a file, a dangling symlink, a non-empty folder that is
@@ -570,10 +494,7 @@ def check_real_folders(root: str | os.PathLike, path: str | os.PathLike) -> None
 
 
 def mark_output_dir(path: str | os.PathLike, kind: str) -> None:
-    """Write the ``.timm-remem`` marker (kind, timm-remem version, time) unless one is there; nothing for exports.
-
-    Call it only on a folder :func:`claim_output_dir` accepted.
-    """
+    """Write the ``.timm-remem`` marker into a folder :func:`claim_output_dir` accepted (none for exports)."""
     folder = Path(path)
     if kind == "export" or _marker_kind(folder) is not None:
         return
@@ -584,10 +505,10 @@ def mark_output_dir(path: str | os.PathLike, kind: str) -> None:
 
 
 def abandon_output_dir(claim: OutputClaim, leftovers: Collection[str] = ()) -> bool:
-    """Undo a fresh claim whose work never started: when the folder holds nothing but the marker and ``leftovers``
-    (files of our own bookkeeping, such as a run's ``config.json``), remove them, and the folder if the claim created
-    it. A folder that held anything before the claim, or holds anything else now, is left alone. Returns whether
-    it undid the claim.
+    """Undo a fresh claim whose work never started; returns whether it did.
+
+    Only when the folder holds nothing but the marker and ``leftovers`` (our own bookkeeping, such as a run's
+    ``config.json``): they are removed, and the folder if the claim created it.
 
     Example:
         >>> import tempfile, pathlib

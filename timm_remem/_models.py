@@ -1,5 +1,5 @@
-"""What every room needs to know about a timm model: how to create one with clear errors, and its input size and
-preprocessing. One implementation each (training, teachers, analysis and the CLI all use these).
+"""What every room needs to know about a timm model: how to create one with clear errors, its input size and
+preprocessing.
 
 Example:
     >>> from timm_remem._models import create_timm_model, model_input_size
@@ -25,27 +25,25 @@ from torch import nn
 from .errors import ConfigError, HubError
 
 __all__ = ["create_timm_model", "model_input_size", "model_input_config", "fixed_img_size", "data_config",
-           "model_device"]
+           "model_device", "SOURCE_PREFIXES"]
 
 
-_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
+SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
 
 def create_timm_model(
     name: str, *, pretrained: bool, num_classes: int | None = None, img_size: int | None = None,
     kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """``timm.create_model`` with clear errors.
-
-    ``num_classes=None`` keeps the model's own head (a teacher given by name must keep it: a re-initialised head
-    would be a random teacher). ``img_size`` is passed only to models that take it (CNNs accept any size).
+    """``timm.create_model`` with clear errors; ``num_classes=None`` keeps the model's own head, and ``img_size`` is
+    passed only to models that take it (CNNs accept any size).
 
     Raises:
         ConfigError: ``name`` is not a timm model (checked with ``timm.is_model``), or timm rejects an argument.
     """
     if not isinstance(name, str) or not name:
         raise ConfigError(f"model must be a timm model name such as 'vit_tiny_patch16_224', got {name!r}")
-    if not name.startswith(_SOURCE_PREFIXES) and not timm.is_model(name):
+    if not name.startswith(SOURCE_PREFIXES) and not timm.is_model(name):
         raise ConfigError(
             f"unknown timm model {name!r}; list names with timm.list_models('*vit*') (or use "
             "'hf-hub:org/name' or 'local-dir:/path')"
@@ -96,7 +94,7 @@ def _first_conv_chans(module: nn.Module) -> int | None:
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     """Best guess of a model's input ``(C, H, W)``: its patch embedding's image size, else its pretrained cfg."""
     model = unwrap_model(model)
-    cfg = _cfg(model)
+    size = _cfg_input_size(_cfg(model))
     chans = getattr(model, "in_chans", None)
     chans = chans if isinstance(chans, int) and not isinstance(chans, bool) else None
     for mod in model.modules():
@@ -104,13 +102,9 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
         if isinstance(img, int) and not isinstance(img, bool):
             img = (img, img)
         if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(v, int) for v in img):
-            if chans is None:
-                chans = _first_conv_chans(mod)
-            size = _cfg_input_size(cfg)
+            chans = chans if chans is not None else _first_conv_chans(mod)
             return (chans or (int(size[0]) if size else 3), int(img[0]), int(img[1]))
-    size = _cfg_input_size(cfg)
-    if chans is None:
-        chans = _first_conv_chans(model)
+    chans = chans if chans is not None else _first_conv_chans(model)
     if size:
         return (chans or int(size[0]), int(size[1]), int(size[2]))
     return (chans or 3, 224, 224)

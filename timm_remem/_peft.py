@@ -1,24 +1,5 @@
-"""peft objects recognised without importing peft (a leaf: the reweighting room and the lora room both use it).
-
-peft is optional, and a model can only hold peft objects once peft is installed, so they are told apart by duck
-typing: a class defined in the ``peft`` package, plus the attribute that makes it what it is. ``import timm_remem``
-therefore never imports peft; only :func:`timm_remem.lora.apply_lora` does (it builds the adapters).
-
-- A wrapper (``PeftModel`` from ``peft.get_peft_model``, or a tuner such as ``LoraModel``) holds the timm model it
-  adapts: :func:`is_peft_model`, :func:`unwrap_peft`.
-- An adapter layer (``peft.tuners.lora.Linear`` and its kin) wraps a ``base_layer``: :func:`is_tuner_layer` (the one
-  "is this a peft layer?" check), :func:`base_of`.
-- A plain LoRA layer computes ``base_layer(x) + sum_a scaling_a * lora_B[a](lora_A[a](x))``, which is linear in (base
-  weight, base bias, every ``lora_B`` weight and bias) together: scaling them all scales the output, so a factor
-  folds into such a layer exactly. :func:`lora_parts` names those parts, and refuses the variants whose output is
-  not linear in them (DoRA).
-
-Example:
-    >>> import torch
-    >>> from timm_remem._peft import is_peft_model, is_tuner_layer, unwrap_peft
-    >>> layer = torch.nn.Linear(2, 2)
-    >>> unwrap_peft(layer) is layer, is_tuner_layer(layer), is_peft_model(layer)
-    (True, False, False)
+"""peft objects recognised without importing peft (optional): by duck typing, a class defined in the ``peft``
+package plus the attribute that makes it what it is. Only :func:`timm_remem.lora.apply_lora` imports peft.
 """
 
 from __future__ import annotations
@@ -68,6 +49,8 @@ def base_of(module: nn.Module) -> nn.Module:
 
 def lora_parts(layer: nn.Module, what: str) -> tuple[nn.Module, list[nn.Module], list[nn.Module]]:
     """``(base layer, lora_A layers, lora_B layers)`` of a plain LoRA layer, for a reweighting factor to fold into.
+
+    Its output is linear in the base weight and bias and every ``lora_B`` together, so the factor folds in exactly.
 
     Raises:
         UnsupportedModelError: ``layer`` is another adapter type, or a LoRA variant (DoRA) whose output is not linear

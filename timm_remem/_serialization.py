@@ -1,18 +1,5 @@
-"""Dataclass helpers shared by every config and result: sorted JSON-ready dicts stamped with the version, loading
-that drops unknown keys with a warning (a newer timm-remem may have written them), and ``documented``: a config
-class's ``Attributes:`` section generated from its fields' help, which is written once and also feeds the CLI.
-
-Example:
-    >>> from dataclasses import dataclass
-    >>> from timm_remem._serialization import dataclass_from_dict, dataclass_to_dict
-    >>> @dataclass
-    ... class Cfg:
-    ...     b: int = 1
-    ...     a: str = "x"
-    >>> dataclass_to_dict(Cfg())
-    {'a': 'x', 'b': 1}
-    >>> dataclass_from_dict(Cfg, {"a": "y", "version": "0.1.0"}, ignore=("version",))
-    Cfg(b=1, a='y')
+"""Dataclass helpers shared by every config and result: sorted JSON-ready dicts, loading that drops unknown keys
+with a warning, and ``documented``, which writes a config's ``Attributes:`` section from its fields' help.
 """
 
 from __future__ import annotations
@@ -54,9 +41,6 @@ def dataclass_from_dict(cls: type[T], data: Mapping[str, Any], *, ignore: Iterab
 
 def documented(cls: type[T]) -> type[T]:
     """Append to a dataclass's docstring an ``Attributes:`` section of its own fields, from ``metadata["help"]``.
-
-    Each setting's help is written once, in its field; the command-line help, ``--config`` files and ``help(cls)``
-    all read it from there. Fields without help (none should be) are listed without a text.
 
     Example:
         >>> @documented

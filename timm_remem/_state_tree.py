@@ -1,14 +1,5 @@
-"""The pieces of a checkpoint, without pickle: nested optimizer/scheduler/scaler state split into tensors plus JSON,
-the random-generator states of Python, NumPy, torch and CUDA, and the manifest that lists (and versions) every file
-the loader reads. Used by :mod:`timm_remem.checkpoint` (which re-exports the state and RNG functions).
-
-Example:
-    >>> import json, torch
-    >>> from timm_remem._state_tree import flatten_state, unflatten_state
-    >>> tree, tensors = flatten_state({"m": torch.ones(2), "betas": (0.9, 0.99)}, "opt")
-    >>> out = unflatten_state(json.loads(json.dumps(tree)), tensors)
-    >>> out["betas"], out["m"].tolist()
-    ((0.9, 0.99), [1.0, 1.0])
+"""The pieces of a :mod:`timm_remem.checkpoint`, without pickle: nested state split into tensors plus JSON, the
+random-generator states, and the manifest that lists (and versions) every file the loader reads.
 """
 
 from __future__ import annotations
@@ -21,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ._version import __version__
@@ -38,25 +30,14 @@ OPTIONAL_FILES = ("ema.safetensors",)  # read when present (and asked for)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Flattening nested state (optimizer/scheduler/scaler state dicts) into tensors + JSON
-# ----------------------------------------------------------------------------------------------------------------
-
 _MARKERS = ("__tensor__", "__tuple__", "__dict__", "__float__")
 
 
 def flatten_state(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split a nested structure into a JSON-able tree and a flat ``{key: tensor}`` dict.
+    """Split nested dicts/lists/tuples into ``(JSON-able tree, {key: tensor})``; keys start with ``prefix``.
 
     Tensors become ``{"__tensor__": key}`` references; tuples, dicts with non-string keys and non-finite floats get
-    small tagged forms so that :func:`unflatten_state` restores them exactly.
-
-    Args:
-        obj: Nested dicts/lists/tuples of tensors, numbers, strings, booleans and None.
-        prefix: Prefix of the tensor keys (e.g. ``"optimizer"``).
-
-    Returns:
-        ``(tree, tensors)``.
+    tagged forms so that :func:`unflatten_state` restores them exactly.
 
     Raises:
         CheckpointError: A value of another type (it could only be stored by pickling it).
@@ -89,10 +70,8 @@ def flatten_state(obj: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
             if all(isinstance(k, str) and k not in _MARKERS for k in value):
                 return {k: enc(v, f"{path}.{k}") for k, v in value.items()}
             return {"__dict__": [[enc(k, f"{path}.key"), enc(v, f"{path}.{k}")] for k, v in value.items()]}
-        # numpy scalars and arrays (NumPy RNG state) without importing numpy at module level
-        if type(value).__module__ == "numpy":
-            if hasattr(value, "tolist"):
-                return enc(value.tolist(), path)
+        if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # NumPy scalars and arrays (RNG state)
+            return enc(value.tolist(), path)
         raise CheckpointError(
             f"cannot store a value of type {type(value).__name__} at {path!r} in a checkpoint: checkpoints hold only "
             "tensors, numbers, strings, lists and dicts (no pickle); convert it (e.g. to a list) before saving"
@@ -137,25 +116,15 @@ def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return dec(tree)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# RNG state
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def get_rng_state() -> dict[str, Any]:
-    """Current states of the Python, NumPy (when installed), torch CPU and CUDA random generators.
+    """Current states of the Python, NumPy, torch CPU and CUDA random generators.
 
     Example:
         >>> s = get_rng_state(); a = torch.rand(1); set_rng_state(s); bool(torch.rand(1) == a)
         True
     """
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy ships with torch in practice
-        pass
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                             "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
@@ -172,19 +141,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"].to("cpu", torch.uint8))
     if "numpy" in state:
-        import numpy as np
-
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = list(state["cuda"])
-        for i, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+        for i, s in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s.to("cpu", torch.uint8), i)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The manifest
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _is_int(value: Any) -> bool:
@@ -236,11 +197,8 @@ def _check_entry(name: Any, meta: Any) -> str | None:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Read and check ``folder/manifest.json``: JSON, the keys and types, the format version, the file list.
-
-    The file list must name every file the loader always reads (:data:`REQUIRED_FILES`), each once, each a plain
-    name inside the folder, with an integer size and a sha256. Sizes and hashes are compared by
-    ``timm_remem.checkpoint.verify_checkpoint``.
+    """Read and check ``folder/manifest.json``: keys and types, format version, and a file list that names each of
+    :data:`REQUIRED_FILES` once, as a plain name with an integer size and a sha256 (compared by verify_checkpoint).
 
     Raises:
         CheckpointError: No manifest, or a malformed one (what is wrong is named); a newer format version.

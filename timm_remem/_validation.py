@@ -1,18 +1,7 @@
 """One tested way to check the numbers, flags and choices that reach public functions and configs.
 
 Every checker raises :class:`~timm_remem.errors.ConfigError` naming the value and what was expected, and returns the
-value normalised (``int``, ``float``, ``bool`` or ``str``). ``bool`` is never accepted as a number.
-
-Example:
-    >>> from timm_remem._validation import check_float, check_int
-    >>> check_int("epochs", 3, low=1)
-    3
-    >>> check_float("rho", 0.05, low=0)
-    0.05
-    >>> check_float("lr", 0, low=0, low_open=True)
-    Traceback (most recent call last):
-    ...
-    timm_remem.errors.ConfigError: lr must be a finite number > 0, got 0
+value normalised. ``bool`` is never accepted as a number.
 """
 
 from __future__ import annotations
@@ -62,13 +51,12 @@ def _check_number(name: str, value: Any, kind: type, words: str, low: Any, high:
                   high_open: bool, allow_none: bool, hint: str) -> Any:
     if value is None and allow_none:
         return None
+    if not isinstance(value, bool) and isinstance(value, kind):
+        v = int(value) if kind is numbers.Integral else float(value)
+        if (kind is numbers.Integral or math.isfinite(v)) and _in_range(v, low, high, low_open, high_open):
+            return v
     expected = describe_range(words, low, high, low_open, high_open) + (" or None" if allow_none else "")
-    ok = not isinstance(value, bool) and isinstance(value, kind)
-    v = (int(value) if kind is numbers.Integral else float(value)) if ok else None
-    if not ok or (kind is not numbers.Integral and not math.isfinite(v)) or not _in_range(v, low, high, low_open,
-                                                                                          high_open):
-        raise _fail(name, expected, value, hint)
-    return v
+    raise _fail(name, expected, value, hint)
 
 
 def check_int(
@@ -107,11 +95,10 @@ def check_class_count(
     teacher_classes: Any, other_classes: Any, *, teacher: str = "teacher", other: str = "student", fix: str = "",
     template: str = "",
 ) -> None:
-    """The one teacher/student (or teacher/dataset) class-count check: the label spaces must be the same.
+    """The one teacher/student (or teacher/dataset) class-count check; ``None`` on either side is not checked.
 
-    ``None`` on either side (a model without a classifier head) is not checked. ``template`` rewords the message
-    where a caller has documented wording (fields ``{teacher}``, ``{other}``, ``{teacher_classes}``,
-    ``{other_classes}``, ``{fix}``); the check is the same.
+    ``template`` rewords the message (fields ``{teacher}``, ``{other}``, ``{teacher_classes}``, ``{other_classes}``,
+    ``{fix}``).
 
     Example:
         >>> check_class_count(10, 5, template="{teacher} num_classes={teacher_classes} differs; {fix}", fix="retrain")
@@ -179,11 +166,9 @@ def describe_type(hint: Any) -> str:
 
 
 def check_fields(config: Any) -> None:
-    """Check every field of a config dataclass against its annotation, in one place for every config class.
+    """Check every field of a config dataclass against its annotation (:func:`matches_type`; ints fit a C long).
 
-    ``bool`` fields take only ``True``/``False`` (the string ``"false"`` is refused, never read as true), ``int``
-    fields only integers (not ``1.5``, not ``True``) that fit a C long, ``float`` fields any real number, lists the
-    element type of their annotation. Ranges and choices stay with each config's own checks.
+    Ranges and choices stay with each config's own checks.
 
     Example:
         >>> import dataclasses
@@ -208,10 +193,7 @@ def check_fields(config: Any) -> None:
 
 
 def paths_as_strings(config: Any) -> None:
-    """Turn ``pathlib.Path`` (any ``os.PathLike``) values of string fields into strings, in place.
-
-    Python callers pass ``output=Path("runs/x")``; the settings are recorded as JSON and compared on resume, so they
-    hold the path's text.
+    """Turn ``os.PathLike`` values of string fields into strings, in place (settings are recorded as JSON).
 
     Example:
         >>> import dataclasses, pathlib

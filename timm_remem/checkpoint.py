@@ -1,18 +1,9 @@
 """Crash-safe, pickle-free training checkpoints.
 
-A checkpoint is a directory ``<root>/step-<step>/`` holding
-
-- ``model.safetensors``: the model's ``state_dict`` (and ``ema.safetensors`` for an EMA copy);
-- ``state.safetensors``: every other tensor (optimizer state such as momentum buffers, the torch/CUDA RNG states,
-  tensors inside scheduler or scaler state), each under a flat key;
-- ``state.json``: everything that is not a tensor (epoch, step, scheduler, scaler, optimizer hyper-parameters,
-  Python/NumPy RNG states, the run configuration, metrics), where each tensor is replaced by a reference to its key;
-- ``manifest.json``: the size and sha256 of every file, written last: it marks the checkpoint complete.
-
-Writes go to a hidden temporary directory that is renamed into place with ``os.replace`` only once every file is
-written and flushed; older checkpoints are pruned only after the new one is complete. A crash at any point leaves
-the previous checkpoints intact, and a truncated or corrupted checkpoint is detected on load (:class:`CheckpointError`).
-Nothing is pickled: optimizer state is flattened into tensors plus JSON, so loading never executes code.
+A checkpoint is a directory ``<root>/step-<step>/``: ``model.safetensors`` (and ``ema.safetensors``), every other
+tensor in ``state.safetensors``, everything else in ``state.json``, and last ``manifest.json`` (each file's size and
+sha256), which marks it complete. It is written in a hidden directory renamed into place, so a crash leaves the
+earlier checkpoints intact; a damaged one is detected on load. Nothing is pickled, so loading never executes code.
 
 Example:
     >>> import tempfile, torch
@@ -59,19 +50,9 @@ from ._state_tree import (
 from ._version import __version__
 from .errors import CheckpointError
 
-__all__ = [
-    "CheckpointInfo",
-    "save_checkpoint",
-    "load_checkpoint",
-    "verify_checkpoint",
-    "list_checkpoints",
-    "latest_checkpoint",
-    "resolve_checkpoint",
-    "flatten_state",
-    "unflatten_state",
-    "get_rng_state",
-    "set_rng_state",
-]
+__all__ = ["CheckpointInfo", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "list_checkpoints",
+           "latest_checkpoint", "resolve_checkpoint", "flatten_state", "unflatten_state", "get_rng_state",
+           "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 
@@ -82,16 +63,7 @@ _OLD_PREFIX = ".old-"  # a checkpoint being replaced by a new save of the same s
 
 @dataclass
 class CheckpointInfo:
-    """What :func:`load_checkpoint` read besides the tensors it loaded into the objects passed to it.
-
-    Attributes:
-        path: The checkpoint directory that was loaded.
-        epoch: Epoch recorded at save time.
-        step: Optimizer step recorded at save time.
-        config: The run configuration saved with it (plain JSON data).
-        metrics: Metrics saved with it.
-        extra: Any other JSON-able data the caller saved (tensors inside it are restored as tensors).
-    """
+    """What :func:`load_checkpoint` read besides the tensors it loaded: the directory and what was saved with it."""
 
     path: Path
     epoch: int
@@ -99,11 +71,6 @@ class CheckpointInfo:
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def _read_safetensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -124,10 +91,7 @@ def _step_of(path: Path) -> int:
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (those with a manifest) under ``root``, oldest step first.
-
-    Incomplete directories left by a crash during a write are skipped. Integrity is not checked here; use
-    :func:`verify_checkpoint` or :func:`latest_checkpoint`.
+    """Complete checkpoints (those with a manifest) under ``root``, oldest step first; integrity is not checked.
 
     Example:
         >>> import tempfile
@@ -142,13 +106,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Check that a checkpoint directory is complete and that every file matches its recorded size and sha256.
-
-    Args:
-        path: A checkpoint directory (``.../step-000000123``).
-
-    Returns:
-        The manifest.
+    """Check that a checkpoint directory is complete and every file matches its size and sha256; returns the manifest.
 
     Raises:
         CheckpointError: Missing directory or manifest, a missing, truncated or modified file.
@@ -191,9 +149,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def latest_checkpoint(root: str | os.PathLike, *, verify: bool = True) -> Path | None:
-    """The newest complete checkpoint under ``root`` that passes :func:`verify_checkpoint` (or None).
-
-    Corrupt ones are skipped with a warning, so a damaged newest checkpoint falls back to the previous good one.
+    """The newest complete checkpoint under ``root`` that passes :func:`verify_checkpoint` (damaged ones are skipped
+    with a warning), or None.
 
     Example:
         >>> import tempfile
@@ -212,10 +169,8 @@ def latest_checkpoint(root: str | os.PathLike, *, verify: bool = True) -> Path |
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint directory that :func:`load_checkpoint` would read for ``path``.
-
-    A checkpoint directory is returned as it is; a run directory gives its newest complete checkpoint that passes
-    :func:`verify_checkpoint` (damaged newer ones are skipped with a warning).
+    """The checkpoint directory that :func:`load_checkpoint` would read: ``path`` itself, or a run directory's
+    :func:`latest_checkpoint`.
 
     Raises:
         CheckpointError: The path does not exist, holds no complete checkpoint, or every one is damaged.
@@ -243,17 +198,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"checkpoint {str(path)!r} does not exist; check the --resume path")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Save / load
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def _clean_up_after_crash(root: Path) -> None:
-    """Delete half-written checkpoints (``.tmp-step-*``); put back a replaced one whose replacement never arrived.
-
-    Only the names this module makes are touched (other hidden files in ``root`` are not ours to delete), and never
-    through a symlink.
-    """
+    """Delete half-written checkpoints (``.tmp-step-*``); put back a replaced one whose replacement never arrived."""
     for stale in sorted(root.glob(".*")):
         if stale.is_symlink() or not stale.is_dir():
             continue
@@ -299,17 +245,12 @@ def save_checkpoint(
         root: Directory holding the run's checkpoints.
         model: Model whose ``state_dict`` is saved (unwrap DDP first).
         optimizer: Optimizer (SAM included: its base optimizer's state is saved too).
-        scheduler: Anything with ``state_dict()`` (timm or torch LR schedulers).
-        scaler: A ``torch.amp.GradScaler`` (or anything with ``state_dict()``).
-        ema: An EMA model (e.g. ``timm.utils.ModelEmaV3``); its ``state_dict`` goes to ``ema.safetensors``.
-        epoch: Epoch counter to record.
+        scheduler: Anything with ``state_dict()`` (as is ``scaler``).
+        ema: An EMA model (e.g. ``timm.utils.ModelEmaV3``), saved to ``ema.safetensors``.
         step: Optimizer step counter; names the directory.
-        config: Run configuration (JSON-able).
-        metrics: Metrics (JSON-able).
-        extra: Any other JSON-able data (tensors allowed).
+        config: Run configuration (JSON-able, as are ``metrics`` and ``extra``, which may hold tensors).
         rng: Save Python/NumPy/torch/CUDA RNG states.
-        keep_last: Keep only this many newest checkpoints (None keeps all). Pruning happens after the new
-            checkpoint is complete, so a failed write never costs an older checkpoint.
+        keep_last: Keep only this many newest checkpoints (None keeps all), pruned once the new one is complete.
 
     Returns:
         The checkpoint directory.
@@ -345,15 +286,8 @@ def save_checkpoint(
         tree_src["rng"] = get_rng_state()
     tree_src["extra"] = dict(extra or {})
     tree, state_tensors = flatten_state(tree_src, "state")
-    document = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "epoch": int(epoch),
-        "step": int(step),
-        "config": dict(config or {}),
-        "metrics": dict(metrics or {}),
-        "state": tree,
-    }
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": int(epoch), "step": int(step),
+                "config": dict(config or {}), "metrics": dict(metrics or {}), "state": tree}
     try:
         json.dumps(document, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -401,21 +335,14 @@ def _write_error(path: Path, root: Path, error: OSError) -> CheckpointError:
 
 def _load_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str, path: Path) -> None:
     own = module.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
+    problems = {
+        "missing keys": [k for k in own if k not in tensors],
+        "unexpected keys": [k for k in tensors if k not in own],
+        "shape mismatch": [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                           for k in own if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)],
+    }
+    parts = [f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''}" for label, keys in problems.items() if keys]
+    if parts:
         raise CheckpointError(
             f"the {what} in checkpoint {str(path)!r} does not match the {what} it is loaded into: "
             + "; ".join(parts)
@@ -441,17 +368,14 @@ def load_checkpoint(
 
     Args:
         path: A checkpoint directory, or a run directory (its newest valid checkpoint is used).
-        model: Model to load weights into (must have exactly the saved keys and shapes).
-        optimizer: Optimizer to restore (same parameter layout as when saved).
-        scheduler: Scheduler to restore.
-        scaler: Gradient scaler to restore.
-        ema: EMA model to restore (the checkpoint must hold one).
+        model: Model to load weights into (exactly the saved keys and shapes); ``ema``, ``optimizer`` (the saved
+            parameter layout), ``scheduler`` and ``scaler`` are restored the same way when given.
         restore_rng: Restore Python/NumPy/torch/CUDA RNG states.
         map_location: Device the tensors are read onto.
         verify: Check sizes and sha256 of every file first.
 
     Returns:
-        The epoch, step, configuration, metrics and extra data.
+        A :class:`CheckpointInfo`.
 
     Raises:
         CheckpointError: Missing, incomplete, truncated or corrupt checkpoint, or weights that do not fit ``model``.

@@ -1,25 +1,10 @@
 """Datasets and loaders for the ReMem pipeline.
 
-Two sources:
-
-- ``"digits"``: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), shipped inside scikit-learn, so
-  everything runs offline. Images are upsampled to the requested size, repeated to 3 channels and normalised; the
-  train/val split is fixed (stratified, seeded), so every run sees the same images.
-- Image folders (``root/train/<class>/<image>`` and ``root/val/<class>/<image>``, or ``root/<class>/<image>`` with
-  an opt-in held-out split), checked so that validation is never silently the training set (see
-  :mod:`timm_remem._image_folder`).
-- Everything else ``timm.data.create_dataset`` reads: ``torch/cifar100`` and the other torchvision sets,
-  ``hfds/<name>`` (Hugging Face datasets). Transforms come from ``timm.data.create_transform``.
-
-Loaders are plain ``torch.utils.data.DataLoader`` objects with an :class:`EpochSampler`: its order depends only on
-``(seed, epoch)``, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen
-(timm's ``create_loader`` draws its order from the global RNG and takes no sampler, which is why it is not used here).
-With ``seed_per_sample`` (training with augmentation) the random draws of each sample's transform are seeded from
-``(seed, epoch, index)`` alone: a sample gets the same augmentation with any number of DataLoader workers, in a
-resumed run as in an uninterrupted one, and loading data draws nothing from the main process's random streams
-(which then serve the model: dropout, drop-path, Mixup).
-Every batch is ``(images, targets, indices)``; the indices key the teacher-logit cache. A training loader never
-yields a last batch of one sample (BatchNorm cannot train on it): see :func:`create_loader`.
+Datasets: the offline ``"digits"`` set (scikit-learn's 8x8 digits), checked image folders
+(:mod:`timm_remem._image_folder`), and everything ``timm.data.create_dataset`` reads (``torch/cifar100``,
+``hfds/<name>``, ...). Loaders are plain ``DataLoader`` objects whose order depends only on ``(seed, epoch)``
+(timm's ``create_loader`` draws it from the global RNG), so a resumed run sees exactly the batches an
+uninterrupted one would; every batch is ``(images, targets, indices)``, the indices keying the teacher-logit cache.
 
 Example:
     >>> from timm_remem.data import create_dataset, create_loader
@@ -46,19 +31,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset,
 from timm.data import create_dataset as timm_create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, get_worker_info
 
-from ._image_folder import folder_dataset
+from ._image_folder import folder_dataset, unreadable
 from ._validation import check_float, check_int
 from .errors import ConfigError
 
-__all__ = [
-    "DigitsDataset",
-    "EpochSampler",
-    "IndexedDataset",
-    "create_dataset",
-    "create_loader",
-    "dataset_num_classes",
-    "sample_seed",
-]
+__all__ = ["DigitsDataset", "EpochSampler", "IndexedDataset", "create_dataset", "create_loader", "dataset_num_classes",
+           "sample_seed"]
 
 IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)  # (0.485, 0.456, 0.406)
 IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)  # (0.229, 0.224, 0.225)
@@ -106,19 +84,14 @@ def _digits_split(val_fraction: float, split_seed: int) -> tuple[tuple[int, ...]
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's handwritten digits as a 3-channel image dataset with a fixed train/val split.
-
-    The 8x8 images (pixel values 0..16) are scaled to [0, 1], upsampled bilinearly to ``img_size``, repeated to 3
-    channels and normalised with ``mean``/``std``. All images are prepared once at construction and kept as one
-    tensor, so indexing is cheap and deterministic (no augmentation).
+    """scikit-learn's 8x8 handwritten digits, upsampled to ``img_size``, in 3 normalised channels (no augmentation).
 
     Args:
         split: ``"train"`` or ``"val"`` (synonyms such as ``"validation"`` are accepted).
         img_size: Output height and width in pixels (>= 8).
         val_fraction: Fraction of the 1,797 images held out for validation (stratified by class).
-        mean: Per-channel mean used for normalisation (use the model's ``pretrained_cfg`` mean).
-        std: Per-channel standard deviation used for normalisation.
-        split_seed: Seed of the fixed train/val split; the same seed always gives the same split.
+        mean: Per-channel normalisation mean (use the model's ``pretrained_cfg`` mean); ``std`` likewise.
+        split_seed: Seed of the fixed train/val split.
 
     Example:
         >>> ds = DigitsDataset("val", img_size=16)
@@ -172,7 +145,7 @@ class DigitsDataset(Dataset):
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's random transform in one epoch (63 bits of a hash of the three numbers).
+    """The seed of one sample's random transform in one epoch (63 bits of a hash).
 
     Example:
         >>> sample_seed(0, 1, 5) == sample_seed(0, 1, 5) != sample_seed(0, 2, 5)
@@ -185,11 +158,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class IndexedDataset(Dataset):
     """Wraps a dataset so that items are ``(image, target, index)``; the index keys cached teacher logits.
 
-    With ``seed`` (and the ``sampler`` whose epoch it follows), every item is fetched with the torch (CPU), Python
-    and NumPy random generators seeded by :func:`sample_seed` ``(seed, sampler.epoch, index)``: what a random
-    transform draws depends on nothing else (not on the worker that fetches it, nor on what was fetched before).
-    In the main process (``num_workers=0``) the generators' states are put back after each item, so loading data
-    leaves the main random streams as they were.
+    With ``seed``, every item is fetched with the torch (CPU), Python and NumPy generators seeded by
+    :func:`sample_seed` ``(seed, sampler.epoch, index)``, so its augmentation does not depend on the worker or on
+    what was fetched before; in the main process the generators' states are put back afterwards.
 
     Example:
         >>> import random
@@ -234,19 +205,15 @@ class IndexedDataset(Dataset):
 class EpochSampler(Sampler[int]):
     """A sampler whose order depends only on ``(seed, epoch)``, resumable in the middle of an epoch.
 
-    Call :meth:`set_epoch` before iterating; ``start_index`` skips the first samples of that epoch (a run resumed
-    after ``k`` batches passes ``k * batch_size``). With ``num_replicas > 1`` each rank takes every
-    ``num_replicas``-th sample of the shared permutation, padded by wrapping so that all ranks see the same count.
-    With ``batch_size`` and ``min_last_batch``, a last batch (per rank) of fewer than ``min_last_batch`` samples is
-    left out of the epoch: the last few samples of this rank's share of the epoch's permutation, so with shuffling
-    other samples each epoch, and the same ones in an interrupted and a resumed run.
+    Call :meth:`set_epoch` before iterating; ``start_index`` skips the first samples of that epoch. With
+    ``num_replicas > 1`` each rank takes every ``num_replicas``-th sample of the shared permutation, padded by
+    wrapping. A last batch (per rank) of fewer than ``min_last_batch`` samples (given ``batch_size``) is left out.
 
     Args:
         length: Number of samples in the dataset.
-        shuffle: Draw a new permutation every epoch; otherwise keep the dataset order.
-        seed: Base seed; the permutation of epoch ``e`` is seeded with ``seed * 100003 + e``.
-        num_replicas: Number of data-parallel processes.
-        rank: This process's rank.
+        shuffle: Draw a new permutation every epoch (seeded with ``seed * 100003 + epoch``).
+        seed: Base seed.
+        num_replicas: Number of data-parallel processes; ``rank`` is this one's.
         batch_size: Samples per batch of the loader this sampler feeds (only used with ``min_last_batch``).
         min_last_batch: The smallest last batch to keep (1 keeps every sample).
 
@@ -311,11 +278,8 @@ class _CheckedImageDataset(ImageDataset):
             if "consecutive samples" not in str(error):
                 raise
             count = min(self._max_retries, len(self.reader))
-            names = [str(self.reader.filename((index + i) % len(self.reader), absolute=True)) for i in range(count)]
-            raise ConfigError(
-                f"cannot read {count} images in a row ({', '.join(names[:3])}{', ...' if count > 3 else ''}): they "
-                "are corrupt or not images. Delete or replace them (timm skips fewer bad files with a warning)."
-            ) from None
+            raise unreadable([str(self.reader.filename((index + i) % len(self.reader), absolute=True))
+                              for i in range(count)]) from None
 
 
 def _check_folder(root: str | os.PathLike | None, name: str) -> str:
@@ -344,10 +308,7 @@ def create_dataset(
     split_seed: int = 0,
     **kwargs: Any,
 ) -> Dataset:
-    """Create a dataset by name: the offline ``"digits"`` set or anything ``timm.data.create_dataset`` reads.
-
-    For timm datasets the transform is set with ``timm.data.create_transform`` (training augmentation only when
-    ``augment`` is true and the split is a training split; otherwise resize, centre crop and normalise).
+    """Create a dataset by name: the offline ``"digits"`` set, an image folder, or what timm reads.
 
     Args:
         name: ``"digits"``, ``"folder"`` (or ``""``) for an image folder, ``"torch/<name>"`` (e.g.
@@ -355,26 +316,20 @@ def create_dataset(
         root: Folder holding the data (image folders and torchvision sets); unused by ``"digits"``.
         split: ``"train"`` or ``"val"`` (synonyms accepted; other split strings pass through for ``hfds/``).
         img_size: Image height and width fed to the model.
-        mean: Normalisation mean (use ``timm.data.resolve_model_data_config(model)["mean"]``).
-        std: Normalisation standard deviation.
-        augment: Use timm's training augmentation (random resized crop, flip, colour jitter) on training splits.
+        mean: Normalisation mean (``timm.data.resolve_model_data_config(model)["mean"]``); ``std`` likewise.
+        augment: Use timm's training augmentation (``timm.data.create_transform``) on training splits.
         download: Let torchvision download ``torch/...`` sets (off by default: nothing is fetched silently).
-        val_fraction: Held-out fraction. ``"digits"``: 0.2 when None. Image folders without a validation folder:
-            None refuses the validation split (it would be the training images); a fraction holds out a seeded,
-            stratified split (logged by the validation call) and the training split is the rest. Ignored (with a
-            warning) for a folder that has its own validation folder.
-        split_seed: Seed of the held-out split, independent of the training seed so that runs with different seeds
-            validate on the same images.
+        val_fraction: Held-out fraction. ``"digits"``: 0.2 when None. An image folder without a validation folder
+            refuses the validation split unless given a fraction, which holds out a seeded, stratified split.
+        split_seed: Seed of the held-out split, independent of the training seed.
         **kwargs: Passed through to ``timm.data.create_dataset`` (not for image folders).
 
     Returns:
-        A map-style dataset of ``(image tensor, int label)`` with ``num_classes`` resolvable through
-        :func:`dataset_num_classes`.
+        A map-style dataset of ``(image tensor, int label)``.
 
     Raises:
-        ConfigError: Unknown dataset name, missing folder, empty dataset, or a torchvision set that is not on disk;
-            for image folders also: no validation split, train and val class folders that differ, a single class,
-            empty class folders, images outside class folders (see :mod:`timm_remem._image_folder`).
+        ConfigError: Unknown dataset name, missing folder, empty dataset, a torchvision set that is not on disk, or
+            an image folder that fails its checks (see :mod:`timm_remem._image_folder`).
 
     Example:
         >>> ds = create_dataset("digits", split="val", img_size=16)
@@ -413,38 +368,27 @@ def create_dataset(
         kind = _split_kind(split)
         ds = folder_dataset(_check_folder(root, name or "folder"), kind, val_fraction=val_fraction,
                             split_seed=split_seed, name=name or "folder")
-        ds.transform = create_transform(input_size=img_size, is_training=bool(augment and kind == "train"),
-                                        mean=tuple(mean), std=tuple(std), crop_pct=1.0)
-        return ds
-
-    kind = _split_kind(split) if split.lower() in _TRAIN_SPLITS + _VAL_SPLITS else None
-    timm_split = {"train": "train", "val": "validation"}.get(kind, split)
-    try:
-        ds = timm_create_dataset(name, root=root, split=timm_split, download=download, **kwargs)
-    except RuntimeError as e:
-        msg = str(e)
-        if "Found 0" in msg:
-            raise ConfigError(
-                f"dataset {name or 'folder'!r} at {root!r} is empty: {msg}. Put images in class sub-folders "
-                "(root/<class>/<image>.jpg)"
-            ) from e
-        if "not found" in msg.lower() or "download=True" in msg:
-            raise ConfigError(
-                f"dataset {name!r} is not in {root!r} ({msg}); download it there first or pass download=True "
-                "(--download)"
-            ) from e
-        raise
-    if len(ds) == 0:
-        raise ConfigError(f"dataset {name or 'folder'!r} at {root!r} (split {split!r}) has no samples; check the path")
-    if type(ds) is ImageDataset:
-        ds.__class__ = _CheckedImageDataset  # same object, a clearer error when images cannot be read
-    ds.transform = create_transform(
-        input_size=img_size,
-        is_training=bool(augment and kind == "train"),
-        mean=tuple(mean),
-        std=tuple(std),
-        crop_pct=1.0,
-    )
+    else:
+        kind = _split_kind(split) if split.lower() in _TRAIN_SPLITS + _VAL_SPLITS else None
+        timm_split = {"train": "train", "val": "validation"}.get(kind, split)
+        try:
+            ds = timm_create_dataset(name, root=root, split=timm_split, download=download, **kwargs)
+        except RuntimeError as e:
+            msg = str(e)
+            if "Found 0" in msg:
+                raise ConfigError(f"dataset {name or 'folder'!r} at {root!r} is empty: {msg}. Put images in class "
+                                  "sub-folders (root/<class>/<image>.jpg)") from e
+            if "not found" in msg.lower() or "download=True" in msg:
+                raise ConfigError(f"dataset {name!r} is not in {root!r} ({msg}); download it there first or pass "
+                                  "download=True (--download)") from e
+            raise
+        if len(ds) == 0:
+            raise ConfigError(f"dataset {name or 'folder'!r} at {root!r} (split {split!r}) has no samples; check the "
+                              "path")
+        if type(ds) is ImageDataset:
+            ds.__class__ = _CheckedImageDataset  # same object, a clearer error when images cannot be read
+    ds.transform = create_transform(input_size=img_size, is_training=bool(augment and kind == "train"),
+                                    mean=tuple(mean), std=tuple(std), crop_pct=1.0)
     return ds
 
 
@@ -490,30 +434,17 @@ def create_loader(
 ) -> DataLoader:
     """A ``DataLoader`` yielding ``(images, targets, indices)`` in an order fixed by ``(seed, epoch)``.
 
-    Call ``loader.sampler.set_epoch(epoch)`` before each epoch (the pipeline does).
-
-    A training loader (``shuffle=True``) never yields a last batch of a single sample: BatchNorm cannot compute
-    batch statistics from one sample in train mode, so such a batch would crash every epoch's end (and every
-    resume). That sample is dropped from the epoch, not folded into the previous batch (which would change the
-    batch size, the learning-rate scaling and the memory of one step): it is the last sample of the epoch's
-    permutation (per process), so a different one each epoch, and the same one in a resumed run. Evaluation loaders
-    (``shuffle=False``) keep every sample.
+    Call ``loader.sampler.set_epoch(epoch)`` before each epoch. A training loader (``shuffle=True``) never yields a
+    last batch of one sample (BatchNorm cannot train on it): that sample, a different one each epoch, is dropped.
 
     Args:
         dataset: A map-style dataset of ``(image, target)`` pairs.
         batch_size: Samples per batch (per process).
-        shuffle: Reshuffle every epoch (deterministically).
-        seed: Seed of the shuffling.
-        drop_last: Drop the last incomplete batch.
-        num_workers: Worker processes for loading.
-        num_replicas: Data-parallel world size (each rank gets a disjoint shard).
-        rank: This process's rank.
-        pin_memory: Pin host memory (CUDA).
-        min_last_batch: The smallest last batch to yield (smaller ones are dropped); None means 2 for a shuffled
-            (training) loader and 1 (keep every sample) otherwise. Has no effect when ``batch_size`` is smaller.
-        seed_per_sample: Seed the random draws of each sample's transform from ``(seed, epoch, index)`` (see
-            :class:`IndexedDataset`): the same augmentation with any ``num_workers`` and after a resume. For datasets
-            with a random transform (training augmentation); it costs a few microseconds per sample.
+        shuffle: Reshuffle every epoch (deterministically, from ``seed``).
+        num_replicas: Data-parallel world size (each ``rank`` gets a disjoint shard).
+        min_last_batch: The smallest last batch to yield; None means 2 for a shuffled loader, else 1.
+        seed_per_sample: Seed each sample's random transform from ``(seed, epoch, index)`` (see
+            :class:`IndexedDataset`): the same augmentation with any ``num_workers`` and after a resume.
 
     Raises:
         ConfigError: Bad batch size, an empty dataset, or a training set of one sample per process.

@@ -1,10 +1,7 @@
-"""Small helpers over ``torch.distributed`` for runs launched with ``torchrun`` (nothing else is invented here).
+"""Small helpers over ``torch.distributed`` for runs launched with ``torchrun`` (see ``docs/distributed.md``).
 
-``torchrun --nproc_per_node N`` starts ``N`` processes and gives each the environment variables ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`init_distributed` joins the process
-group they describe (backend ``nccl`` for a CUDA device, ``gloo`` for the CPU); without those variables (or with
-``WORLD_SIZE=1``) every helper below is a no-op that behaves like a single process, so the same code runs either
-way.
+:func:`init_distributed` joins the process group torchrun's environment describes; without one (or with
+``WORLD_SIZE=1``) every helper behaves like a single process, so the same code runs either way.
 
 Example:
     >>> from timm_remem import distributed
@@ -30,25 +27,11 @@ import torch.distributed as dist
 from . import errors
 from .errors import ConfigError, RememError
 
-__all__ = [
-    "env_world_size",
-    "env_local_rank",
-    "init_distributed",
-    "is_distributed",
-    "get_rank",
-    "get_world_size",
-    "is_main_process",
-    "barrier",
-    "all_reduce_sum",
-    "all_reduce_max",
-    "broadcast_object",
-    "broadcast_buffers",
-    "all_gather_object",
-    "run_on_main",
-    "cleanup",
-]
+__all__ = ["env_world_size", "env_local_rank", "init_distributed", "is_distributed", "get_rank", "get_world_size",
+           "is_main_process", "barrier", "all_reduce_sum", "all_reduce_max", "broadcast_object", "broadcast_buffers",
+           "all_gather_object", "run_on_main", "cleanup"]
 
-# Whether this module created the default process group (then :func:`cleanup` destroys it).
+# Whether this module created the default process group (then cleanup() destroys it).
 _OWNED = False
 
 
@@ -66,7 +49,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def env_world_size() -> int:
-    """``WORLD_SIZE`` from the environment (1 when unset): the number of processes ``torchrun`` started.
+    """``WORLD_SIZE`` from the environment (1 when unset).
 
     Example:
         >>> env_world_size() >= 1
@@ -76,7 +59,7 @@ def env_world_size() -> int:
 
 
 def env_local_rank() -> int:
-    """``LOCAL_RANK`` from the environment (0 when unset): this process's index on its machine.
+    """``LOCAL_RANK`` from the environment (0 when unset).
 
     Example:
         >>> env_local_rank() >= 0
@@ -88,17 +71,9 @@ def env_local_rank() -> int:
 def init_distributed(device: str | torch.device | None = None, *, timeout_s: float | None = None) -> bool:
     """Join the process group described by torchrun's environment variables, if there is one.
 
-    Does nothing (returns False) when ``WORLD_SIZE`` is unset or 1. When the default process group already exists
-    (the caller initialised it), it is used as it is. Otherwise ``torch.distributed.init_process_group`` is called
-    with ``init_method="env://"`` (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) and backend ``nccl``
-    for a CUDA ``device`` (``torch.cuda.set_device`` is called first) or ``gloo`` otherwise.
-
-    Args:
-        device: The device this process trains on (``"cpu"``, ``"cuda:0"``, ...); selects the backend.
-        timeout_s: Collective timeout in seconds (torch's default when None).
-
-    Returns:
-        True when this process is part of a group of more than one process.
+    An existing default process group is used as it is; otherwise one is made with ``init_method="env://"`` and
+    backend ``nccl`` for a CUDA ``device`` (``gloo`` otherwise). ``timeout_s`` is the collective timeout (torch's
+    default when None). Returns True when this process is part of a group of more than one process.
 
     Raises:
         ConfigError: Malformed ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, or ``MASTER_ADDR``/``MASTER_PORT`` missing.
@@ -206,16 +181,9 @@ def _all_reduce(values: Sequence[float] | torch.Tensor, op: str) -> list[float]:
 
 
 def all_reduce_sum(values: Sequence[float] | torch.Tensor) -> list[float]:
-    """Sum numbers over every rank (in float64, one collective); every rank gets the same sums.
+    """Sum numbers (or a flattened tensor) over every rank in float64; every rank gets the same list of floats.
 
-    Use it for metric *sums* (loss times samples, correct predictions, sample counts), then divide: averages of
-    per-rank averages would be wrong when ranks hold different numbers of samples.
-
-    Args:
-        values: Numbers (or a tensor, flattened).
-
-    Returns:
-        The sums, as Python floats, in the same order.
+    Use it for metric *sums*, then divide: averages of per-rank averages are wrong for uneven ranks.
 
     Example:
         >>> all_reduce_sum([2.5, 7])
@@ -259,9 +227,7 @@ def _from_bytes(data: torch.Tensor) -> Any:
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank, sent in memory as JSON bytes (never pickled).
-
-    ``obj`` may hold JSON types, tensors and NumPy arrays (tuples come back as lists).
+    """Rank ``src``'s ``obj`` (JSON types, tensors, NumPy arrays) on every rank, sent as JSON bytes, never pickled.
 
     Example:
         >>> broadcast_object({"path": "runs/x"})
@@ -282,9 +248,8 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm running statistics, ...) into the module on every rank.
 
-    ``DistributedDataParallel`` broadcasts buffers from rank 0 at the start of every forward, so after the last
-    training step of an epoch each rank holds the statistics of its own last batch. Calling this before evaluating
-    or saving makes every rank hold the model that rank 0 saves.
+    After the last step of an epoch each DDP rank holds the statistics of its own last batch; call this before
+    evaluating or saving.
 
     Example:
         >>> broadcast_buffers(torch.nn.BatchNorm1d(3))  # a single process: nothing to do
@@ -317,12 +282,10 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 
 def run_on_main(fn: Callable[[], Any]) -> Any:
-    """``fn()`` run on rank 0 alone, its (JSON-able) result returned on every rank; when it raises a timm-remem
-    error, every rank raises one of the same class and message (so no rank is left waiting at a collective).
+    """``fn()`` run on rank 0 alone, its (JSON-able) result returned on every rank.
 
-    For what one process must decide for all (the checkpoint to resume from, the lock of the output folder). An
-    exception that is not a :class:`~timm_remem.errors.RememError` is re-raised as it is on rank 0 and as a
-    ``RuntimeError`` naming it on the others.
+    A :class:`~timm_remem.errors.RememError` it raises is raised on every rank (same class and message); another
+    exception is re-raised on rank 0 and as a ``RuntimeError`` naming it on the others.
 
     Example:
         >>> run_on_main(lambda: {"path": "runs/x"})

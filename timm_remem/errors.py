@@ -7,15 +7,8 @@ failures while running), so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
-__all__ = [
-    "RememError",
-    "ConfigError",
-    "UnsupportedModelError",
-    "NotReweightedError",
-    "HubError",
-    "CheckpointError",
-    "TrainingError",
-]
+__all__ = ["RememError", "ConfigError", "UnsupportedModelError", "NotReweightedError", "HubError", "CheckpointError",
+           "TrainingError"]
 
 
 class RememError(Exception):

@@ -1,16 +1,9 @@
 """Seeded training subsets: few labels per class and long-tailed profiles (:func:`training_subset`).
 
-A downstream task with few labels, or with a long tail of rare classes, is where a teacher can matter most, so the
-training split of any dataset can be cut down, reproducibly, before a run:
-
-- ``per_class=N`` keeps ``N`` images of every class (chosen at random with ``seed``);
-- ``imbalance=r`` (``r >= 1``) keeps a long-tailed profile: class ``c`` of ``C`` (in class-index order) keeps
-  ``floor(n * r ** (-c / (C - 1)))`` images (at least one), where ``n`` is ``per_class`` when given, else the size of
-  the smallest class, so the most frequent class has ``r`` times the images of the rarest (the CIFAR-LT profile).
-
-The subset depends only on the dataset's labels and ``seed`` (never on the training seed), so every run of a study
-sees the same images, and each class's images are a prefix of one seeded permutation: a larger ``N`` keeps every
-image of a smaller one. Validation splits are never cut (the runs apply the subset to the training split only).
+``per_class=N`` keeps ``N`` images of every class; ``imbalance=r`` keeps ``floor(n * r ** (-c / (C - 1)))``
+images (at least one) of class ``c`` of ``C``, ``n`` being ``per_class`` or else the smallest class's size (the
+CIFAR-LT profile). The choice depends only on the labels and ``seed``, and a larger ``N`` keeps every image of a
+smaller one.
 
 Example:
     >>> from timm_remem.data import create_dataset
@@ -43,9 +36,6 @@ _logger = logging.getLogger(__name__)
 
 def dataset_targets(dataset: Dataset) -> list[int]:
     """The integer class label of every sample, read without loading images where the dataset allows it.
-
-    Reads ``targets`` (digits, torchvision sets), an image-folder reader's ``samples``, or a ``Subset``'s parent;
-    otherwise it indexes every sample (slow for large image sets, logged).
 
     Raises:
         ConfigError: A label is not an integer class index.
@@ -88,8 +78,6 @@ def subset_counts(counts: Sequence[int], *, per_class: int | None = None, imbala
                   option: str = "train_per_class") -> list[int]:
     """How many images of each class a subset keeps, given the class sizes ``counts`` (see the module docstring).
 
-    ``option`` is the setting's name in error messages (``"labels_per_class"`` for semi-supervised runs).
-
     Raises:
         ConfigError: Bad ``per_class``/``imbalance``, or a class with fewer images than ``per_class``.
 
@@ -122,19 +110,14 @@ def training_subset(dataset: Dataset, *, per_class: int | None = None, imbalance
                     seed: int = 0, option: str = "train_per_class") -> Dataset:
     """A seeded subset of a training set with ``per_class`` images per class and/or a long-tailed ``imbalance``.
 
-    Returns ``dataset`` itself when both are None. See the module docstring for the profile.
+    Returns ``dataset`` itself when both are None.
 
     Args:
         dataset: A map-style dataset of ``(image, label)`` pairs with integer labels.
         per_class: Images kept per class (every class must have that many).
         imbalance: Ratio (>= 1) of the most frequent class's kept images to the rarest's.
         seed: Seed of the choice of images (independent of the training seed).
-        option: The setting's name in error messages.
-
-    The choice is made over the positions of ``dataset``: the same dataset, labels and seed always give the same
-    images, and a larger ``per_class`` keeps those of a smaller one; a subset taken from a subset (say a student's
-    ``labels_per_class`` inside a ``train_per_class`` split) is drawn afresh inside it, not nested in a subset taken
-    from the whole set.
+        option: The setting's name in error messages (``"labels_per_class"`` for semi-supervised runs).
 
     Raises:
         ConfigError: Bad settings, non-integer labels, or a class smaller than ``per_class``.

@@ -1,16 +1,5 @@
-"""Teacher sources: the one place that turns what a user names as a teacher into a model.
-
-A teacher can be given as
-
-- an ``nn.Module`` (used as it is),
-- a checkpoint folder written by ``finetune_teacher`` / ``save_pretrained`` (``config.json`` + ``model.safetensors``),
-- ``"local-dir:DIR"`` or ``"hf-hub:namespace/name[@revision]"`` (read by :func:`timm_remem.load_teacher`),
-- a timm model name (its own head is kept: a head re-initialised for other classes would be a random teacher).
-
-A *collection* of teacher checkpoints (for ``select`` and ``rank_checkpoints``) can be given as one checkpoint
-folder, a folder of checkpoint folders, or a ``finetune`` run folder (its ``checkpoints/``). Training, analysis and
-the CLI all go through :func:`list_exports` and :func:`load_teacher_model`, so they accept the same things and fail
-with the same errors.
+"""Teacher sources: the one place that turns what a user names as a teacher (or a collection of teacher
+checkpoints) into a model, so training, analysis and the CLI accept the same things and fail the same way.
 
 Example:
     >>> import tempfile, timm, timm_remem
@@ -35,7 +24,7 @@ from typing import Any
 from timm.utils import natural_key
 from torch import nn
 
-from ._models import create_timm_model
+from ._models import SOURCE_PREFIXES, create_timm_model
 from ._validation import check_class_count
 from .errors import CheckpointError, ConfigError, HubError
 from .hub import load_teacher
@@ -44,22 +33,14 @@ __all__ = ["EXPORT_DIR", "NoCheckpointsError", "is_export", "list_exports", "loa
 
 EXPORT_DIR = "checkpoints"  # where a finetune run writes its exports
 _EXPORT_FILES = ("config.json", "model.safetensors")
-_SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")
 
 
 class NoCheckpointsError(ConfigError, CheckpointError):
-    """A folder that should hold teacher checkpoints holds none (or does not exist).
-
-    It is both a :class:`ConfigError` (the argument points at the wrong place) and a :class:`CheckpointError`.
-    """
+    """A folder that should hold teacher checkpoints holds none (or does not exist)."""
 
 
 def is_export(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a complete checkpoint folder (``config.json`` and ``model.safetensors``).
-
-    Hidden folders are half-written (``.tmp-*``) or replaced (``.old-*``) exports and never count. A run folder has
-    a ``config.json`` too, but no weights, so it is not an export.
-    """
+    """Whether ``path`` is a complete checkpoint folder (``config.json`` and ``model.safetensors``, not hidden)."""
     path = Path(path)
     return path.is_dir() and not path.name.startswith(".") and all((path / f).is_file() for f in _EXPORT_FILES)
 
@@ -114,17 +95,18 @@ def load_teacher_model(
     spec: Any, *, num_classes: int | None = None, pretrained: bool = True, model_kwargs: dict | None = None,
     against: str = "dataset",
 ) -> nn.Module:
-    """Load the teacher named by ``spec`` (a module, checkpoint folder, ``local-dir:``/``hf-hub:`` or timm name).
+    """Load the teacher named by ``spec``: an ``nn.Module`` (used as it is), a checkpoint folder,
+    ``local-dir:``/``hf-hub:`` (:func:`timm_remem.load_teacher`), or a timm name (its own head kept).
 
     Args:
-        spec: What the user named (see the module docstring).
-        num_classes: When given, the teacher must predict exactly this many classes (one check, one message).
-        pretrained: Load pretrained weights for a teacher given by timm name (folders always hold weights).
+        spec: What the user named.
+        num_classes: When given, the teacher must predict exactly this many classes.
+        pretrained: Load pretrained weights for a teacher given by timm name.
         model_kwargs: Extra ``timm.create_model`` arguments.
         against: What ``num_classes`` comes from, for the message (``"dataset"``, ``"student"``).
 
     Returns:
-        The teacher (not moved, mode unchanged for a module; eval mode when loaded).
+        The teacher (a module as it is; in eval mode when loaded).
 
     Raises:
         CheckpointError: A folder without ``config.json``, or weights that do not load.
@@ -142,7 +124,7 @@ def load_teacher_model(
                 "written by finetune_teacher or timm_remem.save_pretrained (e.g. runs/teacher/checkpoints/epoch-010) "
                 "or a timm model name"
             )
-        if path.is_dir() or text.startswith(_SOURCE_PREFIXES):
+        if path.is_dir() or text.startswith(SOURCE_PREFIXES):
             model = load_teacher(text, **kwargs)
         else:
             try:
