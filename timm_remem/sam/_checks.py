@@ -184,8 +184,7 @@ _OPTIONAL_GROUP_KEYS = {"foreach", "maximize", "capturable", "differentiable", "
 def check_base_state_dict(base: Optimizer, state_dict: dict[str, Any], where: str) -> None:
     """Refuse, before anything is loaded, a state dict written by another base optimizer (SGD's into an AdamW).
 
-    Our own state dicts name their base (``state_dict["sam"]["base"]``); for others (older ones, a plain base
-    optimizer's), the hyper-parameters the base keeps in every group must all be there.
+    Ours name their base (``state_dict["sam"]["base"]``); in others, every group must hold the base's hyper-parameters.
     """
     name = type(base).__name__
     recorded = (state_dict.get("sam") or {}).get("base")
