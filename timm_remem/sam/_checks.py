@@ -137,12 +137,13 @@ def check_base_optimizer_class(base_optimizer: Any) -> None:
         raise ConfigError(f"base_optimizer must be an optimizer class, got {base_optimizer!r}.")
 
 
-def build_base_optimizer(
-    base_optimizer: Callable[..., Optimizer], param_groups: list[dict[str, Any]], base_kwargs: dict[str, Any]
-) -> Optimizer:
-    """Build the base optimizer on SAM's groups; a misspelt keyword becomes a ConfigError listing SAM's own."""
+def share_base_optimizer(
+    opt: Optimizer, base_optimizer: Callable[..., Optimizer], base_kwargs: dict[str, Any], defaults: dict[str, Any]
+) -> None:
+    """Build the base optimizer on ``opt``'s groups and share its group dicts (LR schedulers, rho schedules), state
+    and defaults with ``opt``; a misspelt keyword becomes a ConfigError listing SAM's own."""
     try:
-        base = base_optimizer(param_groups, **base_kwargs)
+        base = base_optimizer(opt.param_groups, **base_kwargs)
     except TypeError as error:
         if "unexpected keyword" not in str(error):
             raise
@@ -155,7 +156,10 @@ def build_base_optimizer(
         raise ConfigError(
             f"base_optimizer must build a torch.optim.Optimizer, {base_optimizer!r} returned {type(base).__name__}."
         )
-    return base
+    opt.base_optimizer = base
+    opt.param_groups = base.param_groups
+    opt.state = base.state
+    opt.defaults = {**base.defaults, **defaults}
 
 
 def resolve_scaler(scaler: Any) -> torch.amp.GradScaler | None:

@@ -147,11 +147,7 @@ class OnePassSAM(Optimizer):
         rho = _checks.check_rho(rho, "OnePassSAM")
         self.base_optimizer: Optimizer | None = None
         super().__init__(_checks.check_params_given(params), {"rho": rho})
-        base = _checks.build_base_optimizer(base_optimizer, self.param_groups, base_kwargs)
-        self.base_optimizer = base
-        self.param_groups = base.param_groups
-        self.state = base.state
-        self.defaults = {**base.defaults, "rho": rho}
+        _checks.share_base_optimizer(self, base_optimizer, base_kwargs, {"rho": rho})
         self._model = model
         self._direction: dict[torch.Tensor, torch.Tensor] = {}  # the last gradient, for params with no momentum
         self._step_index = 0
@@ -331,13 +327,7 @@ class OnePassSAM(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Put the weights back at ``w`` now (they are already, except between a training forward and its backward).
-
-        Example:
-            >>> import torch
-            >>> opt = OnePassSAM(torch.nn.Linear(2, 1).parameters(), lr=0.1)
-            >>> opt.restore()
-        """
+        """Put the weights back at ``w`` now (they are already, except between a training forward and its backward)."""
         self._end_visit()
         while self._live:
             param, w = self._live.popitem()
@@ -372,13 +362,7 @@ class OnePassSAM(Optimizer):
         self._record_versions()
 
     def detach(self) -> None:
-        """Stop watching the model for good: no more perturbations (``step()`` then applies the base optimizer only).
-
-        Example:
-            >>> import torch
-            >>> opt = OnePassSAM(torch.nn.Linear(2, 1).parameters(), lr=0.1)
-            >>> opt.detach()
-        """
+        """Stop watching the model for good: no more perturbations (``step()`` then applies the base optimizer only)."""
         self.restore()
         self._attachment.remove()
         self._aside = True
@@ -508,8 +492,10 @@ class OnePassSAM(Optimizer):
 
         Example:
             >>> import torch
-            >>> sorted(OnePassSAM(torch.nn.Linear(2, 2).parameters(), lr=1e-3).state_dict())
-            ['param_groups', 'sam', 'state']
+            >>> opt = OnePassSAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
+            >>> opt.load_state_dict(opt.state_dict())
+            >>> opt.state_dict()["sam"]["one_pass"]
+            True
         """
         state = self.base_optimizer.state_dict()
         index = {p: i for i, p in enumerate(self._all_params())}
@@ -518,13 +504,7 @@ class OnePassSAM(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict).
-
-        Example:
-            >>> import torch
-            >>> opt = OnePassSAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
-            >>> opt.load_state_dict(opt.state_dict())
-        """
+        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict)."""
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ConfigError(
                 "load_state_dict() expects the dict returned by OnePassSAM.state_dict() (or the base optimizer's), "

@@ -111,7 +111,8 @@ class SAM(Optimizer):
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, weight_decay=0.05)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-        >>> torch.nn.functional.cross_entropy(model(x), y).backward()
+        >>> with opt.first_pass(model):  # optional: RNG replay, DDP no_sync
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
         >>> if opt.first_step(zero_grad=True):
         ...     with opt.second_pass(model):
         ...         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -145,12 +146,7 @@ class SAM(Optimizer):
         self._sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         self.base_optimizer: Optimizer | None = None
         super().__init__(_checks.check_params_given(params), dict(self._sam_defaults))
-        base = _checks.build_base_optimizer(base_optimizer, self.param_groups, base_kwargs)
-        self.base_optimizer = base
-        # Share everything with the base optimizer: the group dicts (LR schedulers, rho schedules) and the state.
-        self.param_groups = base.param_groups
-        self.state = base.state
-        self.defaults = {**base.defaults, **self._sam_defaults}
+        _checks.share_base_optimizer(self, base_optimizer, base_kwargs, self._sam_defaults)
 
         self.stats = SAMStats()
         self.skipped_steps = 0
@@ -228,21 +224,11 @@ class SAM(Optimizer):
         Args:
             model: The (DDP-wrapped) model; None finds DDP modules through a temporary global forward pre-hook
                 (pass it with ``torch.compile`` or FSDP).
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
-            >>> opt = SAM(model.parameters(), lr=0.1)
-            >>> with opt.first_pass(model):
-            ...     model(torch.randn(2, 4)).sum().backward()
         """
         self._rng_state = capture_rng() if self.replay_rng else None
         try:
-            if not self.is_sam_step or self.sync_perturbation:
+            with no_sync(model) if self.is_sam_step and not self.sync_perturbation else contextlib.nullcontext():
                 yield
-            else:
-                with no_sync(model):
-                    yield
         except BaseException:
             self._rng_state = None  # a failed first pass leaves nothing for the next step to replay
             raise
@@ -277,11 +263,8 @@ class SAM(Optimizer):
             restore_rng(self._rng_state)
             self._rng_state = None
         try:
-            if not self.freeze_bn:
+            with frozen_running_stats(model, self._bn_saved) if self.freeze_bn else contextlib.nullcontext():
                 yield
-            else:
-                with frozen_running_stats(model, self._bn_saved):
-                    yield
         except BaseException:
             self._abandon_step()
             raise
@@ -489,17 +472,6 @@ class SAM(Optimizer):
 
         Returns:
             The loss returned by the first call of the closure.
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = SAM(model.parameters(), lr=0.1)
-            >>> def closure():
-            ...     loss = model(torch.randn(4, 3)).pow(2).mean()
-            ...     loss.backward()
-            ...     return loss
-            >>> opt.step(closure).item() >= 0
-            True
         """
         _checks.refuse_grad_scaler_step(self)
         if isinstance(closure, _SecondStepCall):
@@ -531,8 +503,10 @@ class SAM(Optimizer):
 
         Example:
             >>> import torch
-            >>> sorted(SAM(torch.nn.Linear(2, 2).parameters(), lr=1e-3).state_dict())
-            ['param_groups', 'sam', 'state']
+            >>> opt = SAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
+            >>> opt.load_state_dict(opt.state_dict())
+            >>> opt.state_dict()["sam"]["base"]
+            'AdamW'
         """
         state = self.base_optimizer.state_dict()
         state["sam"] = {"base": type(self.base_optimizer).__name__, "step": self._step_index,
@@ -542,13 +516,7 @@ class SAM(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict: SAM defaults are kept).
-
-        Example:
-            >>> import torch
-            >>> opt = SAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
-            >>> opt.load_state_dict(opt.state_dict())
-        """
+        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict: SAM defaults are kept)."""
         if self._phase != _IDLE:
             raise RememError("load_state_dict() was called between first_step() and second_step(); finish the step.")
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:

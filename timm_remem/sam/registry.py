@@ -2,8 +2,9 @@
 
 A name in timm's registry must survive timm's own loop (``loss.backward(); optimizer.step()``, never a closure), so
 every name registered builds a ``OnePassSAM``: ``sam`` and ``samsgd`` (SGD, Nesterov), ``sammomentum`` (SGD,
-classical momentum), ``samadam`` and ``samadamw``; ``rho`` passes through the factory. ``create_sam`` builds the
-exact ``SAM`` (or the one-pass one) around any timm optimizer, with timm's parameter groups.
+classical momentum), ``samadam`` and ``samadamw``; ``rho`` passes through the factory (``--opt-kwargs rho=0.1`` in
+``train.py``). ``create_sam`` builds the exact ``SAM`` (or the one-pass one) around any timm optimizer, with timm's
+parameter groups.
 
 Example:
     >>> import torch, timm.optim
