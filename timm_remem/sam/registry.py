@@ -196,12 +196,14 @@ def register_with_timm() -> None:
     for info in sam_optimizer_infos():
         try:
             existing = get_optimizer_info(info.name).opt_class
-        except ValueError:
-            existing = None
-        if existing is info.opt_class:
-            continue
-        # a name holding one of our classes, even a stale copy left by importlib.reload, gets the current one
-        if existing is not None and not (getattr(existing, "__module__", "") or "").startswith("timm_remem.sam."):
+        except ValueError:  # a free name
+            replaceable = True
+        else:
+            if existing is info.opt_class:
+                continue
+            # a name holding one of our classes, even a stale copy left by importlib.reload, gets the current one
+            replaceable = (getattr(existing, "__module__", "") or "").startswith("timm_remem.sam.")
+        if not replaceable:
             warnings.warn(
                 f"timm already has an optimizer named {info.name!r} ({existing!r}); timm_remem leaves it in place. "
                 f"Create timm_remem's directly: timm_remem.sam.{info.opt_class.__name__}(params, ...).", stacklevel=2)
