@@ -276,8 +276,8 @@ class SAM(Optimizer):
 
         Args:
             zero_grad: Zero the gradients (``set_to_none``) after perturbing, ready for the second pass.
-            scaler: The ``torch.amp.GradScaler`` that scaled the first-pass loss (it unscales the gradients first);
-                give the same to ``second_step``.
+            scaler: The ``torch.amp.GradScaler`` that scaled the first-pass loss (SAM unscales the gradients with
+                it first); give the same to ``second_step``.
 
         Returns:
             True when the weights were perturbed and a second pass is needed; False on a plain step (``every > 1``)
