@@ -1,26 +1,14 @@
-"""Private: the hooks through which a one-pass SAM sees the training loop, without the loop's help.
+"""Private: the hooks through which a one-pass SAM sees a training loop that only calls ``step()``.
 
-A one-pass SAM must perturb the weights just before each training forward and put them back as soon as the backward
-that follows is done, so that nothing outside the training forward/backward ever sees them perturbed. Loops that
-only call ``step()`` (timm's ``train.py``, HF's Trainer) say neither, so the optimizer watches for both itself:
+- **roots**: the outermost modules whose forward uses the optimizer's parameters. A root's forward pre-hook perturbs
+  in a training forward (training mode, gradients enabled) and restores otherwise; its forward hook restores when
+  the forward raised; state-dict hooks on the root and on every module owning a parameter restore before anything
+  is read out or loaded in.
+- **parameters**: a post-accumulate-grad hook restores each parameter as soon as its gradient is complete.
+- **discovery**: given parameters only, a process-wide forward pre-hook finds the roots; it lives until the end of
+  the first ``step()`` after a root was found and looks at each module once.
 
-- **roots**: the outermost modules whose forward uses the optimizer's parameters. A root's forward pre-hook
-  perturbs in a training forward (module in training mode, gradients enabled) and restores otherwise (eval, no_grad,
-  inference mode; inside a training step, a no_grad forward runs at ``w`` and the weights go back to ``w + e`` for
-  the pending backward); its forward hook (``always_call=True``) restores when the forward raised; state-dict
-  hooks on the root and on every module that owns one of the parameters restore before anything is read out or
-  loaded in.
-- **parameters**: a post-accumulate-grad hook on each trainable parameter restores that parameter the moment its
-  gradient is complete in backward (autograd no longer needs its value then), so a finished backward leaves the
-  weights clean, also under gradient checkpointing.
-- **discovery**: when the optimizer was given parameters only (as timm's factory does), the roots are found by a
-  process-wide forward pre-hook (``register_module_forward_pre_hook``) that lives from the optimizer's construction
-  until the end of the first ``step()`` after a root was found, ignores every module call that is not a training
-  forward, looks at each module once and acts only on modules that hold this optimizer's own parameters.
-
-Every hook holds the optimizer weakly: a collected optimizer's hooks do nothing, and its handles are removed.
-Every hook runs eagerly under ``torch.compile`` (``torch.compiler.disable``): the storage swaps happen between
-compiled graphs, never inside one (dynamo cannot trace them).
+Every hook holds the optimizer weakly and runs eagerly under ``torch.compile`` (dynamo cannot trace the swaps).
 """
 
 from __future__ import annotations
@@ -39,8 +27,8 @@ __all__ = ["Attachment"]
 class _Owner(Protocol):  # what the attachment calls back (OnePassSAM)
     def _on_training_forward(self) -> None: ...
     def _on_other_forward(self) -> None: ...
-    def _end_visit(self) -> bool: ...
-    def _restore(self) -> None: ...
+    def _end_visit(self) -> None: ...
+    def restore(self) -> None: ...
     def _on_load(self) -> None: ...
     def _on_grad_ready(self, param: torch.Tensor) -> None: ...
 
@@ -50,13 +38,8 @@ def _is_training_forward(module: nn.Module) -> bool:
 
 
 class Attachment:
-    """The hooks of one optimizer: its roots, its parameters' hooks and, until the roots are known, discovery.
-
-    Args:
-        owner: The optimizer (held weakly).
-        params: Its trainable parameters.
-        model: The model, when the user gave it (no discovery then).
-    """
+    """The hooks of one optimizer (held weakly): its roots, its parameters' hooks and, until the roots are known,
+    discovery (when no ``model`` was given)."""
 
     def __init__(self, owner: _Owner, params: Iterable[torch.Tensor], model: nn.Module | None) -> None:
         self._owner = weakref.ref(owner)
@@ -96,7 +79,8 @@ class Attachment:
         owner = self._owner
         self._handles.append(module.register_forward_pre_hook(_Hook(owner, _before_forward)))
         self._handles.append(module.register_forward_hook(_Hook(owner, _after_forward), always_call=True))
-        restore, loaded = _Hook(owner, _restore), _Hook(owner, _loaded)
+        restore = _Hook(owner, lambda o, *_: o.restore())
+        loaded = _Hook(owner, lambda o, *_: o._on_load())
         for sub in module.modules():
             self._covered.add(sub)
             if sub is module or any(p in self._params for p in sub.parameters(recurse=False)):
@@ -107,7 +91,7 @@ class Attachment:
         self._hook_params(self._params)
 
     def _hook_params(self, params: Iterable[torch.Tensor]) -> None:
-        grad_ready = _Hook(self._owner, _grad_ready)
+        grad_ready = _Hook(self._owner, lambda o, param: o._on_grad_ready(param))
         for p in params:
             if p not in self._hooked_params and p.requires_grad:
                 self._hooked_params.add(p)
@@ -151,11 +135,8 @@ class Attachment:
 
 
 class _Hook:
-    """A hook that calls ``fn(optimizer, *args)`` while its optimizer lives (held weakly).
-
-    A model deep-copied (``ModelEmaV3``) or pickled (``torch.save(model)``) takes its hooks along: their copies are
-    inert, so a copy never acts on the optimizer of the original (a copied optimizer finds its model by itself).
-    """
+    """Calls ``fn(optimizer, *args)`` while its optimizer lives; a deep-copied (``ModelEmaV3``) or pickled model's
+    copies of it are inert, so a copy never acts on the optimizer of the original."""
 
     __slots__ = ("_owner", "_fn")
 
@@ -185,19 +166,7 @@ def _before_forward(owner: _Owner, module: nn.Module, args: Any) -> None:
 def _after_forward(owner: _Owner, module: nn.Module, args: Any, output: Any) -> None:
     owner._end_visit()  # an eval / no_grad forward ran at w inside a training step: back to w + e
     if sys.exc_info()[0] is not None:  # the forward raised: w, whatever comes next
-        owner._restore()
-
-
-def _restore(owner: _Owner, *args: Any) -> None:
-    owner._restore()
-
-
-def _loaded(owner: _Owner, *args: Any) -> None:
-    owner._on_load()
-
-
-def _grad_ready(owner: _Owner, param: torch.Tensor) -> None:
-    owner._on_grad_ready(param)
+        owner.restore()
 
 
 def _remove_handles(handles: list[Any]) -> None:

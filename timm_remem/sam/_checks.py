@@ -137,12 +137,13 @@ def check_base_optimizer_class(base_optimizer: Any) -> None:
         raise ConfigError(f"base_optimizer must be an optimizer class, got {base_optimizer!r}.")
 
 
-def build_base_optimizer(
-    base_optimizer: Callable[..., Optimizer], param_groups: list[dict[str, Any]], base_kwargs: dict[str, Any]
-) -> Optimizer:
-    """Build the base optimizer on SAM's groups; a misspelt keyword becomes a ConfigError listing SAM's own."""
+def share_base_optimizer(
+    opt: Optimizer, base_optimizer: Callable[..., Optimizer], base_kwargs: dict[str, Any], defaults: dict[str, Any]
+) -> None:
+    """Build the base optimizer on ``opt``'s groups and share its group dicts (LR schedulers, rho schedules), state
+    and defaults with ``opt``; a misspelt keyword becomes a ConfigError listing SAM's own."""
     try:
-        base = base_optimizer(param_groups, **base_kwargs)
+        base = base_optimizer(opt.param_groups, **base_kwargs)
     except TypeError as error:
         if "unexpected keyword" not in str(error):
             raise
@@ -155,7 +156,10 @@ def build_base_optimizer(
         raise ConfigError(
             f"base_optimizer must build a torch.optim.Optimizer, {base_optimizer!r} returned {type(base).__name__}."
         )
-    return base
+    opt.base_optimizer = base
+    opt.param_groups = base.param_groups
+    opt.state = base.state
+    opt.defaults = {**base.defaults, **defaults}
 
 
 def resolve_scaler(scaler: Any) -> torch.amp.GradScaler | None:
@@ -184,8 +188,7 @@ _OPTIONAL_GROUP_KEYS = {"foreach", "maximize", "capturable", "differentiable", "
 def check_base_state_dict(base: Optimizer, state_dict: dict[str, Any], where: str) -> None:
     """Refuse, before anything is loaded, a state dict written by another base optimizer (SGD's into an AdamW).
 
-    Our own state dicts name their base (``state_dict["sam"]["base"]``); for others (older ones, a plain base
-    optimizer's), the hyper-parameters the base keeps in every group must all be there.
+    Ours name their base (``state_dict["sam"]["base"]``); in others, every group must hold the base's hyper-parameters.
     """
     name = type(base).__name__
     recorded = (state_dict.get("sam") or {}).get("base")

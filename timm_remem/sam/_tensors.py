@@ -1,10 +1,8 @@
 """Private tensor helpers of the SAM optimizer: fused norms, one host synchronisation, buffers allocated once.
 
-Why the norms and the clipping are written here rather than taken from ``torch.nn.utils``: ``get_total_norm``
-returns a half-precision norm for half-precision gradients (``_foreach_norm`` without ``dtype``) and sums in another
-order (float32 results differ in the last bits), and ``clip_grads_with_norm_`` multiplies even when nothing is
-clipped and wants the norm as a tensor, whose copy to the device would cost a synchronisation. ``sq_sum`` and
-``clip_grads_`` give the numbers SAM has always given, with one synchronisation per step for all the norms.
+Not ``torch.nn.utils``: ``get_total_norm`` returns a half-precision norm for half-precision gradients and sums in
+another order (float32 results differ in the last bits), and ``clip_grads_with_norm_`` multiplies even when nothing
+is clipped and wants the norm as a tensor, whose copy to the device would cost a synchronisation.
 """
 
 from __future__ import annotations
@@ -36,12 +34,9 @@ def sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inner products ``<a_i, b_i>`` (0-dim, fp32 or wider, each on its tensors' device).
-
-    torch has no multi-tensor dot, and ``_foreach_mul`` + ``_foreach_norm`` would allocate a copy of ``a``: this is
-    one ``torch.dot`` per tensor, allocation-free for contiguous float32/float64 tensors (half-precision pairs are
-    widened to float32 first, one tensor at a time, so that the sum keeps float32 precision).
-    """
+    """The inner products ``<a_i, b_i>`` (0-dim, fp32 or wider, each on its tensors' device)."""
+    # torch has no multi-tensor dot, and _foreach_mul + _foreach_norm would allocate a copy of a; half-precision
+    # pairs are widened one tensor at a time so that the sum keeps float32 precision.
     out = []
     for x, y in zip(a, b, strict=True):
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -51,8 +46,7 @@ def dots(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def runs(tensors: list[torch.Tensor]) -> list[slice]:
-    """Consecutive slices of ``tensors`` for the element-wise passes: ``CPU_RUN_BYTES`` each on the CPU, one
-    slice of everything elsewhere (see ``CPU_RUN_BYTES``)."""
+    """Slices of ``tensors`` of ``CPU_RUN_BYTES`` each on the CPU, one slice of everything elsewhere."""
     if not tensors or tensors[0].device.type != "cpu":
         return [slice(0, len(tensors))]
     out, start, size = [], 0, 0
@@ -67,11 +61,9 @@ def runs(tensors: list[torch.Tensor]) -> list[slice]:
 
 
 def scale_and_add_(tensors: list[torch.Tensor], others: list[torch.Tensor], scale: float) -> None:
-    """``tensors[i] <- others[i] + scale * tensors[i]`` in place, nothing allocated.
-
-    On the CPU, where a foreach op is a loop over the tensors anyway, one ``torch.add(..., out=)`` per tensor is a
-    single pass; elsewhere two fused foreach passes (one launch each) beat a launch per tensor.
-    """
+    """``tensors[i] <- others[i] + scale * tensors[i]`` in place, nothing allocated."""
+    # On the CPU a foreach op loops over the tensors anyway, so one add(out=) per tensor is a single pass;
+    # elsewhere two fused foreach launches beat a launch per tensor.
     if tensors and tensors[0].device.type == "cpu":
         for t, o in zip(tensors, others, strict=True):
             torch.add(o, t, alpha=scale, out=t)
@@ -81,9 +73,7 @@ def scale_and_add_(tensors: list[torch.Tensor], others: list[torch.Tensor], scal
 
 
 def to_floats(tensors: list[torch.Tensor]) -> list[float]:
-    """Move a list of 0-dim tensors to the host with a single synchronisation."""
-    if not tensors:
-        return []
+    """Move a non-empty list of 0-dim tensors to the host with a single synchronisation."""
     device = tensors[0].device
     return torch.stack([t.to(device) for t in tensors]).tolist()
 
@@ -100,19 +90,15 @@ def reused_buffers(cache: dict[torch.Tensor, torch.Tensor], params: list[torch.T
     return out
 
 
-def drop_frozen(param_groups: list[dict[str, Any]], caches: tuple[dict[torch.Tensor, torch.Tensor], ...]) -> None:
-    """Frozen parameters (``requires_grad=False``) take no part in a step, even when given to SAM.
-
-    A gradient left on one (frozen after an earlier step, with ``zero_grad(set_to_none=False)``) is set to None, so
-    neither the perturbation nor the base optimizer (momentum, weight decay) moves it, and its buffers are released.
-    """
+def drop_frozen(param_groups: list[dict[str, Any]], cache: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Frozen parameters take no part in a step: a gradient left from before they were frozen is set to None (so
+    neither the perturbation nor the base optimizer moves them) and their buffers are released."""
     for group in param_groups:
         for p in group["params"]:
             if p.grad is not None and not p.requires_grad:
                 p.grad = None
-    for cache in caches:
-        for p in [p for p in cache if not p.requires_grad]:
-            del cache[p]
+    for p in [p for p in cache if not p.requires_grad]:
+        del cache[p]
 
 
 def grads_by_group(param_groups: list[dict[str, Any]]) -> list[GroupGrads]:
@@ -129,11 +115,9 @@ def grads_by_group(param_groups: list[dict[str, Any]]) -> list[GroupGrads]:
     return out
 
 
-def final_norms(grads: list[torch.Tensor], pert_sq: float, pert_sq_tensors: list[torch.Tensor]) -> tuple[float, float]:
-    """``||grads||`` and the perturbation norm ``sqrt(pert_sq + sum(pert_sq_tensors))``, one host synchronisation."""
-    host = to_floats(([sq_sum(grads)] if grads else []) + pert_sq_tensors)
-    final_sq = host[0] if grads else 0.0
-    return math.sqrt(final_sq), math.sqrt(pert_sq + sum(host[1:] if grads else host))
+def global_norm(tensors: list[torch.Tensor]) -> float:
+    """The norm of all the tensors together (0.0 for none), one host synchronisation."""
+    return math.sqrt(to_floats([sq_sum(tensors)])[0] if tensors else 0.0)
 
 
 def clip_grads_(grads: list[torch.Tensor], norm: float, max_norm: float) -> None:

@@ -1,26 +1,9 @@
-"""One-pass SAM: sharpness-aware training in any loop that calls ``step()``, at the cost of the base optimizer.
+"""One-pass SAM (Momentum-SAM, Becker et al., 2024): sharpness-aware training in any loop that calls ``step()``.
 
-Exact SAM (``timm_remem.SAM``) needs a second forward/backward on the same batch, which only the training loop can
-run, so it needs a closure or the two-step API. ``OnePassSAM`` needs nothing but gradients: it is Momentum-SAM
-(Becker et al., 2024, arXiv 2401.12033). The gradient of each step is taken at ``w - rho v / ||v||``, where ``v``
-is the base optimizer's first moment (SGD's momentum buffer, Adam's ``exp_avg``; the last gradient when the base
-keeps none), and the base optimizer applies it at ``w``::
-
-    w_{t+1} = base_step(w_t, grad L(w_t - rho v_t / ||v_t||))
-
-The direction is the *negative* momentum, as in the reference: ``v`` points uphill (the base steps along ``-v``),
-so the perturbation moves along the recent descent path, where MSAM's analysis finds the sharpness worth
-penalising. The norm is global over all groups; each group's ``rho`` scales its share. The first step has no ``v``
-and is a plain base step.
-
-Unlike the reference code, the weights are never left perturbed: the perturbation is applied just before each
-training forward and undone, exactly, as each parameter's gradient is complete in backward. Both are storage swaps:
-``w + e`` is written into a spare buffer in one pass and the parameter is pointed at it; the restore points it back
-at the untouched ``w`` (no copy, no subtraction). Each swap bumps autograd's version counter, so a backward that
-would read a parameter swapped under it fails with autograd's in-place error instead of using other values. So
-eval-mode forwards, ``state_dict()``, checkpoints, ``ModelEmaV3.update`` after ``step()``, a step that
-``GradScaler`` skips, and the end of training all see the weights ``w``. How the optimizer sees the loop
-(hooks on the model and on its parameters, found by itself when only parameters are given) is in ``_attach.py``.
+Each step's gradient is taken at ``w - rho v / ||v||``, where ``v`` is the base optimizer's first moment (the last
+gradient when it keeps none), and the base optimizer applies it at ``w``. The perturbation is a storage swap made
+just before each training forward and undone as each gradient completes, so nothing else ever sees it (docs/sam.md;
+the hooks are in ``_attach.py``).
 
 Example:
     >>> import torch
@@ -100,34 +83,21 @@ class OnePassStats:
 class OnePassSAM(Optimizer):
     """Momentum-SAM around any base optimizer: one forward/backward per step, weights clean outside it.
 
-    Use it where the training loop calls ``optimizer.step()`` without a closure (timm's ``train.py``, HF's
-    Trainer, Accelerate); in your own loop, the exact ``SAM`` (two passes) is the faithful algorithm. timm's
-    optimizer factory builds this class for ``sam``, ``samsgd``, ``sammomentum``, ``samadam`` and ``samadamw``.
+    For loops that call ``optimizer.step()`` without a closure (timm's ``train.py``, HF's Trainer); in your own
+    loop the exact ``SAM`` is the faithful algorithm. With ``model=`` it hooks that model; given parameters only (as
+    timm's factory does), a process-wide forward pre-hook finds the outermost module whose training forward uses
+    them and goes away at the end of the first ``step()`` after that.
 
-    How it finds the training forward: with ``model=`` it hooks that model at once. Given parameters only (timm's
-    factory passes parameter groups, never the model), it installs a process-wide forward pre-hook that finds the
-    outermost module whose training forward uses these parameters (the model, its DDP wrapper or timm's task),
-    hooks it, and removes itself at the end of the first ``step()`` after that; until then, and forever if no such
-    module ever runs (parameters used outside any module), each module call pays one set lookup. Without a module
-    forward, ``step(closure)`` still perturbs around the closure; a loop with neither trains as the base optimizer.
-
-    What it guarantees: the weights are ``w`` whenever anything outside a training forward/backward can see them.
-    A training-mode forward with gradients enabled perturbs; the weights go back to ``w`` as each parameter's
-    gradient is complete in backward, and in ``step()``, ``zero_grad()`` after a backward, an eval / no_grad
-    forward of the hooked module, ``state_dict()`` of it or of any module holding the parameters, and when its
-    forward raises. Reading the parameters directly between a training forward and its backward shows ``w + e``;
-    ``restore()`` (or ``eval()``, which HF's Trainer calls) puts ``w`` back at any time. What it does not do: BatchNorm
-    running statistics are gathered at the perturbed weights (as in the reference); a second backward through a
-    graph whose parameters were already restored fails with autograd's in-place error rather than use wrong values;
-    the perturbation repoints each parameter at another buffer, so whatever needs a parameter's storage fixed is not
-    supported: ``torch.compile`` with CUDA graphs (``mode="reduce-overhead"``), FSDP's flat parameters, views of a
-    parameter kept across steps (they see ``w``, not ``w + e``).
+    A training-mode forward with gradients enabled runs at ``w + e``; the weights are ``w`` whenever anything else
+    can see them (each parameter goes back as its gradient completes, and in ``step()``, an eval / no_grad forward,
+    ``state_dict()``, a forward that raises; ``restore()`` or ``eval()`` at any time). Not supported: anything that
+    needs a parameter's storage fixed (CUDA graphs, FSDP's flat parameters, views kept across steps). See docs/sam.md.
 
     Args:
         params: Parameters or parameter groups (a group may set its own ``rho``).
         base_optimizer: Optimizer class (or factory) applying the update, e.g. ``torch.optim.AdamW``.
-        rho: Radius of the perturbation (a group field, so ``RhoScheduler`` can drive it). Momentum-SAM's paper
-            uses larger radii than SAM (0.3 for SGD on CIFAR, up to 3 for AdamW on ImageNet); 0 trains as the base.
+        rho: Radius of the perturbation (a group field); Momentum-SAM's paper uses larger radii than SAM (0.3 for
+            SGD on CIFAR, up to 3 for AdamW on ImageNet); 0 trains as the base.
         model: The model (or its DDP wrapper) whose forward uses ``params``; None to find it.
         **base_kwargs: Passed to the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...).
 
@@ -177,11 +147,7 @@ class OnePassSAM(Optimizer):
         rho = _checks.check_rho(rho, "OnePassSAM")
         self.base_optimizer: Optimizer | None = None
         super().__init__(_checks.check_params_given(params), {"rho": rho})
-        base = _checks.build_base_optimizer(base_optimizer, self.param_groups, base_kwargs)
-        self.base_optimizer = base
-        self.param_groups = base.param_groups
-        self.state = base.state
-        self.defaults = {**base.defaults, "rho": rho}
+        _checks.share_base_optimizer(self, base_optimizer, base_kwargs, {"rho": rho})
         self._model = model
         self._direction: dict[torch.Tensor, torch.Tensor] = {}  # the last gradient, for params with no momentum
         self._step_index = 0
@@ -210,7 +176,7 @@ class OnePassSAM(Optimizer):
             self._aside = True
 
     def __getstate__(self) -> dict[str, Any]:
-        self._restore()
+        self.restore()
         return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -228,9 +194,8 @@ class OnePassSAM(Optimizer):
 
         Example:
             >>> import torch
-            >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-            >>> opt = OnePassSAM(a.parameters(), lr=0.1, rho=0.1)
-            >>> opt.add_param_group({"params": b.parameters(), "lr": 0.01})
+            >>> opt = OnePassSAM(torch.nn.Linear(2, 2).parameters(), lr=0.1, rho=0.1)
+            >>> opt.add_param_group({"params": torch.nn.Linear(2, 2).parameters(), "lr": 0.01})
             >>> opt.param_groups[1]["rho"], opt.param_groups[1]["lr"]
             (0.1, 0.01)
         """
@@ -241,7 +206,7 @@ class OnePassSAM(Optimizer):
         if self.base_optimizer is None:  # during Optimizer.__init__
             super().add_param_group(param_group)
             return
-        self._restore()
+        self.restore()
         param_group.setdefault("rho", self.defaults["rho"])
         self.base_optimizer.add_param_group(param_group)
         added = list(param_group["params"])
@@ -276,7 +241,7 @@ class OnePassSAM(Optimizer):
         """A training forward starts: perturb (once; again after a partial restore)."""
         if self._live and len(self._live) == self._n_perturbed:
             return
-        self._restore()
+        self.restore()
         if self._aside or self._updated_elsewhere():
             return
         self._driven = False
@@ -320,10 +285,8 @@ class OnePassSAM(Optimizer):
     def _updated_elsewhere(self) -> bool:
         """Whether another optimizer trains these weights: stand aside (with a warning) until ``step()`` runs again.
 
-        A change of the weights while the loop drives this optimizer (it calls ``step()`` or ``zero_grad()`` between
-        training forwards) is the loop's business: a load, weight clipping, an EMA swap, a step GradScaler skipped.
-        Changes found at two training forwards in a row with neither call of ours in between mean that something else
-        steps these weights.
+        Changes while the loop drives this optimizer (``step()`` or ``zero_grad()`` between training forwards) are
+        the loop's own (a load, clipping, an EMA swap); changes at two training forwards in a row without them are not.
         """
         changed = any(p._version != v for p, v in self._versions.items())
         if changed:
@@ -363,7 +326,8 @@ class OnePassSAM(Optimizer):
         self._swapped = True
 
     @torch.no_grad()
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Put the weights back at ``w`` now (they are already, except between a training forward and its backward)."""
         self._end_visit()
         while self._live:
             param, w = self._live.popitem()
@@ -374,9 +338,8 @@ class OnePassSAM(Optimizer):
     def _on_other_forward(self) -> None:
         """An eval / no_grad forward of the model: it runs at ``w``.
 
-        Between a training forward and its backward (pseudo-labels, a teacher pass of the same model), a no_grad
-        forward visits ``w`` and the weights go back to ``w + e`` after it, leaving the pending backward intact (no
-        graph can hold the visited values). An eval forward with gradients enabled restores for good.
+        Between a training forward and its backward, a no_grad forward visits ``w`` and the weights go back to
+        ``w + e`` after it (no graph can hold the visited values); an eval forward with gradients restores for good.
         """
         if self._live and not self._grad_seen and not torch.is_grad_enabled() and not self._visiting:
             for param, w in self._live.items():
@@ -384,32 +347,23 @@ class OnePassSAM(Optimizer):
                 param.data = w  # no version bump: the pending graph's saved values are back before its backward
             self._clear_autocast_cache()
         else:
-            self._restore()
+            self.restore()
 
-    def _end_visit(self) -> bool:
-        """Back to ``w + e`` after a no_grad forward inside a training step; whether one was under way."""
-        if not self._visiting:
-            return False
-        for param, perturbed in self._visiting.items():
-            param.data = perturbed
-        self._visiting.clear()
-        self._clear_autocast_cache()
-        return True
+    def _end_visit(self) -> None:
+        """Back to ``w + e`` after a no_grad forward inside a training step."""
+        if self._visiting:
+            for param, perturbed in self._visiting.items():
+                param.data = perturbed
+            self._visiting.clear()
+            self._clear_autocast_cache()
 
     def _on_load(self) -> None:
         """A module's ``load_state_dict`` wrote the weights: the new versions are the loop's, not a foreign step's."""
         self._record_versions()
 
     def detach(self) -> None:
-        """Stop watching the model for good: no more perturbations (``step()`` then applies the base optimizer only).
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Linear(2, 1)
-            >>> opt = OnePassSAM(model.parameters(), lr=0.1, model=model)
-            >>> opt.detach()
-        """
-        self._restore()
+        """Stop watching the model for good: no more perturbations (``step()`` then applies the base optimizer only)."""
+        self.restore()
         self._attachment.remove()
         self._aside = True
         self._detached = True
@@ -417,20 +371,9 @@ class OnePassSAM(Optimizer):
             if _CLAIMS.get(id(p)) is self._self_ref:
                 del _CLAIMS[id(p)]
 
-    def restore(self) -> None:
-        """Put the weights back at ``w`` now (they are already, except between a training forward and its backward).
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Linear(2, 1)
-            >>> opt = OnePassSAM(model.parameters(), lr=0.1, model=model)
-            >>> opt.restore()
-        """
-        self._restore()
-
     def eval(self) -> OnePassSAM:
         """``restore()``; HF's Trainer calls ``optimizer.eval()`` before evaluating, when the optimizer has one."""
-        self._restore()
+        self.restore()
         return self
 
     def train(self) -> OnePassSAM:
@@ -444,8 +387,8 @@ class OnePassSAM(Optimizer):
 
     @property
     def buffer_nbytes(self) -> int:
-        """Bytes of this optimizer's own buffers: one spare buffer per perturbed parameter (``w + e`` is written into
-        it) and, for parameters whose base keeps no moment, the last gradient.
+        """Bytes of this optimizer's own buffers: the buffer ``w + e`` is written into, per perturbed parameter, and
+        the last gradient where the base keeps no moment.
 
         Example:
             >>> import torch
@@ -462,13 +405,10 @@ class OnePassSAM(Optimizer):
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients; after a backward, also put back any weight its backward did not reach.
-
-        Between a training forward and its backward (``out = model(x); opt.zero_grad(); loss.backward()``), the
-        perturbation stays for that backward.
-        """
+        """Zero the gradients; after a backward, also put back any weight its backward did not reach (between a
+        training forward and its backward, the perturbation stays for that backward)."""
         if self._live and self._grad_seen:
-            self._restore()
+            self.restore()
         self._driven = True
         super().zero_grad(set_to_none=set_to_none)
 
@@ -476,18 +416,17 @@ class OnePassSAM(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Put ``w`` back, apply the base optimizer and set the direction of the next step's perturbation.
 
-        With a closure (forward and backward, returning the loss), the closure runs at the perturbed weights, as the
-        training forward of a hooked model would. A step with no gradients changes nothing.
+        A step with no gradients changes nothing.
 
         Args:
-            closure: Optional; re-evaluates the model and returns the loss.
+            closure: Optional; runs forward and backward at the perturbed weights and returns the loss.
 
         Returns:
             The closure's loss, or None.
         """
         if closure is not None and not callable(closure):
             raise ConfigError(f"OnePassSAM.step() got a closure that is not callable: {closure!r}.")
-        self._restore()
+        self.restore()
         loss = None
         if closure is not None:
             self._on_training_forward()
@@ -495,12 +434,12 @@ class OnePassSAM(Optimizer):
                 with torch.enable_grad():
                     loss = closure()
             finally:
-                self._restore()
-        grads_present = any(p.grad is not None for group in self.param_groups for p in group["params"])
-        if grads_present:
+                self.restore()
+        if any(p.grad is not None for p in self._all_params()):
             if closure is None and self._scales is None and not self._aside:
                 self._warn_if_bypassed()
-            _refuse_sparse(self.param_groups)
+            if any(p.grad is not None and p.grad.is_sparse for p in self._all_params()):
+                raise ConfigError("OnePassSAM does not support sparse gradients; use dense embeddings (sparse=False).")
             self.base_optimizer.step()
             self._keep_last_gradients()
             self._record_versions()
@@ -519,9 +458,8 @@ class OnePassSAM(Optimizer):
 
     def _warn_if_bypassed(self) -> None:
         """A step with gradients and a direction, but no training forward of the watched model: say so, once."""
-        if getattr(self, "_bypass_warned", False) or not self._attachment.roots or not self._directions():
-            return
-        if not any(float(group["rho"]) > 0 for group in self.param_groups):
+        if (getattr(self, "_bypass_warned", False) or not self._attachment.roots or not self._directions()
+                or not any(float(group["rho"]) > 0 for group in self.param_groups)):
             return
         self._bypass_warned = True
         warnings.warn(
@@ -555,41 +493,32 @@ class OnePassSAM(Optimizer):
         Example:
             >>> import torch
             >>> opt = OnePassSAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
-            >>> sorted(opt.state_dict())
-            ['param_groups', 'sam', 'state']
+            >>> opt.load_state_dict(opt.state_dict())
+            >>> opt.state_dict()["sam"]["one_pass"]
+            True
         """
         state = self.base_optimizer.state_dict()
-        index = {p: i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
-        state["sam"] = {
-            "base": type(self.base_optimizer).__name__,
-            "one_pass": True,
-            "step": self._step_index,
-            "last_gradient": {index[p]: v for p, v in self._direction.items() if p in index},
-        }
+        index = {p: i for i, p in enumerate(self._all_params())}
+        state["sam"] = {"base": type(self.base_optimizer).__name__, "one_pass": True, "step": self._step_index,
+                        "last_gradient": {index[p]: v for p, v in self._direction.items() if p in index}}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict).
-
-        Example:
-            >>> import torch
-            >>> opt = OnePassSAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
-            >>> opt.load_state_dict(opt.state_dict())
-        """
+        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict)."""
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
             raise ConfigError(
                 "load_state_dict() expects the dict returned by OnePassSAM.state_dict() (or the base optimizer's), "
                 f"got {type(state_dict).__name__}{' without param_groups' if isinstance(state_dict, dict) else ''}."
             )
         _checks.check_base_state_dict(self.base_optimizer, state_dict, "OnePassSAM")
-        self._restore()
+        self.restore()
         sam_state = state_dict.get("sam") or {}
         self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "sam"})
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
             group.setdefault("rho", self.defaults["rho"])
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._all_params()
         self._direction = {}
         for i, v in dict(sam_state.get("last_gradient", {})).items():
             p = params[int(i)]
@@ -613,11 +542,3 @@ _TWO_STEP = (
     "timm_remem.SAM(...), or timm_remem.sam.create_sam(model, 'sgd', rho=...) to build it with timm's parameter "
     "groups."
 )
-
-
-def _refuse_sparse(param_groups: list[dict[str, Any]]) -> None:
-    for group in param_groups:
-        for p in group["params"]:
-            if p.grad is not None and p.grad.is_sparse:
-                raise ConfigError("OnePassSAM does not support sparse gradients; use dense embeddings "
-                                  "(sparse=False).")

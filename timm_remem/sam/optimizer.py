@@ -1,8 +1,4 @@
-"""The SAM / ASAM optimizer: perturb to ``w + e``, restore ``w`` in place, base step, state dict.
-
-The pass machinery (RNG replay, frozen BatchNorm statistics, DDP ``no_sync``) is in ``passes.py``, the argument
-checks in ``_checks.py``, the fused tensor helpers in ``_tensors.py``; the package docstring has a short example.
-"""
+"""The exact SAM / ASAM optimizer: perturb to ``w + e``, restore ``w`` in place, base step, state dict."""
 
 from __future__ import annotations
 
@@ -58,11 +54,8 @@ class _Pending:
 def _adaptive_direction_(
     params: list[torch.Tensor], saved: list[torch.Tensor], grads: list[torch.Tensor], eta: float, pending: _Pending
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Save ``w`` into ``saved`` and overwrite the weights with ASAM's direction ``T^2 g`` (``T = |w| + eta``).
-
-    Returns ``||T g||^2 = <T^2 g, g>`` and ``||T^2 g||^2`` (0-dim tensors). Each run of tensors joins ``pending``
-    as soon as it is saved, so an error from then on puts it back at ``w``.
-    """
+    """Save ``w`` into ``saved``, overwrite the weights with ASAM's direction ``T^2 g`` (``T = |w| + eta``) and
+    return ``||T g||^2 = <T^2 g, g>`` and ``||T^2 g||^2``; each run joins ``pending`` as soon as it is saved."""
     dots: list[torch.Tensor] = []
     norms: list[torch.Tensor] = []
     dtype = torch.promote_types(params[0].dtype, torch.float32)
@@ -93,24 +86,20 @@ class SAM(Optimizer):
     """Sharpness-Aware Minimization around any base optimizer, with AMP, DDP, BatchNorm and dropout handled.
 
     The base optimizer is built on SAM's own ``param_groups`` (the very same dicts), so an LR scheduler attached
-    to SAM drives it, and ``state_dict()`` is the base optimizer's state dict plus SAM's settings.
-
-    An exception in either pass (the closure, inside ``second_pass``, the scaler, clipping or the base step of a
-    SAM step) leaves the weights exactly at ``w`` and SAM ready for the next step, then propagates.
+    to SAM drives it. An exception in either pass leaves the weights exactly at ``w`` and SAM ready for the next
+    step, then propagates. See docs/sam.md.
 
     Args:
-        params: Parameters or parameter groups. A group may set its own ``rho``, ``adaptive`` and ``eta``. Frozen
-            parameters (``requires_grad=False``) may be included: they are never perturbed, stepped or buffered.
+        params: Parameters or parameter groups; a group may set its own ``rho``, ``adaptive`` and ``eta``. Frozen
+            parameters may be included: they are never perturbed, stepped or buffered.
         base_optimizer: Optimizer class (or factory) applying the update, e.g. ``torch.optim.AdamW``.
-        rho: Radius of the neighbourhood. A group field, so a scheduler can drive it (``RhoScheduler``).
-        adaptive: ASAM: perturb by ``rho * T^2 g / ||T g||`` with ``T = |w| + eta``. Needs a larger rho. Uses no
-            buffer beyond the saved ``w``: the direction is built in the weights themselves once they are saved.
-        **base_kwargs: Passed to the base optimizer (``lr``, ``momentum``, ``weight_decay``, ...), except these
-            SAM keywords: ``eta`` (float, 0.01: ASAM's offset in ``T``, a group field), ``every`` (int, 1: SAM on
-            every k-th step, plain base steps in between), ``sync_perturbation`` (bool, False: under DDP, all-reduce
-            the first-pass gradient so every replica uses the same perturbation), ``replay_rng`` (bool, True:
-            the perturbed pass sees the same dropout / drop-path masks), ``freeze_bn`` (bool, True: BatchNorm
-            statistics are updated by the first pass only).
+        rho: Radius of the neighbourhood (a group field, so ``RhoScheduler`` can drive it).
+        adaptive: ASAM: perturb by ``rho * T^2 g / ||T g||`` with ``T = |w| + eta`` (needs a larger rho).
+        **base_kwargs: Passed to the base optimizer (``lr``, ``momentum``, ...), except SAM's own: ``eta`` (0.01:
+            ASAM's offset, a group field), ``every`` (1: SAM on every k-th step, plain base steps in between),
+            ``sync_perturbation`` (False: under DDP, all-reduce the first-pass gradient), ``replay_rng`` (True:
+            the perturbed pass draws the same dropout masks), ``freeze_bn`` (True: BatchNorm statistics are
+            updated by the first pass only).
 
     Attributes:
         base_optimizer: The base optimizer instance.
@@ -122,7 +111,8 @@ class SAM(Optimizer):
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> opt = SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, weight_decay=0.05)
         >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-        >>> torch.nn.functional.cross_entropy(model(x), y).backward()
+        >>> with opt.first_pass(model):  # optional: RNG replay, DDP no_sync
+        ...     torch.nn.functional.cross_entropy(model(x), y).backward()
         >>> if opt.first_step(zero_grad=True):
         ...     with opt.second_pass(model):
         ...         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -156,12 +146,7 @@ class SAM(Optimizer):
         self._sam_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta}
         self.base_optimizer: Optimizer | None = None
         super().__init__(_checks.check_params_given(params), dict(self._sam_defaults))
-        base = _checks.build_base_optimizer(base_optimizer, self.param_groups, base_kwargs)
-        self.base_optimizer = base
-        # Share everything with the base optimizer: the group dicts (LR schedulers, rho schedules) and the state.
-        self.param_groups = base.param_groups
-        self.state = base.state
-        self.defaults = {**base.defaults, **self._sam_defaults}
+        _checks.share_base_optimizer(self, base_optimizer, base_kwargs, self._sam_defaults)
 
         self.stats = SAMStats()
         self.skipped_steps = 0
@@ -174,9 +159,7 @@ class SAM(Optimizer):
         self._scaler: torch.amp.GradScaler | None = None
         self._pending = _Pending()
         self._saved: dict[torch.Tensor, torch.Tensor] = {}  # the saved w, SAM's only per-parameter buffer
-        # Held ASAM's direction until it was built in the weights themselves; stays empty, kept so that code
-        # reading SAM's buffers under both names (tests/sam/test_sam_optimizer_frozen.py) still works.
-        self._scratch: dict[torch.Tensor, torch.Tensor] = {}
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # ASAM's former buffer: always empty, still read
         self._bn_saved: weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]] = weakref.WeakKeyDictionary()
         self._rng_state: RNGState | None = None
 
@@ -193,18 +176,14 @@ class SAM(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a parameter group to SAM and to the base optimizer (they share it).
-
-        Args:
-            param_group: The group; may set ``rho``, ``adaptive`` and ``eta`` besides the base optimizer's keys.
+        """Add a parameter group to SAM and to the base optimizer (they share it); it may set rho, adaptive, eta.
 
         Example:
             >>> import torch
-            >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-            >>> opt = SAM(a.parameters(), rho=0.1, lr=0.1)
-            >>> opt.add_param_group({"params": b.parameters(), "adaptive": True})
-            >>> opt.param_groups[1]["rho"], opt.param_groups[1]["adaptive"], len(opt.base_optimizer.param_groups)
-            (0.1, True, 2)
+            >>> opt = SAM(torch.nn.Linear(2, 2).parameters(), rho=0.1, lr=0.1)
+            >>> opt.add_param_group({"params": torch.nn.Linear(2, 2).parameters(), "adaptive": True})
+            >>> opt.param_groups[1]["rho"], opt.param_groups[1]["adaptive"]
+            (0.1, True)
         """
         _checks.check_param_group(param_group)
         if self.base_optimizer is None:  # during Optimizer.__init__
@@ -216,18 +195,12 @@ class SAM(Optimizer):
 
     @property
     def buffer_nbytes(self) -> int:
-        """Bytes held by SAM's own per-parameter buffers: the saved ``w``, one copy of the trainable weights.
-
-        ASAM needs nothing more (its direction is built in the weights themselves once they are saved). The buffers
-        are allocated at the first SAM step for the parameters that require grad and have a gradient, so they grow
-        with the trainable parameters only; a parameter frozen later (``requires_grad_(False)``) has its buffer
-        released at the next step.
+        """Bytes held by SAM's own buffers: the saved ``w`` of the parameters that train (ASAM needs nothing more).
 
         Example:
             >>> import torch
             >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-            >>> model[0].requires_grad_(False)  # frozen: never perturbed, never buffered
-            Linear(in_features=4, out_features=4, bias=True)
+            >>> _ = model[0].requires_grad_(False)  # frozen: never buffered
             >>> opt = SAM(model.parameters(), lr=0.1)
             >>> opt.step(lambda: model(torch.ones(1, 4)).sum().backward())
             >>> opt.buffer_nbytes == sum(p.numel() * 4 for p in model[1].parameters())
@@ -245,33 +218,17 @@ class SAM(Optimizer):
     def first_pass(self, model: nn.Module | None = None) -> Iterator[None]:
         """Context for the first forward/backward of a step (optional in the two-step usage).
 
-        Records the RNG state so that ``second_pass`` can replay the dropout / drop-path masks, and, on SAM steps
-        under DDP, skips the gradient all-reduce (``no_sync``) so each replica perturbs by its own gradient, as in
-        the SAM paper (unless ``sync_perturbation=True``). Plain steps (``every > 1``) keep the all-reduce.
+        Records the RNG state for ``second_pass`` and, on SAM steps under DDP, skips the gradient all-reduce
+        (``no_sync``) so each replica perturbs by its own gradient, unless ``sync_perturbation=True``.
 
         Args:
-            model: The (DDP-wrapped) model. When None, DDP modules are found through a temporary global forward
-                pre-hook; pass the model explicitly with ``torch.compile`` or FSDP (its ``no_sync`` is used).
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
-            >>> opt = SAM(model.parameters(), lr=0.1)
-            >>> x = torch.randn(2, 4)
-            >>> with opt.first_pass(model):
-            ...     model(x).sum().backward()
-            >>> if opt.first_step(zero_grad=True):
-            ...     with opt.second_pass(model):
-            ...         model(x).sum().backward()
-            >>> opt.second_step(zero_grad=True)
+            model: The (DDP-wrapped) model; None finds DDP modules through a temporary global forward pre-hook
+                (pass it with ``torch.compile`` or FSDP).
         """
         self._rng_state = capture_rng() if self.replay_rng else None
         try:
-            if not self.is_sam_step or self.sync_perturbation:
+            with no_sync(model) if self.is_sam_step and not self.sync_perturbation else contextlib.nullcontext():
                 yield
-            else:
-                with no_sync(model):
-                    yield
         except BaseException:
             self._rng_state = None  # a failed first pass leaves nothing for the next step to replay
             raise
@@ -280,16 +237,14 @@ class SAM(Optimizer):
     def second_pass(self, model: nn.Module | None = None) -> Iterator[None]:
         """Context for the perturbed forward/backward: replays the RNG and keeps BatchNorm statistics unchanged.
 
-        The running statistics and ``num_batches_tracked`` of every BatchNorm-like module that runs in training
-        mode inside the context are restored exactly on exit, so they advance once per SAM step. The RNG state
-        recorded by ``first_pass`` (if it was used) is restored on entry, so dropout and drop-path draw the same
-        masks as in the first pass. When an exception leaves the context, the weights are put back at ``w``, the
-        step is abandoned (no base step; with a scaler, ``scaler.update()`` closes its iteration) and SAM is ready
-        for the next step.
+        The running statistics of every BatchNorm-like module in training mode are restored exactly on exit, so
+        they advance once per SAM step; the RNG state recorded by ``first_pass`` is restored on entry. When an
+        exception leaves the context, the weights go back to ``w`` and the step is abandoned (with a scaler,
+        ``scaler.update()`` closes its iteration).
 
         Args:
-            model: The model. When None, BatchNorm modules are found through a temporary global forward pre-hook;
-                pass the model explicitly with ``torch.compile``.
+            model: The model; None finds BatchNorm modules through a temporary global forward pre-hook (pass it
+                with ``torch.compile``).
 
         Example:
             >>> import torch
@@ -308,11 +263,8 @@ class SAM(Optimizer):
             restore_rng(self._rng_state)
             self._rng_state = None
         try:
-            if not self.freeze_bn:
+            with frozen_running_stats(model, self._bn_saved) if self.freeze_bn else contextlib.nullcontext():
                 yield
-            else:
-                with frozen_running_stats(model, self._bn_saved):
-                    yield
         except BaseException:
             self._abandon_step()
             raise
@@ -320,29 +272,17 @@ class SAM(Optimizer):
     # ------------------------------------------------------------------ steps
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, *, scaler: torch.amp.GradScaler | None = None) -> bool:
-        """Move the weights to ``w + e`` using the gradients of the first pass.
-
-        The weights are saved into buffers allocated once; nothing parameter-sized is allocated per step. With a
-        ``scaler``, the gradients are unscaled first (through ``scaler.unscale_``). When the gradient norm is not
-        finite, the weights are left exactly at ``w`` and the step will be skipped.
+        """Move the weights to ``w + e`` using the gradients of the first pass (saved into buffers allocated once).
 
         Args:
             zero_grad: Zero the gradients (``set_to_none``) after perturbing, ready for the second pass.
-            scaler: The ``torch.amp.GradScaler`` that scaled the first-pass loss; give the same to ``second_step``.
+            scaler: The ``torch.amp.GradScaler`` that scaled the first-pass loss (SAM unscales the gradients with
+                it first); give the same to ``second_step``.
 
         Returns:
-            True when the weights were perturbed and a second forward/backward pass is needed. False on a plain
-            step (``every > 1``) or when the step will be skipped: call ``second_step`` right away then.
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = SAM(model.parameters(), rho=0.1, lr=0.1)
-            >>> model(torch.ones(2, 3)).sum().backward()
-            >>> opt.first_step(zero_grad=True)
-            True
-            >>> model(torch.ones(2, 3)).sum().backward()
-            >>> opt.second_step(zero_grad=True)
+            True when the weights were perturbed and a second pass is needed; False on a plain step (``every > 1``)
+            or when a non-finite gradient norm will skip the step (the weights stay at ``w``): call
+            ``second_step`` right away then.
         """
         if self._phase != _IDLE:
             raise RememError(
@@ -352,7 +292,7 @@ class SAM(Optimizer):
         scaler = _checks.resolve_scaler(scaler)
         for group in self.param_groups:  # a scheduler may have written these
             _checks.check_rho(group["rho"], "param group")
-        _tensors.drop_frozen(self.param_groups, (self._saved,))
+        _tensors.drop_frozen(self.param_groups, self._saved)
         groups = _tensors.grads_by_group(self.param_groups)
         if not groups:
             raise _checks.no_gradients_error(self.param_groups)
@@ -373,12 +313,8 @@ class SAM(Optimizer):
         return perturbed
 
     def _perturb(self, groups: list[_tensors.GroupGrads]) -> bool:
-        """``w -> w + e`` with ``e = rho g / ||g||`` (``rho T^2 g / ||T g||`` in adaptive groups), norms global.
-
-        The saved ``w`` is the only buffer. An adaptive group saves its weights first and builds ``T^2 g`` in them;
-        once the global norm is known, ``w + e`` is formed from the direction and the saved copy. One host
-        synchronisation (the group norms and ASAM's direction norms together).
-        """
+        """``w -> w + e`` with ``e = rho g / ||g||`` (``rho T^2 g / ||T g||`` in adaptive groups), norms global,
+        the saved ``w`` the only buffer, one host synchronisation."""
         pending = self._pending = _Pending()
         self._pert_sq = 0.0
         sq_terms: list[torch.Tensor] = []
@@ -426,26 +362,14 @@ class SAM(Optimizer):
     ) -> None:
         """Restore ``w`` in place and let the base optimizer apply the gradient of the perturbed pass.
 
-        Routed through ``step`` so LR schedulers and optimizer step hooks see exactly one step per SAM step. With a
-        ``scaler``, the gradients are unscaled, the step is skipped when any pass had inf/NaN, and
-        ``scaler.update()`` is called exactly once (do not call it yourself).
+        Routed through ``step`` so LR schedulers and step hooks see one step per SAM step. With a ``scaler``, the
+        gradients are unscaled, the step is skipped when any pass had inf/NaN, and ``scaler.update()`` is called
+        exactly once (do not call it yourself).
 
         Args:
             zero_grad: Zero the gradients (``set_to_none``) after the update.
             scaler: The scaler given to ``first_step`` (defaults to it).
             max_grad_norm: Clip the final gradient to this global norm before the base step.
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = SAM(model.parameters(), lr=0.1)
-            >>> model(torch.ones(2, 3)).sum().backward()
-            >>> opt.first_step(zero_grad=True)
-            True
-            >>> model(torch.ones(2, 3)).sum().backward()
-            >>> opt.second_step(zero_grad=True, max_grad_norm=1.0)
-            >>> opt.stats.final_grad_norm > 0
-            True
         """
         self.step(_SecondStepCall(zero_grad, scaler, max_grad_norm))
 
@@ -492,10 +416,10 @@ class SAM(Optimizer):
             take_step = phase != _SKIP
             if take_step:
                 grads = [g for _, _, gs in _tensors.grads_by_group(self.param_groups) for g in gs]
-                final_norm, perturbation_norm = _tensors.final_norms(grads, self._pert_sq, [])
+                final_norm = _tensors.global_norm(grads)
                 stats.final_grad_norm = final_norm
                 if phase == _PERTURBED:
-                    stats.perturbation_norm = perturbation_norm
+                    stats.perturbation_norm = math.sqrt(self._pert_sq)
                 else:
                     stats.grad_norm = None
                 if not math.isfinite(final_norm):
@@ -535,13 +459,12 @@ class SAM(Optimizer):
     ) -> Any:
         """One SAM step with a closure that runs forward and backward and returns the loss (it zeroes nothing).
 
-        SAM zeroes the gradients, runs the closure at ``w`` (under DDP ``no_sync``), perturbs, runs it again at
-        ``w + e`` with the same RNG state and BatchNorm statistics frozen, restores ``w`` and applies the base
-        optimizer. On plain steps (``every > 1``) and skipped steps the closure runs once. When the closure raises
-        (in either pass), the weights are back at ``w`` and SAM is ready for the next step.
+        The closure runs at ``w`` (under DDP ``no_sync``), then at ``w + e`` with the same RNG state and BatchNorm
+        statistics frozen; then ``w`` is restored and the base optimizer steps. On plain and skipped steps it runs
+        once. When it raises, the weights are back at ``w`` and SAM is ready for the next step.
 
         Args:
-            closure: Runs forward and backward and returns the loss. With a scaler, it calls
+            closure: Runs forward and backward and returns the loss; with a scaler, it calls
                 ``scaler.scale(loss).backward()``.
             scaler: A ``torch.amp.GradScaler``; SAM unscales, checks for inf/NaN and calls ``scaler.update()``.
             max_grad_norm: Clip the final gradient to this global norm.
@@ -549,18 +472,6 @@ class SAM(Optimizer):
 
         Returns:
             The loss returned by the first call of the closure.
-
-        Example:
-            >>> import torch
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = SAM(model.parameters(), lr=0.1)
-            >>> x = torch.randn(4, 3)
-            >>> def closure():
-            ...     loss = model(x).pow(2).mean()
-            ...     loss.backward()
-            ...     return loss
-            >>> opt.step(closure).item() >= 0
-            True
         """
         _checks.refuse_grad_scaler_step(self)
         if isinstance(closure, _SecondStepCall):
@@ -588,41 +499,24 @@ class SAM(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (its ``state`` and the shared groups with rho, adaptive, eta) plus a
-        ``"sam"`` entry with SAM's settings and counters. The saved weights of a pending step are never included.
-
-        Returns:
-            A state dict that ``load_state_dict`` restores exactly; ``base_optimizer.load_state_dict`` accepts it too.
-
-        Example:
-            >>> import torch
-            >>> opt = SAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
-            >>> sorted(opt.state_dict())
-            ['param_groups', 'sam', 'state']
-        """
-        state = self.base_optimizer.state_dict()
-        state["sam"] = {
-            "base": type(self.base_optimizer).__name__,
-            "step": self._step_index,
-            "skipped_steps": self.skipped_steps,
-            "every": self.every,
-            "sync_perturbation": self.sync_perturbation,
-            "replay_rng": self.replay_rng,
-            "freeze_bn": self.freeze_bn,
-        }
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict: SAM defaults are kept).
-
-        Args:
-            state_dict: The checkpoint entry.
+        """The base optimizer's state dict (with the shared groups) plus a ``"sam"`` entry: SAM's settings, counters.
 
         Example:
             >>> import torch
             >>> opt = SAM(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=1e-3)
             >>> opt.load_state_dict(opt.state_dict())
+            >>> opt.state_dict()["sam"]["base"]
+            'AdamW'
         """
+        state = self.base_optimizer.state_dict()
+        state["sam"] = {"base": type(self.base_optimizer).__name__, "step": self._step_index,
+                        "skipped_steps": self.skipped_steps, "every": self.every,
+                        "sync_perturbation": self.sync_perturbation, "replay_rng": self.replay_rng,
+                        "freeze_bn": self.freeze_bn}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from ``state_dict()`` (or a plain base-optimizer state dict: SAM defaults are kept)."""
         if self._phase != _IDLE:
             raise RememError("load_state_dict() was called between first_step() and second_step(); finish the step.")
         if not isinstance(state_dict, dict) or "param_groups" not in state_dict:

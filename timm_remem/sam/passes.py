@@ -1,13 +1,9 @@
-"""The pass machinery of a two-pass optimizer: RNG replay, frozen BatchNorm statistics, DDP ``no_sync``.
+"""The pass machinery of SAM's two passes: RNG replay, frozen BatchNorm statistics, DDP ``no_sync``.
 
-SAM runs forward and backward twice per step. The second (perturbed) pass should draw the same dropout and
-drop-path masks as the first (``capture_rng`` / ``restore_rng``), must not advance the BatchNorm running statistics a
-second time (``frozen_running_stats``), and under DDP the first pass skips the gradient all-reduce so that each
-replica perturbs by its own gradient (``no_sync``). ``SAM.first_pass`` and ``SAM.second_pass`` are built from these.
-
-When no model is given, the modules concerned (DDP wrappers, BatchNorm layers) are found through a temporary global
-forward pre-hook that is removed when the context exits. When a model is given, its BatchNorm-like modules are found
-once and remembered (weakly, per model) until its module tree changes (``modules_with_running_stats``).
+The perturbed pass draws the same dropout masks as the first (``capture_rng`` / ``restore_rng``), leaves the
+BatchNorm running statistics as they were (``frozen_running_stats``), and under DDP the first pass skips the
+gradient all-reduce (``no_sync``). Without a model, the modules concerned are found through a temporary global
+forward pre-hook.
 
 Example:
     >>> import torch
@@ -29,7 +25,7 @@ import contextlib
 import functools
 import operator
 import weakref
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import torch
@@ -40,34 +36,15 @@ try:
 except ImportError:  # pragma: no cover - builds without torch.distributed
     DistributedDataParallel = None
 
-__all__ = [
-    "RNGState",
-    "capture_rng",
-    "restore_rng",
-    "has_running_stats",
-    "modules_with_running_stats",
-    "no_sync",
-    "frozen_running_stats",
-]
+__all__ = ["RNGState", "capture_rng", "restore_rng", "has_running_stats", "modules_with_running_stats", "no_sync",
+           "frozen_running_stats"]
 
 # The CPU generator state and, when CUDA is initialised, the state of every CUDA generator.
 RNGState = tuple[torch.Tensor, list[torch.Tensor] | None]
 
 
 def capture_rng() -> RNGState:
-    """Record the global RNG state (CPU, and every CUDA device once CUDA is initialised).
-
-    Returns:
-        The state, for ``restore_rng``.
-
-    Example:
-        >>> import torch
-        >>> state = capture_rng()
-        >>> a = torch.rand(3)
-        >>> restore_rng(state)
-        >>> torch.equal(torch.rand(3), a)
-        True
-    """
+    """Record the global RNG state (CPU, and every CUDA device once CUDA is initialised) for ``restore_rng``."""
     cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = torch.cuda.get_rng_state_all()
@@ -75,19 +52,7 @@ def capture_rng() -> RNGState:
 
 
 def restore_rng(state: RNGState) -> None:
-    """Restore a state from ``capture_rng``, so the next random draws repeat those made after the capture.
-
-    Args:
-        state: The value returned by ``capture_rng``.
-
-    Example:
-        >>> import torch
-        >>> state = capture_rng()
-        >>> mask = torch.nn.functional.dropout(torch.ones(6), 0.5)
-        >>> restore_rng(state)
-        >>> torch.equal(torch.nn.functional.dropout(torch.ones(6), 0.5), mask)
-        True
-    """
+    """Restore a state from ``capture_rng``, so the next random draws repeat those made after the capture."""
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -95,20 +60,15 @@ def restore_rng(state: RNGState) -> None:
 
 
 def has_running_stats(module: nn.Module) -> bool:
-    """Whether a module's buffers change in a training-mode forward (BatchNorm-like running statistics).
-
-    Args:
-        module: Any module; BatchNorm / InstanceNorm with ``track_running_stats`` and modules with a
-            ``running_mean`` or ``running_var`` tensor count.
+    """Whether a module's buffers change in a training-mode forward: BatchNorm / InstanceNorm with
+    ``track_running_stats``, or a ``running_mean`` / ``running_var`` tensor.
 
     Example:
         >>> import torch
         >>> has_running_stats(torch.nn.BatchNorm2d(3)), has_running_stats(torch.nn.LayerNorm(3))
         (True, False)
     """
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.track_running_stats
-    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
         return module.track_running_stats
     return isinstance(getattr(module, "running_mean", None), torch.Tensor) or isinstance(
         getattr(module, "running_var", None), torch.Tensor
@@ -140,12 +100,8 @@ def _tree(model: nn.Module) -> list[nn.Module]:
 
 
 class _Scan:
-    """The modules of one model that may have running statistics, valid while its module tree is unchanged.
-
-    The signature is the identity of every module in the tree and the number of buffers each holds: adding,
-    removing or replacing a module anywhere, or registering a buffer, changes it. A module of the scanned tree
-    that is garbage-collected marks the scan stale (its id could be reused by a new module).
-    """
+    """The modules of one model that may have running statistics, valid while its module tree is unchanged: the
+    signature (every module's identity and buffer count) is the same and no module of the tree was collected."""
 
     __slots__ = ("signature", "valid", "_refs", "_found")
 
@@ -170,17 +126,10 @@ _SCANS: weakref.WeakKeyDictionary[nn.Module, _Scan] = weakref.WeakKeyDictionary(
 def modules_with_running_stats(model: nn.Module) -> list[nn.Module]:
     """The modules inside ``model`` that may have running statistics (BatchNorm-like), found once per module tree.
 
-    The walk that finds them is remembered per model (weakly) and redone when the tree changes: a module added,
-    removed or replaced anywhere inside, or a buffer registered. Checking costs a walk over ``_modules`` (40 to
-    50 us for a ViT-Ti) instead of a ``has_running_stats`` test of every module (about 0.8 ms). Whether each one
-    currently tracks statistics (``track_running_stats``, training mode) is for the caller to check.
-
-    Args:
-        model: The model.
-
-    Returns:
-        The BatchNorm / InstanceNorm modules (whatever their ``track_running_stats``) and the other modules with a
-        ``running_mean`` or ``running_var`` tensor, each once.
+    The walk is remembered per model (weakly) and redone when a module is added, removed or replaced anywhere
+    inside, or a buffer registered: checking costs a walk over ``_modules`` (40 to 50 us for a ViT-Ti) instead of a
+    ``has_running_stats`` test of every module (about 0.8 ms). Whether each one tracks statistics now
+    (``track_running_stats``, training mode) is for the caller to check.
 
     Example:
         >>> import torch
@@ -204,32 +153,18 @@ def modules_with_running_stats(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _global_forward_pre_hook(fn: Callable[[nn.Module, Any], None]) -> Iterator[None]:
-    handle = nn.modules.module.register_module_forward_pre_hook(fn)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def no_sync(model: nn.Module | None = None) -> Iterator[None]:
     """Skip DDP's gradient all-reduce for the backward passes inside the context.
 
     Uses ``model.no_sync()`` when the model has one (DDP, FSDP); otherwise switches off
     ``require_backward_grad_sync`` on every DDP module inside ``model`` (or, with no model, on every DDP module that
-    runs a forward inside the context) and switches it back on at exit, also when an exception leaves the context.
-
-    Args:
-        model: The (DDP-wrapped) model, or None to find DDP modules through a temporary global forward pre-hook.
+    runs a forward inside the context) until the context exits.
 
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(3, 1)  # not distributed: the context changes nothing
         >>> with no_sync(model):
         ...     model(torch.ones(2, 3)).sum().backward()
-        >>> model.weight.grad.shape
-        torch.Size([1, 3])
     """
     if model is not None:
         model_no_sync = getattr(model, "no_sync", None)
@@ -243,45 +178,21 @@ def no_sync(model: nn.Module | None = None) -> Iterator[None]:
     switched: list[nn.Module] = []
 
     def switch(module: nn.Module) -> None:
-        if module.require_backward_grad_sync:
+        if isinstance(module, DistributedDataParallel) and module.require_backward_grad_sync:
             module.require_backward_grad_sync = False
             switched.append(module)
 
     try:
         if model is not None:
             for module in model.modules():
-                if isinstance(module, DistributedDataParallel):
-                    switch(module)
+                switch(module)
             yield
         else:
-
-            def hook(module: nn.Module, args: Any) -> None:
-                if isinstance(module, DistributedDataParallel):
-                    switch(module)
-
-            with _global_forward_pre_hook(hook):
+            with nn.modules.module.register_module_forward_pre_hook(lambda module, args: switch(module)):
                 yield
     finally:
         for module in switched:
             module.require_backward_grad_sync = True
-
-
-def _save_buffers(
-    module: nn.Module,
-    cache: MutableMapping[nn.Module, list[torch.Tensor]],
-    saved: list[tuple[torch.Tensor, torch.Tensor]],
-) -> None:
-    buffers = list(module.buffers(recurse=False))
-    copies = cache.get(module)
-    if copies is None or len(copies) != len(buffers) or any(
-        (c.shape, c.dtype, c.device) != (b.shape, b.dtype, b.device) for c, b in zip(copies, buffers, strict=True)
-    ):
-        copies = [torch.empty_like(b) for b in buffers]
-        cache[module] = copies
-    for buf, copy in zip(buffers, copies, strict=True):
-        copy.copy_(buf)
-        saved.append((buf, copy))
-
 
 @contextlib.contextmanager
 def frozen_running_stats(
@@ -290,10 +201,8 @@ def frozen_running_stats(
 ) -> Iterator[None]:
     """Keep the running statistics of BatchNorm-like modules exactly as they are on entry.
 
-    Every module in training mode with running statistics (see ``has_running_stats``) that is inside ``model`` (found
-    through ``modules_with_running_stats``, remembered while the module tree is unchanged), or, with no model, that
-    runs a forward inside the context, has its buffers (``running_mean``, ``running_var``,
-    ``num_batches_tracked``, ...) copied on entry (or at its first forward) and copied back at exit, also when an
+    The buffers of every module in training mode with running statistics inside ``model`` (or, with no model, that
+    runs a forward inside the context) are copied on entry (or at its first forward) and back at exit, also when an
     exception leaves the context. The forward itself still normalises with the batch statistics.
 
     Args:
@@ -318,17 +227,25 @@ def frozen_running_stats(
         if id(module) in seen or not module.training or not has_running_stats(module):
             return
         seen.add(id(module))
-        _save_buffers(module, cache, saved)
+        buffers = list(module.buffers(recurse=False))
+        copies = cache.get(module)
+        if copies is None or len(copies) != len(buffers) or any(
+            (c.shape, c.dtype, c.device) != (b.shape, b.dtype, b.device) for c, b in zip(copies, buffers, strict=True)
+        ):
+            copies = [torch.empty_like(b) for b in buffers]
+            cache[module] = copies
+        for buf, copy in zip(buffers, copies, strict=True):
+            copy.copy_(buf)
+            saved.append((buf, copy))
 
     try:
-        with torch.no_grad():
-            if model is not None:
+        if model is not None:
+            with torch.no_grad():
                 for module in modules_with_running_stats(model):
                     visit(module)
-        if model is not None:
             yield
         else:
-            with _global_forward_pre_hook(lambda module, args: visit(module)):
+            with nn.modules.module.register_module_forward_pre_hook(lambda module, args: visit(module)):
                 yield
     finally:
         with torch.no_grad():

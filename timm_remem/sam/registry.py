@@ -1,27 +1,10 @@
 """SAM in timm's optimizer factory: one-pass names for timm's loops, and ``create_sam`` for the exact SAM.
 
-A name in timm's registry is a promise that timm's own loop (``train.py``: ``loss.backward(); optimizer.step()``,
-never a closure) and timm's optimizer tests can drive it. So every name timm-remem registers builds the one-pass
-``OnePassSAM`` (Momentum-SAM: one forward/backward per step), around the base optimizer its name gives:
-
-======================  =====================================  ======================================
-name                    class                                  base optimizer
-======================  =====================================  ======================================
-``sam``, ``samsgd``     ``OnePassSAMSGD`` (``nesterov=True``)  ``torch.optim.SGD``, Nesterov (timm's ``sgd``)
-``sammomentum``         ``OnePassSAMSGD``                      ``torch.optim.SGD``, classical momentum
-``samadam``             ``OnePassSAMAdam``                     ``torch.optim.Adam``
-``samadamw``            ``OnePassSAMAdamW``                    ``torch.optim.AdamW``
-======================  =====================================  ======================================
-
-Each class spells out its base optimizer's keywords, so timm's factory forwards ``momentum`` / ``betas`` / ``eps``
-exactly as for ``sgd`` / ``adamw`` (its ``OptimInfo`` flags say which). ``rho`` passes through the factory
-(``--opt-kwargs rho=0.1`` in ``train.py``).
-
-The exact, two-pass SAM is not in the registry, since a name there must survive ``step()`` without a closure;
-``create_sam(model, "adamw", rho=...)`` builds it around any timm optimizer, with timm's parameter groups (weight
-decay left off norms and biases, ``layer_decay``), by the factory's own code.
-
-``register_with_timm()`` adds the names; ``import timm_remem`` calls it once, and calling it again changes nothing.
+A name in timm's registry must survive timm's own loop (``loss.backward(); optimizer.step()``, never a closure), so
+every name registered builds a ``OnePassSAM``: ``sam`` and ``samsgd`` (SGD, Nesterov), ``sammomentum`` (SGD,
+classical momentum), ``samadam`` and ``samadamw``; ``rho`` passes through the factory (``--opt-kwargs rho=0.1`` in
+``train.py``). ``create_sam`` builds the exact ``SAM`` (or the one-pass one) around any timm optimizer, with timm's
+parameter groups.
 
 Example:
     >>> import torch, timm.optim
@@ -57,9 +40,6 @@ except ImportError:  # pragma: no cover - a timm without the optimizer registry
 
 __all__ = ["register_with_timm", "sam_optimizer_infos", "create_sam", "OnePassSAMSGD", "OnePassSAMAdam",
            "OnePassSAMAdamW"]
-
-# The logger of timm's registry, which warns "Optimizer ... already registered, overwriting".
-_TIMM_REGISTRY_LOGGER = "timm.optim._optim_factory"
 
 
 class OnePassSAMSGD(OnePassSAM):
@@ -122,9 +102,6 @@ class OnePassSAMAdamW(OnePassSAMAdam):
 def sam_optimizer_infos() -> list[OptimInfo]:
     """The ``OptimInfo`` entries that ``register_with_timm`` adds to timm's registry.
 
-    Returns:
-        One entry per name: ``sam``, ``samsgd``, ``sammomentum``, ``samadam``, ``samadamw``.
-
     Example:
         >>> [info.name for info in sam_optimizer_infos()]
         ['sam', 'samsgd', 'sammomentum', 'samadam', 'samadamw']
@@ -157,8 +134,8 @@ def create_sam(
     """SAM around any timm optimizer, with the parameter groups timm's factory builds for it.
 
     ``timm.optim.create_optimizer_v2(model_or_params, opt, **timm_kwargs)`` builds the base optimizer exactly as
-    for plain training (weight decay off norms and biases, ``layer_decay``, ``momentum``/``betas`` defaults); the
-    exact ``SAM`` (default) or the one-pass ``OnePassSAM`` then wraps it, sharing its groups and state.
+    for plain training (weight decay off norms and biases, ``layer_decay``, ...); the exact ``SAM`` (default) or
+    ``OnePassSAM`` then wraps it, sharing its groups and state.
 
     Args:
         model_or_params: The model (recommended: the one-pass SAM then hooks it directly) or parameters.
@@ -197,22 +174,11 @@ def create_sam(
     return SAM(base.param_groups, lambda groups, **_: base, rho=rho, adaptive=adaptive, **(sam_kwargs or {}))
 
 
-class _DropOverwriteWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "already registered" not in record.getMessage()
-
-
-def _is_ours(opt_class: Any) -> bool:
-    """One of our classes, also a stale copy left by ``importlib.reload`` (today's or an older release's)."""
-    module = getattr(opt_class, "__module__", "") or ""
-    return module.startswith("timm_remem.sam.")
-
-
 def register_with_timm() -> None:
     """Register SAM in timm's optimizer factory; safe to run more than once.
 
-    A name timm already gives to another optimizer is left to it, with a warning. A name that holds a stale copy of
-    one of our classes (after ``importlib.reload``) is pointed at the current class.
+    A name timm already gives to another optimizer is left to it, with a warning; one that holds a stale copy of one
+    of our classes (after ``importlib.reload``) is pointed at the current class.
 
     Example:
         >>> import timm.optim
@@ -222,24 +188,26 @@ def register_with_timm() -> None:
     """
     if default_registry is None:  # pragma: no cover - a timm without the optimizer registry
         return
-    timm_logger = logging.getLogger(_TIMM_REGISTRY_LOGGER)
-    quiet = _DropOverwriteWarning()
+    timm_logger = logging.getLogger("timm.optim._optim_factory")
+
+    def quiet(record: logging.LogRecord) -> bool:  # timm's "Optimizer ... already registered, overwriting"
+        return "already registered" not in record.getMessage()
+
     for info in sam_optimizer_infos():
         try:
-            existing = get_optimizer_info(info.name)
-        except ValueError:
-            existing = None
-        if existing is not None:
-            if existing.opt_class is info.opt_class:
+            existing = get_optimizer_info(info.name).opt_class
+        except ValueError:  # a free name
+            replaceable = True
+        else:
+            if existing is info.opt_class:
                 continue
-            if not _is_ours(existing.opt_class):
-                warnings.warn(
-                    f"timm already has an optimizer named {info.name!r} ({existing.opt_class!r}); timm_remem leaves "
-                    f"it in place. Create timm_remem's directly: "
-                    f"timm_remem.sam.{info.opt_class.__name__}(params, ...).",
-                    stacklevel=2,
-                )
-                continue
+            # a name holding one of our classes, even a stale copy left by importlib.reload, gets the current one
+            replaceable = (getattr(existing, "__module__", "") or "").startswith("timm_remem.sam.")
+        if not replaceable:
+            warnings.warn(
+                f"timm already has an optimizer named {info.name!r} ({existing!r}); timm_remem leaves it in place. "
+                f"Create timm_remem's directly: timm_remem.sam.{info.opt_class.__name__}(params, ...).", stacklevel=2)
+            continue
         timm_logger.addFilter(quiet)
         try:
             default_registry.register(info)

@@ -1,16 +1,14 @@
 """``RhoScheduler``: SAM's radius on one of timm's schedule shapes (cosine, step, warm-up, ...), beside the LR.
 
-timm's schedulers write one param-group field, and every stock one hard-codes ``"lr"``. ``RhoScheduler`` runs a
-stock timm scheduler of the chosen shape on a private copy of the groups (their ``lr`` set to the base rho) and
-writes what it computes into each SAM group's ``"rho"``: the shapes are timm's own code, not a re-implementation.
-It is called like a timm scheduler (``step(epoch)`` at the end of an epoch, ``step_update(num_updates)`` after an
-update) and its ``state_dict`` makes resume exact.
+Every stock timm scheduler writes ``"lr"``: ``RhoScheduler`` runs one on private copies of the groups (their ``lr``
+set to the base rho) and writes what it computes into each SAM group's ``"rho"``, so the shapes are timm's own code.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import timm.scheduler
@@ -43,28 +41,20 @@ _INT_CHECKS = {"t_initial": 1, "warmup_t": 0, "cycle_limit": 1}
 _FLOAT_CHECKS = {"lr_min": 0.0, "warmup_lr_init": 0.0, "decay_rate": 0.0, "cycle_decay": 0.0}
 
 
-class _Groups:
-    """What a timm scheduler needs of an optimizer: ``param_groups`` (here, private copies holding the base rho)."""
-
-    def __init__(self, base_rhos: list[float]) -> None:
-        self.param_groups = [{"lr": rho, "rho": rho} for rho in base_rhos]
-
-
 class RhoScheduler:
     """Schedule SAM's ``rho`` with the shape of a stock timm scheduler, next to timm's LR scheduler.
 
-    Each param group follows the shape from its own base rho (``group["initial_rho"]``, set from ``group["rho"]``
-    when the scheduler is built, as timm does with ``initial_lr``). A group's ``lr_scale`` (layer decay) scales its
-    learning rate only, never its rho. Like timm's schedulers, building it writes the value at t = 0 (the warm-up
-    start) into the groups.
+    Called like a timm scheduler (``step(epoch)`` at the end of an epoch, ``step_update(num_updates)`` after an
+    update). Each group follows the shape from its own base rho (``group["initial_rho"]``, set from ``group["rho"]``
+    when built, as timm does with ``initial_lr``); ``lr_scale`` never scales rho. Building it writes the value at
+    t = 0 (the warm-up start) into the groups.
 
     Args:
         optimizer: The SAM optimizer (``timm_remem.SAM`` or ``create_optimizer_v2(model, "samadamw", ...)``).
-        sched: A shape name, one of ``RHO_SCHEDULES`` (``"cosine"``, ``"tanh"``, ``"step"``, ``"multistep"``,
-            ``"poly"``, ``"wsd"``, ``"constant"``), or a subclass of ``timm.scheduler.scheduler.Scheduler``.
+        sched: A shape name, one of ``RHO_SCHEDULES``, or a subclass of ``timm.scheduler.scheduler.Scheduler``.
         **sched_kwargs: The timm scheduler's own keywords (``t_initial``, ``warmup_t``, ``decay_t``,
-            ``t_in_epochs``, ``cycle_limit``, noise, ...). Its ``lr_min`` / ``warmup_lr_init`` are the rho floor and
-            the warm-up start; ``rho_min`` / ``warmup_rho_init`` are accepted for them.
+            ``t_in_epochs``, ...); its ``lr_min`` / ``warmup_lr_init`` (or ``rho_min`` / ``warmup_rho_init``) are
+            the rho floor and the warm-up start.
 
     Attributes:
         optimizer: The SAM optimizer whose groups' ``rho`` are written.
@@ -105,12 +95,13 @@ class RhoScheduler:
         for i, group in enumerate(groups):
             group.setdefault("initial_rho", group["rho"])
             base.append(check_float(f"param group {i} initial_rho", group["initial_rho"], low=0))
-        self._groups = _Groups(base)
+        self._groups = SimpleNamespace(param_groups=[{"lr": rho, "rho": rho} for rho in base])
         try:
             self.scheduler = cls(self._groups, **kwargs)
         except (AssertionError, TypeError, ValueError, ZeroDivisionError, KeyError) as error:
+            given = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) or "no arguments"
             raise ConfigError(
-                f"RhoScheduler: timm's {cls.__name__} refused {_describe(kwargs)} "
+                f"RhoScheduler: timm's {cls.__name__} refused {given} "
                 f"({type(error).__name__}{': ' + str(error) if str(error) else ''}); check these values against "
                 f"{cls.__name__}'s arguments."
             ) from None
@@ -119,20 +110,14 @@ class RhoScheduler:
 
     # ------------------------------------------------------------------ stepping (timm's calling convention)
     def step(self, epoch: int, metric: float | None = None) -> None:
-        """Set rho for ``epoch`` (call at the end of each epoch with the next epoch's index, as timm does).
-
-        Does nothing when the scheduler runs on updates (``t_in_epochs=False``).
-
-        Args:
-            epoch: The epoch whose rho to set (>= 0).
-            metric: Passed to the timm scheduler (used by none of the shapes).
+        """Set rho for ``epoch`` (at the end of each epoch, with the next epoch's index, as timm does); does nothing
+        when the scheduler runs on updates (``t_in_epochs=False``).
 
         Example:
             >>> import torch
             >>> from timm_remem.sam import SAM, RhoScheduler
             >>> opt = SAM(torch.nn.Linear(2, 2).parameters(), rho=0.4, lr=0.1)
-            >>> sched = RhoScheduler(opt, "step", decay_t=2, decay_rate=0.5)
-            >>> sched.step(4)
+            >>> RhoScheduler(opt, "step", decay_t=2, decay_rate=0.5).step(4)
             >>> opt.param_groups[0]["rho"]
             0.1
         """
@@ -144,16 +129,11 @@ class RhoScheduler:
     def step_update(self, num_updates: int, metric: float | None = None) -> None:
         """Set rho after ``num_updates`` optimizer updates (when built with ``t_in_epochs=False``).
 
-        Args:
-            num_updates: Updates done so far (>= 0).
-            metric: Passed to the timm scheduler.
-
         Example:
             >>> import torch
             >>> from timm_remem.sam import SAM, RhoScheduler
             >>> opt = SAM(torch.nn.Linear(2, 2).parameters(), rho=0.4, lr=0.1)
-            >>> sched = RhoScheduler(opt, "cosine", t_initial=4, t_in_epochs=False)
-            >>> sched.step_update(2)
+            >>> RhoScheduler(opt, "cosine", t_initial=4, t_in_epochs=False).step_update(2)
             >>> round(opt.param_groups[0]["rho"], 6)
             0.2
         """
@@ -183,25 +163,7 @@ class RhoScheduler:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The timm scheduler's state (its settings and base values) and the shape's class name.
-
-        Returns:
-            A dict of plain Python values for ``load_state_dict``.
-
-        Example:
-            >>> import torch
-            >>> from timm_remem.sam import SAM, RhoScheduler
-            >>> sched = RhoScheduler(SAM(torch.nn.Linear(2, 2).parameters(), lr=0.1), "cosine", t_initial=5)
-            >>> sorted(sched.state_dict())
-            ['sched', 'state']
-        """
-        return {"sched": type(self.scheduler).__name__, "state": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` (the groups' current rho come back with the SAM optimizer's own state dict).
-
-        Args:
-            state_dict: From ``state_dict()`` of a RhoScheduler of the same shape over as many param groups.
+        """The timm scheduler's state and the shape's class name, for ``load_state_dict``.
 
         Example:
             >>> import torch
@@ -209,10 +171,16 @@ class RhoScheduler:
             >>> sched = RhoScheduler(SAM(torch.nn.Linear(2, 2).parameters(), lr=0.1), "cosine", t_initial=5)
             >>> sched.load_state_dict(sched.state_dict())
         """
+        return {"sched": type(self.scheduler).__name__, "state": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` of a RhoScheduler of the same shape over as many param groups (the groups'
+        current rho come back with the SAM optimizer's own state dict)."""
         if not isinstance(state_dict, dict) or set(state_dict) != {"sched", "state"}:
+            got = f"keys {sorted(state_dict)}" if isinstance(state_dict, dict) else type(state_dict).__name__
             raise CheckpointError(
                 "RhoScheduler.load_state_dict expects the dict returned by RhoScheduler.state_dict() (keys 'sched', "
-                f"'state'), got {_keys(state_dict)}."
+                f"'state'), got {got}."
             )
         name = type(self.scheduler).__name__
         if state_dict["sched"] != name:
@@ -288,11 +256,3 @@ def _resolve(sched: Any, sched_kwargs: dict[str, Any]) -> tuple[type[Scheduler],
         if name in kwargs:
             check_float(given_as.get(name, name), kwargs[name], low=low)
     return cls, kwargs
-
-
-def _describe(kwargs: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) or "no arguments"
-
-
-def _keys(value: Any) -> str:
-    return f"keys {sorted(value)}" if isinstance(value, dict) else type(value).__name__
