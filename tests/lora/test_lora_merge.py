@@ -97,6 +97,18 @@ def test_factors_false_folds_only_the_adapters():
         assert _rel(merged(x), y) < 1e-5
 
 
+def test_a_bare_lora_layer_merges_into_its_base_layer_by_the_lora_formula():
+    peft = pytest.importorskip("peft")
+    layer = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 3)),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"])).base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    expected = layer.base_layer.weight.double() + (4 / 2) * b @ a
+    merged = merge_lora(layer)
+    assert type(merged) is torch.nn.Linear
+    torch.testing.assert_close(merged.weight.double(), expected, rtol=0, atol=1e-6)
+
+
 def test_a_model_without_adapters_is_refused():
     with pytest.raises(ConfigError, match=r"holds no peft LoRA adapter; nothing to merge"):
         merge_lora(create("vit"))

@@ -69,7 +69,10 @@ def merge_lora(model: nn.Module, *, factors: bool = True) -> nn.Module:
         for m in {id(m): m for _, m in found}.values():
             m.merge(safe_merge=True)
         for path, m in found:
-            model.set_submodule(path, m.get_base_layer())
+            if path:
+                model.set_submodule(path, m.get_base_layer())
+        if is_tuner_layer(model):  # a bare LoRA layer was given: its base layer is the merged model
+            model = model.get_base_layer()
         if hasattr(model, "peft_config"):
             del model.peft_config
     if factors and is_reweighted(model):
