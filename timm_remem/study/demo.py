@@ -13,6 +13,7 @@ import torch
 
 from .. import distributed
 from .._io import OWNER_FILE, atomic_write_text, claim_output_dir
+from .._table import format_table
 from .._validation import check_int
 from ..analysis.plots import plot_study
 from ..errors import ConfigError
@@ -25,7 +26,6 @@ from ..train.demo import (
     DEMO_TEACHER_KWARGS,
 )
 from ..train.results import DemoResult
-from ._table import markdown_table
 from .report import CAVEAT, StudyResult
 from .runner import run_study
 
@@ -137,7 +137,7 @@ def run_demo(output: str | os.PathLike = "remem-demo", *, quick: bool = False, p
     settings = (f"teachers: {_named(teacher, teacher_kwargs)} from scratch on digits, {t_epochs} epochs; ReMem = "
                 f"alpha {DEMO_ALPHA} + SAM rho {DEMO_RHO}; student: {_named(student, student_kwargs)}, {s_epochs} "
                 f"epochs; seeds {seed}..{seed + seeds - 1}; total {study.wall_time:.0f} s")
-    stage_table = markdown_table(
+    stage_table = format_table(
         ["stage", "teacher acc", "student acc", "time (s, all seeds)"],
         [[r["stage"], _mean_pm(r, "teacher_acc"), _mean_pm(r, "student_acc"), f"{r['time_s']:.1f}"] for r in rows])
     table = f"{stage_table}\n\n{study.table}\n\n{settings}.\n{DEMO_CAVEAT}"

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
+from .._table import format_table
 from ..analysis.plots import plot_study
-from ._table import markdown_table
 from .config import StudyConfig, sharpness_settings
 from .stats import VERDICTS, Interval, mean_interval, paired_interval, sharpness_verdict, verdict
 
@@ -174,7 +174,7 @@ def format_sharpness_table(cfg: StudyConfig, arms: Sequence[dict[str, Any]]) -> 
                f"{opts['batch_size']}, evaluation transform, task loss): SAM's loss increase at rho {opts['rho']:g} "
                f"and {eigen}; lower is flatter. flatter / sharper: the paired interval against plain lies wholly "
                "below / above 0.")
-    return markdown_table(headers, rows) + f"\n\n{caption}"
+    return format_table(headers, rows) + f"\n\n{caption}"
 
 
 def format_study_table(cfg: StudyConfig, arms: Sequence[dict[str, Any]]) -> str:
@@ -200,7 +200,7 @@ def format_study_table(cfg: StudyConfig, arms: Sequence[dict[str, Any]]) -> str:
     else:
         caption = f"means over seeds {cfg.seed_list}; no intervals (confidence off)."
     sharpness = format_sharpness_table(cfg, arms)
-    return markdown_table(headers, rows) + f"\n\n{caption}" + (f"\n\n{sharpness}" if sharpness else "")
+    return format_table(headers, rows) + f"\n\n{caption}" + (f"\n\n{sharpness}" if sharpness else "")
 
 
 def write_report(cfg: StudyConfig, arms: list[dict[str, Any]], runs: list[dict[str, Any]], out: Path, *,

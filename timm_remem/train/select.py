@@ -24,12 +24,12 @@ import torch
 from .. import distributed
 from .._io import atomic_write_text, claim_output_dir, write_into
 from .._models import data_config
+from .._table import format_table
 from ..analysis.information import rank_checkpoints
 from ..analysis.plots import plot_select
 from ..data import create_dataset, create_loader
 from ..errors import ConfigError
 from ..teachers import list_exports, load_teacher_model
-from ._table import format_table
 from .builders import dataset_classes, default_img_size
 from .config import DistillConfig, make_config
 from .console import install_console

@@ -1,4 +1,4 @@
-"""The Markdown tables that ``select`` and ``demo`` print and save."""
+"""Markdown tables: what `select`, `demo` and `study` print and save."""
 
 from __future__ import annotations
 
