@@ -502,13 +502,19 @@ def test_load_state_dict_between_forward_and_backward_is_kept():
     _assert_weights(model, good)
 
 
-def test_parameters_unfrozen_after_the_optimizer_was_built_are_restored_in_backward():
+def _unfrozen_after_build():
+    """An MLP whose first layer was frozen when its OnePassSAM was built and is trainable again now."""
     model = _mlp()
     for p in model[0].parameters():
         p.requires_grad_(False)
     opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
     for p in model[0].parameters():
         p.requires_grad_(True)
+    return model, opt
+
+
+def test_parameters_unfrozen_after_the_optimizer_was_built_are_restored_in_backward():
+    model, opt = _unfrozen_after_build()
     ref = Reference(_mlp(), "sgd")
     for step in range(4):
         batch = [_batch(step)]
@@ -666,12 +672,7 @@ def test_a_copy_of_a_detached_optimizer_stays_detached():
 
 
 def test_state_dict_of_a_module_frozen_when_hooked_and_unfrozen_later_reads_w():
-    model = _mlp()
-    for p in model[0].parameters():
-        p.requires_grad_(False)
-    opt = OnePassSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=0.9, model=model)
-    for p in model[0].parameters():
-        p.requires_grad_(True)
+    model, opt = _unfrozen_after_build()
     for step in range(2):
         _train_step(model, opt, [_batch(step)])
     clean = {k: v.clone() for k, v in model[0].state_dict().items()}
